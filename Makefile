@@ -1,0 +1,57 @@
+# make run    the MNIST sweep on a local Ray (ARGS="--data mnist-5k" etc. to pass options)
+# make test   the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+NODES ?= 3
+CONFIG ?=
+CLUSTER_ARGS := $(if $(CONFIG),--config $(CONFIG),)
+
+.PHONY: run test bench system-deps cluster-up cluster-down cluster-status clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m pipeline.mnist $(ARGS)
+
+# Debian packages the local VM hosts need (sshd, ip, nft); installed only as root and only when missing.
+system-deps:
+	@if [ "$$(id -u)" = 0 ]; then \
+	  missing=""; \
+	  command -v sshd >/dev/null || [ -x /usr/sbin/sshd ] || missing="$$missing openssh-server"; \
+	  command -v ip >/dev/null || missing="$$missing iproute2"; \
+	  command -v nft >/dev/null || [ -x /usr/sbin/nft ] || missing="$$missing nftables"; \
+	  command -v sudo >/dev/null || missing="$$missing sudo"; \
+	  command -v ssh >/dev/null || missing="$$missing openssh-client"; \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing:$$missing"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null) \
+	      || echo "warning: could not install$$missing; tests that need them will skip"; \
+	  fi; \
+	else echo "not root: tests that need network namespaces will skip"; fi
+
+test: $(STAMP) system-deps
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m bench.all $(ARGS)
+
+cluster-up: $(STAMP)
+	$(PY) exoscale.py $(CLUSTER_ARGS) up -n $(NODES)
+	$(PY) exoscale.py $(CLUSTER_ARGS) install
+	$(PY) exoscale.py $(CLUSTER_ARGS) start
+
+cluster-down: $(STAMP)
+	$(PY) exoscale.py $(CLUSTER_ARGS) down --yes
+
+cluster-status: $(STAMP)
+	$(PY) exoscale.py $(CLUSTER_ARGS) status
+
+clean:
+	rm -rf $(VENV) results .pytest_cache

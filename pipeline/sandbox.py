@@ -1,0 +1,228 @@
+"""One external program run in its own temporary directory.
+
+The sandbox is the governor's unit of work, with no Ray in it: make a fresh directory, map the inputs
+into it as files, run the program there with stdout/stderr captured to files, collect the declared
+outputs, remove the directory (on success, failure and timeout alike).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Mapping, Sequence, Union
+
+STDERR_TAIL_BYTES = 4096
+STDERR_TAIL_LINES = 20
+
+#: What an input can be: bytes written into the directory, or an existing file linked into it.
+Source = Union[bytes, memoryview, Path]
+
+
+class ExecuteError(Exception):
+    """A program run failed: non-zero exit, a signal, a timeout or a missing/invalid output."""
+
+    def __init__(self, message: str, name: str = "", returncode: int | None = None,
+                 stderr_tail: str = "", timed_out: bool = False):
+        super().__init__(message)
+        self.name = name
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail
+        self.timed_out = timed_out
+
+    def __reduce__(self):  # keep the attributes across Ray's pickling
+        return (type(self), (str(self), self.name, self.returncode, self.stderr_tail, self.timed_out))
+
+
+def check_relpath(path: str, what: str = "path") -> str:
+    """Return `path` normalised if it is a relative path that stays inside a directory, else raise."""
+    if not isinstance(path, str):
+        raise TypeError(f"{what} must be a string, got {type(path).__name__}: {path!r}")
+    if not path or "\0" in path:
+        raise ValueError(f"{what} {path!r} is empty or contains a NUL byte; give a relative file path like 'out/result.txt'")
+    p = PurePosixPath(path)
+    if p.is_absolute():
+        raise ValueError(f"{what} {path!r} is absolute; give a path relative to the task directory")
+    if ".." in p.parts:
+        raise ValueError(f"{what} {path!r} escapes the task directory ('..'); give a path inside it")
+    norm = str(p)
+    if norm in (".", ""):
+        raise ValueError(f"{what} {path!r} names the task directory itself; give a file path inside it")
+    return norm
+
+
+@dataclass(frozen=True)
+class ProgramRun:
+    """What to run. `argv` is a list, or a string when `shell` is true."""
+
+    argv: Union[Sequence[str], str]
+    name: str = "task"
+    shell: bool = False
+    env: Mapping[str, str] | None = None
+    timeout: float | None = None
+    capture_stdout: bool = False
+    output_paths: tuple[str, ...] = ()
+
+
+@dataclass
+class RunResult:
+    outputs: dict[str, Path] = field(default_factory=dict)  # valid until the sandbox is closed
+    stdout: Path | None = None
+    seconds: float = 0.0
+
+
+def _tail(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - STDERR_TAIL_BYTES))
+            data = f.read()
+    except OSError:
+        return ""
+    lines = data.decode("utf-8", "replace").splitlines()
+    return "\n".join(lines[-STDERR_TAIL_LINES:])
+
+
+def _describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"was killed by signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with code {returncode}"
+
+
+def _link_readonly(src: Path, dst: Path) -> None:
+    """Map a cached file into the sandbox: a hard link (same inode, no copy), else a symlink."""
+    try:
+        os.link(src, dst)
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EACCES):
+            raise
+        os.symlink(src, dst)
+
+
+def _rmtree(path: Path) -> None:
+    def onerror(func, p, exc_info):  # a program may leave read-only directories behind
+        try:
+            os.chmod(os.path.dirname(p), 0o700)
+            os.chmod(p, 0o700)
+            func(p)
+        except OSError:
+            pass
+
+    shutil.rmtree(path, onerror=onerror)
+
+
+class Sandbox:
+    """A temporary directory for one run. Use as a context manager; it is removed on exit."""
+
+    def __init__(self, tmp_root: str | os.PathLike | None = None, prefix: str = "pipeline-task-"):
+        self.root = Path(tempfile.mkdtemp(prefix=prefix, dir=tmp_root))
+        self.workdir = self.root / "work"
+        self.workdir.mkdir()
+
+    def __enter__(self) -> "Sandbox":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.root.exists():
+            _rmtree(self.root)
+
+    def map_input(self, relpath: str, source: Source) -> Path:
+        dst = self.workdir / check_relpath(relpath, "input path")
+        if dst.parent != self.workdir:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(source, Path):
+            _link_readonly(source, dst)
+        else:
+            with open(dst, "wb") as f:
+                f.write(source)
+        return dst
+
+    def run(self, program: ProgramRun, stdin: Source | None = None) -> RunResult:
+        """Run the program in the work directory; raise ExecuteError on any failure."""
+        env = dict(os.environ if program.env is None else {**os.environ, **program.env})
+        # `python3` in a task means the interpreter that runs this worker (its venv has what tasks need).
+        bindir = os.path.dirname(sys.executable)
+        env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+        stdout_path = self.root / "stdout"
+        stderr_path = self.root / "stderr"
+        stdin_file = None
+        if isinstance(stdin, Path):
+            stdin_file = open(stdin, "rb")
+        elif stdin is not None:
+            stdin_path = self.root / "stdin"
+            stdin_path.write_bytes(stdin)
+            stdin_file = open(stdin_path, "rb")
+        start = time.monotonic()
+        try:
+            with open(stderr_path, "wb") as err, \
+                    (open(stdout_path, "wb") if program.capture_stdout else open(os.devnull, "wb")) as out:
+                try:
+                    proc = subprocess.Popen(
+                        program.argv, shell=program.shell, cwd=self.workdir, env=env,
+                        stdin=stdin_file if stdin_file is not None else subprocess.DEVNULL,
+                        stdout=out, stderr=err, start_new_session=True)
+                except OSError as e:
+                    raise ExecuteError(f"task {program.name!r} could not start {_argv0(program)!r}: {e.strerror}",
+                                       name=program.name) from None
+                timed_out = False
+                try:
+                    returncode = proc.wait(timeout=program.timeout)
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+                    _killpg(proc.pid)
+                    returncode = proc.wait()
+                _killpg(proc.pid)  # leftovers the program started in its session
+        finally:
+            if stdin_file is not None:
+                stdin_file.close()
+        seconds = time.monotonic() - start
+        if timed_out or returncode != 0:
+            tail = _tail(stderr_path)
+            what = f"timed out after {program.timeout:g} s" if timed_out else _describe_exit(returncode)
+            msg = f"task {program.name!r} {what}"
+            msg += f"; last lines of stderr:\n{tail}" if tail else "; stderr was empty"
+            raise ExecuteError(msg, name=program.name, returncode=returncode, stderr_tail=tail,
+                               timed_out=timed_out)
+        result = RunResult(stdout=stdout_path if program.capture_stdout else None, seconds=seconds)
+        real_work = os.path.realpath(self.workdir)
+        for rel in program.output_paths:
+            p = self.workdir / rel
+            if not os.path.lexists(p):
+                raise ExecuteError(f"task {program.name!r} did not create its declared output {rel!r}",
+                                   name=program.name, returncode=returncode, stderr_tail=_tail(stderr_path))
+            real = os.path.realpath(p)
+            if os.path.commonpath([real, real_work]) != real_work:
+                raise ExecuteError(f"task {program.name!r}: output {rel!r} is a symlink pointing outside the "
+                                   f"task directory ({real}); refused", name=program.name, returncode=returncode)
+            if not os.path.isfile(real):
+                raise ExecuteError(f"task {program.name!r}: output {rel!r} is not a regular file; declare files",
+                                   name=program.name, returncode=returncode)
+            result.outputs[rel] = Path(real)
+        return result
+
+
+def _argv0(program: ProgramRun) -> str:
+    if isinstance(program.argv, str):
+        return program.argv.split()[0] if program.argv.split() else program.argv
+    return program.argv[0] if program.argv else ""
+
+
+def _killpg(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

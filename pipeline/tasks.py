@@ -1,0 +1,329 @@
+"""Execute tasks on Ray: external programs run in per-task sandboxes, with data passed as files.
+
+    from pipeline import tasks
+    t = tasks.Execute("sort", stdin=tasks.blob("b\\na\\n"), stdout=True)
+    print(t.output.fetch().get_str())
+
+A data object is a file's bytes held in Ray's object store (as a uint8 array, so a task reads it
+zero-copy); it is mapped into a consumer's directory through the node-local cache (pipeline.cache).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable, Mapping, Sequence, Union
+
+import numpy as np
+import ray
+
+from pipeline.cache import NodeCache
+from pipeline.sandbox import ExecuteError, ProgramRun, Sandbox, check_relpath
+
+__all__ = ["Execute", "DataObject", "FetchedData", "RunInfo", "ExecuteError", "blob", "file", "ensure_ray"]
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to Ray unless connected: `address`, else RAY_ADDRESS, else a new local Ray."""
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": True}
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        kwargs["include_dashboard"] = False
+    ray.init(address=address, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------- data objects
+
+
+class FetchedData:
+    """The bytes of a data object, brought to this process."""
+
+    def __init__(self, array: np.ndarray):
+        self._array = array
+
+    def get_bytes(self) -> bytes:
+        return self._array.tobytes()
+
+    def get_str(self, encoding: str = "utf-8") -> str:
+        return self._array.tobytes().decode(encoding)
+
+    def write(self, path: str | os.PathLike) -> Path:
+        """Write to a local file (atomically: a reader never sees half a file); return its path."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            f.write(memoryview(self._array))
+        os.replace(tmp, path)
+        return path
+
+    def __len__(self) -> int:
+        return int(self._array.size)
+
+
+@dataclass(frozen=True)
+class DataObject:
+    """A reference to a file's content in Ray; `key` names it in node caches, `name` is a file-name hint."""
+
+    ref: ray.ObjectRef
+    key: str
+    name: str = ""
+
+    def fetch(self, timeout: float | None = None) -> FetchedData:
+        return FetchedData(get(self.ref, timeout=timeout))
+
+    def __repr__(self) -> str:
+        return f"DataObject(name={self.name!r}, key={self.key[:8]}…)"
+
+
+def _as_array(data: Union[bytes, bytearray, memoryview, str]) -> np.ndarray:
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"blob() takes bytes or str, got {type(data).__name__}")
+    return np.frombuffer(data, dtype=np.uint8)
+
+
+def blob(data: Union[bytes, bytearray, memoryview, str], name: str = "") -> DataObject:
+    """Put bytes (or str, as UTF-8) into Ray as a data object."""
+    array = _as_array(data)
+    ensure_ray()
+    return DataObject(ray.put(array), uuid.uuid4().hex, name)
+
+
+def file(path: str | os.PathLike) -> DataObject:
+    """A local file's content as a data object (named after the file)."""
+    path = Path(path)
+    array = np.fromfile(path, dtype=np.uint8)
+    ensure_ray()
+    return DataObject(ray.put(array), uuid.uuid4().hex, path.name)
+
+
+# ---------------------------------------------------------------------------------------- task spec
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """What a worker needs to run one Execute task; data appear as indexes into the task's inputs."""
+
+    name: str
+    argv: tuple[Union[str, int], ...]   # ints index into `inputs` (mapped to a random file name)
+    shell: bool
+    input_names: tuple[str, ...]        # the relative path of each input in the task directory
+    input_keys: tuple[str, ...]
+    stdin: int | None                   # index into inputs
+    output_paths: tuple[str, ...]
+    output_keys: tuple[str, ...]        # cache keys of outputs (incl. stdout when captured)
+    capture_stdout: bool
+    env: tuple[tuple[str, str], ...] | None
+    timeout: float | None
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a finished task reports besides its outputs."""
+
+    name: str
+    node_ip: str
+    hostname: str
+    seconds: float
+    input_bytes_written: int          # bytes this task wrote to map its inputs (0 on cache hits)
+
+
+def _random_name(data: DataObject) -> str:
+    suffix = "".join(PurePosixPath(data.name).suffixes[-2:]) if data.name else ""
+    return f"d{uuid.uuid4().hex[:12]}{suffix}"
+
+
+def _write_array(array: np.ndarray):
+    return lambda f: f.write(memoryview(array))
+
+
+def _run_spec(spec: _Spec, inputs: Sequence[np.ndarray], cache: NodeCache | None = None) -> list:
+    """Worker side: map inputs through the node cache, run in a sandbox, return [info, *outputs]."""
+    cache = cache or NodeCache()
+    written = 0
+    paths: list[Path] = []
+    for key, array in zip(spec.input_keys, inputs):
+        path, n = cache.materialize(key, _write_array(array))
+        paths.append(path)
+        written += n
+    argv_items = [spec.input_names[a] if isinstance(a, int) else a for a in spec.argv]
+    argv: Union[str, list[str]] = argv_items
+    if spec.shell:  # the items are shell text; data names are plain random names, safe unquoted
+        argv = " ".join(argv_items)
+    program = ProgramRun(argv=argv, name=spec.name, shell=spec.shell,
+                         env=dict(spec.env) if spec.env is not None else None, timeout=spec.timeout,
+                         capture_stdout=spec.capture_stdout, output_paths=spec.output_paths)
+    with Sandbox() as box:
+        for i, (rel, path) in enumerate(zip(spec.input_names, paths)):
+            if spec.stdin == i and rel not in _argv_names(spec):
+                continue  # stdin-only data need no file in the directory
+            box.map_input(rel, path)
+        stdin = paths[spec.stdin] if spec.stdin is not None else None
+        result = box.run(program, stdin=stdin)
+        files = [result.outputs[p] for p in spec.output_paths]
+        if result.stdout is not None:
+            files.append(result.stdout)
+        outputs = []
+        for key, f in zip(spec.output_keys, files):
+            outputs.append(np.fromfile(f, dtype=np.uint8))
+            cache.adopt(key, f)  # a consumer on this node then links it instead of writing it
+    info = RunInfo(spec.name, ray.util.get_node_ip_address() if ray.is_initialized() else "",
+                   socket.gethostname(), result.seconds, written)
+    return [info, *outputs]
+
+
+def _argv_names(spec: _Spec) -> set[str]:
+    return {spec.input_names[a] for a in spec.argv if isinstance(a, int)}
+
+
+@ray.remote
+def _execute_remote(spec: _Spec, *inputs: np.ndarray):
+    out = _run_spec(spec, inputs)
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+_options_cache: dict[tuple, Any] = {}
+
+
+def _remote_for(num_returns: int, cpus: float):
+    key = (num_returns, cpus)
+    fn = _options_cache.get(key)
+    if fn is None:
+        fn = _options_cache[key] = _execute_remote.options(num_returns=num_returns, num_cpus=cpus)
+    return fn
+
+
+# ------------------------------------------------------------------------------------------ Execute
+
+DataLike = Union["Execute", DataObject]
+
+
+def _as_data(item: Any, where: str) -> DataObject:
+    if isinstance(item, DataObject):
+        return item
+    if isinstance(item, Execute):
+        return item.output
+    raise TypeError(f"{where} must be a data object (tasks.blob(...), a task's output) or a task, "
+                    f"got {type(item).__name__}: {item!r}")
+
+
+class Execute:
+    """An external program run as a Ray task in a fresh temporary directory on some node.
+
+    Submitted when constructed. `outputs` maps each declared output path (and "stdout" when captured)
+    to a data object; `output` is the single one; `wait()` returns the RunInfo or raises ExecuteError.
+    """
+
+    def __init__(self, args: Union[str, Sequence[Any]], stdout: bool = False, stdin: DataLike | None = None,
+                 input_paths: Union[Mapping[str, DataLike], Iterable[tuple[str, DataLike]]] = (),
+                 output_paths: Iterable[str] = (), shell: bool = False, name: str | None = None,
+                 cpus: float = 1, env: Mapping[str, str] | None = None, timeout: float | None = None):
+        argv, datas, names = self._parse_args(args, shell)
+        pairs = input_paths.items() if isinstance(input_paths, Mapping) else input_paths
+        for rel, item in pairs:
+            rel = check_relpath(rel, "input path")
+            if rel in names:
+                raise ValueError(f"input path {rel!r} is given twice; each input needs its own path")
+            datas.append(_as_data(item, f"input_paths[{rel!r}]"))
+            names.append(rel)
+        stdin_index = None
+        if stdin is not None:
+            datas.append(_as_data(stdin, "stdin"))
+            names.append(f".stdin-{uuid.uuid4().hex[:8]}")
+            stdin_index = len(datas) - 1
+        if isinstance(output_paths, str):
+            raise TypeError(f"output_paths must be a list of paths, not the string {output_paths!r}")
+        outs = tuple(check_relpath(p, "output path") for p in output_paths)
+        if len(set(outs)) != len(outs):
+            raise ValueError(f"output_paths has duplicates: {list(outs)}")
+        clash = set(outs) & set(names)
+        if clash:
+            raise ValueError(f"output path(s) {sorted(clash)} are also inputs; an output must be a new file")
+        if stdout and "stdout" in outs:
+            raise ValueError("output path 'stdout' clashes with stdout=True; rename the file")
+        if isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or cpus < 0:
+            raise ValueError(f"cpus must be a number >= 0, got {cpus!r}")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or timeout <= 0):
+            raise ValueError(f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
+        if env is not None:
+            bad = [k for k, v in env.items() if not isinstance(k, str) or not isinstance(v, str)]
+            if bad:
+                raise TypeError(f"env must map str to str; bad entries for {bad!r}")
+        out_names = list(outs) + (["stdout"] if stdout else [])
+        self.name = name or _default_name(argv, names)
+        spec = _Spec(
+            name=self.name, argv=tuple(argv), shell=shell, input_names=tuple(names),
+            input_keys=tuple(d.key for d in datas), stdin=stdin_index, output_paths=outs,
+            output_keys=tuple(uuid.uuid4().hex for _ in out_names), capture_stdout=bool(stdout),
+            env=tuple(sorted(env.items())) if env is not None else None,
+            timeout=float(timeout) if timeout is not None else None)
+        ensure_ray()
+        refs = _remote_for(1 + len(out_names), cpus).remote(spec, *(d.ref for d in datas))
+        if not isinstance(refs, list):
+            refs = [refs]
+        self.info_ref: ray.ObjectRef = refs[0]
+        self.outputs: dict[str, DataObject] = {
+            n: DataObject(r, k, PurePosixPath(n).name) for n, r, k in zip(out_names, refs[1:], spec.output_keys)}
+
+    @staticmethod
+    def _parse_args(args: Any, shell: bool) -> tuple[list, list[DataObject], list[str]]:
+        if isinstance(args, str):
+            items: list[Any] = [args] if shell else shlex.split(args)
+        elif isinstance(args, (list, tuple)):
+            items = list(args)
+        else:
+            raise TypeError(f"args must be a string or a list, got {type(args).__name__}")
+        if not items:
+            raise ValueError("args is empty; give the program to run, e.g. 'python3 prog.py'")
+        argv: list[Union[str, int]] = []
+        datas: list[DataObject] = []
+        names: list[str] = []
+        for i, item in enumerate(items):
+            if isinstance(item, str):
+                argv.append(item)
+            elif isinstance(item, (DataObject, Execute)):
+                d = _as_data(item, f"args[{i}]")
+                datas.append(d)
+                names.append(_random_name(d))
+                argv.append(len(datas) - 1)
+            else:
+                raise TypeError(f"args[{i}] must be a string, a data object or a task, "
+                                f"got {type(item).__name__}: {item!r}")
+        return argv, datas, names
+
+    @property
+    def output(self) -> DataObject:
+        if len(self.outputs) != 1:
+            raise ValueError(f"task {self.name!r} has {len(self.outputs)} outputs "
+                             f"({', '.join(self.outputs) or 'none'}); use task.outputs[name]")
+        return next(iter(self.outputs.values()))
+
+    def wait(self, timeout: float | None = None) -> RunInfo:
+        """Block until the task ends; return its RunInfo or raise its ExecuteError."""
+        return get(self.info_ref, timeout=timeout)
+
+    def __repr__(self) -> str:
+        return f"Execute(name={self.name!r}, outputs={list(self.outputs)})"
+
+
+def get(refs, timeout: float | None = None):
+    """ray.get, but a failed Execute task raises its own ExecuteError rather than Ray's wrapper."""
+    try:
+        return ray.get(refs, timeout=timeout)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, ExecuteError):
+            raise e.cause from None
+        raise
+
+
+def _default_name(argv: list, names: list[str]) -> str:
+    parts = [a if isinstance(a, str) else names[a] for a in argv[:3]]
+    text = " ".join(parts)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,32 @@
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory):
+    """One local Ray for the session, with its own node cache directory (workers inherit the env)."""
+    import ray
+
+    cache = tmp_path_factory.mktemp("node-cache")
+    os.environ["PIPELINE_CACHE_DIR"] = str(cache)
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             namespace=f"test-{uuid.uuid4().hex[:8]}")
+    yield cache
+    ray.shutdown()
+
+
+def run_cli(*args, cwd=None, timeout=600, env=None):
+    """Run `python -m ...` as a user would; return CompletedProcess (text)."""
+    return subprocess.run([sys.executable, *args], cwd=cwd or ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})

@@ -1,0 +1,124 @@
+"""python -m pipeline.mnist as a user runs it: bad options, then real sweeps on mnist-5k."""
+
+import csv
+import json
+import socket
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, run_cli
+
+
+def closed_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture(scope="module")
+def npz_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("npz")
+    (d / "garbage.npz").write_bytes(b"not a zip file")
+    np.savez(d / "lacks.npz", x_train=np.zeros((2, 28, 28)), y_train=np.zeros(2))
+    return d
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--sizes", ""], "--sizes is empty"),
+    (["--dropouts", ","], "--dropouts is empty"),
+    (["--sizes", "32,0"], "must be > 0"),
+    (["--sizes", "32,x"], "comma-separated whole numbers"),
+    (["--dropouts", "0.2,1.0"], "outside [0, 1)"),
+    (["--dropouts", "-0.1"], "outside [0, 1)"),
+    (["--epochs", "0"], "--epochs 0"),
+    (["--data", "/no/such/file.npz"], "no such file"),
+    (["--data", "{npz}/garbage.npz"], "not a readable npz"),
+    (["--data", "{npz}/lacks.npz"], "lacks x_test, y_test"),
+    (["--address", "127.0.0.1:{port}"], "cannot reach Ray"),
+])
+def test_bad_options_one_line_before_any_work(args, expect, npz_files, tmp_path):
+    args = [a.format(npz=npz_files, port=closed_port()) for a in args]
+    t0 = time.monotonic()
+    r = run_cli("-m", "pipeline.mnist", "--out", str(tmp_path / "out"), *args, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("pipeline.mnist: error:") and expect in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()
+    assert time.monotonic() - t0 < 60  # refused before Ray or training started
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.tensorflow
+def test_sweep_2x2_on_mnist_5k(tmp_path):
+    out = tmp_path / "res"
+    r = run_cli("-m", "pipeline.mnist", "--data", "mnist-5k", "--sizes", "32,64", "--dropouts", "0.0,0.4",
+                "--out", str(out), "--seed", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_csv(out / "results.csv")
+    assert [(int(x["size"]), float(x["dropout"])) for x in rows] == [(32, 0.0), (32, 0.4), (64, 0.0), (64, 0.4)]
+    for x in rows:
+        assert x["status"] == "ok" and 0.6 < float(x["accuracy"]) <= 1.0 and x["node"]
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["dataset"] == "mnist-5k" and doc["ray_version"] and doc["wall_seconds"] > 0
+    assert doc["train_images"] == 4000 and doc["test_images"] == 1000
+    png = (out / "heatmap.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert "best: size=" in r.stdout
+    assert "[4/4] done 4, failed 0" in r.stderr
+
+
+FLAKY_WRAPPER = """
+import os, runpy, sys
+size = sys.argv[sys.argv.index("--size") + 1]
+with open({log!r}, "a") as f:
+    f.write(size + " " + sys.argv[sys.argv.index("--dropout") + 1] + "\\n")
+if size == "64" and os.path.exists({flag!r}):
+    sys.stderr.write("injected failure for size 64\\n")
+    sys.exit(3)
+sys.argv = [{real!r}] + sys.argv[1:]
+runpy.run_path({real!r}, run_name="__main__")
+"""
+
+
+@pytest.mark.tensorflow
+def test_failure_isolated_then_resume_runs_only_the_failed(tmp_path):
+    log, flag = tmp_path / "calls.log", tmp_path / "fail-64"
+    flag.touch()
+    prog = tmp_path / "train.py"
+    prog.write_text(FLAKY_WRAPPER.format(log=str(log), flag=str(flag),
+                                         real=str(ROOT / "pipeline/programs/mnist.py")))
+    out = tmp_path / "res"
+    common = ["-m", "pipeline.mnist", "--data", "mnist-5k", "--sizes", "32,64", "--dropouts", "0.0,0.4",
+              "--program", str(prog), "--out", str(out)]
+    r = run_cli(*common)
+    assert r.returncode == 1, r.stderr[-3000:]
+    rows = {(x["size"], x["dropout"]): x for x in read_csv(out / "results.csv")}
+    assert [rows[("32", d)]["status"] for d in ("0.0", "0.4")] == ["ok", "ok"]
+    for d in ("0.0", "0.4"):
+        bad = rows[("64", d)]
+        assert bad["status"] == "failed" and "code 3" in bad["error"] and "injected failure" in bad["error"]
+    assert (out / "heatmap.png").exists()
+    assert "2 of 4 trial(s) failed" in r.stderr
+    first_ok = {k: v["accuracy"] for k, v in rows.items() if v["status"] == "ok"}
+
+    flag.unlink()
+    log.write_text("")
+    r2 = run_cli(*common)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert sorted(log.read_text().split("\n")[:-1]) == ["64 0.0", "64 0.4"]  # only the failed ones ran
+    rows2 = {(x["size"], x["dropout"]): x for x in read_csv(out / "results.csv")}
+    assert all(x["status"] == "ok" for x in rows2.values())
+    assert {k: rows2[k]["accuracy"] for k in first_ok} == first_ok
+    assert "reusing 2 finished trial(s)" in r2.stderr
+
+    r3 = run_cli(*common[:-2], "--out", str(out), "--epochs", "2", timeout=120)
+    assert r3.returncode == 2 and "different sweep" in r3.stderr and "--fresh" in r3.stderr

@@ -1,0 +1,118 @@
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.sandbox import ExecuteError, ProgramRun, Sandbox, check_relpath
+
+
+@pytest.mark.parametrize("bad", ["", "/etc/passwd", "../x", "a/../../x", "a/..", ".", "a\0b"])
+def test_check_relpath_refuses(bad):
+    with pytest.raises(ValueError):
+        check_relpath(bad)
+
+
+def test_check_relpath_type_and_normalises():
+    with pytest.raises(TypeError):
+        check_relpath(3)
+    assert check_relpath("a//b/./c") == "a/b/c"
+
+
+def test_runs_in_fresh_dir_removed_after(tmp_path):
+    with Sandbox(tmp_root=tmp_path) as box:
+        res = box.run(ProgramRun(["sh", "-c", "pwd; echo hi > out.txt"], capture_stdout=True,
+                                 output_paths=("out.txt",)))
+        cwd = res.stdout.read_text().strip()
+        assert Path(cwd).resolve() == box.workdir.resolve()
+        assert res.outputs["out.txt"].read_text() == "hi\n"
+    assert not Path(cwd).exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_inputs_bytes_and_linked_file(tmp_path):
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"linked")
+    with Sandbox(tmp_root=tmp_path) as box:
+        box.map_input("sub/a.txt", b"bytes")
+        box.map_input("b.txt", src)
+        res = box.run(ProgramRun(["sh", "-c", "cat sub/a.txt b.txt"], capture_stdout=True))
+        assert res.stdout.read_bytes() == b"byteslinked"
+    assert src.read_bytes() == b"linked"  # removing the sandbox leaves the linked source alone
+
+
+def test_stdin_bytes(tmp_path):
+    with Sandbox(tmp_root=tmp_path) as box:
+        res = box.run(ProgramRun(["sort"], capture_stdout=True), stdin=b"b\na\n")
+        assert res.stdout.read_bytes() == b"a\nb\n"
+
+
+def test_nonzero_exit_reports_name_code_and_stderr_tail(tmp_path):
+    script = "for i in $(seq 1 50); do echo line$i >&2; done; exit 7"
+    with Sandbox(tmp_root=tmp_path) as box:
+        with pytest.raises(ExecuteError) as ei:
+            box.run(ProgramRun(["sh", "-c", script], name="mytask"))
+    e = ei.value
+    assert e.returncode == 7 and e.name == "mytask"
+    assert "'mytask'" in str(e) and "code 7" in str(e) and "line50" in str(e)
+    assert "line1\n" not in e.stderr_tail  # only the tail
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_signal_is_named(tmp_path):
+    with Sandbox(tmp_root=tmp_path) as box:
+        with pytest.raises(ExecuteError, match="SIGTERM"):
+            box.run(ProgramRun(["sh", "-c", "kill -TERM $$"]))
+
+
+def test_timeout_kills_the_whole_process_group(tmp_path):
+    marker = tmp_path / "child.pid"
+    with Sandbox(tmp_root=tmp_path) as box:
+        t0 = time.monotonic()
+        with pytest.raises(ExecuteError, match="timed out after 0.5 s") as ei:
+            box.run(ProgramRun(["sh", "-c", f"sleep 30 & echo $! > {marker}; wait"], timeout=0.5))
+        assert ei.value.timed_out
+        assert time.monotonic() - t0 < 10
+    pid = int(marker.read_text())
+    for _ in range(50):  # the background child was killed with its group
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"child {pid} survived the timeout")
+    assert [p.name for p in tmp_path.iterdir()] == ["child.pid"]
+
+
+def test_missing_output_named(tmp_path):
+    with Sandbox(tmp_root=tmp_path) as box:
+        with pytest.raises(ExecuteError, match="did not create its declared output 'nope.txt'"):
+            box.run(ProgramRun(["true"], output_paths=("nope.txt",)))
+
+
+def test_output_symlink_outside_refused(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("s")
+    with Sandbox(tmp_root=tmp_path) as box:
+        with pytest.raises(ExecuteError, match="symlink pointing outside"):
+            box.run(ProgramRun(["ln", "-s", str(secret), "out"], output_paths=("out",)))
+
+
+def test_output_symlink_inside_allowed(tmp_path):
+    with Sandbox(tmp_root=tmp_path) as box:
+        res = box.run(ProgramRun(["sh", "-c", "echo x > real; ln -s real out"], output_paths=("out",)))
+        assert res.outputs["out"].read_text() == "x\n"
+
+
+def test_unknown_program_is_a_clear_error(tmp_path):
+    with Sandbox(tmp_root=tmp_path) as box:
+        with pytest.raises(ExecuteError, match="could not start 'no-such-program-xyz'"):
+            box.run(ProgramRun(["no-such-program-xyz"]))
+
+
+def test_readonly_leftovers_still_removed(tmp_path):
+    with Sandbox(tmp_root=tmp_path) as box:
+        box.run(ProgramRun(["sh", "-c", "mkdir d && touch d/f && chmod 000 d"]))
+    assert list(tmp_path.iterdir()) == []
