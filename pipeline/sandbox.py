@@ -12,12 +12,11 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Mapping, Sequence, Union
+from typing import BinaryIO, Mapping, Sequence, Union
 
 STDERR_TAIL_BYTES = 4096
 STDERR_TAIL_LINES = 20
@@ -74,19 +73,14 @@ class ProgramRun:
 @dataclass
 class RunResult:
     outputs: dict[str, Path] = field(default_factory=dict)  # valid until the sandbox is closed
-    stdout: Path | None = None
+    stdout: BinaryIO | None = None                           # an unnamed file at offset 0, likewise
     seconds: float = 0.0
 
 
-def _tail(path: Path) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - STDERR_TAIL_BYTES))
-            data = f.read()
-    except OSError:
-        return ""
+def _tail(f: BinaryIO) -> str:
+    size = f.seek(0, os.SEEK_END)
+    f.seek(max(0, size - STDERR_TAIL_BYTES))
+    data = f.read()
     lines = data.decode("utf-8", "replace").splitlines()
     return "\n".join(lines[-STDERR_TAIL_LINES:])
 
@@ -111,6 +105,14 @@ def _link_readonly(src: Path, dst: Path) -> None:
 
 
 def _rmtree(path: Path) -> None:
+    try:
+        os.rmdir(path)  # the common case: the program left nothing behind
+        return
+    except FileNotFoundError:
+        return
+    except OSError:
+        pass
+
     def onerror(func, p, exc_info):  # a program may leave read-only directories behind
         try:
             os.chmod(os.path.dirname(p), 0o700)
@@ -123,12 +125,16 @@ def _rmtree(path: Path) -> None:
 
 
 class Sandbox:
-    """A temporary directory for one run. Use as a context manager; it is removed on exit."""
+    """A temporary directory for one run. Use as a context manager; it is removed on exit.
+
+    Captured stdout and stderr go to unnamed files outside the directory, so the program sees a
+    directory holding only its inputs.
+    """
 
     def __init__(self, tmp_root: str | os.PathLike | None = None, prefix: str = "pipeline-task-"):
-        self.root = Path(tempfile.mkdtemp(prefix=prefix, dir=tmp_root))
-        self.workdir = self.root / "work"
-        self.workdir.mkdir()
+        self.workdir = Path(tempfile.mkdtemp(prefix=prefix, dir=tmp_root))
+        self._tmp_root = tmp_root
+        self._files: list[BinaryIO] = []
 
     def __enter__(self) -> "Sandbox":
         return self
@@ -137,8 +143,15 @@ class Sandbox:
         self.close()
 
     def close(self) -> None:
-        if self.root.exists():
-            _rmtree(self.root)
+        for f in self._files:
+            f.close()
+        self._files.clear()
+        _rmtree(self.workdir)
+
+    def _unnamed_file(self) -> BinaryIO:
+        f = tempfile.TemporaryFile(dir=self._tmp_root)
+        self._files.append(f)
+        return f
 
     def map_input(self, relpath: str, source: Source) -> Path:
         dst = self.workdir / check_relpath(relpath, "input path")
@@ -152,58 +165,55 @@ class Sandbox:
         return dst
 
     def run(self, program: ProgramRun, stdin: Source | None = None) -> RunResult:
-        """Run the program in the work directory; raise ExecuteError on any failure."""
-        env = dict(os.environ if program.env is None else {**os.environ, **program.env})
-        # `python3` in a task means the interpreter that runs this worker (its venv has what tasks need).
-        bindir = os.path.dirname(sys.executable)
-        env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
-        stdout_path = self.root / "stdout"
-        stderr_path = self.root / "stderr"
-        stdin_file = None
+        """Run the program in the work directory; raise ExecuteError on any failure.
+
+        The program inherits this process's environment, plus `program.env` when given.
+        """
+        env = None if program.env is None else {**os.environ, **program.env}
+        err = self._unnamed_file()
+        out = self._unnamed_file() if program.capture_stdout else subprocess.DEVNULL
         if isinstance(stdin, Path):
-            stdin_file = open(stdin, "rb")
+            stdin_arg = open(stdin, "rb")
+            self._files.append(stdin_arg)
         elif stdin is not None:
-            stdin_path = self.root / "stdin"
-            stdin_path.write_bytes(stdin)
-            stdin_file = open(stdin_path, "rb")
+            stdin_arg = self._unnamed_file()
+            stdin_arg.write(stdin)
+            stdin_arg.seek(0)
+        else:
+            stdin_arg = subprocess.DEVNULL
         start = time.monotonic()
         try:
-            with open(stderr_path, "wb") as err, \
-                    (open(stdout_path, "wb") if program.capture_stdout else open(os.devnull, "wb")) as out:
-                try:
-                    proc = subprocess.Popen(
-                        program.argv, shell=program.shell, cwd=self.workdir, env=env,
-                        stdin=stdin_file if stdin_file is not None else subprocess.DEVNULL,
-                        stdout=out, stderr=err, start_new_session=True)
-                except OSError as e:
-                    raise ExecuteError(f"task {program.name!r} could not start {_argv0(program)!r}: {e.strerror}",
-                                       name=program.name) from None
-                timed_out = False
-                try:
-                    returncode = proc.wait(timeout=program.timeout)
-                except subprocess.TimeoutExpired:
-                    timed_out = True
-                    _killpg(proc.pid)
-                    returncode = proc.wait()
-                _killpg(proc.pid)  # leftovers the program started in its session
+            proc = subprocess.Popen(program.argv, shell=program.shell, cwd=self.workdir, env=env,
+                                    stdin=stdin_arg, stdout=out, stderr=err, start_new_session=True)
+        except OSError as e:
+            raise ExecuteError(f"task {program.name!r} could not start {_argv0(program)!r}: {e.strerror}",
+                               name=program.name) from None
+        timed_out = False
+        try:
+            returncode = proc.wait(timeout=program.timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _killpg(proc.pid)
+            returncode = proc.wait()
         finally:
-            if stdin_file is not None:
-                stdin_file.close()
+            _killpg(proc.pid)  # whatever the program left running in its session
         seconds = time.monotonic() - start
         if timed_out or returncode != 0:
-            tail = _tail(stderr_path)
+            tail = _tail(err)
             what = f"timed out after {program.timeout:g} s" if timed_out else _describe_exit(returncode)
             msg = f"task {program.name!r} {what}"
             msg += f"; last lines of stderr:\n{tail}" if tail else "; stderr was empty"
             raise ExecuteError(msg, name=program.name, returncode=returncode, stderr_tail=tail,
                                timed_out=timed_out)
-        result = RunResult(stdout=stdout_path if program.capture_stdout else None, seconds=seconds)
-        real_work = os.path.realpath(self.workdir)
+        if program.capture_stdout:
+            out.seek(0)
+        result = RunResult(stdout=out if program.capture_stdout else None, seconds=seconds)
+        real_work = os.path.realpath(self.workdir) if program.output_paths else ""
         for rel in program.output_paths:
             p = self.workdir / rel
             if not os.path.lexists(p):
                 raise ExecuteError(f"task {program.name!r} did not create its declared output {rel!r}",
-                                   name=program.name, returncode=returncode, stderr_tail=_tail(stderr_path))
+                                   name=program.name, returncode=returncode, stderr_tail=_tail(err))
             real = os.path.realpath(p)
             if os.path.commonpath([real, real_work]) != real_work:
                 raise ExecuteError(f"task {program.name!r}: output {rel!r} is a symlink pointing outside the "

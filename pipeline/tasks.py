@@ -11,8 +11,10 @@ zero-copy); it is mapped into a consumer's directory through the node-local cach
 from __future__ import annotations
 
 import os
+import pickle
 import shlex
 import socket
+import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -143,9 +145,34 @@ def _write_array(array: np.ndarray):
     return lambda f: f.write(memoryview(array))
 
 
-def _run_spec(spec: _Spec, inputs: Sequence[np.ndarray], cache: NodeCache | None = None) -> list:
+@dataclass(frozen=True)
+class _Worker:
+    cache: NodeCache
+    node_ip: str
+    hostname: str
+
+
+_worker: _Worker | None = None
+
+
+def _worker_setup() -> _Worker:
+    """Once per worker process: `python3` in a task means this worker's interpreter (its environment
+    has what tasks need); the node cache is opened; the node's address is looked up."""
+    global _worker
+    if _worker is None:
+        bindir = os.path.dirname(sys.executable)
+        path = os.environ.get("PATH", "")
+        if path.split(os.pathsep)[0] != bindir:
+            os.environ["PATH"] = bindir + os.pathsep + path
+        ip = ray.util.get_node_ip_address() if ray.is_initialized() else ""
+        _worker = _Worker(NodeCache(), ip, socket.gethostname())
+    return _worker
+
+
+def _run_spec(spec: _Spec, inputs: Sequence[np.ndarray]) -> list:
     """Worker side: map inputs through the node cache, run in a sandbox, return [info, *outputs]."""
-    cache = cache or NodeCache()
+    worker = _worker_setup()
+    cache = worker.cache
     written = 0
     paths: list[Path] = []
     for key, array in zip(spec.input_keys, inputs):
@@ -159,22 +186,20 @@ def _run_spec(spec: _Spec, inputs: Sequence[np.ndarray], cache: NodeCache | None
     program = ProgramRun(argv=argv, name=spec.name, shell=spec.shell,
                          env=dict(spec.env) if spec.env is not None else None, timeout=spec.timeout,
                          capture_stdout=spec.capture_stdout, output_paths=spec.output_paths)
-    with Sandbox() as box:
+    with Sandbox(tmp_root=os.environ.get("PIPELINE_SANDBOX_DIR")) as box:
         for i, (rel, path) in enumerate(zip(spec.input_names, paths)):
             if spec.stdin == i and rel not in _argv_names(spec):
                 continue  # stdin-only data need no file in the directory
             box.map_input(rel, path)
         stdin = paths[spec.stdin] if spec.stdin is not None else None
         result = box.run(program, stdin=stdin)
-        files = [result.outputs[p] for p in spec.output_paths]
-        if result.stdout is not None:
-            files.append(result.stdout)
         outputs = []
-        for key, f in zip(spec.output_keys, files):
-            outputs.append(np.fromfile(f, dtype=np.uint8))
-            cache.adopt(key, f)  # a consumer on this node then links it instead of writing it
-    info = RunInfo(spec.name, ray.util.get_node_ip_address() if ray.is_initialized() else "",
-                   socket.gethostname(), result.seconds, written)
+        for key, rel in zip(spec.output_keys, spec.output_paths):
+            outputs.append(np.fromfile(result.outputs[rel], dtype=np.uint8))
+            cache.adopt(key, result.outputs[rel])  # a consumer on this node links it, writing nothing
+        if result.stdout is not None:
+            outputs.append(np.fromfile(result.stdout, dtype=np.uint8))
+    info = RunInfo(spec.name, worker.node_ip, worker.hostname, result.seconds, written)
     return [info, *outputs]
 
 
@@ -183,8 +208,8 @@ def _argv_names(spec: _Spec) -> set[str]:
 
 
 @ray.remote
-def _execute_remote(spec: _Spec, *inputs: np.ndarray):
-    out = _run_spec(spec, inputs)
+def _execute_remote(spec: bytes, *inputs: np.ndarray):
+    out = _run_spec(pickle.loads(spec), inputs)
     return out[0] if len(out) == 1 else tuple(out)
 
 
@@ -265,7 +290,9 @@ class Execute:
             env=tuple(sorted(env.items())) if env is not None else None,
             timeout=float(timeout) if timeout is not None else None)
         ensure_ray()
-        refs = _remote_for(1 + len(out_names), cpus).remote(spec, *(d.ref for d in datas))
+        # pre-pickled: Ray passes bytes through its fast path instead of cloudpickling a dataclass
+        spec_bytes = pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL)
+        refs = _remote_for(1 + len(out_names), cpus).remote(spec_bytes, *(d.ref for d in datas))
         if not isinstance(refs, list):
             refs = [refs]
         self.info_ref: ray.ObjectRef = refs[0]

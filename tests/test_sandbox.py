@@ -24,7 +24,7 @@ def test_runs_in_fresh_dir_removed_after(tmp_path):
     with Sandbox(tmp_root=tmp_path) as box:
         res = box.run(ProgramRun(["sh", "-c", "pwd; echo hi > out.txt"], capture_stdout=True,
                                  output_paths=("out.txt",)))
-        cwd = res.stdout.read_text().strip()
+        cwd = res.stdout.read().decode().strip()
         assert Path(cwd).resolve() == box.workdir.resolve()
         assert res.outputs["out.txt"].read_text() == "hi\n"
     assert not Path(cwd).exists()
@@ -38,14 +38,14 @@ def test_inputs_bytes_and_linked_file(tmp_path):
         box.map_input("sub/a.txt", b"bytes")
         box.map_input("b.txt", src)
         res = box.run(ProgramRun(["sh", "-c", "cat sub/a.txt b.txt"], capture_stdout=True))
-        assert res.stdout.read_bytes() == b"byteslinked"
+        assert res.stdout.read() == b"byteslinked"
     assert src.read_bytes() == b"linked"  # removing the sandbox leaves the linked source alone
 
 
 def test_stdin_bytes(tmp_path):
     with Sandbox(tmp_root=tmp_path) as box:
         res = box.run(ProgramRun(["sort"], capture_stdout=True), stdin=b"b\na\n")
-        assert res.stdout.read_bytes() == b"a\nb\n"
+        assert res.stdout.read() == b"a\nb\n"
 
 
 def test_nonzero_exit_reports_name_code_and_stderr_tail(tmp_path):
