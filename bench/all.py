@@ -1,11 +1,12 @@
 """Run every benchmark in turn: python -m bench.all"""
 
-from bench import shared_input, sweep_efficiency, task_overhead
+from bench import parallel_create, shared_input, sweep_efficiency, task_overhead
 
 
 def main():
     task_overhead.main([])
     shared_input.main([])
+    parallel_create.main([])
     sweep_efficiency.main([])
 
 

@@ -30,3 +30,27 @@ def run_cli(*args, cwd=None, timeout=600, env=None):
     """Run `python -m ...` as a user would; return CompletedProcess (text)."""
     return subprocess.run([sys.executable, *args], cwd=cwd or ROOT, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
+
+
+SIM_KEY = "EXOtest0123456789abcdef01"
+SIM_SECRET = "sim-secret-" + uuid.uuid4().hex  # unique per run: a leak is found by searching for it
+
+
+@pytest.fixture
+def sim():
+    """A fresh in-process Exoscale API v2 sim recording every exchange."""
+    from cloud.sim.api import App, HTTPFaults, SimServer
+    from cloud.sim.model import Faults, Model
+
+    model = Model(faults=Faults(op_delay_s=0.05), seed=1)
+    app = App(model, SIM_KEY, SIM_SECRET, HTTPFaults(seed=1), record=True)
+    with SimServer(app) as server:
+        yield server
+
+
+@pytest.fixture
+def driver(sim):
+    from cloud.exoscale_driver import ExoscaleV2NodeDriver, RetryPolicy
+
+    return ExoscaleV2NodeDriver(SIM_KEY, SIM_SECRET, host=sim.host, port=sim.port, secure=False,
+                                retry=RetryPolicy(attempts=6, base_s=0.01, cap_s=0.05))

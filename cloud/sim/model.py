@@ -1,0 +1,485 @@
+"""The state of a simulated Exoscale account: resources, their rules, asynchronous operations.
+
+Knows nothing of HTTP (the split moto uses): cloud.sim.api turns requests into calls of this model
+and its results into responses. Changes that Exoscale makes asynchronously are operations: pending
+for `op_delay_s`, then applied (success) or, when a failure is injected, failed with a reason.
+Operations advance whenever the model is used, so the model needs no thread of its own.
+
+Hooks (InstanceHooks) are called, under the model's lock, when an instance is created, becomes
+running, is stopped and is destroyed: cloud.sim.hosts boots each instance as a local host there.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterator
+
+ZONES = ("at-vie-1", "at-vie-2", "bg-sof-1", "ch-dk-2", "ch-gva-2", "de-fra-1", "de-muc-1", "hr-zag-1")
+GiB = 1024 ** 3
+MiB = 1024 ** 2
+
+# Exoscale's standard family (CPUs, memory), as published on its pricing page.
+STANDARD_SIZES = (("micro", 1, 512 * MiB), ("tiny", 1, 1 * GiB), ("small", 2, 2 * GiB), ("medium", 2, 4 * GiB),
+                  ("large", 4, 8 * GiB), ("extra-large", 4, 16 * GiB), ("huge", 8, 32 * GiB))
+CPU_SIZES = (("extra-large", 16, 16 * GiB), ("huge", 32, 32 * GiB))
+
+_NS = uuid.UUID("7b0c6bde-4f3e-4c59-9c1e-4d8f2f0a5e11")
+
+
+def _stable_id(kind: str, name: str) -> str:
+    return str(uuid.uuid5(_NS, f"{kind}/{name}"))
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+class ModelError(Exception):
+    """A request the API refuses: kind is not-found, conflict or invalid."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+@dataclass(frozen=True)
+class InstanceType:
+    id: str
+    family: str
+    size: str
+    cpus: int
+    memory: int
+    zones: tuple[str, ...] = ZONES
+    authorized: bool = True
+
+
+@dataclass(frozen=True)
+class Template:
+    id: str
+    name: str
+    family: str
+    version: str
+    default_user: str
+    size: int
+    visibility: str = "public"
+    boot_mode: str = "legacy"
+    zones: tuple[str, ...] = ZONES
+    build: str = "2026-10-01-0"
+
+
+@dataclass
+class SSHKey:
+    name: str
+    public_key: str
+    fingerprint: str
+
+
+@dataclass
+class Rule:
+    id: str
+    flow_direction: str
+    protocol: str
+    network: str | None = None
+    security_group_id: str | None = None
+    start_port: int | None = None
+    end_port: int | None = None
+    icmp: dict | None = None
+    description: str = ""
+
+
+@dataclass
+class SecurityGroup:
+    id: str
+    name: str
+    description: str = ""
+    rules: list[Rule] = field(default_factory=list)
+
+
+@dataclass
+class Instance:
+    id: str
+    name: str
+    instance_type: InstanceType
+    template: Template
+    disk_size: int
+    state: str
+    created_at: str
+    labels: dict[str, str] = field(default_factory=dict)
+    ssh_keys: list[str] = field(default_factory=list)
+    security_group_ids: list[str] = field(default_factory=list)
+    user_data: str | None = None  # base64, as given
+    public_ip_assignment: str = "inet4"
+    public_ip: str | None = None
+
+
+@dataclass
+class Operation:
+    id: str
+    state: str                      # pending, success, failure
+    reference_id: str | None
+    reference_kind: str             # instance, security-group, ssh-key
+    command: str
+    ready_at: float
+    on_success: Callable[[], None] | None = None
+    on_failure: Callable[[], None] | None = None
+    reason: str | None = None
+    message: str | None = None
+    fail: bool = False
+
+
+class InstanceHooks:
+    """Override to give instances a life outside the model (cloud.sim.hosts boots local hosts)."""
+
+    def allocate_ip(self, instance: Instance) -> str | None:
+        return None  # None: the model picks one from its own pool
+
+    def on_running(self, instance: Instance) -> None: ...
+
+    def on_stopped(self, instance: Instance) -> None: ...
+
+    def on_destroyed(self, instance: Instance) -> None: ...
+
+
+@dataclass
+class Faults:
+    """Faults of the model: operations that end in failure, and how long operations take."""
+
+    op_delay_s: float = 0.2
+    op_failure_rate: float = 0.0
+    fail_next_ops: int = 0          # the next N operations fail, whatever the rate
+    fail_ops_matching: str = ""     # only operations whose command contains this text count for fail_next_ops
+
+
+class Model:
+    def __init__(self, zone: str = "ch-gva-2", faults: Faults | None = None, hooks: InstanceHooks | None = None,
+                 seed: int | None = None, ip_network: str = "10.77.0.0/16"):
+        if zone not in ZONES:
+            raise ValueError(f"unknown zone {zone!r}; valid: {', '.join(ZONES)}")
+        self.zone = zone
+        self.faults = faults or Faults()
+        self.hooks = hooks or InstanceHooks()
+        self.rng = random.Random(seed)
+        self.lock = threading.RLock()
+        self.instance_types = {t.id: t for t in self._catalogue_types()}
+        self.templates = {t.id: t for t in self._catalogue_templates()}
+        self.ssh_keys: dict[str, SSHKey] = {}
+        self.security_groups: dict[str, SecurityGroup] = {}
+        self.instances: dict[str, Instance] = {}
+        self.operations: dict[str, Operation] = {}
+        self._ips: Iterator = ipaddress.ip_network(ip_network).hosts()
+        self._ips_in_use: set[str] = set()
+
+    # ------------------------------------------------------------------------------- catalogue
+    @staticmethod
+    def _catalogue_types() -> list[InstanceType]:
+        types = [InstanceType(_stable_id("type", f"standard.{s}"), "standard", s, c, m) for s, c, m in STANDARD_SIZES]
+        types += [InstanceType(_stable_id("type", f"cpu.{s}"), "cpu", s, c, m) for s, c, m in CPU_SIZES]
+        return types
+
+    @staticmethod
+    def _catalogue_templates() -> list[Template]:
+        rows = [("Linux Ubuntu 22.04 LTS 64-bit", "ubuntu", "22.04", "ubuntu"),
+                ("Linux Ubuntu 24.04 LTS 64-bit", "ubuntu", "24.04", "ubuntu"),
+                ("Linux Debian 12 (bookworm) 64-bit", "debian", "12", "debian")]
+        return [Template(_stable_id("template", n), n, fam, ver, user, 10 * GiB) for n, fam, ver, user in rows]
+
+    # ------------------------------------------------------------------------------ operations
+    def tick(self) -> None:
+        """Apply every pending operation whose time has come."""
+        with self.lock:
+            now = time.monotonic()
+            for op in list(self.operations.values()):
+                if op.state == "pending" and op.ready_at <= now:
+                    if op.fail:
+                        op.state, op.reason = "failure", "fault"
+                        op.message = f"{op.command} failed (injected fault)"
+                        if op.on_failure:
+                            op.on_failure()
+                    else:
+                        op.state = "success"
+                        if op.on_success:
+                            op.on_success()
+
+    def _operation(self, kind: str, ref: str | None, command: str, on_success=None, on_failure=None) -> Operation:
+        f = self.faults
+        fail = self.rng.random() < f.op_failure_rate
+        if f.fail_next_ops > 0 and f.fail_ops_matching in command:
+            f.fail_next_ops -= 1
+            fail = True
+        op = Operation(str(uuid.uuid4()), "pending", ref, kind, command, time.monotonic() + f.op_delay_s,
+                       on_success, on_failure, fail=fail)
+        self.operations[op.id] = op
+        return op
+
+    def get_operation(self, op_id: str) -> Operation:
+        with self.lock:
+            self.tick()
+            op = self.operations.get(op_id)
+            if op is None:
+                raise ModelError("not-found", f"operation {op_id} not found")
+            return op
+
+    # ------------------------------------------------------------------------------- catalogue
+    def list_instance_types(self) -> list[InstanceType]:
+        return list(self.instance_types.values())
+
+    def get_instance_type(self, type_id: str) -> InstanceType:
+        t = self.instance_types.get(type_id)
+        if t is None:
+            raise ModelError("not-found", f"instance type {type_id} not found")
+        return t
+
+    def list_templates(self, visibility: str | None = None, family: str | None = None) -> list[Template]:
+        return [t for t in self.templates.values() if (visibility in (None, t.visibility))
+                and (family in (None, t.family))]
+
+    def get_template(self, template_id: str) -> Template:
+        t = self.templates.get(template_id)
+        if t is None:
+            raise ModelError("not-found", f"template {template_id} not found")
+        return t
+
+    # -------------------------------------------------------------------------------- ssh keys
+    def register_ssh_key(self, name: str, public_key: str) -> Operation:
+        with self.lock:
+            self.tick()
+            if name in self.ssh_keys:
+                raise ModelError("conflict", f"an SSH key named {name!r} already exists")
+            parts = public_key.split()
+            try:
+                blob = base64.b64decode(parts[1], validate=True) if len(parts) >= 2 else b""
+            except ValueError:
+                blob = b""
+            if not parts or not parts[0].startswith(("ssh-", "ecdsa-")) or not blob:
+                raise ModelError("invalid", "public-key is not an OpenSSH public key")
+            fp = hashlib.md5(blob).hexdigest()
+            self.ssh_keys[name] = SSHKey(name, public_key, ":".join(fp[i:i + 2] for i in range(0, 32, 2)))
+            return self._operation("ssh-key", None, "register-ssh-key")
+
+    def list_ssh_keys(self) -> list[SSHKey]:
+        with self.lock:
+            self.tick()
+            return list(self.ssh_keys.values())
+
+    def get_ssh_key(self, name: str) -> SSHKey:
+        with self.lock:
+            self.tick()
+            if name not in self.ssh_keys:
+                raise ModelError("not-found", f"SSH key {name!r} not found")
+            return self.ssh_keys[name]
+
+    def delete_ssh_key(self, name: str) -> Operation:
+        with self.lock:
+            self.get_ssh_key(name)
+            return self._operation("ssh-key", None, "delete-ssh-key",
+                                   on_success=lambda: self.ssh_keys.pop(name, None))
+
+    # ------------------------------------------------------------------------- security groups
+    def create_security_group(self, name: str, description: str = "") -> Operation:
+        with self.lock:
+            self.tick()
+            if any(g.name == name for g in self.security_groups.values()):
+                raise ModelError("conflict", f"a security group named {name!r} already exists")
+            g = SecurityGroup(str(uuid.uuid4()), name, description)
+            self.security_groups[g.id] = g
+            return self._operation("security-group", g.id, "create-security-group")
+
+    def list_security_groups(self) -> list[SecurityGroup]:
+        with self.lock:
+            self.tick()
+            return list(self.security_groups.values())
+
+    def get_security_group(self, group_id: str) -> SecurityGroup:
+        with self.lock:
+            self.tick()
+            g = self.security_groups.get(group_id)
+            if g is None:
+                raise ModelError("not-found", f"security group {group_id} not found")
+            return g
+
+    def delete_security_group(self, group_id: str) -> Operation:
+        with self.lock:
+            self.get_security_group(group_id)
+            users = [i.name for i in self.instances.values() if group_id in i.security_group_ids]
+            if users:
+                raise ModelError("conflict", f"security group {group_id} is in use by instance(s) {', '.join(users)}")
+            referring = [g.name for g in self.security_groups.values() if g.id != group_id
+                         and any(r.security_group_id == group_id for r in g.rules)]
+            if referring:
+                raise ModelError("conflict", f"security group {group_id} is a rule source of {', '.join(referring)}")
+            return self._operation("security-group", group_id, "delete-security-group",
+                                   on_success=lambda: self.security_groups.pop(group_id, None))
+
+    def add_rule(self, group_id: str, flow_direction: str, protocol: str, network: str | None = None,
+                 source_group_id: str | None = None, start_port: int | None = None, end_port: int | None = None,
+                 icmp: dict | None = None, description: str = "") -> Operation:
+        with self.lock:
+            g = self.get_security_group(group_id)
+            if (network is None) == (source_group_id is None):
+                raise ModelError("invalid", "a rule needs exactly one of network or security-group")
+            if network is not None:
+                try:
+                    ipaddress.ip_network(network, strict=False)
+                except ValueError:
+                    raise ModelError("invalid", f"network {network!r} is not a CIDR") from None
+            if source_group_id is not None:
+                self.get_security_group(source_group_id)
+            if protocol in ("tcp", "udp"):
+                if start_port is None or end_port is None or start_port > end_port:
+                    raise ModelError("invalid", f"a {protocol} rule needs start-port <= end-port")
+            elif start_port is not None or end_port is not None:
+                raise ModelError("invalid", f"ports make no sense for protocol {protocol}")
+            rule = Rule(str(uuid.uuid4()), flow_direction, protocol, network, source_group_id, start_port,
+                        end_port, icmp, description)
+            g.rules.append(rule)
+            self._rules_changed(group_id)
+            return self._operation("security-group", group_id, "add-rule-to-security-group")
+
+    def delete_rule(self, group_id: str, rule_id: str) -> Operation:
+        with self.lock:
+            g = self.get_security_group(group_id)
+            if not any(r.id == rule_id for r in g.rules):
+                raise ModelError("not-found", f"rule {rule_id} not found in security group {group_id}")
+            g.rules = [r for r in g.rules if r.id != rule_id]
+            self._rules_changed(group_id)
+            return self._operation("security-group", group_id, "delete-rule-from-security-group")
+
+    def _rules_changed(self, group_id: str) -> None:
+        for inst in self.instances.values():
+            if inst.state == "running" and any(group_id in (gid, *self._sources_of(gid))
+                                               for gid in inst.security_group_ids):
+                self.hooks.on_running(inst)  # hosts re-apply their firewall
+
+    def _sources_of(self, group_id: str) -> list[str]:
+        g = self.security_groups.get(group_id)
+        return [r.security_group_id for r in g.rules if r.security_group_id] if g else []
+
+    # ------------------------------------------------------------------------------- instances
+    def create_instance(self, name: str, instance_type_id: str, template_id: str, disk_size: int,
+                        ssh_keys: list[str] = (), security_group_ids: list[str] = (),
+                        labels: dict[str, str] | None = None, user_data: str | None = None,
+                        public_ip_assignment: str = "inet4") -> Operation:
+        with self.lock:
+            self.tick()
+            itype = self.get_instance_type(instance_type_id)
+            tmpl = self.get_template(template_id)
+            if self.zone not in itype.zones or self.zone not in tmpl.zones:
+                raise ModelError("invalid", f"not available in zone {self.zone}")
+            if disk_size * GiB < tmpl.size:
+                raise ModelError("invalid", f"disk-size {disk_size} GiB is smaller than the template ({tmpl.size // GiB} GiB)")
+            for k in ssh_keys:
+                if k not in self.ssh_keys:
+                    raise ModelError("not-found", f"SSH key {k!r} not found")
+            for gid in security_group_ids:
+                self.get_security_group(gid)
+            if user_data is not None:
+                try:
+                    base64.b64decode(user_data, validate=True)
+                except ValueError:
+                    raise ModelError("invalid", "user-data must be base64-encoded") from None
+            inst = Instance(str(uuid.uuid4()), name, itype, tmpl, disk_size, "starting", _now_iso(),
+                            dict(labels or {}), list(ssh_keys), list(security_group_ids), user_data,
+                            public_ip_assignment)
+            if public_ip_assignment != "none":
+                inst.public_ip = self.hooks.allocate_ip(inst) or self._next_ip()
+                self._ips_in_use.add(inst.public_ip)
+            self.instances[inst.id] = inst
+
+            def running():
+                inst.state = "running"
+                self.hooks.on_running(inst)
+
+            def failed():
+                inst.state = "error"
+
+            return self._operation("instance", inst.id, "create-instance", running, failed)
+
+    def _next_ip(self) -> str:
+        for ip in self._ips:
+            if str(ip) not in self._ips_in_use:
+                return str(ip)
+        raise ModelError("invalid", "no public IP address left in the simulated pool")
+
+    def list_instances(self, labels: dict[str, str] | None = None, ip_address: str | None = None) -> list[Instance]:
+        with self.lock:
+            self.tick()
+            return [i for i in self.instances.values()
+                    if all(i.labels.get(k) == v for k, v in (labels or {}).items())
+                    and ip_address in (None, i.public_ip)]
+
+    def get_instance(self, instance_id: str) -> Instance:
+        with self.lock:
+            self.tick()
+            inst = self.instances.get(instance_id)
+            if inst is None:
+                raise ModelError("not-found", f"instance {instance_id} not found")
+            return inst
+
+    def delete_instance(self, instance_id: str) -> Operation:
+        with self.lock:
+            inst = self.get_instance(instance_id)
+            if inst.state == "destroying":
+                raise ModelError("conflict", f"instance {instance_id} is already being destroyed")
+            previous = inst.state
+            inst.state = "destroying"
+
+            def gone():
+                self.instances.pop(instance_id, None)
+                if inst.public_ip:
+                    self._ips_in_use.discard(inst.public_ip)
+                inst.state = "destroyed"
+                self.hooks.on_destroyed(inst)
+
+            def failed():
+                inst.state = previous
+
+            return self._operation("instance", instance_id, "delete-instance", gone, failed)
+
+    def _transition(self, instance_id: str, allowed: tuple[str, ...], during: str, after: str,
+                    command: str, hook: Callable[[Instance], None]) -> Operation:
+        with self.lock:
+            inst = self.get_instance(instance_id)
+            if inst.state not in allowed:
+                raise ModelError("conflict", f"instance {instance_id} is {inst.state}; {command} needs {' or '.join(allowed)}")
+            previous = inst.state
+            inst.state = during
+
+            def done():
+                inst.state = after
+                hook(inst)
+
+            def failed():
+                inst.state = previous
+
+            return self._operation("instance", instance_id, command, done, failed)
+
+    def start_instance(self, instance_id: str) -> Operation:
+        return self._transition(instance_id, ("stopped",), "starting", "running", "start-instance",
+                                self.hooks.on_running)
+
+    def stop_instance(self, instance_id: str) -> Operation:
+        return self._transition(instance_id, ("running",), "stopping", "stopped", "stop-instance",
+                                self.hooks.on_stopped)
+
+    def reboot_instance(self, instance_id: str) -> Operation:
+        def reboot(inst):
+            self.hooks.on_stopped(inst)
+            self.hooks.on_running(inst)
+
+        return self._transition(instance_id, ("running",), "starting", "running", "reboot-instance", reboot)
+
+    def summary(self) -> dict[str, Any]:
+        with self.lock:
+            self.tick()
+            return {"instances": len(self.instances), "security_groups": len(self.security_groups),
+                    "ssh_keys": len(self.ssh_keys),
+                    "pending_operations": sum(o.state == "pending" for o in self.operations.values())}
