@@ -59,6 +59,8 @@ def main(argv=None) -> int:
             return 2
     model = Model(args.zone, Faults(op_delay_s=args.op_delay, op_failure_rate=args.op_failure_rate),
                   hooks=hooks, seed=args.seed)
+    if hooks is not None:
+        hooks.attach(model)
     app = App(model, args.key, secret, HTTPFaults(error_rate=args.error_rate, latency_s=args.latency, seed=args.seed))
     server = SimServer(app, args.host, args.port).start()
     print(f"Exoscale API sim on {server.endpoint} (zone {args.zone}, key {args.key}); Ctrl-C stops it",

@@ -1,0 +1,328 @@
+"""python exoscale.py <command>: a Ray cluster on Exoscale VMs, and files and commands on its nodes.
+
+    up -n N (create)      SSH key, security group, N instances in parallel; waits for SSH
+    down (destroy)        everything of the cluster, found through the API; asks unless --yes
+    list-nodes (status)   name, role, public IP, state
+    ssh N                 an interactive login on node N (0 = head, or a node name)
+    scp SRC DST           a file or directory to every node (or --node N), DST relative to home
+    cmd "COMMAND"         on every node (or --node N) in parallel, output prefixed by node name
+    forget-host N         drop node N's pinned host key (after a node was really replaced)
+    import-terraform      use a cluster made with terraform/ (reads `terraform output -json`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cloud import config as config_mod
+from cloud.config import ClusterConfig, ConfigError
+from cloud.remote import Remote, interactive_ssh_argv
+from cloud.state import ClusterState, NodeRecord, StateStore
+
+PROG = "exoscale.py"
+
+
+class CLIError(Exception):
+    """A one-line error for the user; exit code 2."""
+
+
+def _printer(stream=None):
+    """Progress lines, one per event per node; whole lines even when threads report at once."""
+    import threading
+
+    start = time.monotonic()
+    lock = threading.Lock()
+
+    def progress(name: str, what: str) -> None:
+        line = f"[{time.monotonic() - start:6.1f}s] {name}: {what}\n"
+        with lock:
+            (stream or sys.stderr).write(line)
+            (stream or sys.stderr).flush()
+
+    return progress
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="A Ray cluster on Exoscale (API v2).",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--config", help="cluster.toml (name, zone, instance_type, template, nodes, ...)")
+    p.add_argument("--name", help="cluster name (default: from --config, else 'default')")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    a = sub.add_parser("up", aliases=["create"], help="create the cluster (or complete a partial one)")
+    a.add_argument("-n", "--nodes", type=int, help="number of nodes (default: from config, else 3)")
+    a = sub.add_parser("down", aliases=["destroy"], help="remove everything of the cluster")
+    a.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    sub.add_parser("list-nodes", aliases=["status"], help="the cluster's nodes as the API sees them")
+    a = sub.add_parser("ssh", help="log in to node N (0 = head, or a node name)")
+    a.add_argument("node", nargs="?", default="0")
+    a.add_argument("remote_command", nargs=argparse.REMAINDER)
+    a = sub.add_parser("scp", help="copy a file or directory to every node")
+    a.add_argument("src")
+    a.add_argument("dst")
+    a.add_argument("--node", help="only node N (index or name)")
+    a = sub.add_parser("cmd", help="run a shell command on every node")
+    a.add_argument("remote_command")
+    a.add_argument("--node", help="only node N (index or name)")
+    a.add_argument("--sudo", action="store_true", help="run it as root")
+    a.add_argument("--timeout", type=float, default=None)
+    a = sub.add_parser("forget-host", help="drop a node's pinned host key")
+    a.add_argument("node")
+    a = sub.add_parser("import-terraform", help="use a cluster made by terraform/")
+    a.add_argument("--dir", default="terraform", help="the Terraform directory (runs `terraform output -json`)")
+    a.add_argument("--output-json", help="or: a file holding the output of `terraform output -json`")
+    a.add_argument("--ssh-key", required=True, help="the private key whose public half Terraform registered")
+    return p
+
+
+def _load(args, require_credentials: bool = True, **overrides) -> ClusterConfig:
+    return config_mod.load(args.config, require_credentials=require_credentials, name=args.name, **overrides)
+
+
+def _key_path(cfg: ClusterConfig, store: StateStore) -> Path:
+    if cfg.ssh_key:
+        return cfg.ssh_key
+    imported = store.dir / "ssh_key_path"
+    if imported.exists():
+        return Path(imported.read_text().strip())
+    return store.key_path
+
+
+def _state(cfg: ClusterConfig) -> ClusterState:
+    """The cached state, refreshed from the API when there is none and credentials are set."""
+    store = StateStore(cfg.state_dir)
+    st = store.load()
+    if st is None or not st.nodes:
+        if cfg.api_secret is None:
+            raise CLIError(f"no local state for cluster {cfg.name!r} in {store.dir}; set EXOSCALE_API_KEY/"
+                           f"EXOSCALE_API_SECRET to look it up, or run `up` first")
+        from cloud import provision
+
+        st = provision.status(cfg.driver(), cfg)
+    if not st.nodes:
+        raise CLIError(f"cluster {cfg.name!r} has no nodes; run `{PROG} up` first")
+    return st
+
+
+def _select(st: ClusterState, which: str | None) -> list[NodeRecord]:
+    nodes = st.ordered()
+    if which is None:
+        return nodes
+    if which.isdigit() and int(which) < len(nodes):
+        return [nodes[int(which)]]
+    for n in nodes:
+        if n.name == which:
+            return [n]
+    raise CLIError(f"no node {which!r} in cluster {st.name!r}; valid: 0-{len(nodes) - 1} or "
+                   f"{', '.join(n.name for n in nodes)}")
+
+
+def cmd_up(args) -> int:
+    cfg = _load(args, nodes=args.nodes)
+    from cloud import provision
+
+    if not cfg.ssh_cidr_given:
+        print(f"warning: SSH (port 22) will be open to 0.0.0.0/0; set ssh_cidr in cluster.toml "
+              f"(e.g. your address/32) to narrow it", file=sys.stderr)
+    progress = _printer()
+    try:
+        res = provision.up(cfg.driver(), cfg, progress=progress)
+    except ValueError as e:  # unknown instance type or template: the driver lists the valid ones
+        raise CLIError(str(e)) from None
+    except provision.ProvisionError as e:
+        raise CLIError(str(e)) from None
+    _print_nodes(res.state)
+    if res.failed:
+        print(f"{len(res.failed)} node(s) not ready: " + "; ".join(f"{k}: {v}" for k, v in res.failed.items())
+              + f". Run `{PROG} up` again to complete the cluster, or `{PROG} down` to remove it.", file=sys.stderr)
+        return 1
+    print(f"cluster {cfg.name!r} ready: {len(res.state.nodes)} node(s)", file=sys.stderr)
+    return 0
+
+
+def cmd_down(args) -> int:
+    cfg = _load(args)
+    from cloud import provision
+
+    driver = cfg.driver()
+    nodes, group, has_key = provision.plan_down(driver, cfg.name)
+    what = [f"{len(nodes)} instance(s)" + (f" ({', '.join(sorted(n.name for n in nodes))})" if nodes else "")]
+    if group is not None:
+        what.append(f"security group {group.name}")
+    if has_key:
+        what.append(f"SSH key {provision.resource_name(cfg.name)}")
+    if not nodes and group is None and not has_key:
+        StateStore(cfg.state_dir).remove(keep_key=cfg.ssh_key is not None)
+        print(f"cluster {cfg.name!r}: nothing to remove", file=sys.stderr)
+        return 0
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise CLIError(f"would remove {', '.join(what)}; refusing without --yes (stdin is not a terminal)")
+        answer = input(f"Remove {', '.join(what)} of cluster {cfg.name!r}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing removed", file=sys.stderr)
+            return 1
+    res = provision.down(driver, cfg, progress=_printer())
+    if res.failed:
+        print("could not remove: " + "; ".join(f"{k}: {v}" for k, v in res.failed.items())
+              + f". Run `{PROG} down` again.", file=sys.stderr)
+        return 1
+    print(f"cluster {cfg.name!r} removed: {', '.join(res.destroyed + res.removed) or 'nothing left'}",
+          file=sys.stderr)
+    return 0
+
+
+def _print_nodes(st: ClusterState) -> None:
+    rows = [("#", "NAME", "ROLE", "PUBLIC IP", "STATE")]
+    rows += [(str(i), n.name, n.role, n.ip or "-", n.state or "-") for i, n in enumerate(st.ordered())]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def cmd_list(args) -> int:
+    cfg = _load(args, require_credentials=False)
+    if cfg.api_secret is not None:  # the API is the truth; the cache serves when there are no credentials
+        from cloud import provision
+
+        st = provision.status(cfg.driver(), cfg)
+    else:
+        st = _state(cfg)
+    if not st.nodes:
+        print(f"cluster {cfg.name!r} has no nodes", file=sys.stderr)
+        return 0
+    _print_nodes(st)
+    return 0
+
+
+def _remote(cfg: ClusterConfig) -> tuple[Remote, ClusterState]:
+    st = _state(cfg)
+    store = StateStore(cfg.state_dir)
+    return Remote(_key_path(cfg, store), store.known_hosts), st
+
+
+def _report(results, verb: str) -> int:
+    failed = [r for r in results if not r.ok]
+    for r in results:
+        print(f"{r.node.name}: {verb} {r.summary()}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} of {len(results)} node(s) failed: {', '.join(r.node.name for r in failed)}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_scp(args) -> int:
+    cfg = _load(args, require_credentials=False)
+    remote, st = _remote(cfg)
+    if not Path(args.src).exists():
+        raise CLIError(f"{args.src}: no such file or directory")
+    return _report(remote.put(_select(st, args.node), args.src, args.dst), f"{args.src} -> {args.dst}:")
+
+
+def cmd_cmd(args) -> int:
+    cfg = _load(args, require_credentials=False)
+    remote, st = _remote(cfg)
+    results = remote.run(_select(st, args.node), args.remote_command, sudo=args.sudo, timeout=args.timeout,
+                         stream=sys.stdout)
+    failed = [r for r in results if not r.ok]
+    for r in failed:
+        print(f"{r.node.name}: FAILED: {r.summary()}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} of {len(results)} node(s) failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_ssh(args) -> int:
+    cfg = _load(args, require_credentials=False)
+    remote, st = _remote(cfg)
+    [node] = _select(st, args.node)
+    store = StateStore(cfg.state_dir)
+    [pin] = remote.wait_ssh([node], timeout=30)  # pins the host key on first contact, refuses a changed one
+    if not pin.ok:
+        raise CLIError(pin.error)
+    argv = interactive_ssh_argv(node, _key_path(cfg, store), store.known_hosts, args.remote_command)
+    sys.stdout.flush()
+    os.execvp(argv[0], argv)
+
+
+def cmd_forget_host(args) -> int:
+    cfg = _load(args, require_credentials=False)
+    st = _state(cfg)
+    [node] = _select(st, args.node)
+    StateStore(cfg.state_dir).forget_host(node.ip)
+    print(f"{node.name} ({node.ip}): pinned host key dropped; the next connection pins the key it sees",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_import_terraform(args) -> int:
+    cfg = _load(args, require_credentials=False)
+    if args.output_json:
+        text = Path(args.output_json).read_text()
+    else:
+        try:
+            text = subprocess.run(["terraform", f"-chdir={args.dir}", "output", "-json"], check=True,
+                                  capture_output=True, text=True).stdout
+        except (OSError, subprocess.CalledProcessError) as e:
+            raise CLIError(f"terraform output -json in {args.dir} failed: {getattr(e, 'stderr', '') or e}") from None
+    st = state_from_terraform(json.loads(text), cfg.name)
+    key = Path(args.ssh_key).expanduser()
+    if not key.is_file():
+        raise CLIError(f"--ssh-key {key}: no such file")
+    store = StateStore(cfg.state_dir)
+    store.save(st)
+    (store.dir / "ssh_key_path").write_text(str(key.resolve()) + "\n")
+    _print_nodes(st)
+    print(f"cluster {cfg.name!r} imported from Terraform; scp, cmd and ssh now work on it", file=sys.stderr)
+    return 0
+
+
+def state_from_terraform(outputs: dict, name: str) -> ClusterState:
+    """ClusterState from `terraform output -json` of terraform/ (output `nodes`: a list of objects)."""
+    try:
+        nodes = outputs["nodes"]["value"]
+        user = outputs.get("ssh_user", {}).get("value", "ubuntu")
+        records = [NodeRecord(name=n["name"], role=n["role"], ip=n["public_ip"], id=n.get("id", ""), user=user)
+                   for n in nodes]
+    except (KeyError, TypeError) as e:
+        raise CLIError(f"terraform output lacks {e}; expected an output `nodes` = [{{name, role, public_ip}}]") from None
+    return ClusterState(name, records, source="terraform")
+
+
+COMMANDS = {"up": cmd_up, "create": cmd_up, "down": cmd_down, "destroy": cmd_down, "list-nodes": cmd_list,
+            "status": cmd_list, "ssh": cmd_ssh, "scp": cmd_scp, "cmd": cmd_cmd, "forget-host": cmd_forget_host,
+            "import-terraform": cmd_import_terraform}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+    try:
+        return COMMANDS[args.command](args)
+    except (CLIError, ConfigError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - API and network failures end as one line, not a traceback
+        from libcloud.common.types import LibcloudError
+        from libcloud.common.exceptions import BaseHTTPError
+
+        if isinstance(e, (LibcloudError, BaseHTTPError)):
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return 1
+        raise

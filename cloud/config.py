@@ -1,0 +1,166 @@
+"""Cluster configuration: cluster.toml (optional) + environment -> a validated ClusterConfig.
+
+Works with nothing but EXOSCALE_API_KEY / EXOSCALE_API_SECRET in the environment (the names the exo
+CLI and the Terraform provider use). EXOSCALE_API_ENDPOINT points everything at another API, e.g.
+the local sim: http://127.0.0.1:8080/v2. Validation here needs no network; instance types and
+templates are checked against the API before anything is created.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from cloud.exoscale_driver import ZONES, Secret
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULTS = {
+    "name": "default",
+    "zone": "ch-gva-2",
+    "instance_type": "standard.medium",
+    "template": "Linux Ubuntu 24.04 LTS 64-bit",
+    "disk_size": 50,
+    "nodes": 3,
+    "ssh_key": None,
+    "ssh_cidr": "0.0.0.0/0",
+    "labels": {},
+    "setup_commands": [],
+}
+_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
+_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+RESERVED_LABELS = ("cluster", "role", "managed-by")
+
+
+class ConfigError(ValueError):
+    """A bad setting: one line saying what is wrong and what is valid."""
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    api_key: str
+    api_secret: Secret | None = field(repr=False)
+    name: str = DEFAULTS["name"]
+    zone: str = DEFAULTS["zone"]
+    instance_type: str = DEFAULTS["instance_type"]
+    template: str = DEFAULTS["template"]
+    disk_size: int = DEFAULTS["disk_size"]
+    nodes: int = DEFAULTS["nodes"]
+    ssh_key: Path | None = None               # a private key; its public half at <path>.pub
+    ssh_cidr: str = DEFAULTS["ssh_cidr"]
+    ssh_cidr_given: bool = False
+    labels: dict[str, str] = field(default_factory=dict)
+    setup_commands: tuple[str, ...] = ()
+    endpoint: str | None = None               # EXOSCALE_API_ENDPOINT
+    state_root: Path = field(default_factory=lambda: default_state_root())
+
+    @property
+    def state_dir(self) -> Path:
+        return self.state_root / self.name
+
+    def driver_kwargs(self) -> dict[str, Any]:
+        if not self.endpoint:
+            return {"zone": self.zone}
+        u = urlparse(self.endpoint)
+        return {"zone": self.zone, "host": u.hostname, "port": u.port or (443 if u.scheme == "https" else 80),
+                "secure": u.scheme == "https"}
+
+    def driver(self):
+        from cloud.exoscale_driver import ExoscaleV2NodeDriver
+
+        if self.api_secret is None:
+            raise ConfigError("set EXOSCALE_API_KEY and EXOSCALE_API_SECRET (an Exoscale API key pair, as for the exo CLI)")
+        return ExoscaleV2NodeDriver(self.api_key, self.api_secret, **self.driver_kwargs())
+
+
+def default_state_root() -> Path:
+    env = os.environ.get("RAYSWEEP_STATE_DIR")
+    return Path(env) if env else Path.home() / ".raysweep" / "clusters"
+
+
+def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = None,
+         require_credentials: bool = True, **overrides: Any) -> ClusterConfig:
+    """Read cluster.toml (if given), then the environment, then overrides (e.g. -n from the CLI).
+
+    Commands that only use SSH (scp, cmd, ssh) pass require_credentials=False."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = dict(DEFAULTS)
+    cidr_given = False
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"--config {p}: no such file") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"--config {p}: not valid TOML ({e})") from None
+        data = {k.replace("-", "_"): v for k, v in data.items()}
+        unknown = sorted(set(data) - set(DEFAULTS))
+        if unknown:
+            raise ConfigError(f"{p}: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(DEFAULTS)}")
+        values.update(data)
+        cidr_given = "ssh_cidr" in data
+    for k, v in overrides.items():
+        if v is not None:
+            values[k] = v
+            cidr_given = cidr_given or k == "ssh_cidr"
+    key, secret = env.get("EXOSCALE_API_KEY"), env.get("EXOSCALE_API_SECRET")
+    if (not key or not secret) and require_credentials:
+        raise ConfigError("set EXOSCALE_API_KEY and EXOSCALE_API_SECRET (an Exoscale API key pair, "
+                          "as for the exo CLI)")
+    endpoint = env.get("EXOSCALE_API_ENDPOINT") or None
+    if endpoint:
+        u = urlparse(endpoint)
+        if u.scheme not in ("http", "https") or not u.hostname or u.path.rstrip("/") not in ("", "/v2"):
+            raise ConfigError(f"EXOSCALE_API_ENDPOINT {endpoint!r}: give a URL like https://HOST/v2 or http://127.0.0.1:8080/v2")
+    return _validate(values, key or "", Secret(secret) if secret else None, endpoint, cidr_given)
+
+
+def _validate(v: dict[str, Any], key: str, secret: Secret | None, endpoint: str | None, cidr_given: bool) -> ClusterConfig:
+    name = v["name"]
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ConfigError(f"name {name!r}: use 1-40 lower-case letters, digits and '-', starting and ending "
+                          f"with a letter or digit")
+    if v["zone"] not in ZONES:
+        raise ConfigError(f"zone {v['zone']!r} is not an Exoscale zone; valid: {', '.join(ZONES)}")
+    for k in ("instance_type", "template"):
+        if not isinstance(v[k], str) or not v[k].strip():
+            raise ConfigError(f"{k} must be a non-empty string")
+    if not isinstance(v["disk_size"], int) or not 10 <= v["disk_size"] <= 51200:
+        raise ConfigError(f"disk_size {v['disk_size']!r}: a whole number of GiB from 10 to 51200")
+    if not isinstance(v["nodes"], int) or not 1 <= v["nodes"] <= 100:
+        raise ConfigError(f"nodes {v['nodes']!r}: a whole number from 1 to 100")
+    try:
+        net = ipaddress.ip_network(v["ssh_cidr"], strict=False)
+    except (ValueError, TypeError):
+        raise ConfigError(f"ssh_cidr {v['ssh_cidr']!r} is not a CIDR like 203.0.113.7/32") from None
+    ssh_key = None
+    if v["ssh_key"]:
+        ssh_key = Path(str(v["ssh_key"])).expanduser()
+        if not ssh_key.is_file() or not Path(f"{ssh_key}.pub").is_file():
+            raise ConfigError(f"ssh_key {str(ssh_key)!r}: needs the private key and {ssh_key}.pub beside it")
+    labels = v["labels"]
+    if not isinstance(labels, dict):
+        raise ConfigError("labels must be a table of key = \"value\"")
+    for lk, lv in labels.items():
+        if lk in RESERVED_LABELS:
+            raise ConfigError(f"label {lk!r} is set by the toolkit; reserved: {', '.join(RESERVED_LABELS)}")
+        if not _LABEL_RE.match(str(lk)) or not isinstance(lv, str) or any(c.isspace() for c in lv):
+            raise ConfigError(f"label {lk!r} = {lv!r}: keys of letters, digits, '.', '_', '-'; values without spaces")
+    cmds = v["setup_commands"]
+    if not isinstance(cmds, list) or not all(isinstance(c, str) for c in cmds):
+        raise ConfigError("setup_commands must be a list of shell command strings")
+    return ClusterConfig(api_key=key, api_secret=secret, name=name, zone=v["zone"],
+                         instance_type=v["instance_type"], template=v["template"], disk_size=v["disk_size"],
+                         nodes=v["nodes"], ssh_key=ssh_key, ssh_cidr=str(net), ssh_cidr_given=cidr_given,
+                         labels={str(k): str(x) for k, x in labels.items()}, setup_commands=tuple(cmds),
+                         endpoint=endpoint)

@@ -1,0 +1,218 @@
+"""The same command or file on many nodes at once, over SSH through Fabric, a result per node.
+
+Partial failure is normal in a cluster: every call returns one NodeResult per node (the model is
+Fabric's Group), and the caller decides. Host keys are pinned when first seen into the cluster's
+known_hosts and checked on every later connection: a changed key is refused (never
+StrictHostKeyChecking=no, never Fabric's default AutoAddPolicy).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shlex
+import socket
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence, TextIO
+
+import paramiko
+from fabric import Config, Connection
+
+from cloud.state import NodeRecord
+
+log = logging.getLogger(__name__)
+
+
+class HostKeyChanged(Exception):
+    pass
+
+
+@dataclass
+class NodeResult:
+    node: NodeRecord
+    ok: bool
+    exit_code: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    error: str = ""          # why it failed, when it did
+
+    def summary(self) -> str:
+        if self.ok:
+            return "ok"
+        return self.error or f"exit code {self.exit_code}"
+
+
+class _PinOnFirstUse(paramiko.MissingHostKeyPolicy):
+    """Trust on first use: pin an unknown host's key into known_hosts (a changed one paramiko refuses)."""
+
+    _lock = threading.Lock()
+
+    def __init__(self, known_hosts: Path):
+        self.known_hosts = known_hosts
+
+    def missing_host_key(self, client, hostname, key):
+        with self._lock:
+            self.known_hosts.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.known_hosts, "a") as f:
+                f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+        log.info("pinned host key of %s (%s)", hostname, key.get_name())
+
+
+class _PrefixWriter(io.TextIOBase):
+    """Writes whole lines to `out`, each prefixed with the node's name."""
+
+    _lock = threading.Lock()
+
+    def __init__(self, prefix: str, out: TextIO):
+        self.prefix, self.out, self.buf = prefix, out, ""
+
+    def write(self, s: str) -> int:
+        self.buf += s
+        *lines, self.buf = self.buf.split("\n")
+        if lines:
+            with self._lock:
+                self.out.write("".join(f"{self.prefix} | {l}\n" for l in lines))
+                self.out.flush()
+        return len(s)
+
+    def flush(self) -> None:
+        if self.buf:
+            with self._lock:
+                self.out.write(f"{self.prefix} | {self.buf}\n")
+                self.out.flush()
+            self.buf = ""
+
+
+class Remote:
+    """SSH access to a cluster's nodes with one key and one known_hosts file."""
+
+    def __init__(self, key_path: Path, known_hosts: Path, connect_timeout: float = 10.0):
+        self.key_path = Path(key_path)
+        self.known_hosts = Path(known_hosts)
+        self.connect_timeout = connect_timeout
+
+    def connection(self, node: NodeRecord) -> Connection:
+        cfg = Config(overrides={"load_ssh_configs": False, "run": {"warn": True}})
+        conn = Connection(node.ip, user=node.user, config=cfg, connect_timeout=int(self.connect_timeout),
+                          connect_kwargs={"key_filename": str(self.key_path), "look_for_keys": False,
+                                          "allow_agent": False, "banner_timeout": self.connect_timeout,
+                                          "auth_timeout": self.connect_timeout})
+        conn.client = paramiko.SSHClient()  # instead of Fabric's default AutoAddPolicy client
+        if self.known_hosts.exists():
+            conn.client.load_host_keys(str(self.known_hosts))
+        conn.client.set_missing_host_key_policy(_PinOnFirstUse(self.known_hosts))
+        return conn
+
+    def _each(self, nodes: Sequence[NodeRecord], fn: Callable[[NodeRecord], NodeResult]) -> list[NodeResult]:
+        def guarded(node: NodeRecord) -> NodeResult:
+            try:
+                return fn(node)
+            except paramiko.BadHostKeyException:
+                return NodeResult(node, False, error=f"host key of {node.name} ({node.ip}) changed since it was "
+                                                     f"pinned in {self.known_hosts}; refused (possible "
+                                                     f"man-in-the-middle). If the node was really replaced, "
+                                                     f"run: exoscale.py forget-host {node.name}")
+            except (paramiko.AuthenticationException,) as e:
+                return NodeResult(node, False, error=f"SSH authentication as {node.user} failed: {e}")
+            except (paramiko.SSHException, socket.error, EOFError) as e:
+                return NodeResult(node, False, error=f"cannot reach sshd at {node.ip}:22 "
+                                                     f"({type(e).__name__}: {e or 'no answer'})")
+            except Exception as e:  # noqa: BLE001 - one node's surprise must not hide the others' results
+                return NodeResult(node, False, error=f"{type(e).__name__}: {e}")
+
+        if not nodes:
+            return []
+        with ThreadPoolExecutor(max_workers=min(32, len(nodes))) as pool:
+            return list(pool.map(guarded, nodes))
+
+    def run(self, nodes: Sequence[NodeRecord], command: str, sudo: bool = False, timeout: float | None = None,
+            stream: TextIO | None = None, env: dict[str, str] | None = None) -> list[NodeResult]:
+        """Run `command` on every node in parallel; with `stream`, output lines are prefixed by node name."""
+        def one(node: NodeRecord) -> NodeResult:
+            with self.connection(node) as c:
+                out = _PrefixWriter(node.name, stream) if stream else None
+                err = _PrefixWriter(node.name, stream) if stream else None
+                kwargs = dict(hide=True, warn=True, timeout=timeout, env=env or {}, in_stream=False)
+                if out:
+                    kwargs.update(out_stream=out, err_stream=err)
+                cmd = f"sudo -n sh -c {shlex.quote(command)}" if sudo else command
+                r = c.run(cmd, **kwargs)
+                if out:
+                    out.flush()
+                    err.flush()
+                return NodeResult(node, r.exited == 0, r.exited, r.stdout, r.stderr,
+                                  "" if r.exited == 0 else f"exit code {r.exited}")
+
+        return self._each(nodes, one)
+
+    def put(self, nodes: Sequence[NodeRecord], src: str | os.PathLike, dst: str) -> list[NodeResult]:
+        """Copy a file or a directory (recursively) to every node; `dst` is relative to the login home."""
+        src = Path(src)
+        if not src.exists():
+            raise FileNotFoundError(f"{src}: no such file or directory")
+        if src.is_dir():
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+                tar.add(src, arcname=".")
+            payload = buf.getvalue()
+
+        def one(node: NodeRecord) -> NodeResult:
+            with self.connection(node) as c:
+                if src.is_dir():
+                    tmp = f".raysweep-upload-{os.getpid()}-{threading.get_ident()}.tgz"
+                    c.put(io.BytesIO(payload), tmp)
+                    q = shlex.quote(dst)
+                    r = c.run(f"mkdir -p {q} && tar xzf {tmp} -C {q}; rc=$?; rm -f {tmp}; exit $rc",
+                              hide=True, warn=True, in_stream=False)
+                    if r.exited != 0:
+                        return NodeResult(node, False, r.exited, r.stdout, r.stderr,
+                                          f"unpacking into {dst} failed: {r.stderr.strip()[-200:]}")
+                else:
+                    parent = os.path.dirname(dst.rstrip("/"))
+                    if parent:
+                        c.run(f"mkdir -p {shlex.quote(parent)}", hide=True, warn=True, in_stream=False)
+                    c.put(str(src), dst)
+                return NodeResult(node, True, 0)
+
+        return self._each(nodes, one)
+
+    def wait_ssh(self, nodes: Sequence[NodeRecord], timeout: float = 300.0,
+                 on_ready: Callable[[NodeRecord], None] | None = None) -> list[NodeResult]:
+        """Wait until each node answers a real SSH command (pinning its host key on first contact)."""
+        def one(node: NodeRecord) -> NodeResult:
+            deadline = time.monotonic() + timeout
+            last = "no answer"
+            while time.monotonic() < deadline:
+                try:
+                    with socket.create_connection((node.ip, 22), timeout=3):
+                        pass
+                    with self.connection(node) as c:
+                        r = c.run("true", hide=True, warn=True, in_stream=False, timeout=30)
+                    if r.exited == 0:
+                        if on_ready:
+                            on_ready(node)
+                        return NodeResult(node, True, 0)
+                    last = f"exit code {r.exited}"
+                except paramiko.BadHostKeyException:
+                    raise
+                except (paramiko.SSHException, OSError, EOFError) as e:
+                    last = f"{type(e).__name__}: {e}"
+                time.sleep(1.0)
+            return NodeResult(node, False, error=f"SSH on {node.name} ({node.ip}) did not answer within "
+                                                 f"{timeout:g} s (last: {last})")
+
+        return self._each(nodes, one)
+
+
+def interactive_ssh_argv(node: NodeRecord, key_path: Path, known_hosts: Path, command: Sequence[str] = ()) -> list[str]:
+    """argv for an interactive login with the system's OpenSSH client, checking the pinned host key."""
+    return ["ssh", "-i", str(key_path), "-o", f"UserKnownHostsFile={known_hosts}", "-o", "StrictHostKeyChecking=yes",
+            "-o", "IdentitiesOnly=yes", "-o", "GlobalKnownHostsFile=/dev/null", f"{node.user}@{node.ip}", *command]

@@ -1,0 +1,108 @@
+"""The local cache of what `up` made: nodes, their addresses and roles, the SSH key, pinned host keys.
+
+The Exoscale API is the source of truth (provision.py finds everything by label and name); this
+cache lets scp/cmd/ssh work without an API call and keeps the host keys pinned on first contact.
+Layout of a cluster's state directory (mode 700):
+    state.json      nodes and cluster resources
+    id_ed25519(.pub) the cluster's own key pair, when no ssh_key is configured (private key 600)
+    known_hosts     host keys pinned when first seen, checked on every later connection
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class NodeRecord:
+    name: str
+    role: str            # head or worker
+    ip: str
+    id: str = ""
+    user: str = "ubuntu"
+    state: str = ""
+
+
+@dataclass
+class ClusterState:
+    name: str
+    nodes: list[NodeRecord] = field(default_factory=list)
+    security_group_id: str = ""
+    key_name: str = ""
+    source: str = "exoscale.py"  # or "terraform"
+
+    def head(self) -> NodeRecord | None:
+        return next((n for n in self.nodes if n.role == "head"), None)
+
+    def ordered(self) -> list[NodeRecord]:
+        """Head first, then workers by name: the numbering `ssh N` and `--node N` use."""
+        return sorted(self.nodes, key=lambda n: (n.role != "head", _natural(n.name)))
+
+
+def _natural(name: str):
+    import re
+
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+class StateStore:
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+
+    @property
+    def path(self) -> Path:
+        return self.dir / "state.json"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.dir / "known_hosts"
+
+    @property
+    def key_path(self) -> Path:
+        return self.dir / "id_ed25519"
+
+    def ensure_dir(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+
+    def load(self) -> ClusterState | None:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        nodes = [NodeRecord(**n) for n in data.pop("nodes", [])]
+        return ClusterState(nodes=nodes, **data)
+
+    def save(self, state: ClusterState) -> None:
+        self.ensure_dir()
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(state), indent=2) + "\n")
+        os.replace(tmp, self.path)
+
+    def ensure_key(self) -> Path:
+        """The cluster's own ed25519 key pair, made on first use; the private key is readable by the user only."""
+        self.ensure_dir()
+        if not self.key_path.exists():
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"raysweep-{self.dir.name}",
+                            "-f", str(self.key_path)], check=True)
+        os.chmod(self.key_path, 0o600)
+        return self.key_path
+
+    def forget_host(self, ip: str) -> None:
+        if self.known_hosts.exists():
+            lines = [l for l in self.known_hosts.read_text().splitlines() if l.split(" ", 1)[0] != ip]
+            self.known_hosts.write_text("".join(l + "\n" for l in lines))
+
+    def remove(self, keep_key: bool = False) -> None:
+        if not self.dir.exists():
+            return
+        if keep_key:
+            for p in (self.path, self.known_hosts):
+                p.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(self.dir)
