@@ -54,3 +54,41 @@ def driver(sim):
 
     return ExoscaleV2NodeDriver(SIM_KEY, SIM_SECRET, host=sim.host, port=sim.port, secure=False,
                                 retry=RetryPolicy(attempts=6, base_s=0.01, cap_s=0.05))
+
+
+@pytest.fixture(scope="module")
+def sim_hosts():
+    """An in-process Exoscale API sim whose instances boot as namespace hosts (needs root)."""
+    from cloud.sim.api import App, HTTPFaults, SimServer
+    from cloud.sim.hosts import HostHooks, missing_requirements
+    from cloud.sim.model import Faults, Model
+
+    missing = missing_requirements()
+    if missing:
+        pytest.skip(f"local VM hosts need {', '.join(missing)}")
+    hooks = HostHooks.create()  # also cleans stale hosts of crashed runs
+    model = Model(faults=Faults(op_delay_s=0.2), seed=7)
+    hooks.attach(model)
+    app = App(model, SIM_KEY, SIM_SECRET, HTTPFaults(seed=7), record=True)
+    server = SimServer(app).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        hooks.close()
+
+
+class ClusterCLI:
+    """Runs `python exoscale.py --name NAME ...` as a user would, against the sim."""
+
+    def __init__(self, sim, state_dir, name=None):
+        self.sim, self.state_dir = sim, state_dir
+        self.name = name or f"t{uuid.uuid4().hex[:8]}"
+        self.env = {"EXOSCALE_API_KEY": SIM_KEY, "EXOSCALE_API_SECRET": SIM_SECRET,
+                    "EXOSCALE_API_ENDPOINT": sim.endpoint, "RAYSWEEP_STATE_DIR": str(state_dir)}
+
+    def __call__(self, *args, timeout=300, check=None):
+        r = run_cli("exoscale.py", "--name", self.name, *args, timeout=timeout, env=self.env)
+        if check is not None:
+            assert r.returncode == check, f"exoscale.py {' '.join(args)} -> {r.returncode}\n{r.stdout}\n{r.stderr}"
+        return r

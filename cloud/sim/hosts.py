@@ -342,7 +342,7 @@ class HostHooks(InstanceHooks):
         for netns, text in rulesets.items():
             if os.path.exists(f"/run/netns/{netns}"):
                 r = _run("ip", "netns", "exec", netns, "nft", "-f", "-", input=text, check=False)
-                if r.returncode != 0:
+                if r.returncode != 0 and os.path.exists(f"/run/netns/{netns}"):  # not just torn down meanwhile
                     log.error("nft in %s failed: %s", netns, r.stderr.strip())
 
     def wait_ssh(self, ip: str, timeout: float = 30.0) -> None:
