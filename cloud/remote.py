@@ -84,6 +84,10 @@ class _PrefixWriter(io.TextIOBase):
         return len(s)
 
     def flush(self) -> None:
+        pass  # invoke flushes after every chunk; a partial line waits for its end or for finish()
+
+    def finish(self) -> None:
+        """Emit what is left of the last line (output that did not end with a newline)."""
         if self.buf:
             with self._lock:
                 self.out.write(f"{self.prefix} | {self.buf}\n")
@@ -146,8 +150,8 @@ class Remote:
                 cmd = f"sudo -n sh -c {shlex.quote(command)}" if sudo else command
                 r = c.run(cmd, **kwargs)
                 if out:
-                    out.flush()
-                    err.flush()
+                    out.finish()
+                    err.finish()
                 return NodeResult(node, r.exited == 0, r.exited, r.stdout, r.stderr,
                                   "" if r.exited == 0 else f"exit code {r.exited}")
 

@@ -1,0 +1,14 @@
+import io
+
+from cloud.remote import _PrefixWriter
+
+
+def test_partial_writes_and_flushes_make_whole_prefixed_lines():
+    out = io.StringIO()
+    w = _PrefixWriter("node-1", out)
+    for chunk in ["A", "", "B\nC", "D\n", "tail"]:
+        w.write(chunk)
+        w.flush()  # invoke flushes after every chunk
+    assert out.getvalue() == "node-1 | AB\nnode-1 | CD\n"
+    w.finish()
+    assert out.getvalue().endswith("node-1 | tail\n")
