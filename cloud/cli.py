@@ -8,6 +8,13 @@
     cmd "COMMAND"         on every node (or --node N) in parallel, output prefixed by node name
     forget-host N         drop node N's pinned host key (after a node was really replaced)
     import-terraform      use a cluster made with terraform/ (reads `terraform output -json`)
+    install               this machine's Python minor and Ray version (and the training program's
+                          packages) in ~/raysweep-env on every node; idempotent
+    start / stop          Ray on the nodes: the head (dashboard on 127.0.0.1), workers joining it
+    submit -- CMD...      run a driver command as a Ray job on the head, streaming its logs
+    logs JOB              re-attach to a job's logs
+    fetch PATH [DEST]     bring a file or directory from the head's home to this machine
+    dashboard             tunnel to Ray's dashboard and print its local URL
 """
 
 from __future__ import annotations
@@ -76,6 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--timeout", type=float, default=None)
     a = sub.add_parser("forget-host", help="drop a node's pinned host key")
     a.add_argument("node")
+    sub.add_parser("install", help="prepare the Python environment with Ray on every node")
+    sub.add_parser("start", help="start Ray on the nodes and wait until all are registered")
+    sub.add_parser("stop", help="stop Ray on every node")
+    a = sub.add_parser("submit", help="run a driver command as a Ray job on the head: submit -- CMD...")
+    a.add_argument("job_command", nargs=argparse.REMAINDER)
+    a.add_argument("--no-follow", action="store_true", help="print the job id and return")
+    a = sub.add_parser("logs", help="follow a job's logs")
+    a.add_argument("job_id")
+    a = sub.add_parser("fetch", help="bring a file or directory from the head's home here")
+    a.add_argument("path")
+    a.add_argument("dest", nargs="?", default=".")
+    sub.add_parser("dashboard", help="tunnel to Ray's dashboard and print its local URL")
     a = sub.add_parser("import-terraform", help="use a cluster made by terraform/")
     a.add_argument("--dir", default="terraform", help="the Terraform directory (runs `terraform output -json`)")
     a.add_argument("--output-json", help="or: a file holding the output of `terraform output -json`")
@@ -188,6 +207,106 @@ def _print_nodes(st: ClusterState) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
+def cmd_install(args) -> int:
+    cfg = _load(args, require_credentials=False)
+    from cloud import ray_cluster
+
+    results = ray_cluster.install(cfg, _printer())
+    return _report(results, "install")
+
+
+def cmd_start(args) -> int:
+    cfg = _load(args, require_credentials=False)
+    from cloud import ray_cluster
+
+    nodes = ray_cluster.start(cfg, _printer())
+    _print_ray(nodes)
+    return 0
+
+
+def cmd_stop(args) -> int:
+    cfg = _load(args, require_credentials=False)
+    from cloud import ray_cluster
+
+    return _report(ray_cluster.stop(cfg, _printer()), "stop")
+
+
+def cmd_submit(args) -> int:
+    command = [c for c in args.job_command if c != "--"] if args.job_command[:1] == ["--"] else args.job_command
+    if not command:
+        raise CLIError("give the command after --, e.g. submit -- python -m pipeline.mnist --address auto")
+    cfg = _load(args, require_credentials=False)
+    from cloud import ray_cluster
+
+    tunnel, port = ray_cluster.dashboard_tunnel(cfg)
+    try:
+        client = ray_cluster.job_client(port)
+        job_id = ray_cluster.submit(client, command)
+        print(f"submitted job {job_id}; it keeps running if this machine disconnects "
+              f"(re-attach: {PROG} logs {job_id})", file=sys.stderr)
+        if args.no_follow:
+            print(job_id)
+            return 0
+        status = ray_cluster.follow(client, job_id)
+    except KeyboardInterrupt:
+        print(f"\ndetached; the job keeps running. Re-attach: {PROG} logs {job_id}", file=sys.stderr)
+        return 130
+    finally:
+        tunnel.close()
+    print(f"job {job_id}: {status}", file=sys.stderr)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def cmd_logs(args) -> int:
+    cfg = _load(args, require_credentials=False)
+    from cloud import ray_cluster
+
+    tunnel, port = ray_cluster.dashboard_tunnel(cfg)
+    try:
+        status = ray_cluster.follow(ray_cluster.job_client(port), args.job_id)
+    except KeyboardInterrupt:
+        return 130
+    except RuntimeError as e:
+        raise CLIError(f"job {args.job_id}: {str(e).splitlines()[0][:300]}") from None
+    finally:
+        tunnel.close()
+    print(f"job {args.job_id}: {status}", file=sys.stderr)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def cmd_fetch(args) -> int:
+    cfg = _load(args, require_credentials=False)
+    from cloud import ray_cluster
+
+    target = ray_cluster.fetch(cfg, args.path, Path(args.dest))
+    print(f"{args.path} -> {target}", file=sys.stderr)
+    return 0
+
+
+def cmd_dashboard(args) -> int:
+    cfg = _load(args, require_credentials=False)
+    from cloud import ray_cluster
+
+    tunnel, port = ray_cluster.dashboard_tunnel(cfg)
+    token = StateStore(cfg.state_dir).dir / "ray_token"
+    print(f"Ray dashboard of cluster {cfg.name!r}: http://127.0.0.1:{port}  (token in {token}); Ctrl-C closes it",
+          flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        tunnel.close()
+
+
+def _print_ray(nodes: list[dict]) -> None:
+    alive = [n for n in nodes if n["alive"]]
+    print(f"Ray: {len(alive)} node(s) alive, {sum(n['cpus'] for n in alive):g} CPUs")
+    for n in sorted(nodes, key=lambda n: n["ip"]):
+        print(f"  {n['ip']:<16} {'alive' if n['alive'] else 'dead':<6} {n['cpus']:g} CPUs")
+
+
 def cmd_list(args) -> int:
     cfg = _load(args, require_credentials=False)
     if cfg.api_secret is not None:  # the API is the truth; the cache serves when there are no credentials
@@ -200,6 +319,12 @@ def cmd_list(args) -> int:
         print(f"cluster {cfg.name!r} has no nodes", file=sys.stderr)
         return 0
     _print_nodes(st)
+    from cloud import ray_cluster
+
+    try:
+        _print_ray(ray_cluster.ray_nodes(cfg))
+    except ray_cluster.RayClusterError as e:
+        print(f"Ray: not running ({str(e).splitlines()[0][:200]})")
     return 0
 
 
@@ -301,28 +426,32 @@ def state_from_terraform(outputs: dict, name: str) -> ClusterState:
 
 COMMANDS = {"up": cmd_up, "create": cmd_up, "down": cmd_down, "destroy": cmd_down, "list-nodes": cmd_list,
             "status": cmd_list, "ssh": cmd_ssh, "scp": cmd_scp, "cmd": cmd_cmd, "forget-host": cmd_forget_host,
-            "import-terraform": cmd_import_terraform}
+            "import-terraform": cmd_import_terraform, "install": cmd_install, "start": cmd_start,
+            "stop": cmd_stop, "submit": cmd_submit, "logs": cmd_logs, "fetch": cmd_fetch,
+            "dashboard": cmd_dashboard}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Our clusters require Ray's token; Ray reads this once, when first imported (by submit, logs, ...).
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+        logging.getLogger("ray").setLevel(logging.WARNING)
     try:
         return COMMANDS[args.command](args)
     except (CLIError, ConfigError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"\n{PROG}: interrupted; run the same command again to continue", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - API and network failures end as one line, not a traceback
-        from libcloud.common.types import LibcloudError
+    except Exception as e:  # noqa: BLE001 - API, network and Ray failures end as one line, not a traceback
         from libcloud.common.exceptions import BaseHTTPError
+        from libcloud.common.types import LibcloudError
 
-        if isinstance(e, (LibcloudError, BaseHTTPError)):
+        from cloud.ray_cluster import RayClusterError
+
+        if isinstance(e, (LibcloudError, BaseHTTPError, RayClusterError)):
             print(f"{PROG}: error: {e}", file=sys.stderr)
             return 1
         raise

@@ -35,6 +35,12 @@ DEFAULTS = {
     "ssh_cidr": "0.0.0.0/0",
     "labels": {},
     "setup_commands": [],
+    # how `install` prepares the nodes (defaults suit Exoscale's Ubuntu templates with internet access)
+    "uv_path": None,             # a uv binary already on the nodes; else uv's installer is fetched
+    "install_options": "",       # extra `uv pip install` options, e.g. "--index-url https://mirror/simple"
+    "install_env": {},           # environment for the install, e.g. { UV_CACHE_DIR = "/var/cache/uv" }
+    "ray_cpus": None,            # CPUs each node offers to Ray (default: all it has)
+    "ray_env": {},               # environment for `ray start`, e.g. { RAY_health_check_period_ms = "1000" }
 }
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -60,6 +66,11 @@ class ClusterConfig:
     ssh_cidr_given: bool = False
     labels: dict[str, str] = field(default_factory=dict)
     setup_commands: tuple[str, ...] = ()
+    uv_path: str | None = None
+    install_options: str = ""
+    install_env: dict[str, str] = field(default_factory=dict)
+    ray_cpus: int | None = None
+    ray_env: dict[str, str] = field(default_factory=dict)
     endpoint: str | None = None               # EXOSCALE_API_ENDPOINT
     state_root: Path = field(default_factory=lambda: default_state_root())
 
@@ -159,8 +170,17 @@ def _validate(v: dict[str, Any], key: str, secret: Secret | None, endpoint: str 
     cmds = v["setup_commands"]
     if not isinstance(cmds, list) or not all(isinstance(c, str) for c in cmds):
         raise ConfigError("setup_commands must be a list of shell command strings")
+    for k in ("install_env", "ray_env"):
+        if not isinstance(v[k], dict) or not all(isinstance(x, str) for x in v[k].values()):
+            raise ConfigError(f"{k} must be a table of NAME = \"value\" strings")
+    if v["ray_cpus"] is not None and (not isinstance(v["ray_cpus"], int) or v["ray_cpus"] < 1):
+        raise ConfigError(f"ray_cpus {v['ray_cpus']!r}: a whole number >= 1")
+    if not isinstance(v["install_options"], str) or (v["uv_path"] is not None and not isinstance(v["uv_path"], str)):
+        raise ConfigError("install_options and uv_path must be strings")
     return ClusterConfig(api_key=key, api_secret=secret, name=name, zone=v["zone"],
                          instance_type=v["instance_type"], template=v["template"], disk_size=v["disk_size"],
                          nodes=v["nodes"], ssh_key=ssh_key, ssh_cidr=str(net), ssh_cidr_given=cidr_given,
                          labels={str(k): str(x) for k, x in labels.items()}, setup_commands=tuple(cmds),
+                         uv_path=v["uv_path"], install_options=v["install_options"],
+                         install_env=dict(v["install_env"]), ray_cpus=v["ray_cpus"], ray_env=dict(v["ray_env"]),
                          endpoint=endpoint)

@@ -95,6 +95,26 @@ class _PrefixWriter(io.TextIOBase):
             self.buf = ""
 
 
+class _LineHandler(_PrefixWriter):
+    """Calls handler(line) for each whole line of output."""
+
+    def __init__(self, handler: Callable[[str], None]):
+        super().__init__("", io.StringIO())
+        self.handler = handler
+
+    def write(self, s: str) -> int:
+        self.buf += s
+        *lines, self.buf = self.buf.split("\n")
+        for line in lines:
+            self.handler(line)
+        return len(s)
+
+    def finish(self) -> None:
+        if self.buf:
+            self.handler(self.buf)
+            self.buf = ""
+
+
 class Remote:
     """SSH access to a cluster's nodes with one key and one known_hosts file."""
 
@@ -137,21 +157,29 @@ class Remote:
         with ThreadPoolExecutor(max_workers=min(32, len(nodes))) as pool:
             return list(pool.map(guarded, nodes))
 
-    def run(self, nodes: Sequence[NodeRecord], command: str, sudo: bool = False, timeout: float | None = None,
-            stream: TextIO | None = None, env: dict[str, str] | None = None) -> list[NodeResult]:
-        """Run `command` on every node in parallel; with `stream`, output lines are prefixed by node name."""
+    def run(self, nodes: Sequence[NodeRecord], command: str | Callable[[NodeRecord], str], sudo: bool = False,
+            timeout: float | None = None, stream: TextIO | None = None, env: dict[str, str] | None = None,
+            on_line: Callable[[NodeRecord, str], None] | None = None) -> list[NodeResult]:
+        """Run `command` (or command(node)) on every node in parallel; with `stream`, output lines are
+        written there prefixed by node name; with `on_line`, each stdout line is handed to it."""
         def one(node: NodeRecord) -> NodeResult:
             with self.connection(node) as c:
-                out = _PrefixWriter(node.name, stream) if stream else None
-                err = _PrefixWriter(node.name, stream) if stream else None
+                out = err = None
+                if stream:
+                    out, err = _PrefixWriter(node.name, stream), _PrefixWriter(node.name, stream)
+                elif on_line:
+                    out = _LineHandler(lambda line: on_line(node, line))
                 kwargs = dict(hide=True, warn=True, timeout=timeout, env=env or {}, in_stream=False)
                 if out:
-                    kwargs.update(out_stream=out, err_stream=err)
-                cmd = f"sudo -n sh -c {shlex.quote(command)}" if sudo else command
+                    kwargs["out_stream"] = out
+                if err:
+                    kwargs["err_stream"] = err
+                text = command(node) if callable(command) else command
+                cmd = f"sudo -n sh -c {shlex.quote(text)}" if sudo else text
                 r = c.run(cmd, **kwargs)
-                if out:
-                    out.finish()
-                    err.finish()
+                for w in (out, err):
+                    if w:
+                        w.finish()
                 return NodeResult(node, r.exited == 0, r.exited, r.stdout, r.stderr,
                                   "" if r.exited == 0 else f"exit code {r.exited}")
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from pipeline import tasks
 from pipeline.programs.fetch_data import MNIST_SHA256, MNIST_URL, check_npz
 
 NAMED = ("mnist", "mnist-5k")
@@ -33,7 +32,7 @@ class DataPlan:
 
 @dataclass(frozen=True)
 class Dataset:
-    data: tasks.DataObject
+    data: "tasks.DataObject"
     name: str          # what was used (mnist-5k when the default download fell back)
     note: str | None   # a line for the user, e.g. why it fell back
     train: int
@@ -53,6 +52,8 @@ def plan(spec: str) -> DataPlan:
 
 def produce(p: DataPlan, timeout: float | None = None) -> Dataset:
     """Make the dataset a data object in Ray (through one download task unless it is a local file)."""
+    from pipeline import tasks
+
     if p.local:
         n_train, n_test = check_npz(p.source)
         return Dataset(tasks.file(p.source), os.path.basename(p.source), None, n_train, n_test)

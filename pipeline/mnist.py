@@ -10,16 +10,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import os
 import socket
 import sys
 import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-import ray
-
-from pipeline import datasets, report, tasks
-from pipeline.sweep import Progress, ResultStore, SettingsMismatch, run_grid
+# Ray is imported only once the run is set up: it reads its authentication mode (RAY_AUTH_MODE) when
+# first imported, and a cluster run sets it first.
 
 DEFAULT_SIZES = "32,64,128,256"
 DEFAULT_DROPOUTS = "0.0,0.2,0.4,0.6,0.8"
@@ -87,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results", help="output directory (default results)")
     p.add_argument("--address", default=None, help="a Ray address (default: a local Ray)")
     p.add_argument("--cluster", default=None, help="run on this Exoscale cluster, through an SSH tunnel")
+    p.add_argument("--cluster-config", default=None, help="the cluster's cluster.toml, if it has one")
     p.add_argument("--program", default=None,
                    help="run the training program already present at this path on every node "
                         "(default: ship pipeline/programs/mnist.py with each task)")
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def validate(args: argparse.Namespace) -> tuple[list[int], list[float], datasets.DataPlan]:
+def validate(args: argparse.Namespace) -> tuple[list[int], list[float], "datasets.DataPlan"]:
     sizes = parse_sizes(args.sizes)
     drops = parse_dropouts(args.dropouts)
     if args.epochs <= 0:
@@ -112,6 +112,8 @@ def validate(args: argparse.Namespace) -> tuple[list[int], list[float], datasets
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {args.out!r} is a file; give a directory")
+    from pipeline import datasets
+
     try:
         plan = datasets.plan(args.data)
     except ValueError as e:
@@ -123,6 +125,8 @@ def validate(args: argparse.Namespace) -> tuple[list[int], list[float], datasets
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.cluster:
+        os.environ["RAY_AUTH_MODE"] = "token"  # the cluster requires its token; read by Ray at import
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         from cloud.ray_cluster import connect_address  # the only place pipeline reaches into cloud
 
         try:
-            tunnel, address = connect_address(args.cluster)
+            tunnel, address = connect_address(args.cluster, args.cluster_config)
         except Exception as e:  # noqa: BLE001 - any failure to reach the cluster is one line for the user
             print(f"pipeline.mnist: error: --cluster {args.cluster!r}: {e}", file=sys.stderr)
             return 2
@@ -144,10 +148,18 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args, sizes, drops, plan, address)
     finally:
         if tunnel is not None:
+            import ray
+
+            ray.shutdown()  # before the tunnel closes, or the client keeps trying to reconnect
             tunnel.close()
 
 
 def _run(args, sizes, drops, plan, address) -> int:
+    import ray
+
+    from pipeline import datasets, report, tasks
+    from pipeline.sweep import Progress, ResultStore, SettingsMismatch, run_grid
+
     started = time.monotonic()
     tasks.ensure_ray(address)
     program_arg: object
@@ -201,6 +213,12 @@ def _run(args, sizes, drops, plan, address) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted; finished trials are in {store.csv_path}", file=sys.stderr)
         return 130
+    except (ConnectionError, ray.exceptions.RaySystemError) as e:
+        where = f"cluster {args.cluster!r}" if args.cluster else f"Ray at {address or 'the local Ray'}"
+        print(f"pipeline.mnist: error: lost the connection to {where} (the head is unreachable: "
+              f"{str(e).splitlines()[0][:200]}); the {len(store.results)} finished trial(s) are in "
+              f"{store.csv_path}; run the same command again to resume", file=sys.stderr)
+        return 1
     wall = time.monotonic() - started
     store.meta["wall_seconds"] = round(wall, 2)
     store.meta["grid_seconds"] = round(time.monotonic() - grid_start, 2)  # first submission to last result

@@ -217,7 +217,10 @@ def run_grid(grid: Sequence[dict[str, Any]], submit: Callable[[dict[str, Any]], 
                 progress.update(done, failed, len(running))
     except BaseException:
         for r in running.values():
-            ray.cancel(r.task.info_ref, force=True)
+            try:
+                ray.cancel(r.task.info_ref, force=True)
+            except Exception:  # noqa: BLE001 - e.g. the head is gone; what finished is written already
+                break
         raise
     finally:
         if progress:
@@ -237,4 +240,5 @@ def _collect(r: _Running, parse: Callable[[str], float]) -> TrialResult:
         return TrialResult(r.params, "failed", error=f"bad output: {e}")
     except ray.exceptions.RayError as e:  # e.g. the node died more often than Ray retries
         return TrialResult(r.params, "failed", error=f"{type(e).__name__}: {str(e).splitlines()[0]}")
-    return TrialResult(r.params, "ok", value=value, seconds=round(info.seconds, 3), node=info.node_ip)
+    return TrialResult(r.params, "ok", value=value, seconds=round(info.seconds, 3), node=info.node_ip,
+                       attempts=info.attempt + 1)

@@ -30,12 +30,18 @@ __all__ = ["Execute", "DataObject", "FetchedData", "RunInfo", "ExecuteError", "b
 
 
 def ensure_ray(address: str | None = None) -> None:
-    """Connect to Ray unless connected: `address`, else RAY_ADDRESS, else a new local Ray."""
+    """Connect to Ray unless connected: `address`, else RAY_ADDRESS, else a new local Ray.
+
+    Through Ray Client (ray://...) this package is shipped to the cluster with the job, so the nodes
+    need only Ray and the programs' own dependencies installed."""
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": True}
-    if address is None and not os.environ.get("RAY_ADDRESS"):
-        kwargs["include_dashboard"] = False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict[str, Any] = {"logging_level": "WARNING"}
+    if address is None:
+        kwargs.update(include_dashboard=False, log_to_driver=True)
+    elif address.startswith("ray://"):
+        kwargs["runtime_env"] = {"py_modules": [str(Path(__file__).resolve().parent)]}
     ray.init(address=address, **kwargs)
 
 
@@ -134,6 +140,7 @@ class RunInfo:
     hostname: str
     seconds: float
     input_bytes_written: int          # bytes this task wrote to map its inputs (0 on cache hits)
+    attempt: int = 0                  # 0 on the first run; more when Ray re-ran it (e.g. a node was lost)
 
 
 def _random_name(data: DataObject) -> str:
@@ -199,8 +206,16 @@ def _run_spec(spec: _Spec, inputs: Sequence[np.ndarray]) -> list:
             cache.adopt(key, result.outputs[rel])  # a consumer on this node links it, writing nothing
         if result.stdout is not None:
             outputs.append(np.fromfile(result.stdout, dtype=np.uint8))
-    info = RunInfo(spec.name, worker.node_ip, worker.hostname, result.seconds, written)
+    info = RunInfo(spec.name, worker.node_ip, worker.hostname, result.seconds, written, _attempt())
     return [info, *outputs]
+
+
+def _attempt() -> int:
+    """Which run of this task this is (Ray re-runs a task whose worker or node died)."""
+    try:
+        return int(ray._private.worker.global_worker.core_worker.get_current_task_attempt_number())
+    except Exception:  # noqa: BLE001 - a private Ray API; without it every run counts as the first
+        return 0
 
 
 def _argv_names(spec: _Spec) -> set[str]:
