@@ -92,3 +92,37 @@ class ClusterCLI:
         if check is not None:
             assert r.returncode == check, f"exoscale.py {' '.join(args)} -> {r.returncode}\n{r.stdout}\n{r.stderr}"
         return r
+
+
+WHEELHOUSE = Path("/var/tmp/raysweep-wheelhouse")  # outside the hosts' private /tmp and /home
+
+
+@pytest.fixture(scope="session")
+def node_wheelhouse():
+    """What the sim offers its hosts instead of the internet: the nodes' packages as local wheels
+    (downloaded once per machine from the package index; hosts have no route out)."""
+    from cloud.ray_cluster import node_packages
+
+    WHEELHOUSE.mkdir(parents=True, exist_ok=True)
+    stamp = WHEELHOUSE / ".complete"
+    want = " ".join(node_packages())
+    if not stamp.exists() or stamp.read_text() != want:
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "-d", str(WHEELHOUSE), *node_packages()],
+                           capture_output=True, text=True, timeout=1800)
+        if r.returncode != 0:
+            pytest.skip(f"cannot fetch the nodes' wheels: {r.stderr.strip()[-300:]}")
+        stamp.write_text(want)
+    return WHEELHOUSE
+
+
+def sim_cluster_toml(path, name, wheelhouse, **extra):
+    """cluster.toml for a sim cluster whose nodes install from the offered wheelhouse and uv."""
+    uv = Path(sys.executable).parent / "uv"
+    lines = [f'name = "{name}"', f'uv_path = "{uv}"',
+             f'install_options = "--no-index --find-links {wheelhouse}"',
+             'install_env = { UV_CACHE_DIR = "/var/tmp/raysweep-uv-cache", UV_LINK_MODE = "copy" }',
+             "ray_cpus = 1", 'ssh_cidr = "0.0.0.0/0"',
+             'ray_env = { RAY_health_check_period_ms = "1000", RAY_health_check_failure_threshold = "3" }']
+    lines += [f"{k} = {v}" for k, v in extra.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
