@@ -251,13 +251,57 @@ def stop(cfg: ClusterConfig, progress: Progress) -> list[NodeResult]:
 # ----------------------------------------------------------------------------- driver connection
 
 class Tunnel:
-    """Local ports forwarded over SSH to ports on the head (as the head sees them)."""
+    """Local ports forwarded over SSH to ports on the head (as the head sees them).
 
-    def __init__(self, remote: Remote, head: NodeRecord):
+    A stalled path (a network partition) would leave Ray's client waiting forever on connections that
+    look open, so a watchdog asks the head for an SSH keepalive reply every `interval` seconds; after
+    `misses` unanswered ones it declares the head unreachable (`lost`) and closes the SSH transport,
+    which makes Ray's client fail instead of hang.
+    """
+
+    def __init__(self, remote: Remote, head: NodeRecord, interval: float = 5.0, misses: int = 3):
+        import threading
+
         self._stack = ExitStack()
         self._conn = remote.connection(head)
         self._stack.enter_context(self._conn)
+        self._conn.open()
         self.head = head
+        self.lost = False
+        self._closed = threading.Event()
+        threading.Thread(target=self._watch, args=(interval, misses), name="tunnel-watchdog", daemon=True).start()
+
+    def _answers(self, timeout: float) -> bool:
+        import threading
+
+        transport = self._conn.transport
+        if transport is None or not transport.is_active():
+            return False
+        replied = threading.Event()
+
+        def ask():
+            try:
+                transport.global_request("keepalive@openssh.com", wait=True)  # any reply proves liveness
+            except Exception:  # noqa: BLE001
+                return
+            replied.set()
+
+        threading.Thread(target=ask, daemon=True).start()
+        return replied.wait(timeout) and transport.is_active()
+
+    def _watch(self, interval: float, misses: int) -> None:
+        missed = 0
+        while not self._closed.wait(interval):
+            missed = 0 if self._answers(interval) else missed + 1
+            if missed >= misses:
+                log.warning("the head %s (%s) stopped answering over SSH; closing the tunnel", self.head.name,
+                            self.head.ip)
+                self.lost = True
+                try:
+                    self._conn.transport.close()
+                except Exception:  # noqa: BLE001
+                    pass
+                return
 
     def forward(self, remote_host: str, remote_port: int) -> int:
         with socket.socket() as s:
@@ -275,7 +319,11 @@ class Tunnel:
         raise RayClusterError(f"the SSH tunnel to {remote_host}:{remote_port} on {self.head.name} did not open")
 
     def close(self) -> None:
-        self._stack.close()
+        self._closed.set()
+        try:
+            self._stack.close()
+        except Exception:  # noqa: BLE001 - a tunnel to a lost head may not close cleanly
+            pass
 
 
 def check_versions(remote: Remote, head: NodeRecord) -> None:

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pipeline.mnist: error: --cluster {args.cluster!r}: {e}", file=sys.stderr)
             return 2
     try:
-        return _run(args, sizes, drops, plan, address)
+        return _run(args, sizes, drops, plan, address, tunnel)
     finally:
         if tunnel is not None:
             import ray
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             tunnel.close()
 
 
-def _run(args, sizes, drops, plan, address) -> int:
+def _run(args, sizes, drops, plan, address, tunnel=None) -> int:
     import ray
 
     from pipeline import datasets, report, tasks
@@ -215,9 +215,10 @@ def _run(args, sizes, drops, plan, address) -> int:
         return 130
     except (ConnectionError, ray.exceptions.RaySystemError) as e:
         where = f"cluster {args.cluster!r}" if args.cluster else f"Ray at {address or 'the local Ray'}"
-        print(f"pipeline.mnist: error: lost the connection to {where} (the head is unreachable: "
-              f"{str(e).splitlines()[0][:200]}); the {len(store.results)} finished trial(s) are in "
-              f"{store.csv_path}; run the same command again to resume", file=sys.stderr)
+        why = (f"its head {tunnel.head.ip} stopped answering over SSH" if tunnel is not None and tunnel.lost
+               else f"the head is unreachable: {str(e).splitlines()[0][:200]}")
+        print(f"pipeline.mnist: error: lost the connection to {where} ({why}); the {len(store.results)} "
+              f"finished trial(s) are in {store.csv_path}; run the same command again to resume", file=sys.stderr)
         return 1
     wall = time.monotonic() - started
     store.meta["wall_seconds"] = round(wall, 2)

@@ -155,6 +155,38 @@ def test_a_lost_worker_costs_no_trial(ray_cluster, sim_hosts, tmp_path):
     assert all(x["node"] != victim.ip for x in retried)
 
 
+def test_head_unreachable_mid_sweep_then_resume(ray_cluster, sim_hosts, tmp_path):
+    out = tmp_path / "res"
+    hooks = sim_hosts.app.model.hooks
+    head = nodes(ray_cluster)[0]
+    netns = next(h.netns for h in hooks.hosts.values() if h.ip == head.ip)
+    args = [sys.executable, "-m", "pipeline.mnist", "--cluster", ray_cluster.name, "--cluster-config",
+            str(ray_cluster.config), "--data", "mnist-5k", "--out", str(out), "--sizes", "32,64,128",
+            "--dropouts", "0.0,0.3"]
+    env = {**__import__("os").environ, **ray_cluster.env, "RAY_CLIENT_RECONNECT_GRACE_PERIOD": "5"}
+    proc = subprocess.Popen(args, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    deadline = time.monotonic() + 300
+    while not (out / "results.csv").exists() or len(list(csv.DictReader(open(out / "results.csv")))) < 1:
+        assert time.monotonic() < deadline and proc.poll() is None, "no trial finished"
+        time.sleep(0.3)
+    # a network partition between this machine and the head (the cluster itself is fine)
+    subprocess.run(["ip", "netns", "exec", netns, "nft", "insert", "rule", "inet", "exoscale", "input",
+                    "ip", "saddr", hooks.gateway, "drop"], check=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 1, stderr[-2000:]
+        assert "lost the connection to cluster" in stderr and "run the same command again to resume" in stderr
+        kept = list(csv.DictReader(open(out / "results.csv")))
+        assert 1 <= len(kept) < 6 and all(x["status"] == "ok" for x in kept)
+    finally:
+        hooks._apply_firewalls(hooks._firewalls())  # heal the partition
+    r = subprocess.run(args, cwd=ROOT, text=True, capture_output=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"reusing {len(kept)} finished trial(s)" in r.stderr
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 6 and all(x["status"] == "ok" for x in rows)
+
+
 def test_cluster_down_leaves_nothing(ray_cluster, sim_hosts):
     from tests.test_cluster_e2e import assert_nothing_left, hosts_of
 
