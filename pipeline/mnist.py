@@ -88,8 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", default=None, help="run on this Exoscale cluster, through an SSH tunnel")
     p.add_argument("--cluster-config", default=None, help="the cluster's cluster.toml, if it has one")
     p.add_argument("--program", default=None,
-                   help="run the training program already present at this path on every node "
+                   help="run the training program already present at this absolute path on every node "
                         "(default: ship pipeline/programs/mnist.py with each task)")
+    p.add_argument("--local-cpus", type=int, default=None,
+                   help="CPUs of the local Ray started when neither --address nor --cluster is given (default: all)")
     p.add_argument("--cpus", type=float, default=1, help="CPUs per trial (default 1)")
     p.add_argument("--timeout", type=float, default=None, help="seconds after which a trial is killed")
     p.add_argument("--seed", type=int, default=None, help="seed passed to every trial")
@@ -109,6 +111,11 @@ def validate(args: argparse.Namespace) -> tuple[list[int], list[float], "dataset
         raise UsageError(f"--timeout {args.timeout}: must be > 0 seconds")
     if args.address and args.cluster:
         raise UsageError("give --address or --cluster, not both")
+    if args.program is not None and not os.path.isabs(args.program):
+        raise UsageError(f"--program {args.program!r}: give an absolute path (tasks run in their own "
+                         f"directories), e.g. /home/ubuntu/mnist.py")
+    if args.local_cpus is not None and (args.local_cpus < 1 or args.address or args.cluster):
+        raise UsageError("--local-cpus takes a number >= 1 and applies only to a local Ray")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {args.out!r} is a file; give a directory")
@@ -161,6 +168,8 @@ def _run(args, sizes, drops, plan, address, tunnel=None) -> int:
     from pipeline.sweep import Progress, ResultStore, SettingsMismatch, run_grid
 
     started = time.monotonic()
+    if address is None and args.local_cpus:
+        ray.init(num_cpus=args.local_cpus, include_dashboard=False, logging_level="WARNING")
     tasks.ensure_ray(address)
     program_arg: object
     if args.program:

@@ -1,0 +1,113 @@
+"""Cluster benchmarks on the local Exoscale API with namespace hosts (needs root), in one run:
+
+1. cluster-up time (up + install + start, as `make cluster-up` runs them) for 1 vs 4 nodes.
+   Goal: time(4) / time(1) <= 1.5.
+2. The sweep's per-trial overhead on the 3-node sim cluster (through the SSH tunnel) vs on a local Ray
+   with as many CPUs: a grid of trials of a program that prints a number at once, so that what is
+   measured is the machinery, not the training. overhead per trial = makespan * slots / trials.
+   Goal: cluster / local <= 1.3.
+
+    python -m bench.cluster [--trials 24]
+"""
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from bench.common import report
+from cloud.sim.api import App, SimServer
+from cloud.sim.hosts import HostHooks, missing_requirements
+from cloud.sim.model import Faults, Model
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY, SECRET = "EXObench", "bench-secret-" + uuid.uuid4().hex
+QUICK_PROGRAM = "import sys; print(0.5)\n"
+
+
+def cli(env, *args, timeout=1800):
+    r = subprocess.run([sys.executable, "exoscale.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    if r.returncode != 0:
+        raise SystemExit(f"exoscale.py {' '.join(args)} failed:\n{r.stderr[-2000:]}")
+    return r
+
+
+def cluster_up(env, config, n):
+    """Seconds of make cluster-up's three steps: {"up": s, "install": s, "start": s}."""
+    phases = {}
+    for step in (["up", "-n", str(n)], ["install"], ["start"]):
+        t0 = time.perf_counter()
+        cli(env, "--config", str(config), *step)
+        phases[step[0]] = time.perf_counter() - t0
+    return phases
+
+
+def sweep_overhead(program, extra_args, env, out, trials):
+    sizes = ",".join(str(8 * (i + 1)) for i in range(trials // 2))
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "pipeline.mnist", "--data", "mnist-5k", "--sizes", sizes,
+                        "--dropouts", "0.0,0.5", "--program", program, "--fresh", "--out", str(out), *extra_args],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    if r.returncode != 0:
+        raise SystemExit(f"sweep failed:\n{r.stderr[-2000:]}")
+    doc = json.loads((out / "results.json").read_text())
+    return doc["grid_seconds"], time.perf_counter() - t0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--trials", type=int, default=24)
+    a = p.parse_args(argv)
+    if missing_requirements():
+        raise SystemExit(f"needs {', '.join(missing_requirements())}")
+    from tests.conftest import WHEELHOUSE, sim_cluster_toml
+
+    if not (WHEELHOUSE / ".complete").exists():
+        raise SystemExit(f"run the tests once first: they fill the nodes' wheelhouse {WHEELHOUSE}")
+    hooks = HostHooks.create()
+    model = Model(faults=Faults(op_delay_s=0.5))
+    hooks.attach(model)
+    server = SimServer(App(model, KEY, SECRET)).start()
+    work = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
+    env = {**os.environ, "EXOSCALE_API_KEY": KEY, "EXOSCALE_API_SECRET": SECRET,
+           "EXOSCALE_API_ENDPOINT": server.endpoint, "RAYSWEEP_STATE_DIR": str(work / "state")}
+    try:
+        c1 = sim_cluster_toml(work / "one.toml", "bench-one", WHEELHOUSE)
+        c4 = sim_cluster_toml(work / "four.toml", "bench-four", WHEELHOUSE)
+        t1 = cluster_up(env, c1, 1)
+        cli(env, "--config", str(c1), "down", "--yes")
+        t4 = cluster_up(env, c4, 4)
+        cli(env, "--config", str(c4), "down", "--yes")
+
+        c3 = sim_cluster_toml(work / "three.toml", "bench-three", WHEELHOUSE)
+        cluster_up(env, c3, 3)
+        # the quick program, already present on every node and here (--program PATH)
+        prog = work / "quick.py"
+        prog.write_text(QUICK_PROGRAM)
+        cli(env, "--config", str(c3), "scp", str(prog), "quick.py")  # -> /home/ubuntu/quick.py
+        cl_grid, _ = sweep_overhead("/home/ubuntu/quick.py", ["--cluster", "bench-three", "--cluster-config", str(c3)],
+                                    env, work / "cl", a.trials)
+        local_grid, _ = sweep_overhead(str(prog), ["--local-cpus", "3"], env, work / "lo", a.trials)
+        cli(env, "--config", str(c3), "down", "--yes")
+    finally:
+        server.stop()
+        hooks.close()
+    slots = 3
+    cl, lo = cl_grid * slots / a.trials, local_grid * slots / a.trials
+    phases = {f"{k}_1_vs_4_s": f"{t1[k]:.1f}/{t4[k]:.1f}" for k in t1}
+    t1, t4 = sum(t1.values()), sum(t4.values())
+    return report("cluster", up_1_node_s=t1, up_4_nodes_s=t4, up_ratio=t4 / t1, up_goal="<= 1.5", **phases,
+                  trials=a.trials, slots=slots, cluster_grid_s=cl_grid, local_grid_s=local_grid,
+                  cluster_overhead_s_per_trial=cl, local_overhead_s_per_trial=lo, overhead_ratio=cl / lo,
+                  overhead_goal="<= 1.3")
+
+
+if __name__ == "__main__":
+    main()
