@@ -39,6 +39,9 @@ def npz_files(tmp_path_factory):
     (["--data", "{npz}/garbage.npz"], "not a readable npz"),
     (["--data", "{npz}/lacks.npz"], "lacks x_test, y_test"),
     (["--address", "127.0.0.1:{port}"], "cannot reach Ray"),
+    (["--program", "relative/train.py"], "give an absolute path"),
+    (["--local-cpus", "0"], "--local-cpus"),
+    (["--address", "127.0.0.1:1", "--cluster", "x"], "not both"),
 ])
 def test_bad_options_one_line_before_any_work(args, expect, npz_files, tmp_path):
     args = [a.format(npz=npz_files, port=closed_port()) for a in args]
