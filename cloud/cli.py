@@ -247,12 +247,22 @@ def cmd_submit(args) -> int:
         if args.no_follow:
             print(job_id)
             return 0
+        return _follow(client, job_id)
+    finally:
+        tunnel.close()
+
+
+def _follow(client, job_id: str) -> int:
+    """Stream a job's logs to the end; 0 when it succeeded. Ctrl-C detaches (the job goes on)."""
+    from cloud import ray_cluster
+
+    try:
         status = ray_cluster.follow(client, job_id)
     except KeyboardInterrupt:
         print(f"\ndetached; the job keeps running. Re-attach: {PROG} logs {job_id}", file=sys.stderr)
         return 130
-    finally:
-        tunnel.close()
+    except RuntimeError as e:  # e.g. no such job
+        raise CLIError(f"job {job_id}: {str(e).splitlines()[0][:300]}") from None
     print(f"job {job_id}: {status}", file=sys.stderr)
     return 0 if status == "SUCCEEDED" else 1
 
@@ -263,15 +273,9 @@ def cmd_logs(args) -> int:
 
     tunnel, port = ray_cluster.dashboard_tunnel(cfg)
     try:
-        status = ray_cluster.follow(ray_cluster.job_client(port), args.job_id)
-    except KeyboardInterrupt:
-        return 130
-    except RuntimeError as e:
-        raise CLIError(f"job {args.job_id}: {str(e).splitlines()[0][:300]}") from None
+        return _follow(ray_cluster.job_client(port), args.job_id)
     finally:
         tunnel.close()
-    print(f"job {args.job_id}: {status}", file=sys.stderr)
-    return 0 if status == "SUCCEEDED" else 1
 
 
 def cmd_fetch(args) -> int:

@@ -273,20 +273,18 @@ class ExoscaleV2NodeDriver(NodeDriver):
         return images
 
     def ex_get_size(self, name_or_id: str) -> NodeSize:
-        sizes = self.list_sizes()
-        for s in sizes:
-            if name_or_id in (s.id, s.name):
-                return s
-        raise ValueError(f"unknown instance type {name_or_id!r} in {self.zone}; valid: "
-                         f"{', '.join(s.name for s in sizes)}")
+        return self._find(self.list_sizes(), name_or_id, "instance type")
 
     def ex_get_image(self, name_or_id: str) -> NodeImage:
-        images = self.list_images()
-        for i in images:
-            if name_or_id in (i.id, i.name):
-                return i
-        raise ValueError(f"unknown template {name_or_id!r} in {self.zone}; valid: "
-                         f"{', '.join(sorted({i.name for i in images}))}")
+        return self._find(self.list_images(), name_or_id, "template")
+
+    def _find(self, items: list, name_or_id: str, what: str):
+        """The item whose id or name is `name_or_id`, else a one-line error listing the valid names."""
+        for item in items:
+            if name_or_id in (item.id, item.name):
+                return item
+        raise ValueError(f"unknown {what} {name_or_id!r} in {self.zone}; valid: "
+                         f"{', '.join(sorted({i.name for i in items}))}")
 
     # ------------------------------------------------------------------------------------- nodes
 

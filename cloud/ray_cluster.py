@@ -188,6 +188,8 @@ def ray_nodes(cfg: ClusterConfig, remote: Remote | None = None, head: NodeRecord
         remote, st, _ = _remote(cfg)
         head = st.head()
     [r] = remote.run([head], _ray(f"python -c {shlex.quote(NODES_SNIPPET)}", cfg), timeout=60)
+    if r.exit_code == 127:
+        raise RayClusterError(f"Ray is not installed on the head {head.name}; run `exoscale.py install`")
     for line in r.stdout.splitlines():
         if line.startswith("RAYSWEEP_NODES "):
             return json.loads(line.split(" ", 1)[1])
@@ -343,36 +345,40 @@ def check_versions(remote: Remote, head: NodeRecord) -> None:
                               f"has Python {their_py} and Ray {their_ray}; run `exoscale.py install` to match")
 
 
-def connect_address(cluster: str, config_path: str | None = None) -> tuple[Tunnel, str]:
-    """Open a tunnel to cluster's Ray client port; return (tunnel, ray:// address) with the token set."""
-    from cloud import config as config_mod
-
-    cfg = config_mod.load(config_path, require_credentials=False, name=cluster)
-    try:
-        remote, st, store = _remote(cfg)
-    except RayClusterError as e:
-        raise RayClusterError(str(e)) from None
+def open_tunnel(cfg: ClusterConfig, remote_host: Callable[[NodeRecord], str], remote_port: int) -> tuple[Tunnel, int]:
+    """Check versions, open a tunnel to remote_host(head):remote_port on the head, and put the cluster's
+    token in this process's environment for Ray's clients; return (tunnel, local port)."""
+    remote, st, store = _remote(cfg)
     head = st.head()
     check_versions(remote, head)
     token_path = store.dir / "ray_token"
     if not token_path.exists():
-        raise RayClusterError(f"no Ray token for cluster {cluster!r}: run `exoscale.py start` first")
+        raise RayClusterError(f"no Ray token for cluster {cfg.name!r}: run `exoscale.py start` first")
     tunnel = Tunnel(remote, head)
     try:
-        port = tunnel.forward(head.ip, CLIENT_PORT)
+        port = tunnel.forward(remote_host(head), remote_port)
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ["RAY_AUTH_TOKEN"] = token_path.read_text().strip()
+        if "ray._raylet" in sys.modules:  # Ray was imported already: reload the token, check the mode
+            from ray._raylet import AuthenticationMode, AuthenticationTokenLoader, get_authentication_mode
+
+            AuthenticationTokenLoader.instance().reset_cache()
+            if get_authentication_mode() != AuthenticationMode.TOKEN:
+                raise RayClusterError("Ray was imported before RAY_AUTH_MODE=token was set, and it reads that "
+                                      "once; run with RAY_AUTH_MODE=token in the environment")
     except Exception:
         tunnel.close()
         raise
-    os.environ["RAY_AUTH_MODE"] = "token"
-    os.environ["RAY_AUTH_TOKEN"] = token_path.read_text().strip()
-    if "ray._raylet" in sys.modules:  # Ray was imported already: reload the token, check the mode
-        from ray._raylet import AuthenticationMode, AuthenticationTokenLoader, get_authentication_mode
+    return tunnel, port
 
-        AuthenticationTokenLoader.instance().reset_cache()
-        if get_authentication_mode() != AuthenticationMode.TOKEN:
-            tunnel.close()
-            raise RayClusterError("Ray was imported before RAY_AUTH_MODE=token was set, and it reads that once; "
-                                  "run with RAY_AUTH_MODE=token in the environment")
+
+def connect_address(cluster: str, config_path: str | None = None) -> tuple[Tunnel, str]:
+    """A tunnel to the cluster's Ray client port (as the head serves it on its own address) and the
+    ray:// address that reaches it, with the token set: what `pipeline.mnist --cluster` uses."""
+    from cloud import config as config_mod
+
+    cfg = config_mod.load(config_path, require_credentials=False, name=cluster)
+    tunnel, port = open_tunnel(cfg, lambda head: head.ip, CLIENT_PORT)
     return tunnel, f"ray://127.0.0.1:{port}"
 
 
@@ -384,20 +390,7 @@ JOB_EXCLUDES = [".venv", ".git", "results", "*.png", "__pycache__", ".pytest_cac
 
 def dashboard_tunnel(cfg: ClusterConfig) -> tuple[Tunnel, int]:
     """A tunnel to the head's dashboard (bound to 127.0.0.1 there), with the token set for Ray's clients."""
-    remote, st, store = _remote(cfg)
-    head = st.head()
-    check_versions(remote, head)
-    token_path = store.dir / "ray_token"
-    if not token_path.exists():
-        raise RayClusterError(f"no Ray token for cluster {cfg.name!r}: run `exoscale.py start` first")
-    os.environ["RAY_AUTH_MODE"] = "token"
-    os.environ["RAY_AUTH_TOKEN"] = token_path.read_text().strip()
-    tunnel = Tunnel(remote, head)
-    try:
-        return tunnel, tunnel.forward("127.0.0.1", DASHBOARD_PORT)
-    except Exception:
-        tunnel.close()
-        raise
+    return open_tunnel(cfg, lambda head: "127.0.0.1", DASHBOARD_PORT)
 
 
 def job_client(port: int):

@@ -116,8 +116,14 @@ def node_wheelhouse():
 
 
 def sim_cluster_toml(path, name, wheelhouse, **extra):
-    """cluster.toml for a sim cluster whose nodes install from the offered wheelhouse and uv."""
-    uv = Path(sys.executable).parent / "uv"
+    """cluster.toml for a sim cluster whose nodes install from the offered wheelhouse and uv (copied beside
+    the wheels: the hosts see this machine's files except /tmp, /home and /dev/shm, their own)."""
+    uv = Path(wheelhouse) / "uv"
+    src = Path(sys.executable).parent / "uv"
+    if not uv.exists() or uv.stat().st_size != src.stat().st_size:
+        tmp = uv.with_suffix(f".tmp{os.getpid()}")
+        shutil.copy2(src, tmp)
+        os.replace(tmp, uv)
     lines = [f'name = "{name}"', f'uv_path = "{uv}"',
              f'install_options = "--no-index --find-links {wheelhouse}"',
              'install_env = { UV_CACHE_DIR = "/var/tmp/raysweep-uv-cache", UV_LINK_MODE = "copy" }',
