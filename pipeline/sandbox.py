@@ -131,10 +131,14 @@ class Sandbox:
     directory holding only its inputs.
     """
 
-    def __init__(self, tmp_root: str | os.PathLike | None = None, prefix: str = "pipeline-task-"):
+    def __init__(self, tmp_root: str | os.PathLike | None = None, prefix: str = "pipeline-task-",
+                 stderr_file: BinaryIO | None = None):
+        """`stderr_file`: an open file to capture stderr in, emptied first (a worker reuses one for all
+        its tasks, which saves creating a file per task); by default a new unnamed file."""
         self.workdir = Path(tempfile.mkdtemp(prefix=prefix, dir=tmp_root))
         self._tmp_root = tmp_root
         self._files: list[BinaryIO] = []
+        self._stderr_file = stderr_file
 
     def __enter__(self) -> "Sandbox":
         return self
@@ -170,7 +174,12 @@ class Sandbox:
         The program inherits this process's environment, plus `program.env` when given.
         """
         env = None if program.env is None else {**os.environ, **program.env}
-        err = self._unnamed_file()
+        if self._stderr_file is not None:
+            err = self._stderr_file
+            err.seek(0)
+            err.truncate()
+        else:
+            err = self._unnamed_file()
         out = self._unnamed_file() if program.capture_stdout else subprocess.DEVNULL
         if isinstance(stdin, Path):
             stdin_arg = open(stdin, "rb")

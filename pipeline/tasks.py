@@ -15,6 +15,7 @@ import pickle
 import shlex
 import socket
 import sys
+import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -157,6 +158,7 @@ class _Worker:
     cache: NodeCache
     node_ip: str
     hostname: str
+    stderr_file: Any  # one unnamed file this worker captures every task's stderr in (a task at a time)
 
 
 _worker: _Worker | None = None
@@ -172,7 +174,7 @@ def _worker_setup() -> _Worker:
         if path.split(os.pathsep)[0] != bindir:
             os.environ["PATH"] = bindir + os.pathsep + path
         ip = ray.util.get_node_ip_address() if ray.is_initialized() else ""
-        _worker = _Worker(NodeCache(), ip, socket.gethostname())
+        _worker = _Worker(NodeCache(), ip, socket.gethostname(), tempfile.TemporaryFile())
     return _worker
 
 
@@ -193,7 +195,7 @@ def _run_spec(spec: _Spec, inputs: Sequence[np.ndarray]) -> list:
     program = ProgramRun(argv=argv, name=spec.name, shell=spec.shell,
                          env=dict(spec.env) if spec.env is not None else None, timeout=spec.timeout,
                          capture_stdout=spec.capture_stdout, output_paths=spec.output_paths)
-    with Sandbox(tmp_root=os.environ.get("PIPELINE_SANDBOX_DIR")) as box:
+    with Sandbox(tmp_root=os.environ.get("PIPELINE_SANDBOX_DIR"), stderr_file=worker.stderr_file) as box:
         for i, (rel, path) in enumerate(zip(spec.input_names, paths)):
             if spec.stdin == i and rel not in _argv_names(spec):
                 continue  # stdin-only data need no file in the directory
@@ -232,6 +234,8 @@ _options_cache: dict[tuple, Any] = {}
 
 
 def _remote_for(num_returns: int, cpus: float):
+    if num_returns == 1 and cpus == 1:  # the remote function's own defaults: no per-call option merging
+        return _execute_remote
     key = (num_returns, cpus)
     fn = _options_cache.get(key)
     if fn is None:

@@ -116,3 +116,17 @@ def test_readonly_leftovers_still_removed(tmp_path):
     with Sandbox(tmp_root=tmp_path) as box:
         box.run(ProgramRun(["sh", "-c", "mkdir d && touch d/f && chmod 000 d"]))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_reused_stderr_file_carries_nothing_over(tmp_path):
+    import tempfile
+
+    shared = tempfile.TemporaryFile()
+    with Sandbox(tmp_root=tmp_path, stderr_file=shared) as box:
+        with pytest.raises(ExecuteError, match="first-task-noise"):
+            box.run(ProgramRun(["sh", "-c", "echo first-task-noise >&2; exit 1"]))
+    with Sandbox(tmp_root=tmp_path, stderr_file=shared) as box:
+        with pytest.raises(ExecuteError) as ei:
+            box.run(ProgramRun(["sh", "-c", "echo second >&2; exit 2"]))
+    assert "second" in str(ei.value) and "first-task-noise" not in str(ei.value)
+    assert not shared.closed  # the worker's file outlives each sandbox
