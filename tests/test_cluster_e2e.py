@@ -93,16 +93,15 @@ def test_ssh_login_and_sudo(cluster):
 
 def test_only_port_22_from_outside_any_port_between_nodes(cluster):
     head, w1, _ = node_ips(cluster)
-    cluster("cmd", "--node", "0", "nohup python3 -m http.server 8265 --bind 0.0.0.0 >/dev/null 2>&1 & sleep 0.5",
-            check=0)
-    time.sleep(0.5)
+    cluster("cmd", "--node", "0", "nohup python3 -m http.server 8265 --bind 0.0.0.0 >/dev/null 2>&1 &", check=0)
+    r = cluster("cmd", "--node", "0", "for i in $(seq 1 40); do ss -Htln | grep -q ':8265 ' && break; sleep 0.25; done; "
+                "ss -Htln | grep ':8265 '", check=0)  # listening before we probe from outside
     with socket.create_connection((head, 22), timeout=3):
         pass
     with pytest.raises(OSError):
         socket.create_connection((head, 8265), timeout=2).close()
-    r = cluster("cmd", "--node", "1", f"curl -s -o /dev/null -w '%{{http_code}}' http://{head}:8265/ || "
-                f"python3 -c \"import urllib.request;print(urllib.request.urlopen('http://{head}:8265/').status)\"",
-                check=0)
+    probe = (f"python3 -c \"import urllib.request;print(urllib.request.urlopen('http://{head}:8265/').status)\"")
+    r = cluster("cmd", "--node", "1", f"for i in $(seq 1 20); do {probe} && break; sleep 0.5; done", check=0)
     assert "200" in r.stdout
 
 

@@ -108,3 +108,13 @@ def test_spec_is_located_without_importing_the_package():
 
     SpecValidator()
     assert "exoscale" not in sys.modules or not hasattr(sys.modules["exoscale"], "__path__")
+
+
+def test_random_faults_refuse_a_request_at_most_max_consecutive_times():
+    from cloud.sim.api import HTTPFaults
+
+    f = HTTPFaults(error_rate=1.0, seed=3, max_consecutive=3)
+    got = [f.pick("GET", "/zone") for _ in range(8)]
+    assert got[:3] == [got[0], got[1], got[2]] and all(got[:3]) and got[3] is None
+    assert all(got[4:7]) and got[7] is None  # a fresh streak after a success
+    assert f.pick("GET", "/instance") is not None  # streaks are per request

@@ -233,10 +233,12 @@ class HTTPFaults:
     latency_s: float = 0.0
     fail_next: list[tuple[int, str, str]] = field(default_factory=list)  # (status, METHOD or "", path prefix)
     seed: int | None = None
+    max_consecutive: int = 3  # random faults never refuse the same request more often than this in a row
 
     def __post_init__(self):
         self._rng = random.Random(self.seed)
         self._lock = threading.Lock()
+        self._streak: dict[tuple[str, str], int] = {}
 
     def pick(self, method: str, path: str) -> int | None:
         with self._lock:
@@ -244,8 +246,12 @@ class HTTPFaults:
                 if m in ("", method) and path.startswith(prefix):
                     del self.fail_next[i]
                     return status
-            if self.error_rate and self._rng.random() < self.error_rate:
+            key = (method, path)
+            if (self.error_rate and self._streak.get(key, 0) < self.max_consecutive
+                    and self._rng.random() < self.error_rate):
+                self._streak[key] = self._streak.get(key, 0) + 1
                 return self._rng.choice(self.error_codes)
+            self._streak.pop(key, None)
         return None
 
 
