@@ -7,12 +7,13 @@ cluster instead of duplicating it.
 
 from __future__ import annotations
 
-import hashlib
 import base64
+import hashlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from libcloud.compute.base import Node
@@ -72,9 +73,7 @@ class UpResult:
     failed: dict[str, str] = field(default_factory=dict)
 
 
-def ensure_key(driver, cfg: ClusterConfig, store: StateStore, progress: Progress) -> tuple[str, "Path"]:
-    from pathlib import Path
-
+def ensure_key(driver, cfg: ClusterConfig, store: StateStore, progress: Progress) -> tuple[str, Path]:
     private = cfg.ssh_key or store.ensure_key()
     public = Path(f"{private}.pub").read_text().strip()
     name = resource_name(cfg.name)

@@ -26,6 +26,17 @@ def ray_local(tmp_path_factory):
     ray.shutdown()
 
 
+def free_port() -> int:
+    """A loopback TCP port nobody listens on (right now)."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
 def run_cli(*args, cwd=None, timeout=600, env=None):
     """Run `python -m ...` as a user would; return CompletedProcess (text)."""
     return subprocess.run([sys.executable, *args], cwd=cwd or ROOT, capture_output=True, text=True,

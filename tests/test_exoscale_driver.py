@@ -15,7 +15,7 @@ from libcloud.compute.types import NodeState
 import cloud
 from cloud.exoscale_driver import ExoscaleAPIError, ExoscaleOperationError, ExoscaleV2NodeDriver, RetryPolicy
 from cloud.sim.api import SpecValidator
-from tests.conftest import SIM_KEY, SIM_SECRET
+from tests.conftest import SIM_KEY, SIM_SECRET, free_port
 
 PUBKEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEx4T9rWfyvyDnXcx2ZpUGJ6ck9xeSBzw1xP9tBMwdl1 test@host"
 UBUNTU = "Linux Ubuntu 24.04 LTS 64-bit"
@@ -170,13 +170,7 @@ def test_failed_operation_reports_the_half_made_instance(driver, sim):
 
 
 def test_unreachable_api_is_one_clear_error():
-    import socket
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    d = ExoscaleV2NodeDriver(SIM_KEY, SIM_SECRET, host="127.0.0.1", port=port, secure=False,
+    d = ExoscaleV2NodeDriver(SIM_KEY, SIM_SECRET, host="127.0.0.1", port=free_port(), secure=False,
                              retry=RetryPolicy(attempts=2, base_s=0.01))
     with pytest.raises(LibcloudError, match="cannot reach the Exoscale API"):
         d.list_nodes()

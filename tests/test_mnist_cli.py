@@ -2,21 +2,12 @@
 
 import csv
 import json
-import socket
 import time
 
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, run_cli
-
-
-def closed_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+from tests.conftest import ROOT, free_port, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +35,7 @@ def npz_files(tmp_path_factory):
     (["--address", "127.0.0.1:1", "--cluster", "x"], "not both"),
 ])
 def test_bad_options_one_line_before_any_work(args, expect, npz_files, tmp_path):
-    args = [a.format(npz=npz_files, port=closed_port()) for a in args]
+    args = [a.format(npz=npz_files, port=free_port()) for a in args]
     t0 = time.monotonic()
     r = run_cli("-m", "pipeline.mnist", "--out", str(tmp_path / "out"), *args, timeout=120)
     assert r.returncode == 2, r.stderr

@@ -3,6 +3,7 @@ machine through the SSH tunnel, privacy of Ray's ports, version checks, jobs, an
 
 import csv
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -20,7 +21,7 @@ pytestmark = [pytest.mark.root, pytest.mark.tensorflow]
 
 def make(target, cli, config, timeout=900, **vars_):
     args = ["make", "-C", str(ROOT), target, f"CONFIG={config}"] + [f"{k}={v}" for k, v in vars_.items()]
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env={**__import__("os").environ, **cli.env})
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env={**os.environ, **cli.env})
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +131,7 @@ def test_a_lost_worker_costs_no_trial(ray_cluster, sim_hosts, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.mnist", "--cluster", ray_cluster.name,
                              "--cluster-config", str(ray_cluster.config), "--data", "mnist-5k", "--out", str(out),
                              "--sizes", "32,64,128", "--dropouts", "0.0,0.3"], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**__import__("os").environ, **ray_cluster.env})
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **ray_cluster.env})
     rem = remote(ray_cluster)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:  # wait until a trial runs on the victim
@@ -163,7 +164,7 @@ def test_head_unreachable_mid_sweep_then_resume(ray_cluster, sim_hosts, tmp_path
     args = [sys.executable, "-m", "pipeline.mnist", "--cluster", ray_cluster.name, "--cluster-config",
             str(ray_cluster.config), "--data", "mnist-5k", "--out", str(out), "--sizes", "32,64,128",
             "--dropouts", "0.0,0.3"]
-    env = {**__import__("os").environ, **ray_cluster.env, "RAY_CLIENT_RECONNECT_GRACE_PERIOD": "5"}
+    env = {**os.environ, **ray_cluster.env, "RAY_CLIENT_RECONNECT_GRACE_PERIOD": "5"}
     proc = subprocess.Popen(args, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + 300
     while not (out / "results.csv").exists() or len(list(csv.DictReader(open(out / "results.csv")))) < 1:

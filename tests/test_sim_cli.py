@@ -8,15 +8,7 @@ import sys
 import time
 
 from cloud.exoscale_driver import ExoscaleV2NodeDriver
-from tests.conftest import ROOT
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+from tests.conftest import ROOT, free_port
 
 
 def test_serves_until_stopped():
