@@ -183,7 +183,7 @@ def cmd_down(args) -> int:
         print(f"cluster {cfg.name!r}: nothing to remove", file=sys.stderr)
         return 0
     if not args.yes:
-        if not sys.stdin.isatty():
+        if sys.stdin is None or not sys.stdin.isatty():  # no terminal to ask on (CI, cron, a pipe)
             raise CLIError(f"would remove {', '.join(what)}; refusing without --yes (stdin is not a terminal)")
         answer = input(f"Remove {', '.join(what)} of cluster {cfg.name!r}? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
@@ -456,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         from cloud.ray_cluster import RayClusterError
 
         if isinstance(e, (LibcloudError, BaseHTTPError, RayClusterError)):
-            print(f"{PROG}: error: {e}", file=sys.stderr)
+            text = e.value if isinstance(e, LibcloudError) else str(e)  # libcloud's str() wraps it in a repr
+            print(f"{PROG}: error: {text}", file=sys.stderr)
             return 1
         raise

@@ -40,7 +40,7 @@ def free_port() -> int:
 def run_cli(*args, cwd=None, timeout=600, env=None):
     """Run `python -m ...` as a user would; return CompletedProcess (text)."""
     return subprocess.run([sys.executable, *args], cwd=cwd or ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+                          timeout=timeout, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
 
 
 SIM_KEY = "EXOtest0123456789abcdef01"

@@ -55,3 +55,15 @@ def test_credentials_required_unless_only_ssh():
 def test_bad_endpoint():
     with pytest.raises(ConfigError, match="EXOSCALE_API_ENDPOINT"):
         config.load(env={**ENV, "EXOSCALE_API_ENDPOINT": "ftp://x/v9"})
+
+
+def test_unreachable_api_is_one_line_from_the_cli():
+    from tests.conftest import free_port, run_cli
+
+    env = {"EXOSCALE_API_KEY": "EXOk", "EXOSCALE_API_SECRET": "s3cret",
+           "EXOSCALE_API_ENDPOINT": f"http://127.0.0.1:{free_port()}/v2", "RAYSWEEP_STATE_DIR": "/nonexistent-state"}
+    r = run_cli("exoscale.py", "--name", "x", "down", env=env, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"exoscale.py: error: GET /instance: ConnectionError: cannot reach the Exoscale API at " \
+                               f"127.0.0.1:{env['EXOSCALE_API_ENDPOINT'].split(':')[2].split('/')[0]}"
+    assert "s3cret" not in r.stderr
