@@ -195,9 +195,10 @@ def _run_spec(spec: _Spec, inputs: Sequence[np.ndarray]) -> list:
     program = ProgramRun(argv=argv, name=spec.name, shell=spec.shell,
                          env=dict(spec.env) if spec.env is not None else None, timeout=spec.timeout,
                          capture_stdout=spec.capture_stdout, output_paths=spec.output_paths)
+    in_argv = _argv_names(spec)
     with Sandbox(tmp_root=os.environ.get("PIPELINE_SANDBOX_DIR"), stderr_file=worker.stderr_file) as box:
         for i, (rel, path) in enumerate(zip(spec.input_names, paths)):
-            if spec.stdin == i and rel not in _argv_names(spec):
+            if spec.stdin == i and rel not in in_argv:
                 continue  # stdin-only data need no file in the directory
             box.map_input(rel, path)
         stdin = paths[spec.stdin] if spec.stdin is not None else None
