@@ -66,41 +66,11 @@ class _PinOnFirstUse(paramiko.MissingHostKeyPolicy):
         log.info("pinned host key of %s (%s)", hostname, key.get_name())
 
 
-class _PrefixWriter(io.TextIOBase):
-    """Writes whole lines to `out`, each prefixed with the node's name."""
-
-    _lock = threading.Lock()
-
-    def __init__(self, prefix: str, out: TextIO):
-        self.prefix, self.out, self.buf = prefix, out, ""
-
-    def write(self, s: str) -> int:
-        self.buf += s
-        *lines, self.buf = self.buf.split("\n")
-        if lines:
-            with self._lock:
-                self.out.write("".join(f"{self.prefix} | {l}\n" for l in lines))
-                self.out.flush()
-        return len(s)
-
-    def flush(self) -> None:
-        pass  # invoke flushes after every chunk; a partial line waits for its end or for finish()
-
-    def finish(self) -> None:
-        """Emit what is left of the last line (output that did not end with a newline)."""
-        if self.buf:
-            with self._lock:
-                self.out.write(f"{self.prefix} | {self.buf}\n")
-                self.out.flush()
-            self.buf = ""
-
-
-class _LineHandler(_PrefixWriter):
-    """Calls handler(line) for each whole line of output."""
+class _Lines(io.TextIOBase):
+    """A stream that hands each whole line written to it to `handler` (the last partial line at finish())."""
 
     def __init__(self, handler: Callable[[str], None]):
-        super().__init__("", io.StringIO())
-        self.handler = handler
+        self.handler, self.buf = handler, ""
 
     def write(self, s: str) -> int:
         self.buf += s
@@ -109,10 +79,27 @@ class _LineHandler(_PrefixWriter):
             self.handler(line)
         return len(s)
 
+    def flush(self) -> None:
+        pass  # invoke flushes after every chunk; a partial line waits for its end or for finish()
+
     def finish(self) -> None:
+        """Hand over what is left of the last line (output that did not end with a newline)."""
         if self.buf:
             self.handler(self.buf)
             self.buf = ""
+
+
+_out_lock = threading.Lock()
+
+
+def _prefixed_lines(prefix: str, out: TextIO) -> _Lines:
+    """Whole lines to `out`, each prefixed with the node's name (never interleaved within a line)."""
+    def write(line: str) -> None:
+        with _out_lock:
+            out.write(f"{prefix} | {line}\n")
+            out.flush()
+
+    return _Lines(write)
 
 
 class Remote:
@@ -166,9 +153,9 @@ class Remote:
             with self.connection(node) as c:
                 out = err = None
                 if stream:
-                    out, err = _PrefixWriter(node.name, stream), _PrefixWriter(node.name, stream)
+                    out, err = _prefixed_lines(node.name, stream), _prefixed_lines(node.name, stream)
                 elif on_line:
-                    out = _LineHandler(lambda line: on_line(node, line))
+                    out = _Lines(lambda line: on_line(node, line))
                 kwargs = dict(hide=True, warn=True, timeout=timeout, env=env or {}, in_stream=False)
                 if out:
                     kwargs["out_stream"] = out

@@ -1,11 +1,11 @@
 import io
 
-from cloud.remote import _PrefixWriter
+from cloud.remote import _prefixed_lines
 
 
 def test_partial_writes_and_flushes_make_whole_prefixed_lines():
     out = io.StringIO()
-    w = _PrefixWriter("node-1", out)
+    w = _prefixed_lines("node-1", out)
     for chunk in ["A", "", "B\nC", "D\n", "tail"]:
         w.write(chunk)
         w.flush()  # invoke flushes after every chunk
