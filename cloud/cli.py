@@ -106,15 +106,6 @@ def _load(args, require_credentials: bool = True, **overrides) -> ClusterConfig:
     return config_mod.load(args.config, require_credentials=require_credentials, name=args.name, **overrides)
 
 
-def _key_path(cfg: ClusterConfig, store: StateStore) -> Path:
-    if cfg.ssh_key:
-        return cfg.ssh_key
-    imported = store.dir / "ssh_key_path"
-    if imported.exists():
-        return Path(imported.read_text().strip())
-    return store.key_path
-
-
 def _state(cfg: ClusterConfig) -> ClusterState:
     """The cached state, refreshed from the API when there is none and credentials are set."""
     store = StateStore(cfg.state_dir)
@@ -149,8 +140,8 @@ def cmd_up(args) -> int:
     from cloud import provision
 
     if not cfg.ssh_cidr_given:
-        print(f"warning: SSH (port 22) will be open to 0.0.0.0/0; set ssh_cidr in cluster.toml "
-              f"(e.g. your address/32) to narrow it", file=sys.stderr)
+        print("warning: SSH (port 22) will be open to 0.0.0.0/0; set ssh_cidr in cluster.toml "
+              "(e.g. your address/32) to narrow it", file=sys.stderr)
     progress = _printer()
     try:
         res = provision.up(cfg.driver(), cfg, progress=progress)
@@ -335,7 +326,7 @@ def cmd_list(args) -> int:
 def _remote(cfg: ClusterConfig) -> tuple[Remote, ClusterState]:
     st = _state(cfg)
     store = StateStore(cfg.state_dir)
-    return Remote(_key_path(cfg, store), store.known_hosts), st
+    return Remote(store.private_key(cfg.ssh_key), store.known_hosts), st
 
 
 def _report(results, verb: str) -> int:
@@ -379,7 +370,7 @@ def cmd_ssh(args) -> int:
     [pin] = remote.wait_ssh([node], timeout=30)  # pins the host key on first contact, refuses a changed one
     if not pin.ok:
         raise CLIError(pin.error)
-    argv = interactive_ssh_argv(node, _key_path(cfg, store), store.known_hosts, args.remote_command)
+    argv = interactive_ssh_argv(node, store.private_key(cfg.ssh_key), store.known_hosts, args.remote_command)
     sys.stdout.flush()
     os.execvp(argv[0], argv)
 
@@ -410,7 +401,7 @@ def cmd_import_terraform(args) -> int:
         raise CLIError(f"--ssh-key {key}: no such file")
     store = StateStore(cfg.state_dir)
     store.save(st)
-    (store.dir / "ssh_key_path").write_text(str(key.resolve()) + "\n")
+    store.record_imported_key(key)
     _print_nodes(st)
     print(f"cluster {cfg.name!r} imported from Terraform; scp, cmd and ssh now work on it", file=sys.stderr)
     return 0

@@ -27,7 +27,6 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Callable, Sequence
@@ -124,9 +123,7 @@ def _remote(cfg: ClusterConfig) -> tuple[Remote, ClusterState, StateStore]:
     if st is None or not st.nodes:
         raise RayClusterError(f"no nodes known for cluster {cfg.name!r} (state in {store.dir}); "
                               f"run `exoscale.py up` first")
-    key = cfg.ssh_key or (Path((store.dir / "ssh_key_path").read_text().strip())
-                          if (store.dir / "ssh_key_path").exists() else store.key_path)
-    return Remote(key, store.known_hosts), st, store
+    return Remote(store.private_key(cfg.ssh_key), store.known_hosts), st, store
 
 
 def install(cfg: ClusterConfig, progress: Progress) -> list[NodeResult]:

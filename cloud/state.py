@@ -5,6 +5,7 @@ cache lets scp/cmd/ssh work without an API call and keeps the host keys pinned o
 Layout of a cluster's state directory (mode 700):
     state.json      nodes and cluster resources
     id_ed25519(.pub) the cluster's own key pair, when no ssh_key is configured (private key 600)
+    ssh_key_path    the private key given to import-terraform, for a Terraform-made cluster
     known_hosts     host keys pinned when first seen, checked on every later connection
 """
 
@@ -65,6 +66,20 @@ class StateStore:
     @property
     def key_path(self) -> Path:
         return self.dir / "id_ed25519"
+
+    def private_key(self, configured: Path | None = None) -> Path:
+        """The key SSH uses for this cluster: the configured ssh_key, else the one recorded by
+        import-terraform, else the cluster's own key pair."""
+        if configured:
+            return configured
+        imported = self.dir / "ssh_key_path"
+        if imported.exists():
+            return Path(imported.read_text().strip())
+        return self.key_path
+
+    def record_imported_key(self, path: Path) -> None:
+        self.ensure_dir()
+        (self.dir / "ssh_key_path").write_text(str(path.resolve()) + "\n")
 
     def ensure_dir(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
