@@ -13,9 +13,7 @@ import logging
 import os
 import shlex
 import socket
-import sys
 import tarfile
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor

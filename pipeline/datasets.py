@@ -12,8 +12,12 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.programs.fetch_data import MNIST_SHA256, MNIST_URL, check_npz
+
+if TYPE_CHECKING:  # imported lazily: pipeline.tasks imports Ray
+    from pipeline import tasks
 
 NAMED = ("mnist", "mnist-5k")
 

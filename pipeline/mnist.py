@@ -15,7 +15,11 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    from pipeline import datasets
 
 # Ray is imported only once the run is set up: it reads its authentication mode (RAY_AUTH_MODE) when
 # first imported, and a cluster run sets it first.

@@ -1,7 +1,6 @@
 """The cluster workflow end to end: exoscale.py against the local Exoscale API whose instances are
 real hosts on this machine (network namespaces with sshd), reached over SSH."""
 
-import json
 import socket
 import subprocess
 import time

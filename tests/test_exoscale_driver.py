@@ -1,7 +1,6 @@
 """The Exoscale v2 libcloud driver against the local API, which checks every request against the spec."""
 
 import base64
-import json
 import logging
 import pickle
 import threading

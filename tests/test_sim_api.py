@@ -1,9 +1,6 @@
 """The local Exoscale API itself: its signature check against Exoscale's reference signer and the
 documented example, and its spec checks."""
 
-import base64
-import hashlib
-import hmac
 import json
 import time
 
@@ -11,7 +8,7 @@ import pytest
 import requests
 from exoscale_auth import ExoscaleV2Auth
 
-from cloud.sim.api import AuthError, SpecError, SpecValidator, signature_message, verify_signature
+from cloud.sim.api import AuthError, SpecValidator, signature_message, verify_signature
 from tests.conftest import SIM_KEY, SIM_SECRET
 
 DOC_PATH = "/v2/resource/a02baf5a-a3e4-49a0-857b-8a08d276c1c0"
