@@ -172,9 +172,7 @@ def _run(args, sizes, drops, plan, address, tunnel=None) -> int:
     from pipeline.sweep import Progress, ResultStore, SettingsMismatch, run_grid
 
     started = time.monotonic()
-    if address is None and args.local_cpus:
-        ray.init(num_cpus=args.local_cpus, include_dashboard=False, logging_level="WARNING")
-    tasks.ensure_ray(address)
+    tasks.ensure_ray(address, num_cpus=args.local_cpus)
     program_arg: object
     if args.program:
         program_arg = args.program

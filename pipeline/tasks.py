@@ -30,8 +30,9 @@ from pipeline.sandbox import ExecuteError, ProgramRun, Sandbox, check_relpath
 __all__ = ["Execute", "DataObject", "FetchedData", "RunInfo", "ExecuteError", "blob", "file", "ensure_ray"]
 
 
-def ensure_ray(address: str | None = None) -> None:
-    """Connect to Ray unless connected: `address`, else RAY_ADDRESS, else a new local Ray.
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to Ray unless connected: `address`, else RAY_ADDRESS, else a new local Ray (with
+    `num_cpus` CPUs when given, else all of this machine's).
 
     Through Ray Client (ray://...) this package is shipped to the cluster with the job, so the nodes
     need only Ray and the programs' own dependencies installed."""
@@ -40,7 +41,7 @@ def ensure_ray(address: str | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict[str, Any] = {"logging_level": "WARNING"}
     if address is None:
-        kwargs.update(include_dashboard=False, log_to_driver=True)
+        kwargs.update(include_dashboard=False, log_to_driver=True, num_cpus=num_cpus)
     elif address.startswith("ray://"):
         kwargs["runtime_env"] = {"py_modules": [str(Path(__file__).resolve().parent)]}
     ray.init(address=address, **kwargs)
