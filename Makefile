@@ -9,7 +9,7 @@ NODES ?= 3
 CONFIG ?=
 CLUSTER_ARGS := $(if $(CONFIG),--config $(CONFIG),)
 
-.PHONY: run test bench system-deps cluster-up cluster-down cluster-status clean
+.PHONY: run test lint bench system-deps cluster-up cluster-down cluster-status clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,7 +36,13 @@ system-deps:
 	  fi; \
 	else echo "not root: tests that need network namespaces will skip"; fi
 
-test: $(STAMP) system-deps
+# ruff (lint + format check) and mypy, configured in pyproject.toml; `make test` runs it first
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: $(STAMP) lint system-deps
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -12,8 +12,10 @@ def main():
     from tests.conftest import WHEELHOUSE
 
     if missing_requirements() or not (WHEELHOUSE / ".complete").exists():
-        print("cluster: skipped (needs root with iproute2, nftables, sshd, and a finished `make test`, "
-              "which fills the nodes' wheelhouse)")
+        print(
+            "cluster: skipped (needs root with iproute2, nftables, sshd, and a finished `make test`, "
+            "which fills the nodes' wheelhouse)"
+        )
     else:
         from bench import cluster
 

@@ -31,8 +31,9 @@ QUICK_PROGRAM = "import sys; print(0.5)\n"
 
 
 def cli(env, *args, timeout=1800):
-    r = subprocess.run([sys.executable, "exoscale.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=timeout)
+    r = subprocess.run(
+        [sys.executable, "exoscale.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
     if r.returncode != 0:
         raise SystemExit(f"exoscale.py {' '.join(args)} failed:\n{r.stderr[-2000:]}")
     return r
@@ -51,9 +52,30 @@ def cluster_up(env, config, n):
 def sweep_overhead(program, extra_args, env, out, trials):
     sizes = ",".join(str(8 * (i + 1)) for i in range(trials // 2))
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "pipeline.mnist", "--data", "mnist-5k", "--sizes", sizes,
-                        "--dropouts", "0.0,0.5", "--program", program, "--fresh", "--out", str(out), *extra_args],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.mnist",
+            "--data",
+            "mnist-5k",
+            "--sizes",
+            sizes,
+            "--dropouts",
+            "0.0,0.5",
+            "--program",
+            program,
+            "--fresh",
+            "--out",
+            str(out),
+            *extra_args,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     if r.returncode != 0:
         raise SystemExit(f"sweep failed:\n{r.stderr[-2000:]}")
     doc = json.loads((out / "results.json").read_text())
@@ -75,8 +97,13 @@ def main(argv=None):
     hooks.attach(model)
     server = SimServer(App(model, KEY, SECRET)).start()
     work = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
-    env = {**os.environ, "EXOSCALE_API_KEY": KEY, "EXOSCALE_API_SECRET": SECRET,
-           "EXOSCALE_API_ENDPOINT": server.endpoint, "RAYSWEEP_STATE_DIR": str(work / "state")}
+    env = {
+        **os.environ,
+        "EXOSCALE_API_KEY": KEY,
+        "EXOSCALE_API_SECRET": SECRET,
+        "EXOSCALE_API_ENDPOINT": server.endpoint,
+        "RAYSWEEP_STATE_DIR": str(work / "state"),
+    }
     try:
         c1 = sim_cluster_toml(work / "one.toml", "bench-one", WHEELHOUSE)
         c4 = sim_cluster_toml(work / "four.toml", "bench-four", WHEELHOUSE)
@@ -91,8 +118,13 @@ def main(argv=None):
         prog = work / "quick.py"
         prog.write_text(QUICK_PROGRAM)
         cli(env, "--config", str(c3), "scp", str(prog), "quick.py")  # -> /home/ubuntu/quick.py
-        cl_grid, _ = sweep_overhead("/home/ubuntu/quick.py", ["--cluster", "bench-three", "--cluster-config", str(c3)],
-                                    env, work / "cl", a.trials)
+        cl_grid, _ = sweep_overhead(
+            "/home/ubuntu/quick.py",
+            ["--cluster", "bench-three", "--cluster-config", str(c3)],
+            env,
+            work / "cl",
+            a.trials,
+        )
         local_grid, _ = sweep_overhead(str(prog), ["--local-cpus", "3"], env, work / "lo", a.trials)
         cli(env, "--config", str(c3), "down", "--yes")
     finally:
@@ -102,10 +134,22 @@ def main(argv=None):
     cl, lo = cl_grid * slots / a.trials, local_grid * slots / a.trials
     phases = {f"{k}_1_vs_4_s": f"{t1[k]:.1f}/{t4[k]:.1f}" for k in t1}
     t1, t4 = sum(t1.values()), sum(t4.values())
-    return report("cluster", up_1_node_s=t1, up_4_nodes_s=t4, up_ratio=t4 / t1, up_goal="<= 1.5", **phases,
-                  trials=a.trials, slots=slots, cluster_grid_s=cl_grid, local_grid_s=local_grid,
-                  cluster_overhead_s_per_trial=cl, local_overhead_s_per_trial=lo, overhead_ratio=cl / lo,
-                  overhead_goal="<= 1.3")
+    return report(
+        "cluster",
+        up_1_node_s=t1,
+        up_4_nodes_s=t4,
+        up_ratio=t4 / t1,
+        up_goal="<= 1.5",
+        **phases,
+        trials=a.trials,
+        slots=slots,
+        cluster_grid_s=cl_grid,
+        local_grid_s=local_grid,
+        cluster_overhead_s_per_trial=cl,
+        local_overhead_s_per_trial=lo,
+        overhead_ratio=cl / lo,
+        overhead_goal="<= 1.3",
+    )
 
 
 if __name__ == "__main__":

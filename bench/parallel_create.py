@@ -18,9 +18,14 @@ KEY, SECRET = "EXObench", "bench-secret"
 
 def create(driver, n, tag):
     with ThreadPoolExecutor(max_workers=n) as pool:
-        nodes = list(pool.map(lambda i: driver.create_node(f"{tag}-{i}", "standard.small",
-                                                           "Linux Ubuntu 24.04 LTS 64-bit",
-                                                           ex_labels={"bench": tag}), range(n)))
+        nodes = list(
+            pool.map(
+                lambda i: driver.create_node(
+                    f"{tag}-{i}", "standard.small", "Linux Ubuntu 24.04 LTS 64-bit", ex_labels={"bench": tag}
+                ),
+                range(n),
+            )
+        )
     assert len({x.id for x in nodes}) == n
     return nodes
 
@@ -40,8 +45,9 @@ def main(argv=None):
         t0 = time.perf_counter()
         create(d, a.nodes, "many")
         tn = time.perf_counter() - t0
-    return report("parallel_create", op_delay_s=a.op_delay, nodes=a.nodes, one_s=t1, n_s=tn, ratio=tn / t1,
-                  goal="<= 1.5")
+    return report(
+        "parallel_create", op_delay_s=a.op_delay, nodes=a.nodes, one_s=t1, n_s=tn, ratio=tn / t1, goal="<= 1.5"
+    )
 
 
 if __name__ == "__main__":

@@ -52,10 +52,20 @@ def main(argv=None):
     t1 = timed(lambda: written.__setitem__(1, run(1, one)))
     tn = timed(lambda: written.__setitem__(a.tasks, run(a.tasks, many)))
     tp = timed(lambda: written.__setitem__("plain", run_plain(a.tasks, many)))
-    return report("shared_input", plain_n_tasks_s=tp, bytes_written_plain_n=written["plain"], input_mb=a.mb, tasks=a.tasks, one_task_s=t1, n_tasks_s=tn,
-                  extra_s_per_added_task=(tn - t1) / (a.tasks - 1),
-                  bytes_written_1=written[1], bytes_written_n=written[a.tasks],
-                  bytes_ratio=written[a.tasks] / written[1], goal="bytes_ratio == 1")
+    return report(
+        "shared_input",
+        plain_n_tasks_s=tp,
+        bytes_written_plain_n=written["plain"],
+        input_mb=a.mb,
+        tasks=a.tasks,
+        one_task_s=t1,
+        n_tasks_s=tn,
+        extra_s_per_added_task=(tn - t1) / (a.tasks - 1),
+        bytes_written_1=written[1],
+        bytes_written_n=written[a.tasks],
+        bytes_ratio=written[a.tasks] / written[1],
+        goal="bytes_ratio == 1",
+    )
 
 
 if __name__ == "__main__":

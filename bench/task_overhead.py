@@ -44,15 +44,26 @@ def main(argv=None):
     run_execute(50), run_bare(50)  # warm the workers of both
     ours, bare = [], []
     for i in range(a.rounds):
-        pair = [lambda: ours.append(timed(lambda: run_execute(a.tasks))),
-                lambda: bare.append(timed(lambda: run_bare(a.tasks)))]
-        for step in (pair if i % 2 == 0 else pair[::-1]):
+        pair = [
+            lambda: ours.append(timed(lambda: run_execute(a.tasks))),
+            lambda: bare.append(timed(lambda: run_bare(a.tasks))),
+        ]
+        for step in pair if i % 2 == 0 else pair[::-1]:
             step()
     o, b = median(ours), median(bare)
     ratios = sorted(x / y for x, y in zip(ours, bare))
-    return report("task_overhead", tasks=a.tasks, sandbox_dir=a.sandbox_dir or "$TMPDIR", execute_s=o, bare_ray_s=b,
-                  ratio=median(ratios), ratio_range=f"{ratios[0]:.2f}-{ratios[-1]:.2f}",
-                  execute_ms_per_task=1000 * o / a.tasks, bare_ms_per_task=1000 * b / a.tasks, goal="<= 1.10")
+    return report(
+        "task_overhead",
+        tasks=a.tasks,
+        sandbox_dir=a.sandbox_dir or "$TMPDIR",
+        execute_s=o,
+        bare_ray_s=b,
+        ratio=median(ratios),
+        ratio_range=f"{ratios[0]:.2f}-{ratios[-1]:.2f}",
+        execute_ms_per_task=1000 * o / a.tasks,
+        bare_ms_per_task=1000 * b / a.tasks,
+        goal="<= 1.10",
+    )
 
 
 if __name__ == "__main__":

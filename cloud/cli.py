@@ -1,20 +1,20 @@
 """python exoscale.py <command>: a Ray cluster on Exoscale VMs, and files and commands on its nodes.
 
-    up -n N (create)      SSH key, security group, N instances in parallel; waits for SSH
-    down (destroy)        everything of the cluster, found through the API; asks unless --yes
-    list-nodes (status)   name, role, public IP, state
-    ssh N                 an interactive login on node N (0 = head, or a node name)
-    scp SRC DST           a file or directory to every node (or --node N), DST relative to home
-    cmd "COMMAND"         on every node (or --node N) in parallel, output prefixed by node name
-    forget-host N         drop node N's pinned host key (after a node was really replaced)
-    import-terraform      use a cluster made with terraform/ (reads `terraform output -json`)
-    install               this machine's Python minor and Ray version (and the training program's
-                          packages) in ~/raysweep-env on every node; idempotent
-    start / stop          Ray on the nodes: the head (dashboard on 127.0.0.1), workers joining it
-    submit -- CMD...      run a driver command as a Ray job on the head, streaming its logs
-    logs JOB              re-attach to a job's logs
-    fetch PATH [DEST]     bring a file or directory from the head's home to this machine
-    dashboard             tunnel to Ray's dashboard and print its local URL
+up -n N (create)      SSH key, security group, N instances in parallel; waits for SSH
+down (destroy)        everything of the cluster, found through the API; asks unless --yes
+list-nodes (status)   name, role, public IP, state
+ssh N                 an interactive login on node N (0 = head, or a node name)
+scp SRC DST           a file or directory to every node (or --node N), DST relative to home
+cmd "COMMAND"         on every node (or --node N) in parallel, output prefixed by node name
+forget-host N         drop node N's pinned host key (after a node was really replaced)
+import-terraform      use a cluster made with terraform/ (reads `terraform output -json`)
+install               this machine's Python minor and Ray version (and the training program's
+                      packages) in ~/raysweep-env on every node; idempotent
+start / stop          Ray on the nodes: the head (dashboard on 127.0.0.1), workers joining it
+submit -- CMD...      run a driver command as a Ray job on the head, streaming its logs
+logs JOB              re-attach to a job's logs
+fetch PATH [DEST]     bring a file or directory from the head's home to this machine
+dashboard             tunnel to Ray's dashboard and print its local URL
 """
 
 from __future__ import annotations
@@ -57,8 +57,12 @@ def _printer(stream=None):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="A Ray cluster on Exoscale (API v2).",
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="A Ray cluster on Exoscale (API v2).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     p.add_argument("--config", help="cluster.toml (name, zone, instance_type, template, nodes, ...)")
     p.add_argument("--name", help="cluster name (default: from --config, else 'default')")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -112,8 +116,10 @@ def _state(cfg: ClusterConfig) -> ClusterState:
     st = store.load()
     if st is None or not st.nodes:
         if cfg.api_secret is None:
-            raise CLIError(f"no local state for cluster {cfg.name!r} in {store.dir}; set EXOSCALE_API_KEY/"
-                           f"EXOSCALE_API_SECRET to look it up, or run `up` first")
+            raise CLIError(
+                f"no local state for cluster {cfg.name!r} in {store.dir}; set EXOSCALE_API_KEY/"
+                f"EXOSCALE_API_SECRET to look it up, or run `up` first"
+            )
         from cloud import provision
 
         st = provision.status(cfg.driver(), cfg)
@@ -131,8 +137,9 @@ def _select(st: ClusterState, which: str | None) -> list[NodeRecord]:
     for n in nodes:
         if n.name == which:
             return [n]
-    raise CLIError(f"no node {which!r} in cluster {st.name!r}; valid: 0-{len(nodes) - 1} or "
-                   f"{', '.join(n.name for n in nodes)}")
+    raise CLIError(
+        f"no node {which!r} in cluster {st.name!r}; valid: 0-{len(nodes) - 1} or {', '.join(n.name for n in nodes)}"
+    )
 
 
 def cmd_up(args) -> int:
@@ -140,8 +147,11 @@ def cmd_up(args) -> int:
     from cloud import provision
 
     if not cfg.ssh_cidr_given:
-        print("warning: SSH (port 22) will be open to 0.0.0.0/0; set ssh_cidr in cluster.toml "
-              "(e.g. your address/32) to narrow it", file=sys.stderr)
+        print(
+            "warning: SSH (port 22) will be open to 0.0.0.0/0; set ssh_cidr in cluster.toml "
+            "(e.g. your address/32) to narrow it",
+            file=sys.stderr,
+        )
     progress = _printer()
     try:
         res = provision.up(cfg.driver(), cfg, progress=progress)
@@ -151,8 +161,12 @@ def cmd_up(args) -> int:
         raise CLIError(str(e)) from None
     _print_nodes(res.state)
     if res.failed:
-        print(f"{len(res.failed)} node(s) not ready: " + "; ".join(f"{k}: {v}" for k, v in res.failed.items())
-              + f". Run `{PROG} up` again to complete the cluster, or `{PROG} down` to remove it.", file=sys.stderr)
+        print(
+            f"{len(res.failed)} node(s) not ready: "
+            + "; ".join(f"{k}: {v}" for k, v in res.failed.items())
+            + f". Run `{PROG} up` again to complete the cluster, or `{PROG} down` to remove it.",
+            file=sys.stderr,
+        )
         return 1
     print(f"cluster {cfg.name!r} ready: {len(res.state.nodes)} node(s)", file=sys.stderr)
     return 0
@@ -182,11 +196,14 @@ def cmd_down(args) -> int:
             return 1
     res = provision.down(driver, cfg, progress=_printer())
     if res.failed:
-        print("could not remove: " + "; ".join(f"{k}: {v}" for k, v in res.failed.items())
-              + f". Run `{PROG} down` again.", file=sys.stderr)
+        print(
+            "could not remove: "
+            + "; ".join(f"{k}: {v}" for k, v in res.failed.items())
+            + f". Run `{PROG} down` again.",
+            file=sys.stderr,
+        )
         return 1
-    print(f"cluster {cfg.name!r} removed: {', '.join(res.destroyed + res.removed) or 'nothing left'}",
-          file=sys.stderr)
+    print(f"cluster {cfg.name!r} removed: {', '.join(res.destroyed + res.removed) or 'nothing left'}", file=sys.stderr)
     return 0
 
 
@@ -233,8 +250,10 @@ def cmd_submit(args) -> int:
     try:
         client = ray_cluster.job_client(port)
         job_id = ray_cluster.submit(client, command)
-        print(f"submitted job {job_id}; it keeps running if this machine disconnects "
-              f"(re-attach: {PROG} logs {job_id})", file=sys.stderr)
+        print(
+            f"submitted job {job_id}; it keeps running if this machine disconnects (re-attach: {PROG} logs {job_id})",
+            file=sys.stderr,
+        )
         if args.no_follow:
             print(job_id)
             return 0
@@ -284,8 +303,10 @@ def cmd_dashboard(args) -> int:
 
     tunnel, port = ray_cluster.dashboard_tunnel(cfg)
     token = StateStore(cfg.state_dir).dir / "ray_token"
-    print(f"Ray dashboard of cluster {cfg.name!r}: http://127.0.0.1:{port}  (token in {token}); Ctrl-C closes it",
-          flush=True)
+    print(
+        f"Ray dashboard of cluster {cfg.name!r}: http://127.0.0.1:{port}  (token in {token}); Ctrl-C closes it",
+        flush=True,
+    )
     try:
         while True:
             time.sleep(3600)
@@ -334,8 +355,9 @@ def _report(results, verb: str) -> int:
     for r in results:
         print(f"{r.node.name}: {verb} {r.summary()}", file=sys.stderr)
     if failed:
-        print(f"{len(failed)} of {len(results)} node(s) failed: {', '.join(r.node.name for r in failed)}",
-              file=sys.stderr)
+        print(
+            f"{len(failed)} of {len(results)} node(s) failed: {', '.join(r.node.name for r in failed)}", file=sys.stderr
+        )
         return 1
     return 0
 
@@ -351,8 +373,9 @@ def cmd_scp(args) -> int:
 def cmd_cmd(args) -> int:
     cfg = _load(args, require_credentials=False)
     remote, st = _remote(cfg)
-    results = remote.run(_select(st, args.node), args.remote_command, sudo=args.sudo, timeout=args.timeout,
-                         stream=sys.stdout)
+    results = remote.run(
+        _select(st, args.node), args.remote_command, sudo=args.sudo, timeout=args.timeout, stream=sys.stdout
+    )
     failed = [r for r in results if not r.ok]
     for r in failed:
         print(f"{r.node.name}: FAILED: {r.summary()}", file=sys.stderr)
@@ -380,8 +403,9 @@ def cmd_forget_host(args) -> int:
     st = _state(cfg)
     [node] = _select(st, args.node)
     StateStore(cfg.state_dir).forget_host(node.ip)
-    print(f"{node.name} ({node.ip}): pinned host key dropped; the next connection pins the key it sees",
-          file=sys.stderr)
+    print(
+        f"{node.name} ({node.ip}): pinned host key dropped; the next connection pins the key it sees", file=sys.stderr
+    )
     return 0
 
 
@@ -391,8 +415,9 @@ def cmd_import_terraform(args) -> int:
         text = Path(args.output_json).read_text()
     else:
         try:
-            text = subprocess.run(["terraform", f"-chdir={args.dir}", "output", "-json"], check=True,
-                                  capture_output=True, text=True).stdout
+            text = subprocess.run(
+                ["terraform", f"-chdir={args.dir}", "output", "-json"], check=True, capture_output=True, text=True
+            ).stdout
         except (OSError, subprocess.CalledProcessError) as e:
             raise CLIError(f"terraform output -json in {args.dir} failed: {getattr(e, 'stderr', '') or e}") from None
     st = state_from_terraform(json.loads(text), cfg.name)
@@ -412,26 +437,45 @@ def state_from_terraform(outputs: dict, name: str) -> ClusterState:
     try:
         nodes = outputs["nodes"]["value"]
         user = outputs.get("ssh_user", {}).get("value", "ubuntu")
-        records = [NodeRecord(name=n["name"], role=n["role"], ip=n["public_ip"], id=n.get("id", ""), user=user)
-                   for n in nodes]
+        records = [
+            NodeRecord(name=n["name"], role=n["role"], ip=n["public_ip"], id=n.get("id", ""), user=user) for n in nodes
+        ]
     except (KeyError, TypeError) as e:
-        raise CLIError(f"terraform output lacks {e}; expected an output `nodes` = [{{name, role, public_ip}}]") from None
+        raise CLIError(
+            f"terraform output lacks {e}; expected an output `nodes` = [{{name, role, public_ip}}]"
+        ) from None
     return ClusterState(name, records, source="terraform")
 
 
-COMMANDS = {"up": cmd_up, "create": cmd_up, "down": cmd_down, "destroy": cmd_down, "list-nodes": cmd_list,
-            "status": cmd_list, "ssh": cmd_ssh, "scp": cmd_scp, "cmd": cmd_cmd, "forget-host": cmd_forget_host,
-            "import-terraform": cmd_import_terraform, "install": cmd_install, "start": cmd_start,
-            "stop": cmd_stop, "submit": cmd_submit, "logs": cmd_logs, "fetch": cmd_fetch,
-            "dashboard": cmd_dashboard}
+COMMANDS = {
+    "up": cmd_up,
+    "create": cmd_up,
+    "down": cmd_down,
+    "destroy": cmd_down,
+    "list-nodes": cmd_list,
+    "status": cmd_list,
+    "ssh": cmd_ssh,
+    "scp": cmd_scp,
+    "cmd": cmd_cmd,
+    "forget-host": cmd_forget_host,
+    "import-terraform": cmd_import_terraform,
+    "install": cmd_install,
+    "start": cmd_start,
+    "stop": cmd_stop,
+    "submit": cmd_submit,
+    "logs": cmd_logs,
+    "fetch": cmd_fetch,
+    "dashboard": cmd_dashboard,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Our clusters require Ray's token; Ray reads this once, when first imported (by submit, logs, ...).
     os.environ.setdefault("RAY_AUTH_MODE", "token")
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if not args.verbose:
         logging.getLogger("paramiko").setLevel(logging.CRITICAL)
         logging.getLogger("ray").setLevel(logging.WARNING)
@@ -440,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, ConfigError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # noqa: BLE001 - API, network and Ray failures end as one line, not a traceback
+    except Exception as e:
         from libcloud.common.exceptions import BaseHTTPError
         from libcloud.common.types import LibcloudError
 

@@ -36,11 +36,11 @@ DEFAULTS = {
     "labels": {},
     "setup_commands": [],
     # how `install` prepares the nodes (defaults suit Exoscale's Ubuntu templates with internet access)
-    "uv_path": None,             # a uv binary already on the nodes; else uv's installer is fetched
-    "install_options": "",       # extra `uv pip install` options, e.g. "--index-url https://mirror/simple"
-    "install_env": {},           # environment for the install, e.g. { UV_CACHE_DIR = "/var/cache/uv" }
-    "ray_cpus": None,            # CPUs each node offers to Ray (default: all it has)
-    "ray_env": {},               # environment for `ray start`, e.g. { RAY_health_check_period_ms = "1000" }
+    "uv_path": None,  # a uv binary already on the nodes; else uv's installer is fetched
+    "install_options": "",  # extra `uv pip install` options, e.g. "--index-url https://mirror/simple"
+    "install_env": {},  # environment for the install, e.g. { UV_CACHE_DIR = "/var/cache/uv" }
+    "ray_cpus": None,  # CPUs each node offers to Ray (default: all it has)
+    "ray_env": {},  # environment for `ray start`, e.g. { RAY_health_check_period_ms = "1000" }
 }
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -61,7 +61,7 @@ class ClusterConfig:
     template: str = DEFAULTS["template"]
     disk_size: int = DEFAULTS["disk_size"]
     nodes: int = DEFAULTS["nodes"]
-    ssh_key: Path | None = None               # a private key; its public half at <path>.pub
+    ssh_key: Path | None = None  # a private key; its public half at <path>.pub
     ssh_cidr: str = DEFAULTS["ssh_cidr"]
     ssh_cidr_given: bool = False
     labels: dict[str, str] = field(default_factory=dict)
@@ -71,7 +71,7 @@ class ClusterConfig:
     install_env: dict[str, str] = field(default_factory=dict)
     ray_cpus: int | None = None
     ray_env: dict[str, str] = field(default_factory=dict)
-    endpoint: str | None = None               # EXOSCALE_API_ENDPOINT
+    endpoint: str | None = None  # EXOSCALE_API_ENDPOINT
     state_root: Path = field(default_factory=lambda: default_state_root())
 
     @property
@@ -82,14 +82,20 @@ class ClusterConfig:
         if not self.endpoint:
             return {"zone": self.zone}
         u = urlparse(self.endpoint)
-        return {"zone": self.zone, "host": u.hostname, "port": u.port or (443 if u.scheme == "https" else 80),
-                "secure": u.scheme == "https"}
+        return {
+            "zone": self.zone,
+            "host": u.hostname,
+            "port": u.port or (443 if u.scheme == "https" else 80),
+            "secure": u.scheme == "https",
+        }
 
     def driver(self):
         from cloud.exoscale_driver import ExoscaleV2NodeDriver
 
         if self.api_secret is None:
-            raise ConfigError("set EXOSCALE_API_KEY and EXOSCALE_API_SECRET (an Exoscale API key pair, as for the exo CLI)")
+            raise ConfigError(
+                "set EXOSCALE_API_KEY and EXOSCALE_API_SECRET (an Exoscale API key pair, as for the exo CLI)"
+            )
         return ExoscaleV2NodeDriver(self.api_key, self.api_secret, **self.driver_kwargs())
 
 
@@ -98,8 +104,12 @@ def default_state_root() -> Path:
     return Path(env) if env else Path.home() / ".raysweep" / "clusters"
 
 
-def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = None,
-         require_credentials: bool = True, **overrides: Any) -> ClusterConfig:
+def load(
+    path: str | os.PathLike | None = None,
+    env: dict[str, str] | None = None,
+    require_credentials: bool = True,
+    **overrides: Any,
+) -> ClusterConfig:
     """Read cluster.toml (if given), then the environment, then overrides (e.g. -n from the CLI).
 
     Commands that only use SSH (scp, cmd, ssh) pass require_credentials=False."""
@@ -126,21 +136,25 @@ def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = Non
             cidr_given = cidr_given or k == "ssh_cidr"
     key, secret = env.get("EXOSCALE_API_KEY"), env.get("EXOSCALE_API_SECRET")
     if (not key or not secret) and require_credentials:
-        raise ConfigError("set EXOSCALE_API_KEY and EXOSCALE_API_SECRET (an Exoscale API key pair, "
-                          "as for the exo CLI)")
+        raise ConfigError("set EXOSCALE_API_KEY and EXOSCALE_API_SECRET (an Exoscale API key pair, as for the exo CLI)")
     endpoint = env.get("EXOSCALE_API_ENDPOINT") or None
     if endpoint:
         u = urlparse(endpoint)
         if u.scheme not in ("http", "https") or not u.hostname or u.path.rstrip("/") not in ("", "/v2"):
-            raise ConfigError(f"EXOSCALE_API_ENDPOINT {endpoint!r}: give a URL like https://HOST/v2 or http://127.0.0.1:8080/v2")
+            raise ConfigError(
+                f"EXOSCALE_API_ENDPOINT {endpoint!r}: give a URL like https://HOST/v2 or http://127.0.0.1:8080/v2"
+            )
     return _validate(values, key or "", Secret(secret) if secret else None, endpoint, cidr_given)
 
 
-def _validate(v: dict[str, Any], key: str, secret: Secret | None, endpoint: str | None, cidr_given: bool) -> ClusterConfig:
+def _validate(
+    v: dict[str, Any], key: str, secret: Secret | None, endpoint: str | None, cidr_given: bool
+) -> ClusterConfig:
     name = v["name"]
     if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise ConfigError(f"name {name!r}: use 1-40 lower-case letters, digits and '-', starting and ending "
-                          f"with a letter or digit")
+        raise ConfigError(
+            f"name {name!r}: use 1-40 lower-case letters, digits and '-', starting and ending with a letter or digit"
+        )
     if v["zone"] not in ZONES:
         raise ConfigError(f"zone {v['zone']!r} is not an Exoscale zone; valid: {', '.join(ZONES)}")
     for k in ("instance_type", "template"):
@@ -161,7 +175,7 @@ def _validate(v: dict[str, Any], key: str, secret: Secret | None, endpoint: str 
             raise ConfigError(f"ssh_key {str(ssh_key)!r}: needs the private key and {ssh_key}.pub beside it")
     labels = v["labels"]
     if not isinstance(labels, dict):
-        raise ConfigError("labels must be a table of key = \"value\"")
+        raise ConfigError('labels must be a table of key = "value"')
     for lk, lv in labels.items():
         if lk in RESERVED_LABELS:
             raise ConfigError(f"label {lk!r} is set by the toolkit; reserved: {', '.join(RESERVED_LABELS)}")
@@ -172,15 +186,29 @@ def _validate(v: dict[str, Any], key: str, secret: Secret | None, endpoint: str 
         raise ConfigError("setup_commands must be a list of shell command strings")
     for k in ("install_env", "ray_env"):
         if not isinstance(v[k], dict) or not all(isinstance(x, str) for x in v[k].values()):
-            raise ConfigError(f"{k} must be a table of NAME = \"value\" strings")
+            raise ConfigError(f'{k} must be a table of NAME = "value" strings')
     if v["ray_cpus"] is not None and (not isinstance(v["ray_cpus"], int) or v["ray_cpus"] < 1):
         raise ConfigError(f"ray_cpus {v['ray_cpus']!r}: a whole number >= 1")
     if not isinstance(v["install_options"], str) or (v["uv_path"] is not None and not isinstance(v["uv_path"], str)):
         raise ConfigError("install_options and uv_path must be strings")
-    return ClusterConfig(api_key=key, api_secret=secret, name=name, zone=v["zone"],
-                         instance_type=v["instance_type"], template=v["template"], disk_size=v["disk_size"],
-                         nodes=v["nodes"], ssh_key=ssh_key, ssh_cidr=str(net), ssh_cidr_given=cidr_given,
-                         labels={str(k): str(x) for k, x in labels.items()}, setup_commands=tuple(cmds),
-                         uv_path=v["uv_path"], install_options=v["install_options"],
-                         install_env=dict(v["install_env"]), ray_cpus=v["ray_cpus"], ray_env=dict(v["ray_env"]),
-                         endpoint=endpoint)
+    return ClusterConfig(
+        api_key=key,
+        api_secret=secret,
+        name=name,
+        zone=v["zone"],
+        instance_type=v["instance_type"],
+        template=v["template"],
+        disk_size=v["disk_size"],
+        nodes=v["nodes"],
+        ssh_key=ssh_key,
+        ssh_cidr=str(net),
+        ssh_cidr_given=cidr_given,
+        labels={str(k): str(x) for k, x in labels.items()},
+        setup_commands=tuple(cmds),
+        uv_path=v["uv_path"],
+        install_options=v["install_options"],
+        install_env=dict(v["install_env"]),
+        ray_cpus=v["ray_cpus"],
+        ray_env=dict(v["ray_env"]),
+        endpoint=endpoint,
+    )

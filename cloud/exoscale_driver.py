@@ -24,8 +24,9 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, ClassVar
 
 import requests
 from exoscale_auth import ExoscaleV2Auth
@@ -47,7 +48,7 @@ class Secret:
 
     __slots__ = ("_value",)
 
-    def __init__(self, value: "str | Secret"):
+    def __init__(self, value: str | Secret):
         if isinstance(value, Secret):
             value = value.reveal()
         if not isinstance(value, str) or not value:
@@ -73,8 +74,14 @@ class ExoscaleAPIError(BaseHTTPError):
 class ExoscaleOperationError(LibcloudError):
     """An asynchronous operation ended in failure or timed out."""
 
-    def __init__(self, value: str, reason: str | None = None, operation_id: str | None = None,
-                 reference_id: str | None = None, driver=None):
+    def __init__(
+        self,
+        value: str,
+        reason: str | None = None,
+        operation_id: str | None = None,
+        reference_id: str | None = None,
+        driver=None,
+    ):
         super().__init__(value, driver)
         self.reason = reason
         self.operation_id = operation_id
@@ -140,7 +147,7 @@ class RetryPolicy:
     retry_after_cap_s: float = 30.0
 
     def delay(self, attempt: int) -> float:
-        return random.uniform(0, min(self.cap_s, self.base_s * (2 ** attempt)))  # full jitter
+        return random.uniform(0, min(self.cap_s, self.base_s * (2**attempt)))  # full jitter
 
 
 _IDEMPOTENT = frozenset({"GET", "PUT", "DELETE", "HEAD"})
@@ -155,9 +162,9 @@ class ExoscaleV2NodeDriver(NodeDriver):
     type = PROVIDER
     name = "Exoscale (API v2)"
     website = "https://www.exoscale.com/"
-    features = {"create_node": ["ssh_key"]}
+    features: ClassVar[dict[str, list[str]]] = {"create_node": ["ssh_key"]}
 
-    NODE_STATE_MAP = {
+    NODE_STATE_MAP: ClassVar[dict[str, str]] = {
         "starting": NodeState.STARTING,
         "running": NodeState.RUNNING,
         "stopping": NodeState.STOPPING,
@@ -169,19 +176,42 @@ class ExoscaleV2NodeDriver(NodeDriver):
         "error": NodeState.ERROR,
     }
 
-    def __init__(self, key: str, secret: "str | Secret", zone: str = "ch-gva-2", secure: bool = True,
-                 host: str | None = None, port: int | None = None, timeout: float | None = 60,
-                 retry: RetryPolicy | None = None, operation_timeout_s: float = 900.0, **kwargs):
+    def __init__(
+        self,
+        key: str,
+        secret: str | Secret,
+        zone: str = "ch-gva-2",
+        secure: bool = True,
+        host: str | None = None,
+        port: int | None = None,
+        timeout: float | None = 60,
+        retry: RetryPolicy | None = None,
+        operation_timeout_s: float = 900.0,
+        **kwargs,
+    ):
         if host is None and zone not in ZONES:
             raise ValueError(f"unknown Exoscale zone {zone!r}; valid zones: {', '.join(ZONES)}")
         self.zone = zone
         self.retry = retry or RetryPolicy()
         self.operation_timeout_s = operation_timeout_s
         self._local = threading.local()
-        self._conn_params = (key, Secret(secret), secure, host or f"api-{zone}.exoscale.com",
-                             port or (443 if secure else 80), timeout)
-        super().__init__(key, secret=self._conn_params[1], secure=secure, host=self._conn_params[3],
-                         port=self._conn_params[4], timeout=timeout, **kwargs)
+        self._conn_params = (
+            key,
+            Secret(secret),
+            secure,
+            host or f"api-{zone}.exoscale.com",
+            port or (443 if secure else 80),
+            timeout,
+        )
+        super().__init__(
+            key,
+            secret=self._conn_params[1],
+            secure=secure,
+            host=self._conn_params[3],
+            port=self._conn_params[4],
+            timeout=timeout,
+            **kwargs,
+        )
 
     # One connection per thread: libcloud's Connection keeps per-request state on itself.
     @property
@@ -224,8 +254,11 @@ class ExoscaleV2NodeDriver(NodeDriver):
                 log.info("%s %s: HTTP %s, retrying in %.2f s", method, path, e.code, wait)
             except (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError) as e:
                 if method not in _IDEMPOTENT or attempt + 1 >= self.retry.attempts:
-                    raise LibcloudError(f"{method} {path}: {type(e).__name__}: cannot reach the Exoscale API "
-                                        f"at {self._conn_params[3]}:{self._conn_params[4]}", driver=self) from None
+                    raise LibcloudError(
+                        f"{method} {path}: {type(e).__name__}: cannot reach the Exoscale API "
+                        f"at {self._conn_params[3]}:{self._conn_params[4]}",
+                        driver=self,
+                    ) from None
                 wait = self.retry.delay(attempt)
                 log.info("%s %s: %s, retrying in %.2f s", method, path, type(e).__name__, wait)
             time.sleep(wait)
@@ -237,16 +270,24 @@ class ExoscaleV2NodeDriver(NodeDriver):
         delay = 0.1
         while op.get("state") == "pending":
             if time.monotonic() > deadline:
-                raise ExoscaleOperationError(f"{what}: operation {op.get('id')} still pending after "
-                                             f"{self.operation_timeout_s:g} s", "timeout", op.get("id"),
-                                             _ref_id(op), driver=self)
+                raise ExoscaleOperationError(
+                    f"{what}: operation {op.get('id')} still pending after {self.operation_timeout_s:g} s",
+                    "timeout",
+                    op.get("id"),
+                    _ref_id(op),
+                    driver=self,
+                )
             time.sleep(delay)
             delay = min(delay * 1.5, 2.0)
             op = self._request("GET", f"/operation/{op['id']}")
         if op.get("state") != "success":
             raise ExoscaleOperationError(
                 f"{what} failed: {op.get('reason', op.get('state'))}: {op.get('message', 'no message')}",
-                op.get("reason") or op.get("state"), op.get("id"), _ref_id(op), driver=self)
+                op.get("reason") or op.get("state"),
+                op.get("id"),
+                _ref_id(op),
+                driver=self,
+            )
         return op
 
     def _operate(self, method: str, path: str, what: str, body: Any = None) -> dict:
@@ -259,13 +300,16 @@ class ExoscaleV2NodeDriver(NodeDriver):
 
     def list_sizes(self, location=None) -> list[NodeSize]:
         types = self._request("GET", "/instance-type").get("instance-types", [])
-        return sorted((self._to_size(t) for t in types if self.zone in t.get("zones", [self.zone])),
-                      key=lambda s: (s.extra["family"], s.ram))
+        return sorted(
+            (self._to_size(t) for t in types if self.zone in t.get("zones", [self.zone])),
+            key=lambda s: (s.extra["family"], s.ram),
+        )
 
-    def list_images(self, location=None, ex_visibility: str | None = None,
-                    ex_family: str | None = None) -> list[NodeImage]:
+    def list_images(
+        self, location=None, ex_visibility: str | None = None, ex_family: str | None = None
+    ) -> list[NodeImage]:
         images = []
-        for visibility in ([ex_visibility] if ex_visibility else ["public", "private"]):
+        for visibility in [ex_visibility] if ex_visibility else ["public", "private"]:
             params = {"visibility": visibility}
             if ex_family:
                 params["family"] = ex_family
@@ -283,24 +327,40 @@ class ExoscaleV2NodeDriver(NodeDriver):
         for item in items:
             if name_or_id in (item.id, item.name):
                 return item
-        raise ValueError(f"unknown {what} {name_or_id!r} in {self.zone}; valid: "
-                         f"{', '.join(sorted({i.name for i in items}))}")
+        raise ValueError(
+            f"unknown {what} {name_or_id!r} in {self.zone}; valid: {', '.join(sorted({i.name for i in items}))}"
+        )
 
     # ------------------------------------------------------------------------------------- nodes
 
-    def create_node(self, name: str, size: NodeSize | str, image: NodeImage | str, location=None,
-                    ex_disk_size: int = 50, ex_ssh_keys: Iterable[str | KeyPair] | None = None,
-                    ex_security_groups: Iterable[str | ExoscaleSecurityGroup] | None = None,
-                    ex_userdata: str | None = None, ex_labels: dict[str, str] | None = None,
-                    ex_public_ip: str = "inet4") -> Node:
+    def create_node(
+        self,
+        name: str,
+        size: NodeSize | str,
+        image: NodeImage | str,
+        location=None,
+        ex_disk_size: int = 50,
+        ex_ssh_keys: Iterable[str | KeyPair] | None = None,
+        ex_security_groups: Iterable[str | ExoscaleSecurityGroup] | None = None,
+        ex_userdata: str | None = None,
+        ex_labels: dict[str, str] | None = None,
+        ex_public_ip: str = "inet4",
+    ) -> Node:
         if location is not None and getattr(location, "id", location) != self.zone:
-            raise ValueError(f"this driver serves zone {self.zone}; make another for {getattr(location, 'id', location)}")
+            raise ValueError(
+                f"this driver serves zone {self.zone}; make another for {getattr(location, 'id', location)}"
+            )
         if ex_public_ip not in ("inet4", "dual", "none"):
             raise ValueError(f"ex_public_ip must be inet4, dual or none, got {ex_public_ip!r}")
         size_id = size.id if isinstance(size, NodeSize) else self.ex_get_size(size).id
         image_id = image.id if isinstance(image, NodeImage) else self.ex_get_image(image).id
-        body: dict[str, Any] = {"name": name, "instance-type": {"id": size_id}, "template": {"id": image_id},
-                                "disk-size": int(ex_disk_size), "public-ip-assignment": ex_public_ip}
+        body: dict[str, Any] = {
+            "name": name,
+            "instance-type": {"id": size_id},
+            "template": {"id": image_id},
+            "disk-size": int(ex_disk_size),
+            "public-ip-assignment": ex_public_ip,
+        }
         if ex_ssh_keys:
             body["ssh-keys"] = [{"name": k.name if isinstance(k, KeyPair) else k} for k in ex_ssh_keys]
         if ex_security_groups:
@@ -353,8 +413,9 @@ class ExoscaleV2NodeDriver(NodeDriver):
         return self._to_key_pair(self._request("GET", f"/ssh-key/{name}"))
 
     def import_key_pair_from_string(self, name: str, key_material: str) -> KeyPair:
-        self._operate("POST", "/ssh-key", f"register SSH key {name!r}",
-                      {"name": name, "public-key": key_material.strip()})
+        self._operate(
+            "POST", "/ssh-key", f"register SSH key {name!r}", {"name": name, "public-key": key_material.strip()}
+        )
         kp = self.get_key_pair(name)
         kp.public_key = key_material.strip()
         return kp
@@ -371,8 +432,7 @@ class ExoscaleV2NodeDriver(NodeDriver):
     # --------------------------------------------------------------------------- security groups
 
     def ex_list_security_groups(self) -> list[ExoscaleSecurityGroup]:
-        return [self._to_security_group(g) for g in
-                self._request("GET", "/security-group").get("security-groups", [])]
+        return [self._to_security_group(g) for g in self._request("GET", "/security-group").get("security-groups", [])]
 
     def ex_get_security_group(self, group_id: str) -> ExoscaleSecurityGroup:
         return self._to_security_group(self._request("GET", f"/security-group/{group_id}"))
@@ -389,12 +449,19 @@ class ExoscaleV2NodeDriver(NodeDriver):
         self._operate("DELETE", f"/security-group/{gid}", f"delete security group {gid}")
         return True
 
-    def ex_add_security_group_rule(self, group: ExoscaleSecurityGroup | str, protocol: str = "tcp",
-                                   start_port: int | None = None, end_port: int | None = None,
-                                   cidr: str | None = None,
-                                   source_group: ExoscaleSecurityGroup | str | None = None,
-                                   direction: str = "ingress", description: str | None = None,
-                                   icmp_type: int = -1, icmp_code: int = -1) -> ExoscaleSecurityGroup:
+    def ex_add_security_group_rule(
+        self,
+        group: ExoscaleSecurityGroup | str,
+        protocol: str = "tcp",
+        start_port: int | None = None,
+        end_port: int | None = None,
+        cidr: str | None = None,
+        source_group: ExoscaleSecurityGroup | str | None = None,
+        direction: str = "ingress",
+        description: str | None = None,
+        icmp_type: int = -1,
+        icmp_code: int = -1,
+    ) -> ExoscaleSecurityGroup:
         """Allow `protocol` (tcp, udp, icmp, all...) from a CIDR or from members of another group."""
         if (cidr is None) == (source_group is None):
             raise ValueError("give exactly one source: cidr='0.0.0.0/0' or source_group=<group>")
@@ -444,41 +511,85 @@ class ExoscaleV2NodeDriver(NodeDriver):
 
     def _to_location(self, z: dict) -> NodeLocation:
         name = z["name"]
-        return NodeLocation(id=name, name=name, country=name.split("-")[0].upper(), driver=self,
-                            extra={"api_endpoint": z.get("api-endpoint")})
+        return NodeLocation(
+            id=name,
+            name=name,
+            country=name.split("-")[0].upper(),
+            driver=self,
+            extra={"api_endpoint": z.get("api-endpoint")},
+        )
 
     def _to_size(self, t: dict) -> NodeSize:
-        return NodeSize(id=t["id"], name=f"{t['family']}.{t['size']}", ram=int(t.get("memory", 0)) // (1024 * 1024),
-                        disk=None, bandwidth=None, price=None, driver=self,
-                        extra={"cpus": t.get("cpus"), "gpus": t.get("gpus", 0), "family": t["family"],
-                               "size": t["size"], "authorized": t.get("authorized", True),
-                               "zones": t.get("zones", [])})
+        return NodeSize(
+            id=t["id"],
+            name=f"{t['family']}.{t['size']}",
+            ram=int(t.get("memory", 0)) // (1024 * 1024),
+            disk=None,
+            bandwidth=None,
+            price=None,
+            driver=self,
+            extra={
+                "cpus": t.get("cpus"),
+                "gpus": t.get("gpus", 0),
+                "family": t["family"],
+                "size": t["size"],
+                "authorized": t.get("authorized", True),
+                "zones": t.get("zones", []),
+            },
+        )
 
     def _to_image(self, t: dict) -> NodeImage:
-        return NodeImage(id=t["id"], name=t["name"], driver=self, extra={
-            "default_user": t.get("default-user"), "family": t.get("family"), "version": t.get("version"),
-            "build": t.get("build"), "visibility": t.get("visibility"), "size": t.get("size"),
-            "boot_mode": t.get("boot-mode"), "zones": t.get("zones", [])})
+        return NodeImage(
+            id=t["id"],
+            name=t["name"],
+            driver=self,
+            extra={
+                "default_user": t.get("default-user"),
+                "family": t.get("family"),
+                "version": t.get("version"),
+                "build": t.get("build"),
+                "visibility": t.get("visibility"),
+                "size": t.get("size"),
+                "boot_mode": t.get("boot-mode"),
+                "zones": t.get("zones", []),
+            },
+        )
 
     def _to_node(self, i: dict) -> Node:
         public = [i["public-ip"]] if i.get("public-ip") else []
         if i.get("ipv6-address"):
             public.append(i["ipv6-address"])
-        return Node(id=i["id"], name=i.get("name", ""), state=self.NODE_STATE_MAP.get(i.get("state"), NodeState.UNKNOWN),
-                    public_ips=public, private_ips=[], driver=self, created_at=i.get("created-at"),
-                    extra={"zone": self.zone, "state": i.get("state"), "labels": dict(i.get("labels") or {}),
-                           "instance_type_id": (i.get("instance-type") or {}).get("id"),
-                           "template_id": (i.get("template") or {}).get("id"),
-                           "security_group_ids": [g.get("id") for g in i.get("security-groups") or []],
-                           "ssh_keys": [k.get("name") for k in i.get("ssh-keys") or []],
-                           "disk_size": i.get("disk-size")})
+        return Node(
+            id=i["id"],
+            name=i.get("name", ""),
+            state=self.NODE_STATE_MAP.get(i.get("state"), NodeState.UNKNOWN),
+            public_ips=public,
+            private_ips=[],
+            driver=self,
+            created_at=i.get("created-at"),
+            extra={
+                "zone": self.zone,
+                "state": i.get("state"),
+                "labels": dict(i.get("labels") or {}),
+                "instance_type_id": (i.get("instance-type") or {}).get("id"),
+                "template_id": (i.get("template") or {}).get("id"),
+                "security_group_ids": [g.get("id") for g in i.get("security-groups") or []],
+                "ssh_keys": [k.get("name") for k in i.get("ssh-keys") or []],
+                "disk_size": i.get("disk-size"),
+            },
+        )
 
     def _to_key_pair(self, k: dict) -> KeyPair:
         return KeyPair(name=k["name"], public_key=None, fingerprint=k.get("fingerprint"), driver=self)
 
     def _to_security_group(self, g: dict) -> ExoscaleSecurityGroup:
-        return ExoscaleSecurityGroup(id=g["id"], name=g.get("name", ""), description=g.get("description", ""),
-                                     rules=list(g.get("rules") or []), driver=self)
+        return ExoscaleSecurityGroup(
+            id=g["id"],
+            name=g.get("name", ""),
+            description=g.get("description", ""),
+            rules=list(g.get("rules") or []),
+            driver=self,
+        )
 
 
 def _ref_id(op: dict) -> str | None:

@@ -11,10 +11,10 @@ import base64
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from libcloud.compute.base import Node
 from libcloud.compute.types import NodeState
@@ -52,7 +52,7 @@ def _quiet(name: str, what: str) -> None:
 
 def md5_fingerprint(public_key: str) -> str:
     digest = hashlib.md5(base64.b64decode(public_key.split()[1])).hexdigest()
-    return ":".join(digest[i:i + 2] for i in range(0, 32, 2))
+    return ":".join(digest[i : i + 2] for i in range(0, 32, 2))
 
 
 def cluster_nodes(driver, cluster: str) -> list[Node]:
@@ -60,9 +60,14 @@ def cluster_nodes(driver, cluster: str) -> list[Node]:
 
 
 def _record(node: Node, user: str) -> NodeRecord:
-    return NodeRecord(name=node.name, role=node.extra["labels"].get("role", "worker"),
-                      ip=node.public_ips[0] if node.public_ips else "", id=node.id, user=user,
-                      state=node.extra.get("state", ""))
+    return NodeRecord(
+        name=node.name,
+        role=node.extra["labels"].get("role", "worker"),
+        ip=node.public_ips[0] if node.public_ips else "",
+        id=node.id,
+        user=user,
+        state=node.extra.get("state", ""),
+    )
 
 
 @dataclass
@@ -80,9 +85,11 @@ def ensure_key(driver, cfg: ClusterConfig, store: StateStore, progress: Progress
     existing = {k.name: k for k in driver.list_key_pairs()}
     if name in existing:
         if existing[name].fingerprint and existing[name].fingerprint != md5_fingerprint(public):
-            raise ProvisionError(f"an SSH key named {name} is registered with another fingerprint "
-                                 f"({existing[name].fingerprint}); the cluster's nodes would not accept {private}. "
-                                 f"Run `down` first, or set ssh_key to the key that was used")
+            raise ProvisionError(
+                f"an SSH key named {name} is registered with another fingerprint "
+                f"({existing[name].fingerprint}); the cluster's nodes would not accept {private}. "
+                f"Run `down` first, or set ssh_key to the key that was used"
+            )
     else:
         driver.import_key_pair_from_string(name, public)
         progress(name, "SSH key registered")
@@ -97,27 +104,38 @@ def ensure_security_group(driver, cfg: ClusterConfig, progress: Progress):
     if group is None:
         group = driver.ex_create_security_group(name, f"raysweep cluster {cfg.name}")
         progress(name, "security group created")
-    have = {(r.get("protocol"), r.get("start-port"), r.get("network"), (r.get("security-group") or {}).get("id"))
-            for r in group.rules if r.get("flow-direction") == "ingress"}
+    have = {
+        (r.get("protocol"), r.get("start-port"), r.get("network"), (r.get("security-group") or {}).get("id"))
+        for r in group.rules
+        if r.get("flow-direction") == "ingress"
+    }
     if ("tcp", 22, cfg.ssh_cidr, None) not in have:
-        group = driver.ex_add_security_group_rule(group, "tcp", 22, 22, cidr=cfg.ssh_cidr,
-                                                  description="SSH from the allowed CIDR")
+        group = driver.ex_add_security_group_rule(
+            group, "tcp", 22, 22, cidr=cfg.ssh_cidr, description="SSH from the allowed CIDR"
+        )
     if ("all", None, None, group.id) not in have:
-        group = driver.ex_add_security_group_rule(group, "all", source_group=group,
-                                                  description="everything between cluster members")
-    unexpected = [r for r in group.rules if r.get("flow-direction") == "ingress" and r.get("network")
-                  and not (r.get("protocol") == "tcp" and r.get("start-port") == 22 and r.get("network") == cfg.ssh_cidr)]
+        group = driver.ex_add_security_group_rule(
+            group, "all", source_group=group, description="everything between cluster members"
+        )
+    unexpected = [
+        r
+        for r in group.rules
+        if r.get("flow-direction") == "ingress"
+        and r.get("network")
+        and not (r.get("protocol") == "tcp" and r.get("start-port") == 22 and r.get("network") == cfg.ssh_cidr)
+    ]
     if unexpected:
         log.warning("security group %s has extra inbound rules not made by raysweep: %s", name, unexpected)
     return group
 
 
-def up(driver, cfg: ClusterConfig, n: int | None = None, progress: Progress = _quiet,
-       ssh_timeout: float = 600.0) -> UpResult:
+def up(
+    driver, cfg: ClusterConfig, n: int | None = None, progress: Progress = _quiet, ssh_timeout: float = 600.0
+) -> UpResult:
     n = n or cfg.nodes
     store = StateStore(cfg.state_dir)
     store.ensure_dir()
-    size = driver.ex_get_size(cfg.instance_type)     # one-line errors listing the valid ones
+    size = driver.ex_get_size(cfg.instance_type)  # one-line errors listing the valid ones
     image = driver.ex_get_image(cfg.template)
     user = image.extra.get("default_user") or "ubuntu"
     key_name, key_path = ensure_key(driver, cfg, store, progress)
@@ -134,8 +152,9 @@ def up(driver, cfg: ClusterConfig, n: int | None = None, progress: Progress = _q
     wanted = node_names(cfg.name, n)
     extra = [nm for nm in existing if nm not in dict(wanted)]
     if extra:
-        progress(cfg.name, f"keeping {len(extra)} node(s) beyond -n {n}: {', '.join(sorted(extra))} "
-                           f"(down removes them)")
+        progress(
+            cfg.name, f"keeping {len(extra)} node(s) beyond -n {n}: {', '.join(sorted(extra))} (down removes them)"
+        )
     missing = [(nm, role) for nm, role in wanted if nm not in existing]
     for nm, _ in wanted:
         if nm in existing:
@@ -145,9 +164,15 @@ def up(driver, cfg: ClusterConfig, n: int | None = None, progress: Progress = _q
         nm, role = item
         progress(nm, "creating")
         try:
-            node = driver.create_node(nm, size, image, ex_disk_size=cfg.disk_size, ex_ssh_keys=[key_name],
-                                      ex_security_groups=[group], ex_labels={**cfg.labels, **cluster_labels(cfg.name),
-                                                                             "role": role})
+            node = driver.create_node(
+                nm,
+                size,
+                image,
+                ex_disk_size=cfg.disk_size,
+                ex_ssh_keys=[key_name],
+                ex_security_groups=[group],
+                ex_labels={**cfg.labels, **cluster_labels(cfg.name), "role": role},
+            )
             progress(nm, f"running at {node.public_ips[0] if node.public_ips else '?'}")
             return nm, node, None
         except (ExoscaleAPIError, ExoscaleOperationError) as e:
@@ -170,8 +195,11 @@ def up(driver, cfg: ClusterConfig, n: int | None = None, progress: Progress = _q
     result.state.nodes = [_record(nd, user) for nd in nodes]
     store.save(result.state)
     remote = Remote(key_path, store.known_hosts)
-    ready = remote.wait_ssh([r for r in result.state.nodes if r.ip], timeout=ssh_timeout,
-                            on_ready=lambda r: progress(r.name, f"answers on SSH ({r.user}@{r.ip})"))
+    ready = remote.wait_ssh(
+        [r for r in result.state.nodes if r.ip],
+        timeout=ssh_timeout,
+        on_ready=lambda r: progress(r.name, f"answers on SSH ({r.user}@{r.ip})"),
+    )
     for r in ready:
         if not r.ok:
             result.failed[r.node.name] = r.error
@@ -272,8 +300,12 @@ def status(driver, cfg: ClusterConfig) -> ClusterState:
     old = store.load()
     users = {n.name: n.user for n in old.nodes} if old else {}
     nodes = cluster_nodes(driver, cfg.name)
-    state = ClusterState(cfg.name, [_record(nd, users.get(nd.name, "ubuntu")) for nd in nodes],
-                         old.security_group_id if old else "", old.key_name if old else "")
+    state = ClusterState(
+        cfg.name,
+        [_record(nd, users.get(nd.name, "ubuntu")) for nd in nodes],
+        old.security_group_id if old else "",
+        old.key_name if old else "",
+    )
     if nodes:
         store.save(state)
     return state

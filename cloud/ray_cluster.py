@@ -26,10 +26,10 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Sequence
 
 from cloud.config import ClusterConfig
 from cloud.remote import NodeResult, Remote
@@ -37,7 +37,7 @@ from cloud.state import ClusterState, NodeRecord, StateStore
 
 log = logging.getLogger(__name__)
 
-NODE_ENV = "raysweep-env"           # relative to the login user's home
+NODE_ENV = "raysweep-env"  # relative to the login user's home
 GCS_PORT = 6379
 CLIENT_PORT = 10001
 DASHBOARD_PORT = 8265
@@ -57,7 +57,7 @@ def local_versions() -> tuple[str, str]:
 def node_packages() -> list[str]:
     """What `install` puts on the nodes: Ray pinned to ours, and the training program's needs, pinned to
     the versions here where this machine has them."""
-    py, ray_version = local_versions()
+    _py, ray_version = local_versions()
     pkgs = [f"ray[default]=={ray_version}"]
     for name in ("numpy", "tensorflow-cpu", "mlxtend"):
         try:
@@ -109,9 +109,15 @@ echo "RAYSWEEP installed: python $PY_MINOR, ray $RAY_VERSION"
 def install_script(cfg: ClusterConfig) -> str:
     py, ray_version = local_versions()
     pkgs = node_packages()
-    script = INSTALL_SCRIPT.format(env=NODE_ENV, py=shlex.quote(py), ray=shlex.quote(ray_version),
-                                   uv=shlex.quote(cfg.uv_path or ""), options=cfg.install_options,
-                                   packages=" ".join(shlex.quote(p) for p in pkgs), packages_text=" ".join(pkgs))
+    script = INSTALL_SCRIPT.format(
+        env=NODE_ENV,
+        py=shlex.quote(py),
+        ray=shlex.quote(ray_version),
+        uv=shlex.quote(cfg.uv_path or ""),
+        options=cfg.install_options,
+        packages=" ".join(shlex.quote(p) for p in pkgs),
+        packages_text=" ".join(pkgs),
+    )
     if cfg.setup_commands:
         script += "\n# setup_commands from cluster.toml\n" + "\n".join(cfg.setup_commands) + "\n"
     return script
@@ -121,8 +127,9 @@ def _remote(cfg: ClusterConfig) -> tuple[Remote, ClusterState, StateStore]:
     store = StateStore(cfg.state_dir)
     st = store.load()
     if st is None or not st.nodes:
-        raise RayClusterError(f"no nodes known for cluster {cfg.name!r} (state in {store.dir}); "
-                              f"run `exoscale.py up` first")
+        raise RayClusterError(
+            f"no nodes known for cluster {cfg.name!r} (state in {store.dir}); run `exoscale.py up` first"
+        )
     return Remote(store.private_key(cfg.ssh_key), store.known_hosts), st, store
 
 
@@ -134,10 +141,11 @@ def install(cfg: ClusterConfig, progress: Progress) -> list[NodeResult]:
 
     def line(node: NodeRecord, text: str) -> None:
         if text.startswith("RAYSWEEP "):
-            progress(node.name, text[len("RAYSWEEP "):])
+            progress(node.name, text[len("RAYSWEEP ") :])
 
-    results = remote.run(st.ordered(), f"bash -c {shlex.quote(script)}", env=cfg.install_env, timeout=3600,
-                         on_line=line)
+    results = remote.run(
+        st.ordered(), f"bash -c {shlex.quote(script)}", env=cfg.install_env, timeout=3600, on_line=line
+    )
     for r in results:
         progress(r.node.name, "ready" if r.ok else f"FAILED: {r.error}; {r.stderr.strip()[-300:]}")
     return results
@@ -176,7 +184,8 @@ def _put_token(remote: Remote, nodes: Sequence[NodeRecord], token: str) -> list[
 NODES_SNIPPET = (
     "import json, ray; ray.init(address='auto', logging_level='ERROR', log_to_driver=False); "
     "print('RAYSWEEP_NODES ' + json.dumps([{'ip': n['NodeManagerAddress'], 'alive': n['Alive'], "
-    "'cpus': n['Resources'].get('CPU', 0)} for n in ray.nodes()]))")
+    "'cpus': n['Resources'].get('CPU', 0)} for n in ray.nodes()]))"
+)
 
 
 def ray_nodes(cfg: ClusterConfig, remote: Remote | None = None, head: NodeRecord | None = None) -> list[dict]:
@@ -202,23 +211,42 @@ def start(cfg: ClusterConfig, progress: Progress, timeout: float = 300.0) -> lis
     token = cluster_token(store)
     failed = [r for r in _put_token(remote, st.ordered(), token) if not r.ok]
     if failed:
-        raise RayClusterError("could not copy the cluster token to " + ", ".join(f"{r.node.name} ({r.error})" for r in failed))
+        raise RayClusterError(
+            "could not copy the cluster token to " + ", ".join(f"{r.node.name} ({r.error})" for r in failed)
+        )
     cpus = f" --num-cpus={cfg.ray_cpus}" if cfg.ray_cpus else ""
     running = "pgrep -u $(id -u) -f '[g]cs_server' >/dev/null"  # [g]: not matching this very command line
     progress(head.name, "starting the Ray head")
-    [r] = remote.run([head], f"{running} && echo RAYSWEEP_RUNNING || " + _ray(
-        f"ray start --head --node-ip-address={head.ip} --port={GCS_PORT} --dashboard-host=127.0.0.1 "
-        f"--dashboard-port={DASHBOARD_PORT} --ray-client-server-port={CLIENT_PORT} --disable-usage-stats{cpus}", cfg),
-        timeout=180)
+    [r] = remote.run(
+        [head],
+        f"{running} && echo RAYSWEEP_RUNNING || "
+        + _ray(
+            f"ray start --head --node-ip-address={head.ip} --port={GCS_PORT} --dashboard-host=127.0.0.1 "
+            f"--dashboard-port={DASHBOARD_PORT} --ray-client-server-port={CLIENT_PORT} --disable-usage-stats{cpus}",
+            cfg,
+        ),
+        timeout=180,
+    )
     if not r.ok:
         raise RayClusterError(f"ray start on the head {head.name} failed: {r.stderr.strip()[-500:]}")
     progress(head.name, "Ray head was already running" if "RAYSWEEP_RUNNING" in r.stdout else "Ray head started")
-    joined = remote.run(workers, lambda n: "pgrep -u $(id -u) -f '[r]aylet' >/dev/null && echo RAYSWEEP_RUNNING || "
-                        + _ray(f"ray start --address={head.ip}:{GCS_PORT} --node-ip-address={n.ip} "
-                               f"--disable-usage-stats{cpus}", cfg), timeout=180)
+    joined = remote.run(
+        workers,
+        lambda n: (
+            "pgrep -u $(id -u) -f '[r]aylet' >/dev/null && echo RAYSWEEP_RUNNING || "
+            + _ray(
+                f"ray start --address={head.ip}:{GCS_PORT} --node-ip-address={n.ip} --disable-usage-stats{cpus}", cfg
+            )
+        ),
+        timeout=180,
+    )
     for r in joined:
-        progress(r.node.name, ("already running" if "RAYSWEEP_RUNNING" in r.stdout else "joined")
-                 if r.ok else f"FAILED: {r.stderr.strip()[-300:] or r.error}")
+        progress(
+            r.node.name,
+            ("already running" if "RAYSWEEP_RUNNING" in r.stdout else "joined")
+            if r.ok
+            else f"FAILED: {r.stderr.strip()[-300:] or r.error}",
+        )
     deadline = time.monotonic() + timeout
     want = {n.ip for n in st.nodes}
     while True:
@@ -226,8 +254,11 @@ def start(cfg: ClusterConfig, progress: Progress, timeout: float = 300.0) -> lis
             nodes = ray_nodes(cfg, remote, head)
             alive = {n["ip"] for n in nodes if n["alive"]}
             if want <= alive:
-                progress(cfg.name, f"all {len(want)} node(s) registered with Ray "
-                                   f"({sum(n['cpus'] for n in nodes if n['alive']):g} CPUs)")
+                progress(
+                    cfg.name,
+                    f"all {len(want)} node(s) registered with Ray "
+                    f"({sum(n['cpus'] for n in nodes if n['alive']):g} CPUs)",
+                )
                 return nodes
             missing = want - alive
         except RayClusterError as e:
@@ -240,14 +271,18 @@ def start(cfg: ClusterConfig, progress: Progress, timeout: float = 300.0) -> lis
 
 def stop(cfg: ClusterConfig, progress: Progress) -> list[NodeResult]:
     remote, st, _ = _remote(cfg)
-    results = remote.run(st.ordered(), f"test -x $HOME/{NODE_ENV}/bin/ray && " + _ray("ray stop --force", cfg)
-                         + " >/dev/null 2>&1; true", timeout=120)
+    results = remote.run(
+        st.ordered(),
+        f"test -x $HOME/{NODE_ENV}/bin/ray && " + _ray("ray stop --force", cfg) + " >/dev/null 2>&1; true",
+        timeout=120,
+    )
     for r in results:
         progress(r.node.name, "Ray stopped" if r.ok else f"FAILED: {r.error}")
     return results
 
 
 # ----------------------------------------------------------------------------- driver connection
+
 
 class Tunnel:
     """Local ports forwarded over SSH to ports on the head (as the head sees them).
@@ -281,7 +316,7 @@ class Tunnel:
         def ask():
             try:
                 transport.global_request("keepalive@openssh.com", wait=True)  # any reply proves liveness
-            except Exception:  # noqa: BLE001
+            except Exception:
                 return
             replied.set()
 
@@ -293,12 +328,13 @@ class Tunnel:
         while not self._closed.wait(interval):
             missed = 0 if self._answers(interval) else missed + 1
             if missed >= misses:
-                log.warning("the head %s (%s) stopped answering over SSH; closing the tunnel", self.head.name,
-                            self.head.ip)
+                log.warning(
+                    "the head %s (%s) stopped answering over SSH; closing the tunnel", self.head.name, self.head.ip
+                )
                 self.lost = True
                 try:
                     self._conn.transport.close()
-                except Exception:  # noqa: BLE001
+                except Exception:
                     pass
                 return
 
@@ -306,8 +342,11 @@ class Tunnel:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        self._stack.enter_context(self._conn.forward_local(local_port=port, remote_port=remote_port,
-                                                          remote_host=remote_host, local_host="127.0.0.1"))
+        self._stack.enter_context(
+            self._conn.forward_local(
+                local_port=port, remote_port=remote_port, remote_host=remote_host, local_host="127.0.0.1"
+            )
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # the forwarder listens from its own thread
             try:
@@ -321,25 +360,31 @@ class Tunnel:
         self._closed.set()
         try:
             self._stack.close()
-        except Exception:  # noqa: BLE001 - a tunnel to a lost head may not close cleanly
+        except Exception:
             pass
 
 
 def check_versions(remote: Remote, head: NodeRecord) -> None:
     """Refuse, with both versions, when the cluster's Python minor or Ray differ from this machine's."""
     py, ray_version = local_versions()
-    [r] = remote.run([head], f"$HOME/{NODE_ENV}/bin/python -c "
-                             + shlex.quote("import sys, ray; print('%d.%d' % sys.version_info[:2], ray.__version__)"),
-                     timeout=60)
+    [r] = remote.run(
+        [head],
+        f"$HOME/{NODE_ENV}/bin/python -c "
+        + shlex.quote("import sys, ray; print('%d.%d' % sys.version_info[:2], ray.__version__)"),
+        timeout=60,
+    )
     if not r.ok:
         if r.exit_code is None:
             raise RayClusterError(f"cannot reach the head {head.name} ({head.ip}): {r.error}")
-        raise RayClusterError(f"no Ray environment on the head {head.name}: run `exoscale.py install` "
-                              f"(or `make cluster-up`) first")
+        raise RayClusterError(
+            f"no Ray environment on the head {head.name}: run `exoscale.py install` (or `make cluster-up`) first"
+        )
     their_py, their_ray = r.stdout.split()
     if (their_py, their_ray) != (py, ray_version):
-        raise RayClusterError(f"version mismatch: this machine has Python {py} and Ray {ray_version}, the cluster "
-                              f"has Python {their_py} and Ray {their_ray}; run `exoscale.py install` to match")
+        raise RayClusterError(
+            f"version mismatch: this machine has Python {py} and Ray {ray_version}, the cluster "
+            f"has Python {their_py} and Ray {their_ray}; run `exoscale.py install` to match"
+        )
 
 
 def open_tunnel(cfg: ClusterConfig, remote_host: Callable[[NodeRecord], str], remote_port: int) -> tuple[Tunnel, int]:
@@ -361,8 +406,10 @@ def open_tunnel(cfg: ClusterConfig, remote_host: Callable[[NodeRecord], str], re
 
             AuthenticationTokenLoader.instance().reset_cache()
             if get_authentication_mode() != AuthenticationMode.TOKEN:
-                raise RayClusterError("Ray was imported before RAY_AUTH_MODE=token was set, and it reads that "
-                                      "once; run with RAY_AUTH_MODE=token in the environment")
+                raise RayClusterError(
+                    "Ray was imported before RAY_AUTH_MODE=token was set, and it reads that "
+                    "once; run with RAY_AUTH_MODE=token in the environment"
+                )
     except Exception:
         tunnel.close()
         raise
@@ -395,7 +442,7 @@ def job_client(port: int):
 
     try:
         return JobSubmissionClient(f"http://127.0.0.1:{port}")
-    except Exception as e:  # noqa: BLE001 - Ray's errors here are long; the first line says it
+    except Exception as e:
         raise RayClusterError(f"Ray's job API on the head refused us: {str(e).strip().splitlines()[0]}") from None
 
 
@@ -428,8 +475,12 @@ def fetch(cfg: ClusterConfig, path: str, dest: Path) -> Path:
     head = st.head()
     with remote.connection(head) as c:
         q = shlex.quote(path)
-        kind = c.run(f"if [ -d {q} ]; then echo dir; elif [ -f {q} ]; then echo file; else echo none; fi",
-                     hide=True, warn=True, in_stream=False).stdout.strip()
+        kind = c.run(
+            f"if [ -d {q} ]; then echo dir; elif [ -f {q} ]; then echo file; else echo none; fi",
+            hide=True,
+            warn=True,
+            in_stream=False,
+        ).stdout.strip()
         if kind == "none":
             raise RayClusterError(f"{path}: no such file or directory on the head {head.name}")
         if kind == "file":

@@ -16,10 +16,11 @@ import socket
 import tarfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence, TextIO
+from typing import TextIO
 
 import paramiko
 from fabric import Config, Connection
@@ -40,7 +41,7 @@ class NodeResult:
     exit_code: int | None = None
     stdout: str = ""
     stderr: str = ""
-    error: str = ""          # why it failed, when it did
+    error: str = ""  # why it failed, when it did
 
     def summary(self) -> str:
         if self.ok:
@@ -92,6 +93,7 @@ _out_lock = threading.Lock()
 
 def _prefixed_lines(prefix: str, out: TextIO) -> _Lines:
     """Whole lines to `out`, each prefixed with the node's name (never interleaved within a line)."""
+
     def write(line: str) -> None:
         with _out_lock:
             out.write(f"{prefix} | {line}\n")
@@ -110,10 +112,19 @@ class Remote:
 
     def connection(self, node: NodeRecord) -> Connection:
         cfg = Config(overrides={"load_ssh_configs": False, "run": {"warn": True}})
-        conn = Connection(node.ip, user=node.user, config=cfg, connect_timeout=int(self.connect_timeout),
-                          connect_kwargs={"key_filename": str(self.key_path), "look_for_keys": False,
-                                          "allow_agent": False, "banner_timeout": self.connect_timeout,
-                                          "auth_timeout": self.connect_timeout})
+        conn = Connection(
+            node.ip,
+            user=node.user,
+            config=cfg,
+            connect_timeout=int(self.connect_timeout),
+            connect_kwargs={
+                "key_filename": str(self.key_path),
+                "look_for_keys": False,
+                "allow_agent": False,
+                "banner_timeout": self.connect_timeout,
+                "auth_timeout": self.connect_timeout,
+            },
+        )
         conn.client = paramiko.SSHClient()  # instead of Fabric's default AutoAddPolicy client
         if self.known_hosts.exists():
             conn.client.load_host_keys(str(self.known_hosts))
@@ -125,16 +136,21 @@ class Remote:
             try:
                 return fn(node)
             except paramiko.BadHostKeyException:
-                return NodeResult(node, False, error=f"host key of {node.name} ({node.ip}) changed since it was "
-                                                     f"pinned in {self.known_hosts}; refused (possible "
-                                                     f"man-in-the-middle). If the node was really replaced, "
-                                                     f"run: exoscale.py forget-host {node.name}")
-            except (paramiko.AuthenticationException,) as e:
+                return NodeResult(
+                    node,
+                    False,
+                    error=f"host key of {node.name} ({node.ip}) changed since it was "
+                    f"pinned in {self.known_hosts}; refused (possible "
+                    f"man-in-the-middle). If the node was really replaced, "
+                    f"run: exoscale.py forget-host {node.name}",
+                )
+            except paramiko.AuthenticationException as e:
                 return NodeResult(node, False, error=f"SSH authentication as {node.user} failed: {e}")
-            except (paramiko.SSHException, socket.error, EOFError) as e:
-                return NodeResult(node, False, error=f"cannot reach sshd at {node.ip}:22 "
-                                                     f"({type(e).__name__}: {e or 'no answer'})")
-            except Exception as e:  # noqa: BLE001 - one node's surprise must not hide the others' results
+            except (OSError, paramiko.SSHException, EOFError) as e:
+                return NodeResult(
+                    node, False, error=f"cannot reach sshd at {node.ip}:22 ({type(e).__name__}: {e or 'no answer'})"
+                )
+            except Exception as e:
                 return NodeResult(node, False, error=f"{type(e).__name__}: {e}")
 
         if not nodes:
@@ -142,11 +158,19 @@ class Remote:
         with ThreadPoolExecutor(max_workers=min(32, len(nodes))) as pool:
             return list(pool.map(guarded, nodes))
 
-    def run(self, nodes: Sequence[NodeRecord], command: str | Callable[[NodeRecord], str], sudo: bool = False,
-            timeout: float | None = None, stream: TextIO | None = None, env: dict[str, str] | None = None,
-            on_line: Callable[[NodeRecord, str], None] | None = None) -> list[NodeResult]:
+    def run(
+        self,
+        nodes: Sequence[NodeRecord],
+        command: str | Callable[[NodeRecord], str],
+        sudo: bool = False,
+        timeout: float | None = None,
+        stream: TextIO | None = None,
+        env: dict[str, str] | None = None,
+        on_line: Callable[[NodeRecord, str], None] | None = None,
+    ) -> list[NodeResult]:
         """Run `command` (or command(node)) on every node in parallel; with `stream`, output lines are
         written there prefixed by node name; with `on_line`, each stdout line is handed to it."""
+
         def one(node: NodeRecord) -> NodeResult:
             with self.connection(node) as c:
                 out = err = None
@@ -165,8 +189,9 @@ class Remote:
                 for w in (out, err):
                     if w:
                         w.finish()
-                return NodeResult(node, r.exited == 0, r.exited, r.stdout, r.stderr,
-                                  "" if r.exited == 0 else f"exit code {r.exited}")
+                return NodeResult(
+                    node, r.exited == 0, r.exited, r.stdout, r.stderr, "" if r.exited == 0 else f"exit code {r.exited}"
+                )
 
         return self._each(nodes, one)
 
@@ -187,11 +212,21 @@ class Remote:
                     tmp = f".raysweep-upload-{os.getpid()}-{threading.get_ident()}.tgz"
                     c.put(io.BytesIO(payload), tmp)
                     q = shlex.quote(dst)
-                    r = c.run(f"mkdir -p {q} && tar xzf {tmp} -C {q}; rc=$?; rm -f {tmp}; exit $rc",
-                              hide=True, warn=True, in_stream=False)
+                    r = c.run(
+                        f"mkdir -p {q} && tar xzf {tmp} -C {q}; rc=$?; rm -f {tmp}; exit $rc",
+                        hide=True,
+                        warn=True,
+                        in_stream=False,
+                    )
                     if r.exited != 0:
-                        return NodeResult(node, False, r.exited, r.stdout, r.stderr,
-                                          f"unpacking into {dst} failed: {r.stderr.strip()[-200:]}")
+                        return NodeResult(
+                            node,
+                            False,
+                            r.exited,
+                            r.stdout,
+                            r.stderr,
+                            f"unpacking into {dst} failed: {r.stderr.strip()[-200:]}",
+                        )
                 else:
                     parent = os.path.dirname(dst.rstrip("/"))
                     if parent:
@@ -201,9 +236,11 @@ class Remote:
 
         return self._each(nodes, one)
 
-    def wait_ssh(self, nodes: Sequence[NodeRecord], timeout: float = 300.0,
-                 on_ready: Callable[[NodeRecord], None] | None = None) -> list[NodeResult]:
+    def wait_ssh(
+        self, nodes: Sequence[NodeRecord], timeout: float = 300.0, on_ready: Callable[[NodeRecord], None] | None = None
+    ) -> list[NodeResult]:
         """Wait until each node answers a real SSH command (pinning its host key on first contact)."""
+
         def one(node: NodeRecord) -> NodeResult:
             deadline = time.monotonic() + timeout
             last = "no answer"
@@ -223,13 +260,27 @@ class Remote:
                 except (paramiko.SSHException, OSError, EOFError) as e:
                     last = f"{type(e).__name__}: {e}"
                 time.sleep(1.0)
-            return NodeResult(node, False, error=f"SSH on {node.name} ({node.ip}) did not answer within "
-                                                 f"{timeout:g} s (last: {last})")
+            return NodeResult(
+                node, False, error=f"SSH on {node.name} ({node.ip}) did not answer within {timeout:g} s (last: {last})"
+            )
 
         return self._each(nodes, one)
 
 
 def interactive_ssh_argv(node: NodeRecord, key_path: Path, known_hosts: Path, command: Sequence[str] = ()) -> list[str]:
     """argv for an interactive login with the system's OpenSSH client, checking the pinned host key."""
-    return ["ssh", "-i", str(key_path), "-o", f"UserKnownHostsFile={known_hosts}", "-o", "StrictHostKeyChecking=yes",
-            "-o", "IdentitiesOnly=yes", "-o", "GlobalKnownHostsFile=/dev/null", f"{node.user}@{node.ip}", *command]
+    return [
+        "ssh",
+        "-i",
+        str(key_path),
+        "-o",
+        f"UserKnownHostsFile={known_hosts}",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "GlobalKnownHostsFile=/dev/null",
+        f"{node.user}@{node.ip}",
+        *command,
+    ]

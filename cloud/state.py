@@ -22,7 +22,7 @@ from pathlib import Path
 @dataclass
 class NodeRecord:
     name: str
-    role: str            # head or worker
+    role: str  # head or worker
     ip: str
     id: str = ""
     user: str = "ubuntu"
@@ -103,8 +103,21 @@ class StateStore:
         """The cluster's own ed25519 key pair, made on first use; the private key is readable by the user only."""
         self.ensure_dir()
         if not self.key_path.exists():
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"raysweep-{self.dir.name}",
-                            "-f", str(self.key_path)], check=True)
+            subprocess.run(
+                [
+                    "ssh-keygen",
+                    "-q",
+                    "-t",
+                    "ed25519",
+                    "-N",
+                    "",
+                    "-C",
+                    f"raysweep-{self.dir.name}",
+                    "-f",
+                    str(self.key_path),
+                ],
+                check=True,
+            )
         os.chmod(self.key_path, 0o600)
         return self.key_path
 

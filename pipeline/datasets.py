@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # imported lazily: pipeline.tasks imports Ray
 
 NAMED = ("mnist", "mnist-5k")
 
-__all__ = ["DataPlan", "plan", "produce", "Dataset", "MNIST_URL", "MNIST_SHA256", "program_bytes"]
+__all__ = ["MNIST_SHA256", "MNIST_URL", "DataPlan", "Dataset", "plan", "produce", "program_bytes"]
 
 
 def program_bytes(name: str) -> bytes:
@@ -30,15 +30,15 @@ def program_bytes(name: str) -> bytes:
 
 @dataclass(frozen=True)
 class DataPlan:
-    source: str        # mnist, mnist-5k, a URL, or a local path
-    local: bool        # a local file, already checked
+    source: str  # mnist, mnist-5k, a URL, or a local path
+    local: bool  # a local file, already checked
 
 
 @dataclass(frozen=True)
 class Dataset:
-    data: "tasks.DataObject"
-    name: str          # what was used (mnist-5k when the default download fell back)
-    note: str | None   # a line for the user, e.g. why it fell back
+    data: tasks.DataObject
+    name: str  # what was used (mnist-5k when the default download fell back)
+    note: str | None  # a line for the user, e.g. why it fell back
     train: int
     test: int
 
@@ -61,8 +61,14 @@ def produce(p: DataPlan, timeout: float | None = None) -> Dataset:
     if p.local:
         n_train, n_test = check_npz(p.source)
         return Dataset(tasks.file(p.source), os.path.basename(p.source), None, n_train, n_test)
-    args = ["python3", tasks.blob(program_bytes("fetch_data.py"), "fetch_data.py"), "--source", p.source,
-            "--out", "mnist.npz"]
+    args = [
+        "python3",
+        tasks.blob(program_bytes("fetch_data.py"), "fetch_data.py"),
+        "--source",
+        p.source,
+        "--out",
+        "mnist.npz",
+    ]
     if p.source == "mnist":
         args += ["--sha256", MNIST_SHA256, "--fallback", "mnist-5k"]
     t = tasks.Execute(args, output_paths=["mnist.npz"], stdout=True, name=f"download {p.source}", cpus=0.5)

@@ -84,18 +84,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", default=DEFAULT_SIZES, help=f"hidden sizes (default {DEFAULT_SIZES})")
     p.add_argument("--dropouts", default=DEFAULT_DROPOUTS, help=f"dropout rates (default {DEFAULT_DROPOUTS})")
     p.add_argument("--epochs", type=int, default=1, help="training epochs per trial (default 1)")
-    p.add_argument("--data", default="mnist",
-                   help="mnist (download, checked, cached; falls back to mnist-5k offline), mnist-5k "
-                        "(offline subset), or a path/URL of an npz with x_train, y_train, x_test, y_test")
+    p.add_argument(
+        "--data",
+        default="mnist",
+        help="mnist (download, checked, cached; falls back to mnist-5k offline), mnist-5k "
+        "(offline subset), or a path/URL of an npz with x_train, y_train, x_test, y_test",
+    )
     p.add_argument("--out", default="results", help="output directory (default results)")
     p.add_argument("--address", default=None, help="a Ray address (default: a local Ray)")
     p.add_argument("--cluster", default=None, help="run on this Exoscale cluster, through an SSH tunnel")
     p.add_argument("--cluster-config", default=None, help="the cluster's cluster.toml, if it has one")
-    p.add_argument("--program", default=None,
-                   help="run the training program already present at this absolute path on every node "
-                        "(default: ship pipeline/programs/mnist.py with each task)")
-    p.add_argument("--local-cpus", type=int, default=None,
-                   help="CPUs of the local Ray started when neither --address nor --cluster is given (default: all)")
+    p.add_argument(
+        "--program",
+        default=None,
+        help="run the training program already present at this absolute path on every node "
+        "(default: ship pipeline/programs/mnist.py with each task)",
+    )
+    p.add_argument(
+        "--local-cpus",
+        type=int,
+        default=None,
+        help="CPUs of the local Ray started when neither --address nor --cluster is given (default: all)",
+    )
     p.add_argument("--cpus", type=float, default=1, help="CPUs per trial (default 1)")
     p.add_argument("--timeout", type=float, default=None, help="seconds after which a trial is killed")
     p.add_argument("--seed", type=int, default=None, help="seed passed to every trial")
@@ -104,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def validate(args: argparse.Namespace) -> tuple[list[int], list[float], "datasets.DataPlan"]:
+def validate(args: argparse.Namespace) -> tuple[list[int], list[float], datasets.DataPlan]:
     sizes = parse_sizes(args.sizes)
     drops = parse_dropouts(args.dropouts)
     if args.epochs <= 0:
@@ -116,8 +126,10 @@ def validate(args: argparse.Namespace) -> tuple[list[int], list[float], "dataset
     if args.address and args.cluster:
         raise UsageError("give --address or --cluster, not both")
     if args.program is not None and not os.path.isabs(args.program):
-        raise UsageError(f"--program {args.program!r}: give an absolute path (tasks run in their own "
-                         f"directories), e.g. /home/ubuntu/mnist.py")
+        raise UsageError(
+            f"--program {args.program!r}: give an absolute path (tasks run in their own "
+            f"directories), e.g. /home/ubuntu/mnist.py"
+        )
     if args.local_cpus is not None and (args.local_cpus < 1 or args.address or args.cluster):
         raise UsageError("--local-cpus takes a number >= 1 and applies only to a local Ray")
     out = Path(args.out)
@@ -138,8 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.cluster:
         os.environ["RAY_AUTH_MODE"] = "token"  # the cluster requires its token; read by Ray at import
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         sizes, drops, plan = validate(args)
     except UsageError as e:
@@ -152,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             tunnel, address = connect_address(args.cluster, args.cluster_config)
-        except Exception as e:  # noqa: BLE001 - any failure to reach the cluster is one line for the user
+        except Exception as e:
             print(f"pipeline.mnist: error: --cluster {args.cluster!r}: {e}", file=sys.stderr)
             return 2
     try:
@@ -182,14 +195,18 @@ def _run(args, sizes, drops, plan, address, tunnel=None) -> int:
         program_arg = tasks.blob(code, "mnist.py")
         program_id = "sha256:" + hashlib.sha256(code).hexdigest()[:16]
 
-    print(f"Ray {ray.__version__}: {int(ray.cluster_resources().get('CPU', 0))} CPUs on "
-          f"{len([n for n in ray.nodes() if n['Alive']])} node(s); preparing data ({plan.source})",
-          file=sys.stderr)
+    print(
+        f"Ray {ray.__version__}: {int(ray.cluster_resources().get('CPU', 0))} CPUs on "
+        f"{len([n for n in ray.nodes() if n['Alive']])} node(s); preparing data ({plan.source})",
+        file=sys.stderr,
+    )
     try:
         ds = datasets.produce(plan)
     except tasks.ExecuteError as e:
-        print(f"pipeline.mnist: error: --data {plan.source!r}: {e.stderr_tail.strip().splitlines()[-1] if e.stderr_tail.strip() else e}",
-              file=sys.stderr)
+        print(
+            f"pipeline.mnist: error: --data {plan.source!r}: {e.stderr_tail.strip().splitlines()[-1] if e.stderr_tail.strip() else e}",
+            file=sys.stderr,
+        )
         return 2
     if ds.note:
         print(ds.note, file=sys.stderr)
@@ -203,17 +220,38 @@ def _run(args, sizes, drops, plan, address, tunnel=None) -> int:
             return 2
         if reused:
             print(f"reusing {reused} finished trial(s) from {store.json_path}", file=sys.stderr)
-    store.meta = {"dataset": ds.name, "train_images": ds.train, "test_images": ds.test,
-                  "ray_version": ray.__version__, "sizes": sizes, "dropouts": drops}
+    store.meta = {
+        "dataset": ds.name,
+        "train_images": ds.train,
+        "test_images": ds.test,
+        "ray_version": ray.__version__,
+        "sizes": sizes,
+        "dropouts": drops,
+    }
 
     def submit(p):
-        argv = ["python3", program_arg, "--data", ds.data, "--size", str(p["size"]),
-                "--dropout", str(p["dropout"]), "--epochs", str(args.epochs)]
+        argv = [
+            "python3",
+            program_arg,
+            "--data",
+            ds.data,
+            "--size",
+            str(p["size"]),
+            "--dropout",
+            str(p["dropout"]),
+            "--epochs",
+            str(args.epochs),
+        ]
         if args.seed is not None:
             argv += ["--seed", str(args.seed)]
-        return tasks.Execute(argv, stdout=True, cpus=args.cpus, timeout=args.timeout,
-                             name=f"mnist size={p['size']} dropout={p['dropout']}",
-                             env={"OMP_NUM_THREADS": str(max(1, int(args.cpus)))})
+        return tasks.Execute(
+            argv,
+            stdout=True,
+            cpus=args.cpus,
+            timeout=args.timeout,
+            name=f"mnist size={p['size']} dropout={p['dropout']}",
+            env={"OMP_NUM_THREADS": str(max(1, int(args.cpus)))},
+        )
 
     grid = [{"size": s, "dropout": d} for s in sizes for d in drops]
     slots = int(ray.cluster_resources().get("CPU", 0) // args.cpus) or None
@@ -226,10 +264,16 @@ def _run(args, sizes, drops, plan, address, tunnel=None) -> int:
         return 130
     except (ConnectionError, ray.exceptions.RaySystemError) as e:
         where = f"cluster {args.cluster!r}" if args.cluster else f"Ray at {address or 'the local Ray'}"
-        why = (f"its head {tunnel.head.ip} stopped answering over SSH" if tunnel is not None and tunnel.lost
-               else f"the head is unreachable: {str(e).splitlines()[0][:200]}")
-        print(f"pipeline.mnist: error: lost the connection to {where} ({why}); the {len(store.results)} "
-              f"finished trial(s) are in {store.csv_path}; run the same command again to resume", file=sys.stderr)
+        why = (
+            f"its head {tunnel.head.ip} stopped answering over SSH"
+            if tunnel is not None and tunnel.lost
+            else f"the head is unreachable: {str(e).splitlines()[0][:200]}"
+        )
+        print(
+            f"pipeline.mnist: error: lost the connection to {where} ({why}); the {len(store.results)} "
+            f"finished trial(s) are in {store.csv_path}; run the same command again to resume",
+            file=sys.stderr,
+        )
         return 1
     wall = time.monotonic() - started
     store.meta["wall_seconds"] = round(wall, 2)
@@ -244,8 +288,11 @@ def _run(args, sizes, drops, plan, address, tunnel=None) -> int:
         print(f"best: size={b.params['size']} dropout={b.params['dropout']:g} accuracy={b.value:.4f}")
     print(f"wrote {store.csv_path}, {store.json_path}, {png} in {wall:.1f} s")
     if failed:
-        print(f"{len(failed)} of {len(results)} trial(s) failed; their errors are in {store.csv_path}; "
-              f"run again with the same --out to retry only those", file=sys.stderr)
+        print(
+            f"{len(failed)} of {len(results)} trial(s) failed; their errors are in {store.csv_path}; "
+            f"run again with the same --out to retry only those",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from pipeline.sweep import TrialResult
 
 
-def heatmap(results: Sequence[TrialResult], sizes: Sequence[int], dropouts: Sequence[float],
-            path: str | Path, title: str) -> Path:
+def heatmap(
+    results: Sequence[TrialResult], sizes: Sequence[int], dropouts: Sequence[float], path: str | Path, title: str
+) -> Path:
     """sizes (rows) x dropouts (columns), each cell annotated; failed or missing cells marked."""
     import matplotlib
 
@@ -37,13 +38,23 @@ def heatmap(results: Sequence[TrialResult], sizes: Sequence[int], dropouts: Sequ
             r = by.get((s, d))
             if r is not None and r.status == "ok":
                 bright = (r.value - vmin) / (vmax - vmin) > 0.6
-                ax.text(j, i, f"{r.value:.3f}", ha="center", va="center",
-                        color="black" if bright else "white", fontsize=10)
+                ax.text(
+                    j, i, f"{r.value:.3f}", ha="center", va="center", color="black" if bright else "white", fontsize=10
+                )
             else:
-                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="xx",
-                                           edgecolor="#b22222", linewidth=0))
-                ax.text(j, i, "FAILED" if r is not None else "missing", ha="center", va="center",
-                        color="#b22222", fontsize=9, fontweight="bold")
+                ax.add_patch(
+                    plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="xx", edgecolor="#b22222", linewidth=0)
+                )
+                ax.text(
+                    j,
+                    i,
+                    "FAILED" if r is not None else "missing",
+                    ha="center",
+                    va="center",
+                    color="#b22222",
+                    fontsize=9,
+                    fontweight="bold",
+                )
     ax.set_xticks(range(len(dropouts)), [f"{d:g}" for d in dropouts])
     ax.set_yticks(range(len(sizes)), [str(s) for s in sizes])
     ax.set_xlabel("dropout")

@@ -14,22 +14,29 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Mapping, Sequence, Union
+from typing import BinaryIO
 
 STDERR_TAIL_BYTES = 4096
 STDERR_TAIL_LINES = 20
 
 #: What an input can be: bytes written into the directory, or an existing file linked into it.
-Source = Union[bytes, memoryview, Path]
+Source = bytes | memoryview | Path
 
 
 class ExecuteError(Exception):
     """A program run failed: non-zero exit, a signal, a timeout or a missing/invalid output."""
 
-    def __init__(self, message: str, name: str = "", returncode: int | None = None,
-                 stderr_tail: str = "", timed_out: bool = False):
+    def __init__(
+        self,
+        message: str,
+        name: str = "",
+        returncode: int | None = None,
+        stderr_tail: str = "",
+        timed_out: bool = False,
+    ):
         super().__init__(message)
         self.name = name
         self.returncode = returncode
@@ -45,7 +52,9 @@ def check_relpath(path: str, what: str = "path") -> str:
     if not isinstance(path, str):
         raise TypeError(f"{what} must be a string, got {type(path).__name__}: {path!r}")
     if not path or "\0" in path:
-        raise ValueError(f"{what} {path!r} is empty or contains a NUL byte; give a relative file path like 'out/result.txt'")
+        raise ValueError(
+            f"{what} {path!r} is empty or contains a NUL byte; give a relative file path like 'out/result.txt'"
+        )
     p = PurePosixPath(path)
     if p.is_absolute():
         raise ValueError(f"{what} {path!r} is absolute; give a path relative to the task directory")
@@ -61,7 +70,7 @@ def check_relpath(path: str, what: str = "path") -> str:
 class ProgramRun:
     """What to run. `argv` is a list, or a string when `shell` is true."""
 
-    argv: Union[Sequence[str], str]
+    argv: Sequence[str] | str
     name: str = "task"
     shell: bool = False
     env: Mapping[str, str] | None = None
@@ -73,7 +82,7 @@ class ProgramRun:
 @dataclass
 class RunResult:
     outputs: dict[str, Path] = field(default_factory=dict)  # valid until the sandbox is closed
-    stdout: BinaryIO | None = None                           # an unnamed file at offset 0, likewise
+    stdout: BinaryIO | None = None  # an unnamed file at offset 0, likewise
     seconds: float = 0.0
 
 
@@ -131,8 +140,12 @@ class Sandbox:
     directory holding only its inputs.
     """
 
-    def __init__(self, tmp_root: str | os.PathLike | None = None, prefix: str = "pipeline-task-",
-                 stderr_file: BinaryIO | None = None):
+    def __init__(
+        self,
+        tmp_root: str | os.PathLike | None = None,
+        prefix: str = "pipeline-task-",
+        stderr_file: BinaryIO | None = None,
+    ):
         """`stderr_file`: an open file to capture stderr in, emptied first (a worker reuses one for all
         its tasks, which saves creating a file per task); by default a new unnamed file."""
         self.workdir = Path(tempfile.mkdtemp(prefix=prefix, dir=tmp_root))
@@ -140,7 +153,7 @@ class Sandbox:
         self._files: list[BinaryIO] = []
         self._stderr_file = stderr_file
 
-    def __enter__(self) -> "Sandbox":
+    def __enter__(self) -> Sandbox:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -192,11 +205,20 @@ class Sandbox:
             stdin_arg = subprocess.DEVNULL
         start = time.monotonic()
         try:
-            proc = subprocess.Popen(program.argv, shell=program.shell, cwd=self.workdir, env=env,
-                                    stdin=stdin_arg, stdout=out, stderr=err, start_new_session=True)
+            proc = subprocess.Popen(
+                program.argv,
+                shell=program.shell,
+                cwd=self.workdir,
+                env=env,
+                stdin=stdin_arg,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
         except OSError as e:
-            raise ExecuteError(f"task {program.name!r} could not start {_argv0(program)!r}: {e.strerror}",
-                               name=program.name) from None
+            raise ExecuteError(
+                f"task {program.name!r} could not start {_argv0(program)!r}: {e.strerror}", name=program.name
+            ) from None
         timed_out = False
         try:
             returncode = proc.wait(timeout=program.timeout)
@@ -212,8 +234,7 @@ class Sandbox:
             what = f"timed out after {program.timeout:g} s" if timed_out else _describe_exit(returncode)
             msg = f"task {program.name!r} {what}"
             msg += f"; last lines of stderr:\n{tail}" if tail else "; stderr was empty"
-            raise ExecuteError(msg, name=program.name, returncode=returncode, stderr_tail=tail,
-                               timed_out=timed_out)
+            raise ExecuteError(msg, name=program.name, returncode=returncode, stderr_tail=tail, timed_out=timed_out)
         if program.capture_stdout:
             out.seek(0)
         result = RunResult(stdout=out if program.capture_stdout else None, seconds=seconds)
@@ -221,15 +242,26 @@ class Sandbox:
         for rel in program.output_paths:
             p = self.workdir / rel
             if not os.path.lexists(p):
-                raise ExecuteError(f"task {program.name!r} did not create its declared output {rel!r}",
-                                   name=program.name, returncode=returncode, stderr_tail=_tail(err))
+                raise ExecuteError(
+                    f"task {program.name!r} did not create its declared output {rel!r}",
+                    name=program.name,
+                    returncode=returncode,
+                    stderr_tail=_tail(err),
+                )
             real = os.path.realpath(p)
             if os.path.commonpath([real, real_work]) != real_work:
-                raise ExecuteError(f"task {program.name!r}: output {rel!r} is a symlink pointing outside the "
-                                   f"task directory ({real}); refused", name=program.name, returncode=returncode)
+                raise ExecuteError(
+                    f"task {program.name!r}: output {rel!r} is a symlink pointing outside the "
+                    f"task directory ({real}); refused",
+                    name=program.name,
+                    returncode=returncode,
+                )
             if not os.path.isfile(real):
-                raise ExecuteError(f"task {program.name!r}: output {rel!r} is not a regular file; declare files",
-                                   name=program.name, returncode=returncode)
+                raise ExecuteError(
+                    f"task {program.name!r}: output {rel!r} is not a regular file; declare files",
+                    name=program.name,
+                    returncode=returncode,
+                )
             result.outputs[rel] = Path(real)
         return result
 

@@ -16,9 +16,10 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, TextIO
 
 import ray
 
@@ -30,12 +31,12 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrialResult:
     params: dict[str, Any]
-    status: str                 # "ok" or "failed"
+    status: str  # "ok" or "failed"
     value: float | None = None
     seconds: float | None = None
     node: str = ""
     error: str = ""
-    attempts: int = 1           # runs Ray made of it (more than 1 when a node was lost)
+    attempts: int = 1  # runs Ray made of it (more than 1 when a node was lost)
 
     @property
     def key(self) -> tuple:
@@ -49,8 +50,9 @@ class SettingsMismatch(ValueError):
 class ResultStore:
     """results.csv and results.json in one directory, rewritten atomically after every trial."""
 
-    def __init__(self, out_dir: str | os.PathLike, param_names: Sequence[str], value_name: str,
-                 settings: dict[str, Any]):
+    def __init__(
+        self, out_dir: str | os.PathLike, param_names: Sequence[str], value_name: str, settings: dict[str, Any]
+    ):
         self.dir = Path(out_dir)
         self.param_names = list(param_names)
         self.value_name = value_name
@@ -78,13 +80,20 @@ class ResultStore:
         diff = {k: (old_settings.get(k), v) for k, v in self.settings.items() if old_settings.get(k) != v}
         if diff:
             what = ", ".join(f"{k} {a!r} there vs {b!r} now" for k, (a, b) in diff.items())
-            raise SettingsMismatch(f"{self.dir} holds results of a different sweep ({what}); "
-                                   f"use --fresh to replace them or another --out")
+            raise SettingsMismatch(
+                f"{self.dir} holds results of a different sweep ({what}); use --fresh to replace them or another --out"
+            )
         n = 0
         for t in old.get("trials", []):
-            r = TrialResult(params=t["params"], status=t["status"], value=t.get("value"),
-                            seconds=t.get("seconds"), node=t.get("node", ""), error=t.get("error", ""),
-                            attempts=t.get("attempts", 1))
+            r = TrialResult(
+                params=t["params"],
+                status=t["status"],
+                value=t.get("value"),
+                seconds=t.get("seconds"),
+                node=t.get("node", ""),
+                error=t.get("error", ""),
+                attempts=t.get("attempts", 1),
+            )
             if r.status == "ok":
                 self.results[r.key] = r
                 n += 1
@@ -104,11 +113,19 @@ class ResultStore:
         _atomic_write(self.json_path, json.dumps(doc, indent=2) + "\n")
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(self.param_names + [self.value_name, "status", "seconds", "node", "attempts", "error"])
+        w.writerow([*self.param_names, self.value_name, "status", "seconds", "node", "attempts", "error"])
         for r in rows:
-            w.writerow([r.params[p] for p in self.param_names] + [
-                "" if r.value is None else r.value, r.status,
-                "" if r.seconds is None else f"{r.seconds:.2f}", r.node, r.attempts, r.error])
+            w.writerow(
+                [r.params[p] for p in self.param_names]
+                + [
+                    "" if r.value is None else r.value,
+                    r.status,
+                    "" if r.seconds is None else f"{r.seconds:.2f}",
+                    r.node,
+                    r.attempts,
+                    r.error,
+                ]
+            )
         _atomic_write(self.csv_path, buf.getvalue())
 
 
@@ -122,8 +139,7 @@ class Progress:
     """done / failed / running, elapsed and ETA: one line redrawn on a terminal; elsewhere (logs, CI)
     a line whenever a count changes, and at least every `heartbeat_s` while nothing does."""
 
-    def __init__(self, total: int, stream: TextIO | None = None, slots: int | None = None,
-                 heartbeat_s: float = 30.0):
+    def __init__(self, total: int, stream: TextIO | None = None, slots: int | None = None, heartbeat_s: float = 30.0):
         self.total = total
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
@@ -147,8 +163,10 @@ class Progress:
         elapsed = now - self.start
         new = finished - self._reused
         eta = _fmt_s(elapsed / new * (self.total - finished)) if new else "?"
-        line = (f"[{finished}/{self.total}] done {done}, failed {failed}, running {running}, "
-                f"queued {pending - running} | elapsed {_fmt_s(elapsed)} | ETA {eta}")
+        line = (
+            f"[{finished}/{self.total}] done {done}, failed {failed}, running {running}, "
+            f"queued {pending - running} | elapsed {_fmt_s(elapsed)} | ETA {eta}"
+        )
         self.stream.write("\r\033[K" + line if self.tty else line + "\n")
         self.stream.flush()
 
@@ -159,7 +177,7 @@ class Progress:
 
 
 def _fmt_s(s: float) -> str:
-    s = int(round(s))
+    s = round(s)
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
@@ -183,9 +201,14 @@ class _Running:
     submitted: float = field(default_factory=time.monotonic)
 
 
-def run_grid(grid: Sequence[dict[str, Any]], submit: Callable[[dict[str, Any]], tasks.Execute],
-             store: ResultStore, progress: Progress | None = None,
-             parse: Callable[[str], float] = parse_last_float, poll_s: float = 1.0) -> list[TrialResult]:
+def run_grid(
+    grid: Sequence[dict[str, Any]],
+    submit: Callable[[dict[str, Any]], tasks.Execute],
+    store: ResultStore,
+    progress: Progress | None = None,
+    parse: Callable[[str], float] = parse_last_float,
+    poll_s: float = 1.0,
+) -> list[TrialResult]:
     """Run every grid point not already in the store; record each result as it ends.
 
     Returns the results of all grid points (reused and new). KeyboardInterrupt cancels what is
@@ -219,7 +242,7 @@ def run_grid(grid: Sequence[dict[str, Any]], submit: Callable[[dict[str, Any]], 
         for r in running.values():
             try:
                 ray.cancel(r.task.info_ref, force=True)
-            except Exception:  # noqa: BLE001 - e.g. the head is gone; what finished is written already
+            except Exception:
                 break
         raise
     finally:
@@ -240,5 +263,6 @@ def _collect(r: _Running, parse: Callable[[str], float]) -> TrialResult:
         return TrialResult(r.params, "failed", error=f"bad output: {e}")
     except ray.exceptions.RayError as e:  # e.g. the node died more often than Ray retries
         return TrialResult(r.params, "failed", error=f"{type(e).__name__}: {str(e).splitlines()[0]}")
-    return TrialResult(r.params, "ok", value=value, seconds=round(info.seconds, 3), node=info.node_ip,
-                       attempts=info.attempt + 1)
+    return TrialResult(
+        r.params, "ok", value=value, seconds=round(info.seconds, 3), node=info.node_ip, attempts=info.attempt + 1
+    )

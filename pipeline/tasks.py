@@ -17,9 +17,10 @@ import socket
 import sys
 import tempfile
 import uuid
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Mapping, Sequence, Union
+from typing import Any, Union
 
 import numpy as np
 import ray
@@ -27,7 +28,7 @@ import ray
 from pipeline.cache import NodeCache
 from pipeline.sandbox import ExecuteError, ProgramRun, Sandbox, check_relpath
 
-__all__ = ["Execute", "DataObject", "FetchedData", "RunInfo", "ExecuteError", "blob", "file", "ensure_ray"]
+__all__ = ["DataObject", "Execute", "ExecuteError", "FetchedData", "RunInfo", "blob", "ensure_ray", "file"]
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -90,7 +91,7 @@ class DataObject:
         return f"DataObject(name={self.name!r}, key={self.key[:8]}…)"
 
 
-def _as_array(data: Union[bytes, bytearray, memoryview, str]) -> np.ndarray:
+def _as_array(data: bytes | bytearray | memoryview | str) -> np.ndarray:
     if isinstance(data, str):
         data = data.encode("utf-8")
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -98,7 +99,7 @@ def _as_array(data: Union[bytes, bytearray, memoryview, str]) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8)
 
 
-def blob(data: Union[bytes, bytearray, memoryview, str], name: str = "") -> DataObject:
+def blob(data: bytes | bytearray | memoryview | str, name: str = "") -> DataObject:
     """Put bytes (or str, as UTF-8) into Ray as a data object."""
     array = _as_array(data)
     ensure_ray()
@@ -121,13 +122,13 @@ class _Spec:
     """What a worker needs to run one Execute task; data appear as indexes into the task's inputs."""
 
     name: str
-    argv: tuple[Union[str, int], ...]   # ints index into `inputs` (mapped to a random file name)
+    argv: tuple[str | int, ...]  # ints index into `inputs` (mapped to a random file name)
     shell: bool
-    input_names: tuple[str, ...]        # the relative path of each input in the task directory
+    input_names: tuple[str, ...]  # the relative path of each input in the task directory
     input_keys: tuple[str, ...]
-    stdin: int | None                   # index into inputs
+    stdin: int | None  # index into inputs
     output_paths: tuple[str, ...]
-    output_keys: tuple[str, ...]        # cache keys of outputs (incl. stdout when captured)
+    output_keys: tuple[str, ...]  # cache keys of outputs (incl. stdout when captured)
     capture_stdout: bool
     env: tuple[tuple[str, str], ...] | None
     timeout: float | None
@@ -141,8 +142,8 @@ class RunInfo:
     node_ip: str
     hostname: str
     seconds: float
-    input_bytes_written: int          # bytes this task wrote to map its inputs (0 on cache hits)
-    attempt: int = 0                  # 0 on the first run; more when Ray re-ran it (e.g. a node was lost)
+    input_bytes_written: int  # bytes this task wrote to map its inputs (0 on cache hits)
+    attempt: int = 0  # 0 on the first run; more when Ray re-ran it (e.g. a node was lost)
 
 
 def _random_name(data: DataObject) -> str:
@@ -190,12 +191,18 @@ def _run_spec(spec: _Spec, inputs: Sequence[np.ndarray]) -> list:
         paths.append(path)
         written += n
     argv_items = [spec.input_names[a] if isinstance(a, int) else a for a in spec.argv]
-    argv: Union[str, list[str]] = argv_items
+    argv: str | list[str] = argv_items
     if spec.shell:  # the items are shell text; data names are plain random names, safe unquoted
         argv = " ".join(argv_items)
-    program = ProgramRun(argv=argv, name=spec.name, shell=spec.shell,
-                         env=dict(spec.env) if spec.env is not None else None, timeout=spec.timeout,
-                         capture_stdout=spec.capture_stdout, output_paths=spec.output_paths)
+    program = ProgramRun(
+        argv=argv,
+        name=spec.name,
+        shell=spec.shell,
+        env=dict(spec.env) if spec.env is not None else None,
+        timeout=spec.timeout,
+        capture_stdout=spec.capture_stdout,
+        output_paths=spec.output_paths,
+    )
     in_argv = _argv_names(spec)
     with Sandbox(tmp_root=os.environ.get("PIPELINE_SANDBOX_DIR"), stderr_file=worker.stderr_file) as box:
         for i, (rel, path) in enumerate(zip(spec.input_names, paths)):
@@ -218,7 +225,7 @@ def _attempt() -> int:
     """Which run of this task this is (Ray re-runs a task whose worker or node died)."""
     try:
         return int(ray._private.worker.global_worker.core_worker.get_current_task_attempt_number())
-    except Exception:  # noqa: BLE001 - a private Ray API; without it every run counts as the first
+    except Exception:
         return 0
 
 
@@ -255,8 +262,10 @@ def _as_data(item: Any, where: str) -> DataObject:
         return item
     if isinstance(item, Execute):
         return item.output
-    raise TypeError(f"{where} must be a data object (tasks.blob(...), a task's output) or a task, "
-                    f"got {type(item).__name__}: {item!r}")
+    raise TypeError(
+        f"{where} must be a data object (tasks.blob(...), a task's output) or a task, "
+        f"got {type(item).__name__}: {item!r}"
+    )
 
 
 class Execute:
@@ -266,10 +275,19 @@ class Execute:
     to a data object; `output` is the single one; `wait()` returns the RunInfo or raises ExecuteError.
     """
 
-    def __init__(self, args: Union[str, Sequence[Any]], stdout: bool = False, stdin: DataLike | None = None,
-                 input_paths: Union[Mapping[str, DataLike], Iterable[tuple[str, DataLike]]] = (),
-                 output_paths: Iterable[str] = (), shell: bool = False, name: str | None = None,
-                 cpus: float = 1, env: Mapping[str, str] | None = None, timeout: float | None = None):
+    def __init__(
+        self,
+        args: str | Sequence[Any],
+        stdout: bool = False,
+        stdin: DataLike | None = None,
+        input_paths: Mapping[str, DataLike] | Iterable[tuple[str, DataLike]] = (),
+        output_paths: Iterable[str] = (),
+        shell: bool = False,
+        name: str | None = None,
+        cpus: float = 1,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ):
         argv, datas, names = self._parse_args(args, shell)
         pairs = input_paths.items() if isinstance(input_paths, Mapping) else input_paths
         for rel, item in pairs:
@@ -295,8 +313,7 @@ class Execute:
             raise ValueError("output path 'stdout' clashes with stdout=True; rename the file")
         if isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or cpus < 0:
             raise ValueError(f"cpus must be a number >= 0, got {cpus!r}")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                    or timeout <= 0):
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
             raise ValueError(f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
         if env is not None:
             bad = [k for k, v in env.items() if not isinstance(k, str) or not isinstance(v, str)]
@@ -305,11 +322,18 @@ class Execute:
         out_names = list(outs) + (["stdout"] if stdout else [])
         self.name = name or _default_name(argv, names)
         spec = _Spec(
-            name=self.name, argv=tuple(argv), shell=shell, input_names=tuple(names),
-            input_keys=tuple(d.key for d in datas), stdin=stdin_index, output_paths=outs,
-            output_keys=tuple(uuid.uuid4().hex for _ in out_names), capture_stdout=bool(stdout),
+            name=self.name,
+            argv=tuple(argv),
+            shell=shell,
+            input_names=tuple(names),
+            input_keys=tuple(d.key for d in datas),
+            stdin=stdin_index,
+            output_paths=outs,
+            output_keys=tuple(uuid.uuid4().hex for _ in out_names),
+            capture_stdout=bool(stdout),
             env=tuple(sorted(env.items())) if env is not None else None,
-            timeout=float(timeout) if timeout is not None else None)
+            timeout=float(timeout) if timeout is not None else None,
+        )
         ensure_ray()
         # pre-pickled: Ray passes bytes through its fast path instead of cloudpickling a dataclass
         spec_bytes = pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL)
@@ -318,7 +342,8 @@ class Execute:
             refs = [refs]
         self.info_ref: ray.ObjectRef = refs[0]
         self.outputs: dict[str, DataObject] = {
-            n: DataObject(r, k, PurePosixPath(n).name) for n, r, k in zip(out_names, refs[1:], spec.output_keys)}
+            n: DataObject(r, k, PurePosixPath(n).name) for n, r, k in zip(out_names, refs[1:], spec.output_keys)
+        }
 
     @staticmethod
     def _parse_args(args: Any, shell: bool) -> tuple[list, list[DataObject], list[str]]:
@@ -330,7 +355,7 @@ class Execute:
             raise TypeError(f"args must be a string or a list, got {type(args).__name__}")
         if not items:
             raise ValueError("args is empty; give the program to run, e.g. 'python3 prog.py'")
-        argv: list[Union[str, int]] = []
+        argv: list[str | int] = []
         datas: list[DataObject] = []
         names: list[str] = []
         for i, item in enumerate(items):
@@ -342,15 +367,18 @@ class Execute:
                 names.append(_random_name(d))
                 argv.append(len(datas) - 1)
             else:
-                raise TypeError(f"args[{i}] must be a string, a data object or a task, "
-                                f"got {type(item).__name__}: {item!r}")
+                raise TypeError(
+                    f"args[{i}] must be a string, a data object or a task, got {type(item).__name__}: {item!r}"
+                )
         return argv, datas, names
 
     @property
     def output(self) -> DataObject:
         if len(self.outputs) != 1:
-            raise ValueError(f"task {self.name!r} has {len(self.outputs)} outputs "
-                             f"({', '.join(self.outputs) or 'none'}); use task.outputs[name]")
+            raise ValueError(
+                f"task {self.name!r} has {len(self.outputs)} outputs "
+                f"({', '.join(self.outputs) or 'none'}); use task.outputs[name]"
+            )
         return next(iter(self.outputs.values()))
 
     def wait(self, timeout: float | None = None) -> RunInfo:

@@ -19,8 +19,7 @@ def ray_local(tmp_path_factory):
     os.environ["PIPELINE_CACHE_DIR"] = str(cache)
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             namespace=f"test-{uuid.uuid4().hex[:8]}")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", namespace=f"test-{uuid.uuid4().hex[:8]}")
     yield cache
     ray.shutdown()
 
@@ -38,8 +37,15 @@ def free_port() -> int:
 
 def run_cli(*args, cwd=None, timeout=600, env=None):
     """Run `python -m ...` as a user would; return CompletedProcess (text)."""
-    return subprocess.run([sys.executable, *args], cwd=cwd or ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd or ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
+    )
 
 
 SIM_KEY = "EXOtest0123456789abcdef01"
@@ -62,8 +68,14 @@ def sim():
 def driver(sim):
     from cloud.exoscale_driver import ExoscaleV2NodeDriver, RetryPolicy
 
-    return ExoscaleV2NodeDriver(SIM_KEY, SIM_SECRET, host=sim.host, port=sim.port, secure=False,
-                                retry=RetryPolicy(attempts=6, base_s=0.01, cap_s=0.05))
+    return ExoscaleV2NodeDriver(
+        SIM_KEY,
+        SIM_SECRET,
+        host=sim.host,
+        port=sim.port,
+        secure=False,
+        retry=RetryPolicy(attempts=6, base_s=0.01, cap_s=0.05),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +106,12 @@ class ClusterCLI:
     def __init__(self, sim, state_dir, name=None):
         self.sim, self.state_dir = sim, state_dir
         self.name = name or f"t{uuid.uuid4().hex[:8]}"
-        self.env = {"EXOSCALE_API_KEY": SIM_KEY, "EXOSCALE_API_SECRET": SIM_SECRET,
-                    "EXOSCALE_API_ENDPOINT": sim.endpoint, "RAYSWEEP_STATE_DIR": str(state_dir)}
+        self.env = {
+            "EXOSCALE_API_KEY": SIM_KEY,
+            "EXOSCALE_API_SECRET": SIM_SECRET,
+            "EXOSCALE_API_ENDPOINT": sim.endpoint,
+            "RAYSWEEP_STATE_DIR": str(state_dir),
+        }
 
     def __call__(self, *args, timeout=300, check=None):
         r = run_cli("exoscale.py", "--name", self.name, *args, timeout=timeout, env=self.env)
@@ -117,8 +133,12 @@ def node_wheelhouse():
     stamp = WHEELHOUSE / ".complete"
     want = " ".join(node_packages())
     if not stamp.exists() or stamp.read_text() != want:
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "-d", str(WHEELHOUSE), *node_packages()],
-                           capture_output=True, text=True, timeout=1800)
+        r = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "-d", str(WHEELHOUSE), *node_packages()],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
         if r.returncode != 0:
             pytest.skip(f"cannot fetch the nodes' wheels: {r.stderr.strip()[-300:]}")
         stamp.write_text(want)
@@ -134,11 +154,15 @@ def sim_cluster_toml(path, name, wheelhouse, **extra):
         tmp = uv.with_suffix(f".tmp{os.getpid()}")
         shutil.copy2(src, tmp)
         os.replace(tmp, uv)
-    lines = [f'name = "{name}"', f'uv_path = "{uv}"',
-             f'install_options = "--no-index --find-links {wheelhouse}"',
-             'install_env = { UV_CACHE_DIR = "/var/tmp/raysweep-uv-cache", UV_LINK_MODE = "copy" }',
-             "ray_cpus = 1", 'ssh_cidr = "0.0.0.0/0"',
-             'ray_env = { RAY_health_check_period_ms = "1000", RAY_health_check_failure_threshold = "3" }']
+    lines = [
+        f'name = "{name}"',
+        f'uv_path = "{uv}"',
+        f'install_options = "--no-index --find-links {wheelhouse}"',
+        'install_env = { UV_CACHE_DIR = "/var/tmp/raysweep-uv-cache", UV_LINK_MODE = "copy" }',
+        "ray_cpus = 1",
+        'ssh_cidr = "0.0.0.0/0"',
+        'ray_env = { RAY_health_check_period_ms = "1000", RAY_health_check_failure_threshold = "3" }',
+    ]
     lines += [f"{k} = {v}" for k, v in extra.items()]
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -13,7 +13,7 @@ def _writer(root, key, delay, q):
         time.sleep(delay)
         f.write(b"x" * 1000)
 
-    path, n = c.materialize(key, write)
+    _path, n = c.materialize(key, write)
     q.put(n)
 
 

@@ -32,8 +32,11 @@ def assert_nothing_left(sim, name, hosts):
     assert hosts, "no hosts were recorded for this cluster"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        netns = {line.split()[0] for line in
-                 subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines() if line}
+        netns = {
+            line.split()[0]
+            for line in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines()
+            if line
+        }
         alive = [i for i in hosts if i in sim.app.model.hooks.hosts]
         if not alive and not netns & set(hosts.values()):
             return
@@ -63,13 +66,17 @@ def test_up_scp_cmd_and_isolation(cluster):
     cluster("scp", "pipeline/programs/mnist.py", "mnist.py", check=0)
     r = cluster("cmd", "sha256sum mnist.py", check=0)
     import hashlib
+
     from tests.conftest import ROOT
 
     want = hashlib.sha256((ROOT / "pipeline/programs/mnist.py").read_bytes()).hexdigest()
     lines = [l for l in r.stdout.splitlines() if "mnist.py" in l]
     assert len(lines) == 3 and all(want in l for l in lines)
-    assert {l.split(" | ")[0] for l in lines} == {f"{cluster.name}-head", f"{cluster.name}-worker-1",
-                                                   f"{cluster.name}-worker-2"}
+    assert {l.split(" | ")[0] for l in lines} == {
+        f"{cluster.name}-head",
+        f"{cluster.name}-worker-1",
+        f"{cluster.name}-worker-2",
+    }
     cluster("cmd", "--node", "1", "echo here > /tmp/only-on-1", check=0)
     r = cluster("cmd", "test -e /tmp/only-on-1 && echo present || echo absent", check=0)
     assert sorted(l.split(" | ")[1] for l in r.stdout.splitlines()) == ["absent", "absent", "present"]
@@ -91,15 +98,20 @@ def test_ssh_login_and_sudo(cluster):
 
 
 def test_only_port_22_from_outside_any_port_between_nodes(cluster):
-    head, w1, _ = node_ips(cluster)
+    head, _w1, _ = node_ips(cluster)
     cluster("cmd", "--node", "0", "nohup python3 -m http.server 8265 --bind 0.0.0.0 >/dev/null 2>&1 &", check=0)
-    r = cluster("cmd", "--node", "0", "for i in $(seq 1 40); do ss -Htln | grep -q ':8265 ' && break; sleep 0.25; done; "
-                "ss -Htln | grep ':8265 '", check=0)  # listening before we probe from outside
+    r = cluster(
+        "cmd",
+        "--node",
+        "0",
+        "for i in $(seq 1 40); do ss -Htln | grep -q ':8265 ' && break; sleep 0.25; done; ss -Htln | grep ':8265 '",
+        check=0,
+    )  # listening before we probe from outside
     with socket.create_connection((head, 22), timeout=3):
         pass
     with pytest.raises(OSError):
         socket.create_connection((head, 8265), timeout=2).close()
-    probe = (f"python3 -c \"import urllib.request;print(urllib.request.urlopen('http://{head}:8265/').status)\"")
+    probe = f"python3 -c \"import urllib.request;print(urllib.request.urlopen('http://{head}:8265/').status)\""
     r = cluster("cmd", "--node", "1", f"for i in $(seq 1 20); do {probe} && break; sleep 0.5; done", check=0)
     assert "200" in r.stdout
 

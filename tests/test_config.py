@@ -15,8 +15,10 @@ def test_defaults_from_environment_alone():
 
 def test_toml_and_overrides(tmp_path):
     f = tmp_path / "cluster.toml"
-    f.write_text('name = "exp1"\nzone = "de-fra-1"\nnodes = 4\nssh-cidr = "203.0.113.7/32"\n'
-                 'labels = { team = "ml" }\nsetup_commands = ["echo hi"]\n')
+    f.write_text(
+        'name = "exp1"\nzone = "de-fra-1"\nnodes = 4\nssh-cidr = "203.0.113.7/32"\n'
+        'labels = { team = "ml" }\nsetup_commands = ["echo hi"]\n'
+    )
     c = config.load(f, env=ENV, nodes=2)
     assert (c.name, c.zone, c.nodes, c.ssh_cidr, c.ssh_cidr_given) == ("exp1", "de-fra-1", 2, "203.0.113.7/32", True)
     assert c.labels == {"team": "ml"} and c.setup_commands == ("echo hi",)
@@ -27,17 +29,20 @@ def test_endpoint_points_at_another_api():
     assert c.driver_kwargs() == {"zone": "ch-gva-2", "host": "127.0.0.1", "port": 8080, "secure": False}
 
 
-@pytest.mark.parametrize("toml, match", [
-    ('zone = "mars-1"', "valid: at-vie-1, at-vie-2"),
-    ('name = "Bad Name"', "lower-case"),
-    ('nodes = 0', "from 1 to 100"),
-    ('disk_size = 5', "from 10"),
-    ('ssh_cidr = "everyone"', "not a CIDR"),
-    ('colour = "blue"', "unknown setting"),
-    ('labels = { cluster = "x" }', "reserved"),
-    ('ssh_key = "/no/such/key"', "needs the private key"),
-    ('nodes = [', "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "toml, match",
+    [
+        ('zone = "mars-1"', "valid: at-vie-1, at-vie-2"),
+        ('name = "Bad Name"', "lower-case"),
+        ("nodes = 0", "from 1 to 100"),
+        ("disk_size = 5", "from 10"),
+        ('ssh_cidr = "everyone"', "not a CIDR"),
+        ('colour = "blue"', "unknown setting"),
+        ('labels = { cluster = "x" }', "reserved"),
+        ('ssh_key = "/no/such/key"', "needs the private key"),
+        ("nodes = [", "not valid TOML"),
+    ],
+)
 def test_bad_settings_one_line(tmp_path, toml, match):
     f = tmp_path / "c.toml"
     f.write_text(toml + "\n")
@@ -60,10 +65,16 @@ def test_bad_endpoint():
 def test_unreachable_api_is_one_line_from_the_cli():
     from tests.conftest import free_port, run_cli
 
-    env = {"EXOSCALE_API_KEY": "EXOk", "EXOSCALE_API_SECRET": "s3cret",
-           "EXOSCALE_API_ENDPOINT": f"http://127.0.0.1:{free_port()}/v2", "RAYSWEEP_STATE_DIR": "/nonexistent-state"}
+    env = {
+        "EXOSCALE_API_KEY": "EXOk",
+        "EXOSCALE_API_SECRET": "s3cret",
+        "EXOSCALE_API_ENDPOINT": f"http://127.0.0.1:{free_port()}/v2",
+        "RAYSWEEP_STATE_DIR": "/nonexistent-state",
+    }
     r = run_cli("exoscale.py", "--name", "x", "down", env=env, timeout=120)
     assert r.returncode == 1
-    assert r.stderr.strip() == f"exoscale.py: error: GET /instance: ConnectionError: cannot reach the Exoscale API at " \
-                               f"127.0.0.1:{env['EXOSCALE_API_ENDPOINT'].split(':')[2].split('/')[0]}"
+    assert (
+        r.stderr.strip() == f"exoscale.py: error: GET /instance: ConnectionError: cannot reach the Exoscale API at "
+        f"127.0.0.1:{env['EXOSCALE_API_ENDPOINT'].split(':')[2].split('/')[0]}"
+    )
     assert "s3cret" not in r.stderr

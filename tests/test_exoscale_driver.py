@@ -58,7 +58,10 @@ def test_catalogue(driver, sim):
     images = {i.name: i for i in driver.list_images()}
     for name in ("Linux Ubuntu 22.04 LTS 64-bit", UBUNTU):
         assert images[name].extra["default_user"] == "ubuntu"
-    assert {e.query.get("visibility", [""])[0] for e in sim.app.exchanges if e.path == "/v2/template"} == {"public", "private"}
+    assert {e.query.get("visibility", [""])[0] for e in sim.app.exchanges if e.path == "/v2/template"} == {
+        "public",
+        "private",
+    }
     with pytest.raises(ValueError, match="valid: .*standard.small"):
         driver.ex_get_size("standard.gigantic")
     assert_all_spec_valid(sim)
@@ -66,10 +69,21 @@ def test_catalogue(driver, sim):
 
 def test_node_lifecycle(driver, sim):
     sg = make_cluster_bits(driver)
-    node = driver.create_node("n1", "standard.small", UBUNTU, ex_ssh_keys=["k1"], ex_security_groups=["grp"],
-                              ex_labels={"cluster": "c1", "role": "head"}, ex_userdata="#cloud-config\nruncmd: [ls]\n",
-                              ex_disk_size=20)
-    assert node.state == NodeState.RUNNING and node.public_ips and node.extra["labels"] == {"cluster": "c1", "role": "head"}
+    node = driver.create_node(
+        "n1",
+        "standard.small",
+        UBUNTU,
+        ex_ssh_keys=["k1"],
+        ex_security_groups=["grp"],
+        ex_labels={"cluster": "c1", "role": "head"},
+        ex_userdata="#cloud-config\nruncmd: [ls]\n",
+        ex_disk_size=20,
+    )
+    assert (
+        node.state == NodeState.RUNNING
+        and node.public_ips
+        and node.extra["labels"] == {"cluster": "c1", "role": "head"}
+    )
     assert node.extra["security_group_ids"] == [sg.id] and node.extra["ssh_keys"] == ["k1"]
     inst = sim.app.model.instances[node.id]
     assert base64.b64decode(inst.user_data).decode() == "#cloud-config\nruncmd: [ls]\n"
@@ -102,10 +116,22 @@ def test_security_groups_and_rules(driver, sim):
     other = driver.ex_create_security_group("other")
     g = driver.ex_add_security_group_rule(sg, "udp", 6000, 6100, source_group=other.id)
     g = driver.ex_add_security_group_rule(g, "icmp", cidr="10.0.0.0/8")
-    rules = {(r["protocol"], r.get("start-port"), r.get("end-port"), r.get("network"),
-              (r.get("security-group") or {}).get("id")) for r in g.rules}
-    assert rules == {("tcp", 22, 22, "0.0.0.0/0", None), ("all", None, None, None, sg.id),
-                     ("udp", 6000, 6100, None, other.id), ("icmp", None, None, "10.0.0.0/8", None)}
+    rules = {
+        (
+            r["protocol"],
+            r.get("start-port"),
+            r.get("end-port"),
+            r.get("network"),
+            (r.get("security-group") or {}).get("id"),
+        )
+        for r in g.rules
+    }
+    assert rules == {
+        ("tcp", 22, 22, "0.0.0.0/0", None),
+        ("all", None, None, None, sg.id),
+        ("udp", 6000, 6100, None, other.id),
+        ("icmp", None, None, "10.0.0.0/8", None),
+    }
     with pytest.raises(ValueError, match="exactly one source"):
         driver.ex_add_security_group_rule(sg, "tcp", 22)
     with pytest.raises(ValueError, match="no security group named 'nope'"):
@@ -141,8 +167,14 @@ def test_502_on_get_is_retried(driver, sim):
 
 
 def test_retries_are_bounded(sim):
-    d = ExoscaleV2NodeDriver(SIM_KEY, SIM_SECRET, host=sim.host, port=sim.port, secure=False,
-                             retry=RetryPolicy(attempts=3, base_s=0.01, cap_s=0.02))
+    d = ExoscaleV2NodeDriver(
+        SIM_KEY,
+        SIM_SECRET,
+        host=sim.host,
+        port=sim.port,
+        secure=False,
+        retry=RetryPolicy(attempts=3, base_s=0.01, cap_s=0.02),
+    )
     sim.app.faults.error_rate = 1.0
     with pytest.raises(ExoscaleAPIError) as ei:
         d.list_nodes()
@@ -169,8 +201,14 @@ def test_failed_operation_reports_the_half_made_instance(driver, sim):
 
 
 def test_unreachable_api_is_one_clear_error():
-    d = ExoscaleV2NodeDriver(SIM_KEY, SIM_SECRET, host="127.0.0.1", port=free_port(), secure=False,
-                             retry=RetryPolicy(attempts=2, base_s=0.01))
+    d = ExoscaleV2NodeDriver(
+        SIM_KEY,
+        SIM_SECRET,
+        host="127.0.0.1",
+        port=free_port(),
+        secure=False,
+        retry=RetryPolicy(attempts=2, base_s=0.01),
+    )
     with pytest.raises(LibcloudError, match="cannot reach the Exoscale API"):
         d.list_nodes()
 
@@ -182,9 +220,12 @@ def test_safe_from_many_threads(driver, sim):
 
     def make(i):
         try:
-            nodes.append(driver.create_node(f"n{i}", "standard.small", UBUNTU, ex_ssh_keys=["k1"],
-                                            ex_labels={"cluster": "t", "i": str(i)}))
-        except Exception as e:  # noqa: BLE001
+            nodes.append(
+                driver.create_node(
+                    f"n{i}", "standard.small", UBUNTU, ex_ssh_keys=["k1"], ex_labels={"cluster": "t", "i": str(i)}
+                )
+            )
+        except Exception as e:
             errors.append(e)
 
     threads = [threading.Thread(target=make, args=(i,)) for i in range(8)]
@@ -201,20 +242,30 @@ def test_safe_from_many_threads(driver, sim):
 def test_secret_never_shows(sim, caplog):
     caplog.set_level(logging.DEBUG)
     texts = []
-    good = ExoscaleV2NodeDriver(SIM_KEY, SIM_SECRET, host=sim.host, port=sim.port, secure=False,
-                                retry=RetryPolicy(attempts=2, base_s=0.01))
+    good = ExoscaleV2NodeDriver(
+        SIM_KEY, SIM_SECRET, host=sim.host, port=sim.port, secure=False, retry=RetryPolicy(attempts=2, base_s=0.01)
+    )
     wrong = ExoscaleV2NodeDriver(SIM_KEY, SIM_SECRET + "x", host=sim.host, port=sim.port, secure=False)
     node = good.create_node("n1", "standard.micro", UBUNTU)
-    texts += [repr(good), str(good), repr(good.connection), repr(node), repr(node.driver), repr(vars(good)),
-              repr(vars(good.connection))]
-    failures = [lambda: wrong.list_nodes(),
-                lambda: good.create_node("n", "standard.small", UBUNTU, ex_ssh_keys=["missing"]),
-                lambda: (setattr(sim.app.faults, "error_rate", 1.0), good.list_nodes()),
-                lambda: pickle.dumps(good.connection.key)]
+    texts += [
+        repr(good),
+        str(good),
+        repr(good.connection),
+        repr(node),
+        repr(node.driver),
+        repr(vars(good)),
+        repr(vars(good.connection)),
+    ]
+    failures = [
+        lambda: wrong.list_nodes(),
+        lambda: good.create_node("n", "standard.small", UBUNTU, ex_ssh_keys=["missing"]),
+        lambda: (setattr(sim.app.faults, "error_rate", 1.0), good.list_nodes()),
+        lambda: pickle.dumps(good.connection.key),
+    ]
     for fail in failures:
         try:
             fail()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             texts += [str(e), repr(e), "".join(traceback.format_exception(e))]
         else:
             pytest.fail("expected a failure")

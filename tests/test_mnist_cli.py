@@ -18,22 +18,25 @@ def npz_files(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("args, expect", [
-    (["--sizes", ""], "--sizes is empty"),
-    (["--dropouts", ","], "--dropouts is empty"),
-    (["--sizes", "32,0"], "must be > 0"),
-    (["--sizes", "32,x"], "comma-separated whole numbers"),
-    (["--dropouts", "0.2,1.0"], "outside [0, 1)"),
-    (["--dropouts", "-0.1"], "outside [0, 1)"),
-    (["--epochs", "0"], "--epochs 0"),
-    (["--data", "/no/such/file.npz"], "no such file"),
-    (["--data", "{npz}/garbage.npz"], "not a readable npz"),
-    (["--data", "{npz}/lacks.npz"], "lacks x_test, y_test"),
-    (["--address", "127.0.0.1:{port}"], "cannot reach Ray"),
-    (["--program", "relative/train.py"], "give an absolute path"),
-    (["--local-cpus", "0"], "--local-cpus"),
-    (["--address", "127.0.0.1:1", "--cluster", "x"], "not both"),
-])
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (["--sizes", ""], "--sizes is empty"),
+        (["--dropouts", ","], "--dropouts is empty"),
+        (["--sizes", "32,0"], "must be > 0"),
+        (["--sizes", "32,x"], "comma-separated whole numbers"),
+        (["--dropouts", "0.2,1.0"], "outside [0, 1)"),
+        (["--dropouts", "-0.1"], "outside [0, 1)"),
+        (["--epochs", "0"], "--epochs 0"),
+        (["--data", "/no/such/file.npz"], "no such file"),
+        (["--data", "{npz}/garbage.npz"], "not a readable npz"),
+        (["--data", "{npz}/lacks.npz"], "lacks x_test, y_test"),
+        (["--address", "127.0.0.1:{port}"], "cannot reach Ray"),
+        (["--program", "relative/train.py"], "give an absolute path"),
+        (["--local-cpus", "0"], "--local-cpus"),
+        (["--address", "127.0.0.1:1", "--cluster", "x"], "not both"),
+    ],
+)
 def test_bad_options_one_line_before_any_work(args, expect, npz_files, tmp_path):
     args = [a.format(npz=npz_files, port=free_port()) for a in args]
     t0 = time.monotonic()
@@ -54,8 +57,20 @@ def read_csv(path):
 @pytest.mark.tensorflow
 def test_sweep_2x2_on_mnist_5k(tmp_path):
     out = tmp_path / "res"
-    r = run_cli("-m", "pipeline.mnist", "--data", "mnist-5k", "--sizes", "32,64", "--dropouts", "0.0,0.4",
-                "--out", str(out), "--seed", "1")
+    r = run_cli(
+        "-m",
+        "pipeline.mnist",
+        "--data",
+        "mnist-5k",
+        "--sizes",
+        "32,64",
+        "--dropouts",
+        "0.0,0.4",
+        "--out",
+        str(out),
+        "--seed",
+        "1",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     rows = read_csv(out / "results.csv")
     assert [(int(x["size"]), float(x["dropout"])) for x in rows] == [(32, 0.0), (32, 0.4), (64, 0.0), (64, 0.4)]
@@ -88,11 +103,22 @@ def test_failure_isolated_then_resume_runs_only_the_failed(tmp_path):
     log, flag = tmp_path / "calls.log", tmp_path / "fail-64"
     flag.touch()
     prog = tmp_path / "train.py"
-    prog.write_text(FLAKY_WRAPPER.format(log=str(log), flag=str(flag),
-                                         real=str(ROOT / "pipeline/programs/mnist.py")))
+    prog.write_text(FLAKY_WRAPPER.format(log=str(log), flag=str(flag), real=str(ROOT / "pipeline/programs/mnist.py")))
     out = tmp_path / "res"
-    common = ["-m", "pipeline.mnist", "--data", "mnist-5k", "--sizes", "32,64", "--dropouts", "0.0,0.4",
-              "--program", str(prog), "--out", str(out)]
+    common = [
+        "-m",
+        "pipeline.mnist",
+        "--data",
+        "mnist-5k",
+        "--sizes",
+        "32,64",
+        "--dropouts",
+        "0.0,0.4",
+        "--program",
+        str(prog),
+        "--out",
+        str(out),
+    ]
     r = run_cli(*common)
     assert r.returncode == 1, r.stderr[-3000:]
     rows = {(x["size"], x["dropout"]): x for x in read_csv(out / "results.csv")}

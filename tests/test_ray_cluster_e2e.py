@@ -47,8 +47,21 @@ def remote(cli):
 
 
 def sweep(cli, out, *extra, timeout=900):
-    return run_cli("-m", "pipeline.mnist", "--cluster", cli.name, "--cluster-config", str(cli.config),
-                   "--data", "mnist-5k", "--out", str(out), *extra, timeout=timeout, env=cli.env)
+    return run_cli(
+        "-m",
+        "pipeline.mnist",
+        "--cluster",
+        cli.name,
+        "--cluster-config",
+        str(cli.config),
+        "--data",
+        "mnist-5k",
+        "--out",
+        str(out),
+        *extra,
+        timeout=timeout,
+        env=cli.env,
+    )
 
 
 def test_install_is_idempotent_and_status_shows_ray(ray_cluster):
@@ -96,13 +109,15 @@ def test_version_mismatch_is_refused_with_both_versions(ray_cluster, tmp_path):
     head = nodes(ray_cluster)[0]
     rem = remote(ray_cluster)
     vfile = "raysweep-env/lib/python3.11/site-packages/ray/_version.py"
-    [r] = rem.run([head], f"cp {vfile} {vfile}.orig && sed -i 's/^version = .*/version = \"2.0.1\"/' {vfile} "
-                          f"&& grep -q 2.0.1 {vfile}")
+    [r] = rem.run(
+        [head],
+        f"cp {vfile} {vfile}.orig && sed -i 's/^version = .*/version = \"2.0.1\"/' {vfile} && grep -q 2.0.1 {vfile}",
+    )
     assert r.ok, r.stderr
     try:
         r = sweep(ray_cluster, tmp_path / "x", "--sizes", "32", "--dropouts", "0.0", timeout=120)
         assert r.returncode == 2
-        import ray as local_ray  # noqa: the local version, for the message
+        import ray as local_ray  # the local version, for the message
 
         assert "version mismatch" in r.stderr and local_ray.__version__ in r.stderr and "2.0.1" in r.stderr
         assert not (tmp_path / "x").exists()
@@ -112,8 +127,25 @@ def test_version_mismatch_is_refused_with_both_versions(ray_cluster, tmp_path):
 
 def test_submit_job_logs_and_fetch(ray_cluster, tmp_path):
     c = ["--config", str(ray_cluster.config)]
-    r = ray_cluster(*c, "submit", "--", "python", "-m", "pipeline.mnist", "--address", "auto", "--data", "mnist-5k",
-                    "--sizes", "32", "--dropouts", "0.0", "--out", "results/job1", timeout=600)
+    r = ray_cluster(
+        *c,
+        "submit",
+        "--",
+        "python",
+        "-m",
+        "pipeline.mnist",
+        "--address",
+        "auto",
+        "--data",
+        "mnist-5k",
+        "--sizes",
+        "32",
+        "--dropouts",
+        "0.0",
+        "--out",
+        "results/job1",
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "best: size=32" in r.stdout and "SUCCEEDED" in r.stderr
     job_id = r.stderr.split("submitted job ", 1)[1].split(";")[0]
@@ -127,10 +159,30 @@ def test_submit_job_logs_and_fetch(ray_cluster, tmp_path):
 def test_a_lost_worker_costs_no_trial(ray_cluster, sim_hosts, tmp_path):
     out = tmp_path / "res"
     victim = nodes(ray_cluster)[2]
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.mnist", "--cluster", ray_cluster.name,
-                             "--cluster-config", str(ray_cluster.config), "--data", "mnist-5k", "--out", str(out),
-                             "--sizes", "32,64,128", "--dropouts", "0.0,0.3"], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **ray_cluster.env})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.mnist",
+            "--cluster",
+            ray_cluster.name,
+            "--cluster-config",
+            str(ray_cluster.config),
+            "--data",
+            "mnist-5k",
+            "--out",
+            str(out),
+            "--sizes",
+            "32,64,128",
+            "--dropouts",
+            "0.0,0.3",
+        ],
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **ray_cluster.env},
+    )
     rem = remote(ray_cluster)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:  # wait until a trial runs on the victim
@@ -145,7 +197,7 @@ def test_a_lost_worker_costs_no_trial(ray_cluster, sim_hosts, tmp_path):
     hooks = sim_hosts.app.model.hooks
     host = next(h for h in hooks.hosts.values() if h.ip == victim.ip)
     hooks._stop(host)  # the VM is gone: every process of that host dies at once
-    stdout, stderr = proc.communicate(timeout=900)
+    _stdout, stderr = proc.communicate(timeout=900)
     assert proc.returncode == 0, stderr[-3000:]
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == 6 and len({(x["size"], x["dropout"]) for x in rows}) == 6
@@ -160,9 +212,23 @@ def test_head_unreachable_mid_sweep_then_resume(ray_cluster, sim_hosts, tmp_path
     hooks = sim_hosts.app.model.hooks
     head = nodes(ray_cluster)[0]
     netns = next(h.netns for h in hooks.hosts.values() if h.ip == head.ip)
-    args = [sys.executable, "-m", "pipeline.mnist", "--cluster", ray_cluster.name, "--cluster-config",
-            str(ray_cluster.config), "--data", "mnist-5k", "--out", str(out), "--sizes", "32,64,128",
-            "--dropouts", "0.0,0.3"]
+    args = [
+        sys.executable,
+        "-m",
+        "pipeline.mnist",
+        "--cluster",
+        ray_cluster.name,
+        "--cluster-config",
+        str(ray_cluster.config),
+        "--data",
+        "mnist-5k",
+        "--out",
+        str(out),
+        "--sizes",
+        "32,64,128",
+        "--dropouts",
+        "0.0,0.3",
+    ]
     env = {**os.environ, **ray_cluster.env, "RAY_CLIENT_RECONNECT_GRACE_PERIOD": "5"}
     proc = subprocess.Popen(args, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + 300
@@ -170,10 +236,27 @@ def test_head_unreachable_mid_sweep_then_resume(ray_cluster, sim_hosts, tmp_path
         assert time.monotonic() < deadline and proc.poll() is None, "no trial finished"
         time.sleep(0.3)
     # a network partition between this machine and the head (the cluster itself is fine)
-    subprocess.run(["ip", "netns", "exec", netns, "nft", "insert", "rule", "inet", "exoscale", "input",
-                    "ip", "saddr", hooks.gateway, "drop"], check=True)
+    subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            netns,
+            "nft",
+            "insert",
+            "rule",
+            "inet",
+            "exoscale",
+            "input",
+            "ip",
+            "saddr",
+            hooks.gateway,
+            "drop",
+        ],
+        check=True,
+    )
     try:
-        stdout, stderr = proc.communicate(timeout=300)
+        _stdout, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 1, stderr[-2000:]
         assert "lost the connection to cluster" in stderr and "run the same command again to resume" in stderr
         kept = list(csv.DictReader(open(out / "results.csv")))

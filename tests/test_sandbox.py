@@ -21,8 +21,9 @@ def test_check_relpath_type_and_normalises():
 
 def test_runs_in_fresh_dir_removed_after(tmp_path):
     with Sandbox(tmp_root=tmp_path) as box:
-        res = box.run(ProgramRun(["sh", "-c", "pwd; echo hi > out.txt"], capture_stdout=True,
-                                 output_paths=("out.txt",)))
+        res = box.run(
+            ProgramRun(["sh", "-c", "pwd; echo hi > out.txt"], capture_stdout=True, output_paths=("out.txt",))
+        )
         cwd = res.stdout.read().decode().strip()
         assert Path(cwd).resolve() == box.workdir.resolve()
         assert res.outputs["out.txt"].read_text() == "hi\n"

@@ -34,36 +34,59 @@ def sign_with_reference(method, url, body=None, key=SIM_KEY, secret=SIM_SECRET, 
 
 def check(req, secret=SIM_SECRET, body=None):
     path, _, query = req.path_url.partition("?")
-    verify_signature(req.method, path, query, body if body is not None else (req.body or b""),
-                     req.headers.get("Authorization"), SIM_KEY, secret)
+    verify_signature(
+        req.method,
+        path,
+        query,
+        body if body is not None else (req.body or b""),
+        req.headers.get("Authorization"),
+        SIM_KEY,
+        secret,
+    )
 
 
-@pytest.mark.parametrize("method, url, body", [
-    ("GET", "http://x/v2/instance", None),
-    ("GET", "http://x/v2/instance?labels=cluster%3Dc1+role%3Dhead", None),
-    ("GET", "http://x/v2/template?visibility=public&family=ubuntu", None),
-    ("POST", "http://x/v2/security-group", b'{"name": "g\\u00e9"}'),
-    ("DELETE", "http://x/v2/ssh-key/my-key", None),
-])
+@pytest.mark.parametrize(
+    "method, url, body",
+    [
+        ("GET", "http://x/v2/instance", None),
+        ("GET", "http://x/v2/instance?labels=cluster%3Dc1+role%3Dhead", None),
+        ("GET", "http://x/v2/template?visibility=public&family=ubuntu", None),
+        ("POST", "http://x/v2/security-group", b'{"name": "g\\u00e9"}'),
+        ("DELETE", "http://x/v2/ssh-key/my-key", None),
+    ],
+)
 def test_reference_signer_is_accepted(method, url, body):
     check(sign_with_reference(method, url, body))
 
 
 def test_documented_header_shape_parses():
     req = sign_with_reference("GET", "http://x" + DOC_PATH + "?p1=v1&p2=v2", expires=int(time.time()) + 60)
-    assert req.headers["Authorization"].startswith(f"EXO2-HMAC-SHA256 credential={SIM_KEY},signed-query-args=p1;p2,expires=")
+    assert req.headers["Authorization"].startswith(
+        f"EXO2-HMAC-SHA256 credential={SIM_KEY},signed-query-args=p1;p2,expires="
+    )
     check(req)
 
 
-@pytest.mark.parametrize("tamper, reason", [
-    (lambda r: r.headers.pop("Authorization"), "missing"),
-    (lambda r: r.headers.__setitem__("Authorization", "Bearer abc"), "malformed"),
-    (lambda r: r.headers.__setitem__("Authorization", r.headers["Authorization"].replace("signature=", "signature=AA")), "invalid request signature|not base64"),
-    (lambda r: r.headers.__setitem__("Authorization", r.headers["Authorization"].replace(SIM_KEY, "EXOother")), "unknown API key"),
-    (lambda r: setattr(r, "url", r.url.replace("public", "private")), "invalid request signature"),
-    (lambda r: setattr(r, "url", r.url + "&extra=1"), "not covered"),
-    (lambda r: setattr(r, "body", b'{"name": "evil"}'), "invalid request signature"),
-])
+@pytest.mark.parametrize(
+    "tamper, reason",
+    [
+        (lambda r: r.headers.pop("Authorization"), "missing"),
+        (lambda r: r.headers.__setitem__("Authorization", "Bearer abc"), "malformed"),
+        (
+            lambda r: r.headers.__setitem__(
+                "Authorization", r.headers["Authorization"].replace("signature=", "signature=AA")
+            ),
+            "invalid request signature|not base64",
+        ),
+        (
+            lambda r: r.headers.__setitem__("Authorization", r.headers["Authorization"].replace(SIM_KEY, "EXOother")),
+            "unknown API key",
+        ),
+        (lambda r: setattr(r, "url", r.url.replace("public", "private")), "invalid request signature"),
+        (lambda r: setattr(r, "url", r.url + "&extra=1"), "not covered"),
+        (lambda r: setattr(r, "body", b'{"name": "evil"}'), "invalid request signature"),
+    ],
+)
 def test_tampered_requests_refused(tamper, reason):
     req = sign_with_reference("POST", "http://x/v2/template?visibility=public", b'{"name": "ok"}')
     tamper(req)

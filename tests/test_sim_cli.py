@@ -14,8 +14,13 @@ from tests.conftest import ROOT, free_port
 def test_serves_until_stopped():
     port = free_port()
     env = {**os.environ, "EXOSCALE_API_KEY": "EXOcli", "EXOSCALE_API_SECRET": "cli-secret"}
-    proc = subprocess.Popen([sys.executable, "-m", "cloud.sim", "api", "--port", str(port), "--op-delay", "0.05"],
-                            cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cloud.sim", "api", "--port", str(port), "--op-delay", "0.05"],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -37,6 +42,12 @@ def test_serves_until_stopped():
 
 def test_refuses_to_start_without_credentials():
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXOSCALE_")}
-    r = subprocess.run([sys.executable, "-m", "cloud.sim", "api", "--port", str(free_port())], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "cloud.sim", "api", "--port", str(free_port())],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "EXOSCALE_API_KEY and EXOSCALE_API_SECRET" in r.stderr

@@ -6,8 +6,10 @@ import pytest
 from cloud.sim import hosts
 from cloud.sim.hosts import RUN_ROOT, HostHooks, clean_stale_runs, missing_requirements
 
-pytestmark = [pytest.mark.root,
-              pytest.mark.skipif(bool(missing_requirements()), reason=f"needs {', '.join(missing_requirements())}")]
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(bool(missing_requirements()), reason=f"needs {', '.join(missing_requirements())}"),
+]
 
 
 def test_stale_run_of_a_dead_process_is_cleaned():

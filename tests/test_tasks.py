@@ -31,8 +31,12 @@ def test_data_in_args_mapped_to_random_relative_names():
 
 
 def test_input_paths_stdin_outputs_and_chaining():
-    first = Execute(["sh", "-c", "mkdir -p o && sort < in/data > o/sorted && wc -l < in/data"],
-                    input_paths={"in/data": tasks.blob("c\nb\na\n")}, output_paths=["o/sorted"], stdout=True)
+    first = Execute(
+        ["sh", "-c", "mkdir -p o && sort < in/data > o/sorted && wc -l < in/data"],
+        input_paths={"in/data": tasks.blob("c\nb\na\n")},
+        output_paths=["o/sorted"],
+        stdout=True,
+    )
     assert out(first).strip() == "3"
     assert first.outputs["o/sorted"].fetch().get_bytes() == b"a\nb\nc\n"
     second = Execute("tr a-z A-Z", stdin=first.outputs["o/sorted"], stdout=True)
@@ -44,10 +48,10 @@ def test_input_paths_stdin_outputs_and_chaining():
 def test_output_property_errors_when_not_single():
     t = Execute("touch a b", output_paths=["a", "b"])
     with pytest.raises(ValueError, match="has 2 outputs"):
-        t.output
+        _ = t.output
     none = Execute("true")
     with pytest.raises(ValueError, match="has 0 outputs"):
-        none.output
+        _ = none.output
     with pytest.raises(ValueError, match="has 0 outputs"):
         Execute(["cat", none])
 
@@ -97,23 +101,26 @@ def test_python3_is_the_workers_interpreter():
     assert Path(out(t).strip()).parent == Path(sys.executable).parent
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"args": ""}, "args is empty"),
-    ({"args": []}, "args is empty"),
-    ({"args": ["echo", 3]}, r"args\[1\] must be a string"),
-    ({"args": 42}, "args must be a string or a list"),
-    ({"args": "true", "output_paths": ["/abs/path"]}, "absolute"),
-    ({"args": "true", "output_paths": ["../up"]}, "escapes"),
-    ({"args": "true", "output_paths": "single-string"}, "not the string"),
-    ({"args": "true", "output_paths": ["a", "a"]}, "duplicates"),
-    ({"args": "true", "input_paths": {"/etc/x": None}}, "absolute"),
-    ({"args": "true", "input_paths": {"x": "not data"}}, "must be a data object"),
-    ({"args": "true", "stdin": b"raw bytes"}, "must be a data object"),
-    ({"args": "true", "cpus": -1}, "cpus must be"),
-    ({"args": "true", "timeout": 0}, "timeout must be"),
-    ({"args": "true", "stdout": True, "output_paths": ["stdout"]}, "clashes"),
-    ({"args": "true", "env": {"A": 1}}, "env must map"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"args": ""}, "args is empty"),
+        ({"args": []}, "args is empty"),
+        ({"args": ["echo", 3]}, r"args\[1\] must be a string"),
+        ({"args": 42}, "args must be a string or a list"),
+        ({"args": "true", "output_paths": ["/abs/path"]}, "absolute"),
+        ({"args": "true", "output_paths": ["../up"]}, "escapes"),
+        ({"args": "true", "output_paths": "single-string"}, "not the string"),
+        ({"args": "true", "output_paths": ["a", "a"]}, "duplicates"),
+        ({"args": "true", "input_paths": {"/etc/x": None}}, "absolute"),
+        ({"args": "true", "input_paths": {"x": "not data"}}, "must be a data object"),
+        ({"args": "true", "stdin": b"raw bytes"}, "must be a data object"),
+        ({"args": "true", "cpus": -1}, "cpus must be"),
+        ({"args": "true", "timeout": 0}, "timeout must be"),
+        ({"args": "true", "stdout": True, "output_paths": ["stdout"]}, "clashes"),
+        ({"args": "true", "env": {"A": 1}}, "env must map"),
+    ],
+)
 def test_bad_input_refused_before_running(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         Execute(**kwargs)

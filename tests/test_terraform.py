@@ -50,8 +50,13 @@ def test_security_group_allows_only_ssh_from_outside_and_all_between_members():
     rules = [body for (t, _), body in r.items() if t == "exoscale_security_group_rule"]
     assert len(rules) == 2
     ssh = next(x for x in rules if "cidr" in x)
-    assert (ssh["type"], ssh["protocol"], ssh["start_port"], ssh["end_port"], ssh["cidr"]) == \
-        ("INGRESS", "TCP", 22, 22, "${var.ssh_cidr}")
+    assert (ssh["type"], ssh["protocol"], ssh["start_port"], ssh["end_port"], ssh["cidr"]) == (
+        "INGRESS",
+        "TCP",
+        22,
+        22,
+        "${var.ssh_cidr}",
+    )
     members = next(x for x in rules if "user_security_group_id" in x)
     assert (members["type"], members["protocol"]) == ("INGRESS", "ALL")
     assert members["user_security_group_id"] == members["security_group_id"] == "${exoscale_security_group.cluster.id}"
@@ -73,12 +78,20 @@ def test_instances_carry_the_same_labels_as_exoscale_py():
 def test_outputs_feed_import_terraform():
     outs = {k for block in load("outputs.tf")["output"] for k in block}
     assert {"nodes", "ssh_user"} <= outs
-    sample = {"nodes": {"value": [{"name": "c-head", "role": "head", "public_ip": "198.51.100.2", "id": "i1"},
-                                  {"name": "c-worker-1", "role": "worker", "public_ip": "198.51.100.3", "id": "i2"}]},
-              "ssh_user": {"value": "ubuntu"}}
+    sample = {
+        "nodes": {
+            "value": [
+                {"name": "c-head", "role": "head", "public_ip": "198.51.100.2", "id": "i1"},
+                {"name": "c-worker-1", "role": "worker", "public_ip": "198.51.100.3", "id": "i2"},
+            ]
+        },
+        "ssh_user": {"value": "ubuntu"},
+    }
     st = state_from_terraform(json.loads(json.dumps(sample)), "c")
     assert [(n.name, n.role, n.ip, n.user) for n in st.ordered()] == [
-        ("c-head", "head", "198.51.100.2", "ubuntu"), ("c-worker-1", "worker", "198.51.100.3", "ubuntu")]
+        ("c-head", "head", "198.51.100.2", "ubuntu"),
+        ("c-worker-1", "worker", "198.51.100.3", "ubuntu"),
+    ]
 
 
 @pytest.mark.skipif(shutil.which("terraform") is None, reason="no terraform binary on this machine")

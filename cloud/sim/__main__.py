@@ -41,8 +41,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s")
     secret = args.secret or os.environ.get("EXOSCALE_API_SECRET")
     if not args.key or not secret:
-        print("cloud.sim: error: set EXOSCALE_API_KEY and EXOSCALE_API_SECRET (or --key/--secret): "
-              "the one credential pair the sim accepts", file=sys.stderr)
+        print(
+            "cloud.sim: error: set EXOSCALE_API_KEY and EXOSCALE_API_SECRET (or --key/--secret): "
+            "the one credential pair the sim accepts",
+            file=sys.stderr,
+        )
         return 2
     for name in ("op_failure_rate", "error_rate"):
         if not 0 <= getattr(args, name) <= 1:
@@ -57,14 +60,18 @@ def main(argv=None) -> int:
         except RuntimeError as e:
             print(f"cloud.sim: error: --hosts: {e}", file=sys.stderr)
             return 2
-    model = Model(args.zone, Faults(op_delay_s=args.op_delay, op_failure_rate=args.op_failure_rate),
-                  hooks=hooks, seed=args.seed)
+    model = Model(
+        args.zone, Faults(op_delay_s=args.op_delay, op_failure_rate=args.op_failure_rate), hooks=hooks, seed=args.seed
+    )
     if hooks is not None:
         hooks.attach(model)
     app = App(model, args.key, secret, HTTPFaults(error_rate=args.error_rate, latency_s=args.latency, seed=args.seed))
     server = SimServer(app, args.host, args.port).start()
-    print(f"Exoscale API sim on {server.endpoint} (zone {args.zone}, key {args.key}); Ctrl-C stops it",
-          file=sys.stderr, flush=True)
+    print(
+        f"Exoscale API sim on {server.endpoint} (zone {args.zone}, key {args.key}); Ctrl-C stops it",
+        file=sys.stderr,
+        flush=True,
+    )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     signal.signal(signal.SIGINT, lambda *a: stop.set())

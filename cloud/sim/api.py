@@ -23,13 +23,13 @@ import random
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import parse_qs, unquote
 
-from cloud.sim.model import (Instance, InstanceType, Model, ModelError, Operation, SecurityGroup, SSHKey,
-                             Template, ZONES)
+from cloud.sim.model import ZONES, Instance, InstanceType, Model, ModelError, Operation, SecurityGroup, SSHKey, Template
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ _STATUS_OF_KIND = {"not-found": 404, "conflict": 409, "invalid": 400}
 
 
 # ------------------------------------------------------------------------------------- the spec
+
 
 def spec_path() -> str:
     """Exoscale's OpenAPI spec as shipped by the `exoscale` package (located, never imported)."""
@@ -52,7 +53,7 @@ class SpecValidator:
     """Requests (and, for tests, responses) checked against the OpenAPI spec with openapi-core."""
 
     _lock = threading.Lock()
-    _shared: "SpecValidator | None" = None
+    _shared: SpecValidator | None = None
 
     def __init__(self, path: str | None = None):
         from openapi_core import Config, OpenAPI
@@ -62,15 +63,18 @@ class SpecValidator:
         # openapi-core breaks ties between templates with as many variables by spec order, so that
         # PUT /instance/X:reboot would match /instance/{id}: give it the most literal templates first.
         ordered = dict(self.spec)
-        ordered["paths"] = dict(sorted(self.spec["paths"].items(),
-                                       key=lambda kv: -len(re.sub(r"\{[^}]+\}", "", kv[0]))))
+        ordered["paths"] = dict(
+            sorted(self.spec["paths"].items(), key=lambda kv: -len(re.sub(r"\{[^}]+\}", "", kv[0])))
+        )
         # The spec carries non-standard tag fields; lint it off, validate requests with it all the same.
         self.api = OpenAPI.from_dict(ordered, config=Config(spec_validator_cls=None))
-        self.response_api = OpenAPI.from_dict(_with_response_deviations(ordered), config=Config(spec_validator_cls=None))
+        self.response_api = OpenAPI.from_dict(
+            _with_response_deviations(ordered), config=Config(spec_validator_cls=None)
+        )
         self.query_names = self._query_names()
 
     @classmethod
-    def shared(cls) -> "SpecValidator":
+    def shared(cls) -> SpecValidator:
         with cls._lock:
             if cls._shared is None:
                 cls._shared = cls()
@@ -83,8 +87,17 @@ class SpecValidator:
             rx = re.compile("^" + API_PREFIX + re.sub(r"\\\{[^}]+\\\}", "[^/:]+", re.escape(path)) + "$")
             for method, op in item.items():
                 if isinstance(op, dict) and "responses" in op:
-                    out.append((rx, method, {p["name"] for p in op.get("parameters", []) + item.get("parameters", [])
-                                             if p.get("in") == "query"}))
+                    out.append(
+                        (
+                            rx,
+                            method,
+                            {
+                                p["name"]
+                                for p in op.get("parameters", []) + item.get("parameters", [])
+                                if p.get("in") == "query"
+                            },
+                        )
+                    )
         return out
 
     def _request(self, method: str, path: str, query: dict[str, list[str]], body: bytes | None):
@@ -99,9 +112,12 @@ class SpecValidator:
         r = Req()
         r.path = path
         r.method = method.lower()
-        r.parameters = RequestParameters(query=ImmutableMultiDict([(k, v) for k, vs in query.items() for v in vs]),
-                                         header=Headers({"Content-Type": "application/json"}),
-                                         cookie=ImmutableMultiDict(), path={})
+        r.parameters = RequestParameters(
+            query=ImmutableMultiDict([(k, v) for k, vs in query.items() for v in vs]),
+            header=Headers({"Content-Type": "application/json"}),
+            cookie=ImmutableMultiDict(),
+            path={},
+        )
         r.body = body or None
         return r
 
@@ -124,8 +140,9 @@ class SpecValidator:
             if unknown:
                 raise SpecError(f"unknown query parameter(s) {', '.join(sorted(unknown))} for {method.upper()} {path}")
 
-    def validate_response(self, method: str, path: str, query: dict[str, list[str]], body: bytes | None,
-                          status: int, response_body: bytes) -> None:
+    def validate_response(
+        self, method: str, path: str, query: dict[str, list[str]], body: bytes | None, status: int, response_body: bytes
+    ) -> None:
         class Resp:
             status_code = status
             content_type = "application/json"
@@ -175,15 +192,24 @@ class AuthError(Exception):
     pass
 
 
-def signature_message(method: str, raw_path: str, query: dict[str, list[str]], signed: list[str], body: bytes,
-                      expires: int) -> bytes:
+def signature_message(
+    method: str, raw_path: str, query: dict[str, list[str]], signed: list[str], body: bytes, expires: int
+) -> bytes:
     """The message Exoscale signs: method and path, body, signed query values, headers (none), expiry."""
     values = "".join(query[n][0] for n in signed if n in query and len(query[n]) == 1)
     return b"\n".join([f"{method} {raw_path}".encode(), body, values.encode(), b"", str(expires).encode()])
 
 
-def verify_signature(method: str, raw_path: str, raw_query: str, body: bytes, header: str | None,
-                     key: str, secret: str, now: float | None = None) -> None:
+def verify_signature(
+    method: str,
+    raw_path: str,
+    raw_query: str,
+    body: bytes,
+    header: str | None,
+    key: str,
+    secret: str,
+    now: float | None = None,
+) -> None:
     """Check an Authorization header as Exoscale documents it; raise AuthError saying why it fails."""
     if not header:
         raise AuthError("missing Authorization header")
@@ -224,6 +250,7 @@ def verify_signature(method: str, raw_path: str, raw_query: str, body: bytes, he
 
 # --------------------------------------------------------------------------------------- faults
 
+
 @dataclass
 class HTTPFaults:
     """Faults of the HTTP layer: a share of requests refused with 429/503, latency per request."""
@@ -247,8 +274,11 @@ class HTTPFaults:
                     del self.fail_next[i]
                     return status
             key = (method, path)
-            if (self.error_rate and self._streak.get(key, 0) < self.max_consecutive
-                    and self._rng.random() < self.error_rate):
+            if (
+                self.error_rate
+                and self._streak.get(key, 0) < self.max_consecutive
+                and self._rng.random() < self.error_rate
+            ):
                 self._streak[key] = self._streak.get(key, 0) + 1
                 return self._rng.choice(self.error_codes)
             self._streak.pop(key, None)
@@ -256,6 +286,7 @@ class HTTPFaults:
 
 
 # --------------------------------------------------------------------------------------- render
+
 
 def r_zone(z: str) -> dict:
     return {"name": z, "api-endpoint": f"https://api-{z}.exoscale.com/v2", "sos-endpoint": f"https://sos-{z}.exo.io"}
@@ -266,15 +297,37 @@ def _clean(d: dict) -> dict:
 
 
 def r_instance_type(t: InstanceType) -> dict:
-    return _clean({"id": t.id, "family": t.family, "size": t.size, "cpus": t.cpus, "memory": t.memory,
-                   "authorized": t.authorized, "zones": list(t.zones)})
+    return _clean(
+        {
+            "id": t.id,
+            "family": t.family,
+            "size": t.size,
+            "cpus": t.cpus,
+            "memory": t.memory,
+            "authorized": t.authorized,
+            "zones": list(t.zones),
+        }
+    )
 
 
 def r_template(t: Template) -> dict:
-    return {"id": t.id, "name": t.name, "family": t.family, "version": t.version, "build": t.build,
-            "default-user": t.default_user, "size": t.size, "visibility": t.visibility, "boot-mode": t.boot_mode,
-            "ssh-key-enabled": True, "password-enabled": True, "zones": list(t.zones),
-            "maintainer": "Exoscale", "description": "", "created-at": "2026-10-01T00:00:00Z"}
+    return {
+        "id": t.id,
+        "name": t.name,
+        "family": t.family,
+        "version": t.version,
+        "build": t.build,
+        "default-user": t.default_user,
+        "size": t.size,
+        "visibility": t.visibility,
+        "boot-mode": t.boot_mode,
+        "ssh-key-enabled": True,
+        "password-enabled": True,
+        "zones": list(t.zones),
+        "maintainer": "Exoscale",
+        "description": "",
+        "created-at": "2026-10-01T00:00:00Z",
+    }
 
 
 def r_ssh_key(k: SSHKey) -> dict:
@@ -282,10 +335,19 @@ def r_ssh_key(k: SSHKey) -> dict:
 
 
 def r_rule(r) -> dict:
-    return _clean({"id": r.id, "flow-direction": r.flow_direction, "protocol": r.protocol, "network": r.network,
-                   "security-group": {"id": r.security_group_id} if r.security_group_id else None,
-                   "start-port": r.start_port, "end-port": r.end_port, "icmp": r.icmp,
-                   "description": r.description or None})
+    return _clean(
+        {
+            "id": r.id,
+            "flow-direction": r.flow_direction,
+            "protocol": r.protocol,
+            "network": r.network,
+            "security-group": {"id": r.security_group_id} if r.security_group_id else None,
+            "start-port": r.start_port,
+            "end-port": r.end_port,
+            "icmp": r.icmp,
+            "description": r.description or None,
+        }
+    )
 
 
 def r_security_group(g: SecurityGroup, with_rules: bool = True) -> dict:
@@ -298,12 +360,20 @@ def r_security_group(g: SecurityGroup, with_rules: bool = True) -> dict:
 def r_instance(i: Instance, model: Model) -> dict:
     groups = [model.security_groups[g] for g in i.security_group_ids if g in model.security_groups]
     keys = [model.ssh_keys[k] for k in i.ssh_keys if k in model.ssh_keys]
-    d = {"id": i.id, "name": i.name, "state": i.state, "created-at": i.created_at, "disk-size": i.disk_size,
-         "instance-type": r_instance_type(i.instance_type), "template": r_template(i.template),
-         "labels": dict(i.labels), "ssh-keys": [r_ssh_key(k) for k in keys],
-         "security-groups": [{"id": g.id, "name": g.name} for g in groups],
-         "public-ip-assignment": i.public_ip_assignment,
-         "mac-address": "06:" + ":".join(i.id.replace("-", "")[j:j + 2] for j in range(0, 10, 2))}
+    d = {
+        "id": i.id,
+        "name": i.name,
+        "state": i.state,
+        "created-at": i.created_at,
+        "disk-size": i.disk_size,
+        "instance-type": r_instance_type(i.instance_type),
+        "template": r_template(i.template),
+        "labels": dict(i.labels),
+        "ssh-keys": [r_ssh_key(k) for k in keys],
+        "security-groups": [{"id": g.id, "name": g.name} for g in groups],
+        "public-ip-assignment": i.public_ip_assignment,
+        "mac-address": "06:" + ":".join(i.id.replace("-", "")[j : j + 2] for j in range(0, 10, 2)),
+    }
     if keys:
         d["ssh-key"] = r_ssh_key(keys[0])
     if i.public_ip:
@@ -314,8 +384,11 @@ def r_instance(i: Instance, model: Model) -> dict:
 def r_operation(op: Operation) -> dict:
     d = {"id": op.id, "state": op.state}
     if op.reference_id:
-        d["reference"] = {"id": op.reference_id, "link": f"/v2/{op.reference_kind}/{op.reference_id}",
-                          "command": op.command}
+        d["reference"] = {
+            "id": op.reference_id,
+            "link": f"/v2/{op.reference_kind}/{op.reference_id}",
+            "command": op.command,
+        }
     if op.reason:
         d["reason"] = op.reason
     if op.message:
@@ -416,17 +489,26 @@ def delete_security_group(app, p, q, b):
 
 @route("POST", "/security-group/{id}/rules")
 def add_rule(app, p, q, b):
-    src = (b.get("security-group") or {})
+    src = b.get("security-group") or {}
     src_id = src.get("id")
     if src and not src_id and src.get("name"):
         matches = [g.id for g in app.model.list_security_groups() if g.name == src["name"]]
         if not matches:
             raise ModelError("not-found", f"security group {src['name']!r} not found")
         src_id = matches[0]
-    return 200, r_operation(app.model.add_rule(
-        p["id"], b["flow-direction"], b["protocol"], network=b.get("network"), source_group_id=src_id,
-        start_port=b.get("start-port"), end_port=b.get("end-port"), icmp=b.get("icmp"),
-        description=b.get("description", "")))
+    return 200, r_operation(
+        app.model.add_rule(
+            p["id"],
+            b["flow-direction"],
+            b["protocol"],
+            network=b.get("network"),
+            source_group_id=src_id,
+            start_port=b.get("start-port"),
+            end_port=b.get("end-port"),
+            icmp=b.get("icmp"),
+            description=b.get("description", ""),
+        )
+    )
 
 
 @route("DELETE", "/security-group/{id}/rules/{rule_id}")
@@ -444,11 +526,19 @@ def list_instances(app, p, q, b):
 
 @route("POST", "/instance")
 def create_instance(app, p, q, b):
-    return 200, r_operation(app.model.create_instance(
-        b["name"] if "name" in b else f"vm-{int(time.time())}", b["instance-type"]["id"], b["template"]["id"],
-        b["disk-size"], [k["name"] for k in b.get("ssh-keys", [])] + ([b["ssh-key"]["name"]] if b.get("ssh-key") else []),
-        [g["id"] for g in b.get("security-groups", [])], b.get("labels"), b.get("user-data"),
-        b.get("public-ip-assignment", "inet4")))
+    return 200, r_operation(
+        app.model.create_instance(
+            b["name"] if "name" in b else f"vm-{int(time.time())}",
+            b["instance-type"]["id"],
+            b["template"]["id"],
+            b["disk-size"],
+            [k["name"] for k in b.get("ssh-keys", [])] + ([b["ssh-key"]["name"]] if b.get("ssh-key") else []),
+            [g["id"] for g in b.get("security-groups", [])],
+            b.get("labels"),
+            b.get("user-data"),
+            b.get("public-ip-assignment", "inet4"),
+        )
+    )
 
 
 @route("GET", "/instance/{id}")
@@ -485,6 +575,7 @@ def get_operation(app, p, q, b):
 
 # ------------------------------------------------------------------------------------------ app
 
+
 @dataclass
 class Exchange:
     """One request and its answer, as recorded for tests."""
@@ -500,8 +591,15 @@ class Exchange:
 class App:
     """The request pipeline, independent of the HTTP server that feeds it."""
 
-    def __init__(self, model: Model, key: str, secret: str, faults: HTTPFaults | None = None,
-                 validator: SpecValidator | None = None, record: bool = False):
+    def __init__(
+        self,
+        model: Model,
+        key: str,
+        secret: str,
+        faults: HTTPFaults | None = None,
+        validator: SpecValidator | None = None,
+        record: bool = False,
+    ):
         self.model = model
         self.key = key
         self._secret = secret
@@ -520,8 +618,9 @@ class App:
         data = json.dumps(payload).encode() if payload is not None else b""
         if self.record:
             with self._record_lock:
-                self.exchanges.append(Exchange(method, unquote(raw_path), parse_qs(raw_query, keep_blank_values=True),
-                                               body, status, data))
+                self.exchanges.append(
+                    Exchange(method, unquote(raw_path), parse_qs(raw_query, keep_blank_values=True), body, status, data)
+                )
         return status, {"Content-Type": "application/json", **extra}, data
 
     def _handle(self, method, raw_path, raw_query, headers, body):
@@ -543,7 +642,7 @@ class App:
             self.validator.validate_request(method, path, query, body)
         except SpecError as e:
             return 400, {"message": f"Invalid request: {e}"}, {}
-        sub = path[len(API_PREFIX):]
+        sub = path[len(API_PREFIX) :]
         for m, rx, fn in ROUTES:
             match = rx.match(sub)
             if m == method and match:
@@ -565,7 +664,8 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         status, headers, data = self.server.app.handle(
-            self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+            self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body
+        )
         self.send_response(status)
         for k, v in headers.items():
             self.send_header(k, v)
@@ -601,7 +701,7 @@ class SimServer:
     def endpoint(self) -> str:
         return f"http://{self.host}:{self.port}/v2"
 
-    def start(self) -> "SimServer":
+    def start(self) -> SimServer:
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="exoscale-sim", daemon=True)
         self._thread.start()
         return self
@@ -610,7 +710,7 @@ class SimServer:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def __enter__(self) -> "SimServer":
+    def __enter__(self) -> SimServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

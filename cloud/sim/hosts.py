@@ -46,8 +46,14 @@ def missing_requirements() -> list[str]:
     missing = []
     if os.geteuid() != 0:
         missing.append("root")
-    for tool, path in (("ip", "/usr/sbin/ip"), ("nft", "/usr/sbin/nft"), ("sshd", "/usr/sbin/sshd"),
-                       ("unshare", "/usr/bin/unshare"), ("sudo", "/usr/bin/sudo"), ("ssh-keygen", "/usr/bin/ssh-keygen")):
+    for tool, path in (
+        ("ip", "/usr/sbin/ip"),
+        ("nft", "/usr/sbin/nft"),
+        ("sshd", "/usr/sbin/sshd"),
+        ("unshare", "/usr/bin/unshare"),
+        ("sudo", "/usr/bin/sudo"),
+        ("ssh-keygen", "/usr/bin/ssh-keygen"),
+    ):
         if not (shutil.which(tool) or os.path.exists(path)):
             missing.append(tool)
     return missing
@@ -171,24 +177,29 @@ class HostHooks(InstanceHooks):
         self.bridge = f"{PREFIX}br{run_id}"
         self.run_dir = RUN_ROOT / run_id
         self.model: Model | None = None
-        self.hosts: dict[str, Host] = {}      # instance id -> host
+        self.hosts: dict[str, Host] = {}  # instance id -> host
         self._free = [str(ip) for ip in list(subnet.hosts())[1:]]
         self._next_index = 0
         self._lock = threading.RLock()
         self._closed = False
 
     @classmethod
-    def create(cls) -> "HostHooks":
+    def create(cls) -> HostHooks:
         missing = missing_requirements()
         if missing:
-            raise RuntimeError(f"local VM hosts need {', '.join(missing)}; run as root with iproute2, nftables, "
-                               f"openssh-server and sudo installed (make test installs them)")
+            raise RuntimeError(
+                f"local VM hosts need {', '.join(missing)}; run as root with iproute2, nftables, "
+                f"openssh-server and sudo installed (make test installs them)"
+            )
         clean_stale_runs()
         RUN_ROOT.mkdir(parents=True, exist_ok=True)
-        used = {ipaddress.ip_network(r.split()[0], strict=False) for r in
-                _run("ip", "-4", "route", "show").stdout.splitlines() if r and r.split()[0][0].isdigit()}
+        used = {
+            ipaddress.ip_network(r.split()[0], strict=False)
+            for r in _run("ip", "-4", "route", "show").stdout.splitlines()
+            if r and r.split()[0][0].isdigit()
+        }
         for _ in range(100):
-            run_id = f"{random.randrange(16 ** 4):04x}"
+            run_id = f"{random.randrange(16**4):04x}"
             subnet = ipaddress.ip_network(f"10.77.{random.randrange(1, 255)}.0/24")
             if not any(subnet.overlaps(u) for u in used) and not (RUN_ROOT / run_id).exists():
                 break
@@ -196,8 +207,9 @@ class HostHooks(InstanceHooks):
             raise RuntimeError("no free 10.77.x.0/24 subnet for the sim's bridge")
         self = cls(run_id, subnet)
         self.run_dir.mkdir(parents=True)
-        (self.run_dir / "run.json").write_text(json.dumps({"run_id": run_id, "owner_pid": os.getpid(),
-                                                           "subnet": str(subnet)}))
+        (self.run_dir / "run.json").write_text(
+            json.dumps({"run_id": run_id, "owner_pid": os.getpid(), "subnet": str(subnet)})
+        )
         try:
             _run("ip", "link", "add", self.bridge, "type", "bridge")
             _run("ip", "addr", "add", f"{self.gateway}/{subnet.prefixlen}", "dev", self.bridge)
@@ -238,7 +250,7 @@ class HostHooks(InstanceHooks):
                     self._ensure_netns(host)
                     if host.proc is None or host.proc.poll() is not None:
                         self._boot(host, instance.name, user, keys)
-                except Exception as e:  # noqa: BLE001 - a host that fails to boot is logged, not fatal
+                except Exception as e:
                     log.error("host for %s failed to boot: %s", instance.name, e)
             self._apply_firewalls(firewall)
 
@@ -282,13 +294,40 @@ class HostHooks(InstanceHooks):
         _run(*ns, "ip", "route", "add", "default", "via", self.gateway)
 
     def _boot(self, host: Host, name: str, user: str, keys: str) -> None:
-        env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOST_NAME": name,
-               "HOST_IP": host.ip, "LOGIN_USER": user, "LOGIN_UID": str(LOGIN_UID), "AUTHORIZED_KEYS": keys}
+        env = {
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOST_NAME": name,
+            "HOST_IP": host.ip,
+            "LOGIN_USER": user,
+            "LOGIN_UID": str(LOGIN_UID),
+            "AUTHORIZED_KEYS": keys,
+        }
         logf = open(self.run_dir / f"host-{host.index}.log", "ab")
         host.proc = subprocess.Popen(
-            ["ip", "netns", "exec", host.netns, "unshare", "--pid", "--fork", "--kill-child", "--mount",
-             "--uts", "--mount-proc", "--propagation", "private", "bash", "-c", BOOT_SCRIPT],
-            env=env, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                "ip",
+                "netns",
+                "exec",
+                host.netns,
+                "unshare",
+                "--pid",
+                "--fork",
+                "--kill-child",
+                "--mount",
+                "--uts",
+                "--mount-proc",
+                "--propagation",
+                "private",
+                "bash",
+                "-c",
+                BOOT_SCRIPT,
+            ],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         logf.close()
         (self.run_dir / f"host-{host.index}.pid").write_text(str(host.proc.pid))
 
@@ -317,12 +356,18 @@ class HostHooks(InstanceHooks):
             h = self.hosts.get(inst.id)
             if h is None:
                 continue
-            lines = ["table inet exoscale", "delete table inet exoscale", "table inet exoscale {",
-                     "  chain input {", "    type filter hook input priority 0; policy drop;",
-                     "    ct state established,related accept", "    iif lo accept"]
+            lines = [
+                "table inet exoscale",
+                "delete table inet exoscale",
+                "table inet exoscale {",
+                "  chain input {",
+                "    type filter hook input priority 0; policy drop;",
+                "    ct state established,related accept",
+                "    iif lo accept",
+            ]
             for gid in inst.security_group_ids:
                 g = m.security_groups.get(gid)
-                for r in (g.rules if g else []):
+                for r in g.rules if g else []:
                     if r.flow_direction != "ingress":
                         continue
                     if r.network is not None:

@@ -18,17 +18,25 @@ import random
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterator
+from typing import Any
 
 ZONES = ("at-vie-1", "at-vie-2", "bg-sof-1", "ch-dk-2", "ch-gva-2", "de-fra-1", "de-muc-1", "hr-zag-1")
-GiB = 1024 ** 3
-MiB = 1024 ** 2
+GiB = 1024**3
+MiB = 1024**2
 
 # Exoscale's standard family (CPUs, memory), as published on its pricing page.
-STANDARD_SIZES = (("micro", 1, 512 * MiB), ("tiny", 1, 1 * GiB), ("small", 2, 2 * GiB), ("medium", 2, 4 * GiB),
-                  ("large", 4, 8 * GiB), ("extra-large", 4, 16 * GiB), ("huge", 8, 32 * GiB))
+STANDARD_SIZES = (
+    ("micro", 1, 512 * MiB),
+    ("tiny", 1, 1 * GiB),
+    ("small", 2, 2 * GiB),
+    ("medium", 2, 4 * GiB),
+    ("large", 4, 8 * GiB),
+    ("extra-large", 4, 16 * GiB),
+    ("huge", 8, 32 * GiB),
+)
 CPU_SIZES = (("extra-large", 16, 16 * GiB), ("huge", 32, 32 * GiB))
 
 _NS = uuid.UUID("7b0c6bde-4f3e-4c59-9c1e-4d8f2f0a5e11")
@@ -124,9 +132,9 @@ class Instance:
 @dataclass
 class Operation:
     id: str
-    state: str                      # pending, success, failure
+    state: str  # pending, success, failure
     reference_id: str | None
-    reference_kind: str             # instance, security-group, ssh-key
+    reference_kind: str  # instance, security-group, ssh-key
     command: str
     ready_at: float
     on_success: Callable[[], None] | None = None
@@ -155,13 +163,19 @@ class Faults:
 
     op_delay_s: float = 0.2
     op_failure_rate: float = 0.0
-    fail_next_ops: int = 0          # the next N operations fail, whatever the rate
-    fail_ops_matching: str = ""     # only operations whose command contains this text count for fail_next_ops
+    fail_next_ops: int = 0  # the next N operations fail, whatever the rate
+    fail_ops_matching: str = ""  # only operations whose command contains this text count for fail_next_ops
 
 
 class Model:
-    def __init__(self, zone: str = "ch-gva-2", faults: Faults | None = None, hooks: InstanceHooks | None = None,
-                 seed: int | None = None, ip_network: str = "10.77.0.0/16"):
+    def __init__(
+        self,
+        zone: str = "ch-gva-2",
+        faults: Faults | None = None,
+        hooks: InstanceHooks | None = None,
+        seed: int | None = None,
+        ip_network: str = "10.77.0.0/16",
+    ):
         if zone not in ZONES:
             raise ValueError(f"unknown zone {zone!r}; valid: {', '.join(ZONES)}")
         self.zone = zone
@@ -187,9 +201,11 @@ class Model:
 
     @staticmethod
     def _catalogue_templates() -> list[Template]:
-        rows = [("Linux Ubuntu 22.04 LTS 64-bit", "ubuntu", "22.04", "ubuntu"),
-                ("Linux Ubuntu 24.04 LTS 64-bit", "ubuntu", "24.04", "ubuntu"),
-                ("Linux Debian 12 (bookworm) 64-bit", "debian", "12", "debian")]
+        rows = [
+            ("Linux Ubuntu 22.04 LTS 64-bit", "ubuntu", "22.04", "ubuntu"),
+            ("Linux Ubuntu 24.04 LTS 64-bit", "ubuntu", "24.04", "ubuntu"),
+            ("Linux Debian 12 (bookworm) 64-bit", "debian", "12", "debian"),
+        ]
         return [Template(_stable_id("template", n), n, fam, ver, user, 10 * GiB) for n, fam, ver, user in rows]
 
     # ------------------------------------------------------------------------------ operations
@@ -215,8 +231,17 @@ class Model:
         if f.fail_next_ops > 0 and f.fail_ops_matching in command:
             f.fail_next_ops -= 1
             fail = True
-        op = Operation(str(uuid.uuid4()), "pending", ref, kind, command, time.monotonic() + f.op_delay_s,
-                       on_success, on_failure, fail=fail)
+        op = Operation(
+            str(uuid.uuid4()),
+            "pending",
+            ref,
+            kind,
+            command,
+            time.monotonic() + f.op_delay_s,
+            on_success,
+            on_failure,
+            fail=fail,
+        )
         self.operations[op.id] = op
         return op
 
@@ -239,8 +264,9 @@ class Model:
         return t
 
     def list_templates(self, visibility: str | None = None, family: str | None = None) -> list[Template]:
-        return [t for t in self.templates.values() if (visibility in (None, t.visibility))
-                and (family in (None, t.family))]
+        return [
+            t for t in self.templates.values() if (visibility in (None, t.visibility)) and (family in (None, t.family))
+        ]
 
     def get_template(self, template_id: str) -> Template:
         t = self.templates.get(template_id)
@@ -262,7 +288,7 @@ class Model:
             if not parts or not parts[0].startswith(("ssh-", "ecdsa-")) or not blob:
                 raise ModelError("invalid", "public-key is not an OpenSSH public key")
             fp = hashlib.md5(blob).hexdigest()
-            self.ssh_keys[name] = SSHKey(name, public_key, ":".join(fp[i:i + 2] for i in range(0, 32, 2)))
+            self.ssh_keys[name] = SSHKey(name, public_key, ":".join(fp[i : i + 2] for i in range(0, 32, 2)))
             return self._operation("ssh-key", None, "register-ssh-key")
 
     def list_ssh_keys(self) -> list[SSHKey]:
@@ -280,8 +306,7 @@ class Model:
     def delete_ssh_key(self, name: str) -> Operation:
         with self.lock:
             self.get_ssh_key(name)
-            return self._operation("ssh-key", None, "delete-ssh-key",
-                                   on_success=lambda: self.ssh_keys.pop(name, None))
+            return self._operation("ssh-key", None, "delete-ssh-key", on_success=lambda: self.ssh_keys.pop(name, None))
 
     # ------------------------------------------------------------------------- security groups
     def create_security_group(self, name: str, description: str = "") -> Operation:
@@ -312,16 +337,32 @@ class Model:
             users = [i.name for i in self.instances.values() if group_id in i.security_group_ids]
             if users:
                 raise ModelError("conflict", f"security group {group_id} is in use by instance(s) {', '.join(users)}")
-            referring = [g.name for g in self.security_groups.values() if g.id != group_id
-                         and any(r.security_group_id == group_id for r in g.rules)]
+            referring = [
+                g.name
+                for g in self.security_groups.values()
+                if g.id != group_id and any(r.security_group_id == group_id for r in g.rules)
+            ]
             if referring:
                 raise ModelError("conflict", f"security group {group_id} is a rule source of {', '.join(referring)}")
-            return self._operation("security-group", group_id, "delete-security-group",
-                                   on_success=lambda: self.security_groups.pop(group_id, None))
+            return self._operation(
+                "security-group",
+                group_id,
+                "delete-security-group",
+                on_success=lambda: self.security_groups.pop(group_id, None),
+            )
 
-    def add_rule(self, group_id: str, flow_direction: str, protocol: str, network: str | None = None,
-                 source_group_id: str | None = None, start_port: int | None = None, end_port: int | None = None,
-                 icmp: dict | None = None, description: str = "") -> Operation:
+    def add_rule(
+        self,
+        group_id: str,
+        flow_direction: str,
+        protocol: str,
+        network: str | None = None,
+        source_group_id: str | None = None,
+        start_port: int | None = None,
+        end_port: int | None = None,
+        icmp: dict | None = None,
+        description: str = "",
+    ) -> Operation:
         with self.lock:
             g = self.get_security_group(group_id)
             if (network is None) == (source_group_id is None):
@@ -338,8 +379,17 @@ class Model:
                     raise ModelError("invalid", f"a {protocol} rule needs start-port <= end-port")
             elif start_port is not None or end_port is not None:
                 raise ModelError("invalid", f"ports make no sense for protocol {protocol}")
-            rule = Rule(str(uuid.uuid4()), flow_direction, protocol, network, source_group_id, start_port,
-                        end_port, icmp, description)
+            rule = Rule(
+                str(uuid.uuid4()),
+                flow_direction,
+                protocol,
+                network,
+                source_group_id,
+                start_port,
+                end_port,
+                icmp,
+                description,
+            )
             g.rules.append(rule)
             self._rules_changed(group_id)
             return self._operation("security-group", group_id, "add-rule-to-security-group")
@@ -355,8 +405,9 @@ class Model:
 
     def _rules_changed(self, group_id: str) -> None:
         for inst in self.instances.values():
-            if inst.state == "running" and any(group_id in (gid, *self._sources_of(gid))
-                                               for gid in inst.security_group_ids):
+            if inst.state == "running" and any(
+                group_id in (gid, *self._sources_of(gid)) for gid in inst.security_group_ids
+            ):
                 self.hooks.on_running(inst)  # hosts re-apply their firewall
 
     def _sources_of(self, group_id: str) -> list[str]:
@@ -364,10 +415,18 @@ class Model:
         return [r.security_group_id for r in g.rules if r.security_group_id] if g else []
 
     # ------------------------------------------------------------------------------- instances
-    def create_instance(self, name: str, instance_type_id: str, template_id: str, disk_size: int,
-                        ssh_keys: list[str] = (), security_group_ids: list[str] = (),
-                        labels: dict[str, str] | None = None, user_data: str | None = None,
-                        public_ip_assignment: str = "inet4") -> Operation:
+    def create_instance(
+        self,
+        name: str,
+        instance_type_id: str,
+        template_id: str,
+        disk_size: int,
+        ssh_keys: list[str] = (),
+        security_group_ids: list[str] = (),
+        labels: dict[str, str] | None = None,
+        user_data: str | None = None,
+        public_ip_assignment: str = "inet4",
+    ) -> Operation:
         with self.lock:
             self.tick()
             itype = self.get_instance_type(instance_type_id)
@@ -375,7 +434,9 @@ class Model:
             if self.zone not in itype.zones or self.zone not in tmpl.zones:
                 raise ModelError("invalid", f"not available in zone {self.zone}")
             if disk_size * GiB < tmpl.size:
-                raise ModelError("invalid", f"disk-size {disk_size} GiB is smaller than the template ({tmpl.size // GiB} GiB)")
+                raise ModelError(
+                    "invalid", f"disk-size {disk_size} GiB is smaller than the template ({tmpl.size // GiB} GiB)"
+                )
             for k in ssh_keys:
                 if k not in self.ssh_keys:
                     raise ModelError("not-found", f"SSH key {k!r} not found")
@@ -386,9 +447,20 @@ class Model:
                     base64.b64decode(user_data, validate=True)
                 except ValueError:
                     raise ModelError("invalid", "user-data must be base64-encoded") from None
-            inst = Instance(str(uuid.uuid4()), name, itype, tmpl, disk_size, "starting", _now_iso(),
-                            dict(labels or {}), list(ssh_keys), list(security_group_ids), user_data,
-                            public_ip_assignment)
+            inst = Instance(
+                str(uuid.uuid4()),
+                name,
+                itype,
+                tmpl,
+                disk_size,
+                "starting",
+                _now_iso(),
+                dict(labels or {}),
+                list(ssh_keys),
+                list(security_group_ids),
+                user_data,
+                public_ip_assignment,
+            )
             if public_ip_assignment != "none":
                 inst.public_ip = self.hooks.allocate_ip(inst) or self._next_ip()
                 self._ips_in_use.add(inst.public_ip)
@@ -412,9 +484,11 @@ class Model:
     def list_instances(self, labels: dict[str, str] | None = None, ip_address: str | None = None) -> list[Instance]:
         with self.lock:
             self.tick()
-            return [i for i in self.instances.values()
-                    if all(i.labels.get(k) == v for k, v in (labels or {}).items())
-                    and ip_address in (None, i.public_ip)]
+            return [
+                i
+                for i in self.instances.values()
+                if all(i.labels.get(k) == v for k, v in (labels or {}).items()) and ip_address in (None, i.public_ip)
+            ]
 
     def get_instance(self, instance_id: str) -> Instance:
         with self.lock:
@@ -444,12 +518,21 @@ class Model:
 
             return self._operation("instance", instance_id, "delete-instance", gone, failed)
 
-    def _transition(self, instance_id: str, allowed: tuple[str, ...], during: str, after: str,
-                    command: str, hook: Callable[[Instance], None]) -> Operation:
+    def _transition(
+        self,
+        instance_id: str,
+        allowed: tuple[str, ...],
+        during: str,
+        after: str,
+        command: str,
+        hook: Callable[[Instance], None],
+    ) -> Operation:
         with self.lock:
             inst = self.get_instance(instance_id)
             if inst.state not in allowed:
-                raise ModelError("conflict", f"instance {instance_id} is {inst.state}; {command} needs {' or '.join(allowed)}")
+                raise ModelError(
+                    "conflict", f"instance {instance_id} is {inst.state}; {command} needs {' or '.join(allowed)}"
+                )
             previous = inst.state
             inst.state = during
 
@@ -463,12 +546,14 @@ class Model:
             return self._operation("instance", instance_id, command, done, failed)
 
     def start_instance(self, instance_id: str) -> Operation:
-        return self._transition(instance_id, ("stopped",), "starting", "running", "start-instance",
-                                self.hooks.on_running)
+        return self._transition(
+            instance_id, ("stopped",), "starting", "running", "start-instance", self.hooks.on_running
+        )
 
     def stop_instance(self, instance_id: str) -> Operation:
-        return self._transition(instance_id, ("running",), "stopping", "stopped", "stop-instance",
-                                self.hooks.on_stopped)
+        return self._transition(
+            instance_id, ("running",), "stopping", "stopped", "stop-instance", self.hooks.on_stopped
+        )
 
     def reboot_instance(self, instance_id: str) -> Operation:
         def reboot(inst):
@@ -480,6 +565,9 @@ class Model:
     def summary(self) -> dict[str, Any]:
         with self.lock:
             self.tick()
-            return {"instances": len(self.instances), "security_groups": len(self.security_groups),
-                    "ssh_keys": len(self.ssh_keys),
-                    "pending_operations": sum(o.state == "pending" for o in self.operations.values())}
+            return {
+                "instances": len(self.instances),
+                "security_groups": len(self.security_groups),
+                "ssh_keys": len(self.ssh_keys),
+                "pending_operations": sum(o.state == "pending" for o in self.operations.values()),
+            }

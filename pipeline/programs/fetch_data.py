@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import urllib.error
@@ -56,7 +55,7 @@ def download(url, dest, sha256=None):
             shutil.copyfileobj(r, f, 1 << 20)
     except urllib.error.HTTPError as e:
         sys.exit(f"fetch_data.py: {url} answered HTTP {e.code} {e.reason}")
-    except (urllib.error.URLError, socket.timeout, ConnectionError, TimeoutError) as e:
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
         raise NoNetwork(f"{url} is unreachable ({getattr(e, 'reason', e)})") from None
     if sha256:
         got = sha256_of(tmp)
@@ -106,7 +105,9 @@ def check_npz(path):
         raise ValueError(f"{path} lacks {', '.join(missing)}; an npz with {', '.join(REQUIRED_KEYS)} is needed")
     for x, y in (("x_train", "y_train"), ("x_test", "y_test")):
         if len(shapes[x]) < 2 or len(shapes[y]) != 1 or shapes[x][0] == 0:
-            raise ValueError(f"{path}: {x} must be images (N, ...) and {y} labels (N,), got {shapes[x]} and {shapes[y]}")
+            raise ValueError(
+                f"{path}: {x} must be images (N, ...) and {y} labels (N,), got {shapes[x]} and {shapes[y]}"
+            )
         if shapes[x][0] != shapes[y][0]:
             raise ValueError(f"{path}: {x} has {shapes[x][0]} images but {y} has {shapes[y][0]} labels")
     return shapes["x_train"][0], shapes["x_test"][0]

@@ -35,8 +35,12 @@ def parse_args(argv=None):
     p.add_argument("--dropout", type=dropout_rate, required=True, help="dropout rate in [0, 1)")
     p.add_argument("--epochs", type=positive_int, default=1)
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible weights and shuffling")
-    p.add_argument("--threads", type=int, default=None,
-                   help="TensorFlow threads (default: $OMP_NUM_THREADS, else TensorFlow's choice)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="TensorFlow threads (default: $OMP_NUM_THREADS, else TensorFlow's choice)",
+    )
     return p.parse_args(argv)
 
 
@@ -70,13 +74,15 @@ def main(argv=None):
 
     x_train = x_train.astype("float32") / 255.0
     x_test = x_test.astype("float32") / 255.0
-    model = tf.keras.models.Sequential([
-        tf.keras.Input(shape=x_train.shape[1:]),
-        tf.keras.layers.Flatten(),
-        tf.keras.layers.Dense(args.size, activation="relu"),
-        tf.keras.layers.Dropout(args.dropout),
-        tf.keras.layers.Dense(10, activation="softmax"),
-    ])
+    model = tf.keras.models.Sequential(
+        [
+            tf.keras.Input(shape=x_train.shape[1:]),
+            tf.keras.layers.Flatten(),
+            tf.keras.layers.Dense(args.size, activation="relu"),
+            tf.keras.layers.Dropout(args.dropout),
+            tf.keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     model.fit(x_train, y_train, epochs=args.epochs, verbose=0)
     _, accuracy = model.evaluate(x_test, y_test, verbose=0)
