@@ -158,27 +158,25 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"pipeline.mnist: error: {e}", file=sys.stderr)
         return 2
-    tunnel = None
+    conn = None
     address = args.address
     if args.cluster:
-        from cloud.ray_cluster import connect_address  # the only place pipeline reaches into cloud
+        from cloud.connect import connect_cluster  # the only place pipeline reaches into cloud
 
         try:
-            tunnel, address = connect_address(args.cluster, args.cluster_config)
+            conn = connect_cluster(args.cluster, args.cluster_config)
         except Exception as e:
             print(f"pipeline.mnist: error: --cluster {args.cluster!r}: {e}", file=sys.stderr)
             return 2
+        address = conn.address
     try:
-        return _run(args, sizes, drops, plan, address, tunnel)
+        return _run(args, sizes, drops, plan, address, conn)
     finally:
-        if tunnel is not None:
-            import ray
-
-            ray.shutdown()  # before the tunnel closes, or the client keeps trying to reconnect
-            tunnel.close()
+        if conn is not None:
+            conn.close()
 
 
-def _run(args, sizes, drops, plan, address, tunnel=None) -> int:
+def _run(args, sizes, drops, plan, address, conn=None) -> int:
     import ray
 
     from pipeline import datasets, report, tasks
@@ -264,10 +262,8 @@ def _run(args, sizes, drops, plan, address, tunnel=None) -> int:
         return 130
     except (ConnectionError, ray.exceptions.RaySystemError) as e:
         where = f"cluster {args.cluster!r}" if args.cluster else f"Ray at {address or 'the local Ray'}"
-        why = (
-            f"its head {tunnel.head.ip} stopped answering over SSH"
-            if tunnel is not None and tunnel.lost
-            else f"the head is unreachable: {str(e).splitlines()[0][:200]}"
+        why = (conn.lost_reason() if conn is not None else None) or (
+            f"the head is unreachable: {str(e).splitlines()[0][:200]}"
         )
         print(
             f"pipeline.mnist: error: lost the connection to {where} ({why}); the {len(store.results)} "
