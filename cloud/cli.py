@@ -15,6 +15,7 @@ submit -- CMD...      run a driver command as a Ray job on the head, streaming i
 logs JOB              re-attach to a job's logs
 fetch PATH [DEST]     bring a file or directory from the head's home to this machine
 dashboard             tunnel to Ray's dashboard and print its local URL
+autostop              the head's idle teardown: --minutes M, --off, --log (no option: its state)
 """
 
 from __future__ import annotations
@@ -70,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("up", aliases=["create"], help="create the cluster (or complete a partial one)")
     a.add_argument("-n", "--nodes", type=int, help="number of nodes (default: from config, else 3)")
+    a.add_argument(
+        "--autostop",
+        type=float,
+        metavar="MINUTES",
+        help="tear the cluster down after MINUTES idle (0 = never; default: autostop_minutes from config, else 120)",
+    )
     a = sub.add_parser("down", aliases=["destroy"], help="remove everything of the cluster")
     a.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     sub.add_parser("list-nodes", aliases=["status"], help="the cluster's nodes as the API sees them")
@@ -99,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("path")
     a.add_argument("dest", nargs="?", default=".")
     sub.add_parser("dashboard", help="tunnel to Ray's dashboard and print its local URL")
+    a = sub.add_parser("autostop", help="the head's idle teardown: show it, change it (--minutes M, --off), --log")
+    g = a.add_mutually_exclusive_group()
+    g.add_argument("--minutes", type=float, help="tear down after this many idle minutes (restarts the count)")
+    g.add_argument("--off", action="store_true", help="never tear down by itself")
+    g.add_argument("--log", action="store_true", help="the daemon's decisions, as logged on the head")
     a = sub.add_parser("import-terraform", help="use a cluster made by terraform/")
     a.add_argument("--dir", default="terraform", help="the Terraform directory (runs `terraform output -json`)")
     a.add_argument("--output-json", help="or: a file holding the output of `terraform output -json`")
@@ -143,7 +155,7 @@ def _select(st: ClusterState, which: str | None) -> list[NodeRecord]:
 
 
 def cmd_up(args) -> int:
-    cfg = _load(args, nodes=args.nodes)
+    cfg = _load(args, nodes=args.nodes, autostop_minutes=args.autostop)
     from cloud import provision
 
     if not cfg.ssh_cidr_given:
@@ -168,6 +180,8 @@ def cmd_up(args) -> int:
             file=sys.stderr,
         )
         return 1
+    if args.autostop is not None:
+        _autostop_set(cfg, cfg.autostop_minutes)
     print(f"cluster {cfg.name!r} ready: {len(res.state.nodes)} node(s)", file=sys.stderr)
     return 0
 
@@ -332,7 +346,7 @@ def cmd_list(args) -> int:
     else:
         st = _state(cfg)
     if not st.nodes:
-        print(f"cluster {cfg.name!r} has no nodes", file=sys.stderr)
+        _print_no_nodes(cfg)
         return 0
     _print_nodes(st)
     from cloud import ray_cluster
@@ -341,6 +355,71 @@ def cmd_list(args) -> int:
         _print_ray(ray_cluster.ray_nodes(cfg))
     except ray_cluster.RayClusterError as e:
         print(f"Ray: not running ({str(e).splitlines()[0][:200]})")
+    _print_autostop(cfg)
+    return 0
+
+
+def _print_no_nodes(cfg: ClusterConfig) -> None:
+    """No instances: say whether an autostop left the rest for `down`."""
+    from cloud import autostop
+
+    rest = autostop.leftovers(cfg.driver(), cfg.name) if cfg.api_secret is not None else None
+    if rest:
+        print(autostop.autostopped_message(cfg.name, rest))
+    else:
+        print(f"cluster {cfg.name!r} has no nodes", file=sys.stderr)
+
+
+def _print_autostop(cfg: ClusterConfig) -> None:
+    from cloud import autostop
+
+    remote, st = _remote(cfg)
+    try:
+        print(autostop.describe(*autostop.read_head(remote, st.head() or st.ordered()[0])))
+    except autostop.AutostopError as e:
+        print(f"autostop: unknown ({e})")
+
+
+def _autostop_set(cfg: ClusterConfig, minutes: float) -> None:
+    from cloud import autostop
+
+    remote, st = _remote(cfg)
+    head = st.head()
+    if head is None:
+        raise CLIError(f"cluster {cfg.name!r} has no head node")
+    try:
+        s = autostop.write_setting(remote, head, minutes, autostop.unit_from_env())
+    except (autostop.AutostopError, ValueError) as e:
+        raise CLIError(str(e)) from None
+    print(f"autostop of cluster {cfg.name!r}: {s.describe()}", file=sys.stderr)
+
+
+def cmd_autostop(args) -> int:
+    cfg = _load(args, require_credentials=False)
+    from cloud import autostop
+
+    if args.minutes is not None:
+        try:
+            autostop.check_minutes(args.minutes, "--minutes")
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+        _autostop_set(cfg, args.minutes)
+        return 0
+    if args.off:
+        _autostop_set(cfg, 0)
+        return 0
+    remote, st = _remote(cfg)
+    head = st.head()
+    if head is None:
+        raise CLIError(f"cluster {cfg.name!r} has no head node")
+    try:
+        if args.log:
+            text = autostop.read_log(remote, head)
+            print(text.rstrip() if text.strip() else f"no autostop log on {head.name} yet (`start` starts the daemon)")
+        else:
+            print(autostop.describe(*autostop.read_head(remote, head)))
+    except autostop.AutostopError as e:
+        raise CLIError(str(e)) from None
     return 0
 
 
@@ -466,6 +545,7 @@ COMMANDS = {
     "logs": cmd_logs,
     "fetch": cmd_fetch,
     "dashboard": cmd_dashboard,
+    "autostop": cmd_autostop,
 }
 
 

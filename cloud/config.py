@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from cloud.autostop import DEFAULT_MINUTES, check_minutes
 from cloud.exoscale_driver import ZONES, Secret
 
 if sys.version_info >= (3, 11):
@@ -41,6 +42,7 @@ DEFAULTS = {
     "install_env": {},  # environment for the install, e.g. { UV_CACHE_DIR = "/var/cache/uv" }
     "ray_cpus": None,  # CPUs each node offers to Ray (default: all it has)
     "ray_env": {},  # environment for `ray start`, e.g. { RAY_health_check_period_ms = "1000" }
+    "autostop_minutes": DEFAULT_MINUTES,  # idle minutes after which the head tears the cluster down (0 = off)
 }
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -71,6 +73,7 @@ class ClusterConfig:
     install_env: dict[str, str] = field(default_factory=dict)
     ray_cpus: int | None = None
     ray_env: dict[str, str] = field(default_factory=dict)
+    autostop_minutes: float = DEFAULT_MINUTES
     endpoint: str | None = None  # EXOSCALE_API_ENDPOINT
     state_root: Path = field(default_factory=lambda: default_state_root())
 
@@ -191,6 +194,10 @@ def _validate(
         raise ConfigError(f"ray_cpus {v['ray_cpus']!r}: a whole number >= 1")
     if not isinstance(v["install_options"], str) or (v["uv_path"] is not None and not isinstance(v["uv_path"], str)):
         raise ConfigError("install_options and uv_path must be strings")
+    try:
+        autostop_minutes = check_minutes(v["autostop_minutes"], "autostop_minutes")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return ClusterConfig(
         api_key=key,
         api_secret=secret,
@@ -210,5 +217,6 @@ def _validate(
         install_env=dict(v["install_env"]),
         ray_cpus=v["ray_cpus"],
         ray_env=dict(v["ray_env"]),
+        autostop_minutes=autostop_minutes,
         endpoint=endpoint,
     )

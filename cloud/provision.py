@@ -21,7 +21,6 @@ from libcloud.compute.types import NodeState
 
 from cloud.config import ClusterConfig
 from cloud.exoscale_driver import ExoscaleAPIError, ExoscaleOperationError
-from cloud.remote import Remote
 from cloud.state import ClusterState, NodeRecord, StateStore
 
 log = logging.getLogger(__name__)
@@ -194,6 +193,8 @@ def up(
     nodes = _wait_running(driver, nodes, progress)
     result.state.nodes = [_record(nd, user) for nd in nodes]
     store.save(result.state)
+    from cloud.remote import Remote  # here: the head imports this module without the SSH layer
+
     remote = Remote(key_path, store.known_hosts)
     ready = remote.wait_ssh(
         [r for r in result.state.nodes if r.ip],

@@ -31,6 +31,7 @@ from contextlib import ExitStack
 from importlib import metadata
 from pathlib import Path
 
+from cloud import autostop
 from cloud.config import ClusterConfig
 from cloud.remote import NodeResult, Remote
 from cloud.state import ClusterState, NodeRecord, StateStore
@@ -55,11 +56,11 @@ def local_versions() -> tuple[str, str]:
 
 
 def node_packages() -> list[str]:
-    """What `install` puts on the nodes: Ray pinned to ours, and the training program's needs, pinned to
-    the versions here where this machine has them."""
+    """What `install` puts on the nodes: Ray pinned to ours, the training program's needs and the autostop
+    daemon's (libcloud, Exoscale's signer), pinned to the versions here where this machine has them."""
     _py, ray_version = local_versions()
     pkgs = [f"ray[default]=={ray_version}"]
-    for name in ("numpy", "tensorflow-cpu", "mlxtend"):
+    for name in ("numpy", "tensorflow-cpu", "mlxtend", "apache-libcloud", "requests-exoscale-auth"):
         try:
             pkgs.append(f"{name}=={metadata.version(name)}")
         except metadata.PackageNotFoundError:
@@ -78,7 +79,7 @@ import importlib.util, sys
 import ray
 assert "%d.%d" % sys.version_info[:2] == "{py}", "python"
 assert ray.__version__ == "{ray}", "ray"
-for m in ("numpy", "tensorflow", "mlxtend"):
+for m in ("numpy", "tensorflow", "mlxtend", "libcloud", "exoscale_auth"):
     assert importlib.util.find_spec(m), m
 EOF
 }}
@@ -259,6 +260,7 @@ def start(cfg: ClusterConfig, progress: Progress, timeout: float = 300.0) -> lis
                     f"all {len(want)} node(s) registered with Ray "
                     f"({sum(n['cpus'] for n in nodes if n['alive']):g} CPUs)",
                 )
+                autostop.launch(cfg, remote, head, progress)
                 return nodes
             missing = want - alive
         except RayClusterError as e:

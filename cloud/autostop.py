@@ -1,0 +1,496 @@
+"""Autostop: a cluster nobody uses ends itself, so a forgotten cluster cannot run up a bill.
+
+A daemon on the head (cloud.autostop_daemon) samples the cluster every few seconds and decides, with the
+pure core below (observations in, decision out), whether it is busy. Activity is:
+- a Ray job submitted through the job API that is pending or running (`exoscale.py submit`), or a driver
+  connected for longer than the grace window (a sweep through the tunnel, a script run on the head);
+- a Ray task or actor pending or running (driver tasks aside: a driver counts only as above);
+- an SSH connection to the head from outside the cluster open for longer than the grace window
+  (an `exoscale.py ssh` session, a `dashboard` or sweep tunnel, a long `cmd` or `install`).
+
+Short checks are told apart by their age, not by a mark: a connection or driver counts once it has lived
+longer than the grace window (3/4 of a unit: 45 s by default). `status`, `list-nodes`, `cmd`, `scp` and
+`autostop --log` open their SSH connection (and, for `status`, a Ray driver on the head) for a few
+seconds, so asking never resets the clock, and nothing has to mark itself: a plain `ssh` from another
+machine or tool is judged the same way, and no client needs to cooperate. The daemon itself asks Ray over
+HTTP (the dashboard's job and state APIs on 127.0.0.1): it holds no driver and opens no SSH connection,
+so it is never its own activity.
+
+After `minutes` x unit of idleness (unit 60 s; `RAYSWEEP_AUTOSTOP_UNIT_S` for tests) the daemon stops Ray,
+deletes the workers, then the head, with the cluster's restricted key (cloud.head_credentials), never the
+user's. What cannot be deleted from inside (the security group the head still uses, the SSH key, the
+restricted key and its role) stays for the next `down`. Changing the setting resets the clock.
+
+Files on the head (relative to the login home, all made by the toolkit):
+    .raysweep/autostop.json         the setting: {"minutes": M, "unit_s": U} (0 = off)
+    .raysweep/autostop-status.json  the daemon's last sample: decision, idle time, pid (rewritten each sample)
+    .raysweep/autostop.log          the decisions, one line per change and each teardown step
+    .raysweep/lib/cloud/            the toolkit's code the daemon runs (copied by `start`)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cloud.config import ClusterConfig
+    from cloud.remote import Remote
+    from cloud.state import NodeRecord
+
+log = logging.getLogger(__name__)
+
+DIR = ".raysweep"
+SETTINGS = f"{DIR}/autostop.json"
+STATUS = f"{DIR}/autostop-status.json"
+LOG = f"{DIR}/autostop.log"
+LIB = f"{DIR}/lib"
+LOCK = f"{DIR}/autostop.lock"
+DAEMON_LOCK = f"{DIR}/autostop-daemon.lock"
+UNIT_ENV = "RAYSWEEP_AUTOSTOP_UNIT_S"
+DEFAULT_MINUTES = 120
+SERVICE = "raysweep-autostop.service"
+
+ACTIVE_JOB_STATES = ("PENDING", "RUNNING")
+DONE_TASK_STATES = ("FINISHED", "FAILED")
+
+
+class AutostopError(Exception):
+    pass
+
+
+# ------------------------------------------------------------------------------------- the setting
+
+
+@dataclass(frozen=True)
+class Settings:
+    minutes: float = DEFAULT_MINUTES  # 0 = off
+    unit_s: float = 60.0  # seconds in a "minute": tests make minutes seconds
+
+    @property
+    def off(self) -> bool:
+        return self.minutes <= 0
+
+    @property
+    def timeout_s(self) -> float:
+        return self.minutes * self.unit_s
+
+    @property
+    def sample_s(self) -> float:
+        """How often the daemon looks: 20 s for real minutes (as SkyPilot's skylet), a quarter unit in tests."""
+        return min(20.0, max(0.5, self.unit_s / 4))
+
+    @property
+    def grace_s(self) -> float:
+        """Connections and drivers younger than this are short checks, not activity (45 s for real minutes)."""
+        return 0.75 * self.unit_s
+
+    def to_json(self) -> str:
+        return json.dumps({"minutes": self.minutes, "unit_s": self.unit_s})
+
+    @classmethod
+    def from_json(cls, text: str) -> Settings:
+        d = json.loads(text)
+        return cls(minutes=float(d["minutes"]), unit_s=float(d.get("unit_s", 60.0)))
+
+    def describe(self) -> str:
+        if self.off:
+            return "off"
+        unit = "" if self.unit_s == 60 else f" (unit {self.unit_s:g} s)"
+        return f"after {self.minutes:g} idle minute(s){unit}"
+
+
+def check_minutes(value: Any, what: str = "autostop minutes") -> float:
+    """A number of minutes >= 0 (0 = off), or ValueError with one line naming what is valid."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
+        raise ValueError(f"{what} {value!r}: a number of minutes >= 0 (0 = off)")
+    if value > 60 * 24 * 365:
+        raise ValueError(f"{what} {value!r}: at most a year (525600); use 0 to turn autostop off")
+    return float(value)
+
+
+def unit_from_env(env: Mapping[str, str] | None = None) -> float:
+    text = (os.environ if env is None else env).get(UNIT_ENV)
+    if not text:
+        return 60.0
+    try:
+        unit = float(text)
+    except ValueError:
+        unit = -1.0
+    if not unit > 0:
+        raise ValueError(f"{UNIT_ENV}={text!r}: a number of seconds > 0 (the length of an autostop minute)")
+    return unit
+
+
+# ---------------------------------------------------------------------------- observations, decision
+
+
+@dataclass
+class Observation:
+    """One sample of the cluster, as the daemon saw it."""
+
+    now: float
+    ray_running: bool = True
+    jobs: list[str] = field(default_factory=list)  # active submission jobs and long-lived drivers
+    tasks: int = 0  # tasks pending or running
+    actors: int = 0  # actors alive or pending
+    ssh: list[str] = field(default_factory=list)  # long-lived SSH peers from outside the cluster
+    error: str = ""  # Ray runs but could not be asked: nothing can be concluded
+
+    def activity(self) -> list[str]:
+        out = [f"job {j}" for j in self.jobs]
+        if self.tasks:
+            out.append(f"{self.tasks} task(s) pending or running")
+        if self.actors:
+            out.append(f"{self.actors} actor(s) alive")
+        out += [f"SSH connection from {p}" for p in self.ssh]
+        return out
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str  # off | busy | idle | unknown | stop
+    idle_s: float
+    reason: str
+
+    def line(self) -> str:
+        return f"{self.action}: {self.reason}"
+
+
+@dataclass
+class Clock:
+    """What the daemon remembers between samples (and across restarts, through its status file)."""
+
+    last_active: float
+    settings: Settings
+
+
+def decide(clock: Clock, settings: Settings, obs: Observation) -> Decision:
+    """The decision for one sample; updates `clock` (the last activity, the setting it was measured under)."""
+    if settings != clock.settings:  # a new setting starts the count afresh
+        clock.settings = settings
+        clock.last_active = obs.now
+    if settings.off:
+        clock.last_active = obs.now
+        return Decision("off", 0.0, "autostop is off")
+    active = obs.activity()
+    if active:
+        clock.last_active = obs.now
+        return Decision("busy", 0.0, "; ".join(active))
+    idle = max(0.0, obs.now - clock.last_active)
+    if obs.error:  # Ray is up but did not answer: never stop a cluster that may be busy
+        return Decision("unknown", idle, f"cannot tell whether Ray is busy ({obs.error}); not stopping")
+    what = "Ray is not running" if not obs.ray_running else "no job, task, actor or SSH session"
+    limit = settings.timeout_s
+    if idle >= limit:
+        return Decision("stop", idle, f"{what}; idle {idle:.0f} s >= {limit:g} s: tearing the cluster down")
+    return Decision("idle", idle, f"{what}; idle {idle:.0f} s of {limit:g} s")
+
+
+# ---------------------------------------------------------------------------------- SSH connections
+
+
+def _hex_ip(text: str) -> str:
+    """An address of /proc/net/tcp{,6} ("0100007F", or 32 hex digits for IPv6) as text; IPv4 for v4-mapped."""
+    raw = bytes.fromhex(text)
+    if len(raw) == 4:
+        return ".".join(str(b) for b in raw[::-1])
+    words = [raw[i : i + 4][::-1] for i in range(0, 16, 4)]  # each 32-bit word is in host (little-endian) order
+    addr = b"".join(words)
+    if addr[:12] == b"\0" * 10 + b"\xff\xff":
+        return ".".join(str(b) for b in addr[12:])
+    import ipaddress
+
+    return str(ipaddress.IPv6Address(addr))
+
+
+def inbound_connections(proc_net_tcp: str, port: int = 22) -> set[str]:
+    """Established connections to local `port` in a /proc/net/tcp (or tcp6) table, as "ip:port" of the peer."""
+    peers = set()
+    for line in proc_net_tcp.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) < 4 or parts[3] != "01":  # 01 = ESTABLISHED
+            continue
+        local, remote = parts[1], parts[2]
+        if int(local.rsplit(":", 1)[1], 16) != port:
+            continue
+        rip, rport = remote.rsplit(":", 1)
+        peers.add(f"{_hex_ip(rip)}:{int(rport, 16)}")
+    return peers
+
+
+@dataclass
+class SessionTracker:
+    """Ages of the SSH connections seen so far (by peer ip:port), to tell sessions from short checks."""
+
+    first_seen: dict[str, float] = field(default_factory=dict)
+
+    def long_lived(self, peers: Iterable[str], now: float, grace_s: float, members: Iterable[str] = ()) -> list[str]:
+        """Connections from outside `members` open for at least `grace_s` (connections gone are forgotten)."""
+        inside = set(members)
+        current = {p for p in peers if p.rsplit(":", 1)[0] not in inside}
+        self.first_seen = {p: self.first_seen.get(p, now) for p in current}
+        return sorted(p for p, t in self.first_seen.items() if now - t >= grace_s)
+
+
+# -------------------------------------------------------------------------------------- Ray's views
+
+
+def active_jobs(jobs: Sequence[Mapping[str, Any]], now: float, grace_s: float) -> list[str]:
+    """From the dashboard's /api/jobs/: submitted jobs pending or running, and drivers running for longer than
+    the grace window (a short driver, like `status` asking Ray for its nodes, is not activity)."""
+    out = []
+    for j in jobs:
+        status = j.get("status")
+        if status not in ACTIVE_JOB_STATES:
+            continue
+        if j.get("type") == "SUBMISSION":
+            out.append(f"{j.get('submission_id')} {status.lower()}")
+        elif (start := j.get("start_time")) and now - start / 1000 >= grace_s:
+            out.append(f"driver {j.get('job_id')} connected")
+    return out
+
+
+def state_api_query(filters: Sequence[tuple[str, str, str]], limit: int = 100) -> str:
+    """The query string of a Ray state API list call (filters are ANDed)."""
+    from urllib.parse import urlencode
+
+    params: list[tuple[str, str | int]] = [("limit", limit)]
+    for key, pred, value in filters:
+        params += [("filter_keys", key), ("filter_predicates", pred), ("filter_values", value)]
+    return urlencode(params)
+
+
+TASKS_QUERY = state_api_query([("state", "!=", s) for s in DONE_TASK_STATES])
+ACTORS_QUERY = state_api_query([("state", "!=", "DEAD")])
+
+
+# ------------------------------------------------------------------------------- status on the head
+
+
+@dataclass
+class HeadStatus:
+    """What the daemon last wrote: read by `status` and `autostop` on the user's machine."""
+
+    time: float
+    pid: int
+    settings: Settings
+    action: str
+    idle_s: float
+    reason: str
+    last_active: float
+    sessions: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["settings"] = asdict(self.settings)
+        return json.dumps(d)
+
+    @classmethod
+    def from_json(cls, text: str) -> HeadStatus:
+        d = json.loads(text)
+        d["settings"] = Settings(**d["settings"])
+        return cls(**d)
+
+
+def describe(settings: Settings | None, status: HeadStatus | None, head_now: float | None) -> str:
+    """The `status` line: the setting, the idle time so far and the last decision."""
+    if settings is None:
+        return "autostop: not set up on the head (run `exoscale.py start`)"
+    text = f"autostop: {settings.describe()}"
+    if status is None:
+        return text + "; the daemon has not reported yet"
+    age = (head_now - status.time) if head_now is not None else 0.0
+    stale = age > 3 * status.settings.sample_s + 10
+    if status.action in ("idle", "unknown", "stop"):
+        text += f"; idle {_duration(status.idle_s + (age if not stale else 0))} so far"
+    text += f"; last decision ({_duration(age)} ago): {status.action}: {status.reason}"
+    if stale:
+        text += "; the daemon is not reporting (it restarts by itself within seconds; else run `start`)"
+    return text
+
+
+def _duration(s: float) -> str:
+    s = max(0, round(s))
+    if s < 60:
+        return f"{s} s"
+    m, s = divmod(s, 60)
+    if m < 60:
+        return f"{m} min {s} s"
+    h, m = divmod(m, 60)
+    return f"{h} h {m} min"
+
+
+# ---------------------------------------------------------------------------- controls (the laptop)
+
+
+def head_start_command(
+    minutes: float | None = None, unit_s: float = 60.0, env_dir: str = "raysweep-env", lib: str = LIB
+) -> str:
+    """The shell command, run on the head as the login user after Ray starts, that starts the autostop daemon:
+    writes the setting when the head has none yet (`minutes`; None leaves it alone), then runs the supervisor:
+    as a systemd unit where systemd is PID 1 and sudo works (restarted if it dies, back after a reboot), else
+    detached (setsid) so that it outlives the SSH session. The toolkit's code must be in ~/`lib`
+    (`ship_code`), its Python environment in ~/`env_dir`. Idempotent: a running supervisor is kept."""
+    cmd = f"mkdir -p -m 700 $HOME/{DIR}"
+    if minutes is not None:
+        s = Settings(check_minutes(minutes), unit_s)
+        cmd += f" && {{ [ -f $HOME/{SETTINGS} ] || printf '%s' {shlex.quote(s.to_json())} > $HOME/{SETTINGS}; }}"
+    python = f"$HOME/{env_dir}/bin/python"
+    unit = systemd_unit(python="@PYTHON@", lib="@LIB@", home="@HOME@", user="@USER@")
+    install_unit = (
+        f"printf '%s' {shlex.quote(unit)} | sed -e \"s|@PYTHON@|{python}|g; s|@LIB@|$HOME/{lib}|g; "
+        f's|@HOME@|$HOME|g; s|@USER@|$(id -un)|g" | sudo -n tee /etc/systemd/system/{SERVICE} >/dev/null'
+        f" && sudo -n systemctl daemon-reload && sudo -n systemctl enable --now {SERVICE} >/dev/null"
+    )
+    detached = (
+        f"PYTHONPATH=$HOME/{lib} setsid nohup {python} -m cloud.autostop_daemon supervise"
+        f" >> $HOME/{DIR}/autostop-supervisor.out 2>&1 < /dev/null &"
+    )
+    # systemd only where it is this machine's PID 1 (a namespace host sees its parent's /run, not its systemd)
+    return (
+        f'{cmd} && if [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ] && sudo -n true 2>/dev/null; '
+        f"then {install_unit}; else {detached} fi && echo RAYSWEEP_AUTOSTOP_STARTED"
+    )
+
+
+def systemd_unit(python: str, lib: str, home: str, user: str) -> str:
+    """The unit a head with systemd runs the supervisor as: restarted if it dies, started again after a reboot
+    (where, Ray not running, the daemon finds the cluster idle and ends it after the setting)."""
+    return (
+        "[Unit]\n"
+        "Description=raysweep autostop: tear the cluster down after its idle minutes\n"
+        "After=network-online.target\n\n"
+        "[Service]\n"
+        f"User={user}\n"
+        f"WorkingDirectory={home}\n"
+        f"Environment=PYTHONPATH={lib} HOME={home}\n"
+        f"ExecStart={python} -m cloud.autostop_daemon supervise\n"
+        "Restart=always\n"
+        "RestartSec=5\n\n"
+        "[Install]\n"
+        "WantedBy=multi-user.target\n"
+    )
+
+
+CODE_FILES = (
+    *("__init__.py", "autostop.py", "autostop_daemon.py", "config.py"),
+    *("exoscale_driver.py", "head_credentials.py", "provision.py", "state.py"),
+)
+
+
+def ship_code(remote: Remote, head: NodeRecord) -> None:
+    """Copy the modules the daemon needs (not the sim, not the laptop's SSH layer) to ~/LIB/cloud on the head."""
+    import tempfile
+
+    src = Path(__file__).resolve().parent
+    with tempfile.TemporaryDirectory() as tmp:
+        pkg = Path(tmp) / "cloud"
+        pkg.mkdir()
+        for name in CODE_FILES:
+            (pkg / name).write_bytes((src / name).read_bytes())
+        [r] = remote.put([head], pkg, f"{LIB}/cloud")
+    if not r.ok:
+        raise AutostopError(f"could not copy the autostop daemon to the head {head.name}: {r.error}")
+
+
+def launch(cfg: ClusterConfig, remote: Remote, head: NodeRecord, progress: Callable[[str, str], None]) -> bool:
+    """Start (or keep) the autostop daemon on the head: what `start` calls once Ray runs there. A failure is
+    reported (progress line, warning), not raised: Ray runs, and `status` shows the daemon missing."""
+    try:
+        ship_code(remote, head)
+        cmd = head_start_command(cfg.autostop_minutes, unit_from_env())
+        [r] = remote.run([head], cmd, timeout=60)
+        if not r.ok or "RAYSWEEP_AUTOSTOP_STARTED" not in r.stdout:
+            raise AutostopError(f"{r.stderr.strip()[-300:] or r.error}")
+        settings, _status, _now = read_head(remote, head)
+    except (AutostopError, ValueError) as e:
+        log.warning("the autostop daemon did not start on %s: %s", head.name, e)
+        progress(head.name, f"autostop FAILED to start: {e}")
+        return False
+    progress(head.name, f"autostop daemon running: {settings.describe() if settings else 'no setting'}")
+    return True
+
+
+def write_setting(remote: Remote, head: NodeRecord, minutes: float, unit_s: float) -> Settings:
+    """Replace the head's setting (the daemon reads it each sample; a change restarts the idle count)."""
+    s = Settings(check_minutes(minutes), unit_s)
+    tmp = f"$HOME/{SETTINGS}.tmp$$"
+    [r] = remote.run(
+        [head],
+        f"mkdir -p -m 700 $HOME/{DIR} && printf '%s' {shlex.quote(s.to_json())} > {tmp} && mv {tmp} $HOME/{SETTINGS}",
+        timeout=60,
+    )
+    if not r.ok:
+        raise AutostopError(f"could not change the autostop setting on {head.name}: {r.stderr.strip() or r.error}")
+    return s
+
+
+_READ = (
+    f"cd $HOME && echo RAYSWEEP_NOW $(date +%s.%N) && "
+    f"for f in {SETTINGS} {STATUS}; do echo RAYSWEEP_FILE $f; cat $f 2>/dev/null; echo; done"
+)
+
+
+def read_head(remote: Remote, head: NodeRecord) -> tuple[Settings | None, HeadStatus | None, float | None]:
+    """(setting, the daemon's last status, the head's clock) read over one short SSH command."""
+    [r] = remote.run([head], _READ, timeout=30)
+    if not r.ok:
+        raise AutostopError(f"cannot read the autostop state on {head.name}: {r.error}")
+    return parse_head(r.stdout)
+
+
+def parse_head(out: str) -> tuple[Settings | None, HeadStatus | None, float | None]:
+    now: float | None = None
+    files: dict[str, str] = {}
+    current = None
+    for line in out.splitlines():
+        if line.startswith("RAYSWEEP_NOW "):
+            try:
+                now = float(line.split()[1])
+            except (IndexError, ValueError):
+                now = None
+        elif line.startswith("RAYSWEEP_FILE "):
+            current = line.split(" ", 1)[1]
+            files[current] = ""
+        elif current is not None:
+            files[current] += line
+    settings = status = None
+    try:
+        settings = Settings.from_json(files[SETTINGS]) if files.get(SETTINGS) else None
+    except (ValueError, KeyError, TypeError):
+        settings = None
+    try:
+        status = HeadStatus.from_json(files[STATUS]) if files.get(STATUS) else None
+    except (ValueError, KeyError, TypeError):
+        status = None
+    return settings, status, now
+
+
+def read_log(remote: Remote, head: NodeRecord, lines: int = 200) -> str:
+    [r] = remote.run([head], f"tail -n {int(lines)} $HOME/{LOG} 2>/dev/null || true", timeout=30)
+    if not r.ok:
+        raise AutostopError(f"cannot read the autostop log on {head.name}: {r.error}")
+    return r.stdout
+
+
+def leftovers(driver, cluster: str) -> list[str] | None:
+    """When the cluster has no instances left but its security group or SSH key remain (what an autostop
+    leaves for `down`), their descriptions; None when instances exist or nothing is left."""
+    from cloud import provision
+
+    nodes, group, has_key = provision.plan_down(driver, cluster)
+    if nodes or (group is None and not has_key):
+        return None
+    name = provision.resource_name(cluster)
+    return [f"security group {name}"] * (group is not None) + [f"SSH key {name}"] * has_key
+
+
+def autostopped_message(cluster: str, rest: list[str]) -> str:
+    return f"cluster {cluster!r}: autostopped; run down to remove the rest ({', '.join(rest)})"
