@@ -176,10 +176,10 @@ def decide(clock: Clock, settings: Settings, obs: Observation) -> Decision:
     if settings != clock.settings:  # a new setting starts the count afresh
         clock.settings = settings
         clock.last_active = obs.now
+    active = obs.activity()
     if settings.off:
         clock.last_active = obs.now
-        return Decision("off", 0.0, "autostop is off")
-    active = obs.activity()
+        return Decision("off", 0.0, "autostop is off" + (f" (busy: {'; '.join(active)})" if active else ""))
     if active:
         clock.last_active = obs.now
         return Decision("busy", 0.0, "; ".join(active))

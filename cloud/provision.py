@@ -20,7 +20,7 @@ from libcloud.compute.base import Node
 from libcloud.compute.types import NodeState
 
 from cloud.config import ClusterConfig
-from cloud.exoscale_driver import ExoscaleAPIError, ExoscaleOperationError
+from cloud.exoscale_driver import ExoscaleAPIError, ExoscaleOperationError, ExoscaleSecurityGroup
 from cloud.state import ClusterState, NodeRecord, StateStore
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def _record(node: Node, user: str) -> NodeRecord:
         name=node.name,
         role=node.extra["labels"].get("role", "worker"),
         ip=node.public_ips[0] if node.public_ips else "",
-        id=node.id,
+        id=str(node.id),
         user=user,
         state=node.extra.get("state", ""),
     )
@@ -241,7 +241,7 @@ class DownResult:
     failed: dict[str, str] = field(default_factory=dict)
 
 
-def plan_down(driver, cluster: str) -> tuple[list[Node], object | None, bool]:
+def plan_down(driver, cluster: str) -> tuple[list[Node], ExoscaleSecurityGroup | None, bool]:
     """What `down` would remove: the cluster's instances, its security group, whether its key exists."""
     nodes = cluster_nodes(driver, cluster)
     name = resource_name(cluster)

@@ -143,9 +143,13 @@ def test_setting_validation_in_config_and_cli(tmp_path):
         f.write_text(f"autostop_minutes = {bad}\n")
         with pytest.raises(ConfigError, match="autostop_minutes .*a number of minutes >= 0"):
             config.load(f, env=ENV)
-    r = run_cli("exoscale.py", "--name", "nosuch", "autostop", "--minutes", "-5", env={"RAYSWEEP_STATE_DIR": str(tmp_path)})
+    r = run_cli(
+        "exoscale.py", "--name", "nosuch", "autostop", "--minutes", "-5", env={"RAYSWEEP_STATE_DIR": str(tmp_path)}
+    )
     assert r.returncode == 2 and "--minutes -5.0: a number of minutes >= 0" in r.stderr and "Traceback" not in r.stderr
-    r = run_cli("exoscale.py", "--name", "nosuch", "up", "--autostop", "-1", env={**ENV, "RAYSWEEP_STATE_DIR": str(tmp_path)})
+    r = run_cli(
+        "exoscale.py", "--name", "nosuch", "up", "--autostop", "-1", env={**ENV, "RAYSWEEP_STATE_DIR": str(tmp_path)}
+    )
     assert r.returncode == 2 and "autostop_minutes -1.0" in r.stderr and "Traceback" not in r.stderr
     with pytest.raises(ValueError, match="RAYSWEEP_AUTOSTOP_UNIT_S='0'"):
         autostop.unit_from_env({"RAYSWEEP_AUTOSTOP_UNIT_S": "0"})
@@ -159,7 +163,9 @@ def test_status_line_shows_setting_idle_time_and_last_decision():
     )
     assert settings == S and status == st and now == 1003.5
     line = autostop.describe(settings, status, now)
-    assert line.startswith("autostop: after 2 idle minute(s) (unit 10 s); idle 16 s so far; last decision (4 s ago): idle")
+    assert line.startswith(
+        "autostop: after 2 idle minute(s) (unit 10 s); idle 16 s so far; last decision (4 s ago): idle"
+    )
     assert "not reporting" in autostop.describe(settings, status, 1100.0)
     assert autostop.describe(Settings(0), None, None) == "autostop: off; the daemon has not reported yet"
     assert "not set up" in autostop.describe(*autostop.parse_head("RAYSWEEP_NOW 1\n"))

@@ -1,0 +1,139 @@
+"""Autostop on the local Exoscale with namespace hosts (needs root), minutes made seconds:
+
+1. idle-detection delay: from the end of the last activity (an `exoscale.py ssh` session closed) to the
+   daemon's decision to tear down, minus the setting. Its bound is one sampling interval (20 s for real
+   minutes, a quarter unit here): the daemon looks that often.
+2. teardown time for 1 vs 4 nodes: from that decision until the API lists no instance of the cluster
+   (Ray stopped, the workers deleted in parallel, then the head).
+
+    python -m bench.autostop [--unit 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from bench.cluster import cli
+from bench.common import report
+from cloud import autostop
+from cloud.remote import Remote
+from cloud.sim.api import App, SimServer
+from cloud.sim.hosts import HostHooks, missing_requirements
+from cloud.sim.model import Faults, Model
+from cloud.state import StateStore
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _status(state_dir: Path) -> autostop.HeadStatus | None:
+    store = StateStore(state_dir)
+    remote = Remote(store.key_path, store.known_hosts)
+    try:
+        return autostop.read_head(remote, store.load().head())[1]
+    except autostop.AutostopError:
+        return None
+
+
+def _wait(what: str, check, timeout: float, every: float = 0.3):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(every)
+    raise SystemExit(f"waited {timeout:g} s for {what}")
+
+
+def one_cluster(server, endpoint: str, env: dict, work: Path, n: int, unit: float) -> tuple[float, float]:
+    """(detection delay, teardown seconds) for a cluster of n nodes."""
+    from tests.conftest import WHEELHOUSE, sim_cluster_toml
+    from tests.test_autostop_e2e import delete_key, put_credentials, restricted_key
+    from tests.test_cluster_e2e import api
+
+    name = f"bench-as{n}-{uuid.uuid4().hex[:4]}"
+    config = str(sim_cluster_toml(work / f"{name}.toml", name, WHEELHOUSE))
+    state_dir = work / "state" / name
+    cli(env, "--config", config, "up", "-n", str(n), "--autostop", "0")
+    creds = restricted_key(server, name, endpoint)
+    try:
+        put_credentials(state_dir, creds)
+        cli(env, "--config", config, "install")
+        cli(env, "--config", config, "start")
+        ssh = subprocess.Popen(
+            [sys.executable, "exoscale.py", "--name", name, "ssh", "0", "sleep", "3600"],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        _wait("the session to count", lambda: "SSH connection" in (((s := _status(state_dir)) and s.reason) or ""), 60)
+        cli(env, "--name", name, "autostop", "--minutes", "1")
+        _wait("a busy sample under the new setting", lambda: (s := _status(state_dir)) and s.action == "busy", 60)
+        ssh.terminate()
+        ssh.wait(10)
+        closed = time.time()
+        stop = _wait("the decision to stop", lambda: (s := _status(state_dir)) and s.action == "stop" and s, 10 * unit)
+        driver = api(server)
+        _wait("no instances", lambda: not driver.list_nodes(ex_labels={"cluster": name}), 600, every=0.1)
+        gone = time.time()  # the hosts share this machine's clock: the head's times compare with ours
+        return stop.time - closed - unit, gone - stop.time
+    finally:
+        cli(env, "--config", config, "down", "--yes")
+        delete_key(server, creds)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--unit", type=float, default=10.0, help="seconds per autostop minute")
+    a = p.parse_args(argv)
+    if missing_requirements():
+        raise SystemExit(f"needs {', '.join(missing_requirements())}")
+    from tests.conftest import SIM_KEY, SIM_SECRET, WHEELHOUSE
+    from tests.test_autostop_e2e import head_endpoint
+
+    if not (WHEELHOUSE / ".complete").exists():
+        raise SystemExit(f"run the tests once first: they fill the nodes' wheelhouse {WHEELHOUSE}")
+    hooks = HostHooks.create()
+    model = Model(faults=Faults(op_delay_s=0.5))
+    hooks.attach(model)
+    server = SimServer(App(model, SIM_KEY, SIM_SECRET)).start()
+    endpoint, extra = head_endpoint(server)
+    work = Path(tempfile.mkdtemp(prefix="bench-autostop-"))
+    env = {
+        **os.environ,
+        "EXOSCALE_API_KEY": SIM_KEY,
+        "EXOSCALE_API_SECRET": SIM_SECRET,
+        "EXOSCALE_API_ENDPOINT": server.endpoint,
+        "RAYSWEEP_STATE_DIR": str(work / "state"),
+        autostop.UNIT_ENV: str(a.unit),
+    }
+    try:
+        d1, t1 = one_cluster(server, endpoint, env, work, 1, a.unit)
+        d4, t4 = one_cluster(server, endpoint, env, work, 4, a.unit)
+    finally:
+        if extra is not None:
+            extra.stop()
+        server.stop()
+        hooks.close()
+    return report(
+        "autostop",
+        unit_s=a.unit,
+        sample_s=autostop.Settings(1, a.unit).sample_s,
+        detection_delay_1_node_s=d1,
+        detection_delay_4_nodes_s=d4,
+        teardown_1_node_s=t1,
+        teardown_4_nodes_s=t4,
+        teardown_ratio=t4 / t1,
+    )
+
+
+if __name__ == "__main__":
+    main()

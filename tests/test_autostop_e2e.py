@@ -1,0 +1,248 @@
+"""Autostop end to end on a 2-node sim cluster (namespace hosts, real sshd, real Ray), minutes made seconds
+(RAYSWEEP_AUTOSTOP_UNIT_S): the daemon comes back when killed, `--off` keeps an idle cluster, an open `ssh`
+session and a `dashboard` tunnel keep it alive, a submitted job longer than the setting keeps it alive after
+this machine disconnects while `status` calls do not, then it tears itself down with the cluster's
+restricted key and `down` removes the rest."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from cloud import autostop, head_credentials
+from cloud.remote import Remote
+from cloud.state import StateStore
+from tests.conftest import ROOT, SIM_KEY, SIM_SECRET, ClusterCLI, sim_cluster_toml
+from tests.test_cluster_e2e import api, assert_nothing_left, hosts_of
+
+pytestmark = pytest.mark.root
+
+UNIT = 10.0  # seconds per autostop minute: sample every 2.5 s, connections under 7.5 s are short checks
+
+#: What the head's key may do: find and delete the cluster's instances, follow operations. Nothing else.
+AUTOSTOP_POLICY = {
+    "default-service-strategy": "deny",
+    "services": {
+        "compute": {
+            "type": "rules",
+            "rules": [
+                {"action": "allow", "expression": "operation in ['list-instances', 'get-instance', 'delete-instance']"}
+            ],
+        },
+        "general": {"type": "allow"},
+    },
+}
+
+
+def head_endpoint(sim) -> tuple[str, object | None]:
+    """The API's URL as the hosts reach it (the bridge's gateway); serves it there when the sim does not."""
+    from cloud.sim.api import SimServer
+
+    gateway = sim.app.model.hooks.gateway
+    if sim.host == gateway:
+        return sim.endpoint, None
+    extra = SimServer(sim.app, host=gateway).start()
+    return extra.endpoint, extra
+
+
+def restricted_key(sim, cluster: str, endpoint: str) -> head_credentials.HeadCredentials:
+    """A per-cluster key limited to AUTOSTOP_POLICY, made through the local Exoscale's IAM API."""
+    from cloud.exoscale_driver import Secret
+    from tests.exoscale_sdk import client
+
+    owner = client(SIM_KEY, SIM_SECRET, sim.endpoint)
+    op = owner.wait(owner.create_iam_role(name=f"raysweep-{cluster}", policy=AUTOSTOP_POLICY)["id"])
+    role_id = op["reference"]["id"]
+    key = owner.create_api_key(name=f"raysweep-{cluster}", role_id=role_id)
+    return head_credentials.HeadCredentials(
+        key=key["key"],
+        secret=Secret(key["secret"]),
+        zone="ch-gva-2",
+        cluster=cluster,
+        endpoint=endpoint,
+        role_id=role_id,
+        key_name=f"raysweep-{cluster}",
+    )
+
+
+def delete_key(sim, creds: head_credentials.HeadCredentials) -> None:
+    """Remove the key and role (unless `down` did already)."""
+    from tests.exoscale_sdk import client
+
+    owner = client(SIM_KEY, SIM_SECRET, sim.endpoint)
+    if any(k["key"] == creds.key for k in owner.list_api_keys().get("api-keys", [])):
+        owner.wait(owner.delete_api_key(id=creds.key)["id"])
+    if any(r["id"] == creds.role_id for r in owner.list_iam_roles().get("iam-roles", [])):
+        owner.wait(owner.delete_iam_role(id=creds.role_id)["id"])
+
+
+def put_credentials(state_dir: Path, creds: head_credentials.HeadCredentials) -> None:
+    """The key on the head as `up` leaves it: ~/.raysweep/head-credentials.json, 0600."""
+    store = StateStore(state_dir)
+    st = store.load()
+    head = st.head()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = head_credentials.write(Path(tmp) / "c.json", creds)
+        remote = Remote(store.key_path, store.known_hosts)
+        [r] = remote.run([head], "mkdir -p -m 700 .raysweep")
+        [r] = remote.put([head], path, head_credentials.HEAD_PATH)
+        assert r.ok, r.error
+        [r] = remote.run([head], f"chmod 600 {head_credentials.HEAD_PATH}")
+        assert r.ok, r.error
+
+
+@pytest.fixture(scope="module")
+def cluster(sim_hosts, node_wheelhouse, tmp_path_factory):
+    endpoint, extra = head_endpoint(sim_hosts)
+    state = tmp_path_factory.mktemp("state")
+    cli = ClusterCLI(sim_hosts, state)
+    cli.env[autostop.UNIT_ENV] = str(UNIT)
+    cli.config = str(sim_cluster_toml(state / "cluster.toml", cli.name, node_wheelhouse))
+    creds = None
+    try:
+        cli("--config", cli.config, "up", "-n", "2", "--autostop", "0", check=0)
+        creds = restricted_key(sim_hosts, cli.name, endpoint)
+        put_credentials(state / cli.name, creds)
+        cli("--config", cli.config, "install", check=0, timeout=900)
+        r = cli("--config", cli.config, "start", check=0)
+        assert "autostop daemon running: off" in r.stderr, r.stderr[-2000:]
+        cli.hosts = hosts_of(sim_hosts, cli.name)
+        yield cli
+    finally:
+        if api(sim_hosts).list_nodes(ex_labels={"cluster": cli.name}) or StateStore(state / cli.name).load():
+            cli("--config", cli.config, "down", "--yes")
+        if creds is not None:
+            delete_key(sim_hosts, creds)
+        if extra is not None:
+            extra.stop()
+
+
+def instances(sim, cli) -> list[str]:
+    return sorted(n.name for n in api(sim).list_nodes(ex_labels={"cluster": cli.name}))
+
+
+def head_status(cli) -> autostop.HeadStatus:
+    store = StateStore(cli.state_dir / cli.name)
+    remote = Remote(store.key_path, store.known_hosts)
+    _settings, status, _now = autostop.read_head(remote, store.load().head())
+    assert status is not None, "the daemon has written no status"
+    return status
+
+
+def wait_for(what: str, check, timeout: float, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(every)
+    pytest.fail(f"waited {timeout:g} s for {what}; last: {last!r}")
+
+
+def hold(sim, cli, seconds: float) -> None:
+    """Wait `seconds` while asserting the cluster stays whole."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert len(instances(sim, cli)) == 2, f"the cluster was torn down while it should live: {head_status(cli)}"
+        time.sleep(1)
+
+
+def test_status_shows_the_setting_and_a_killed_daemon_comes_back(cluster, sim_hosts):
+    r = cluster("--config", cluster.config, "status", check=0)
+    assert "autostop: off" in r.stdout, r.stdout
+    first = wait_for("the daemon's first sample", lambda: head_status(cluster), 30)
+    r = cluster("cmd", "--node", "0", f"kill {first.pid}", check=0)
+    later = wait_for(
+        "a new daemon reporting",
+        lambda: (s := head_status(cluster)).pid != first.pid and s.time > first.time and s,
+        30,
+    )
+    assert later.action == "off"
+    r = cluster("autostop", "--log", check=0)
+    assert f"daemon ended (exit -{signal.SIGTERM.value})" in r.stdout and r.stdout.count("daemon started") >= 2
+
+
+def test_off_keeps_an_idle_cluster(cluster, sim_hosts):
+    hold(sim_hosts, cluster, 2.5 * UNIT)
+    assert head_status(cluster).action == "off"
+
+
+def _popen(cli, *args):
+    return subprocess.Popen(
+        [sys.executable, "exoscale.py", "--name", cli.name, "--config", cli.config, *args],
+        cwd=ROOT,
+        env={**os.environ, **cli.env},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _busy_with_ssh(cli, exclude=()):
+    """The SSH peers the daemon counts as activity (also reported while autostop is off), if any new."""
+    peers = re.findall(r"SSH connection from ([0-9.]+:[0-9]+)", head_status(cli).reason)
+    return any(p not in exclude for p in peers) and peers
+
+
+def test_an_open_ssh_session_and_a_dashboard_tunnel_keep_it_alive(cluster, sim_hosts):
+    ssh = _popen(cluster, "ssh", "0", "sleep", "3600")
+    dash = None
+    try:
+        wait_for("the ssh session to count", lambda: _busy_with_ssh(cluster), 30)
+        cluster("autostop", "--minutes", "1", check=0)
+        hold(sim_hosts, cluster, 2 * UNIT)
+        ssh_peers = _busy_with_ssh(cluster)
+        assert ssh_peers and head_status(cluster).action == "busy", head_status(cluster)
+        dash = _popen(cluster, "dashboard")
+        line = dash.stdout.readline()
+        assert "Ray dashboard of cluster" in line, dash.stderr.read() if dash.poll() is not None else line
+        wait_for("the tunnel to count", lambda: _busy_with_ssh(cluster, exclude=ssh_peers), 30)
+        ssh.terminate()
+        ssh.wait(10)
+        wait_for("the ssh session to end", lambda: not set(ssh_peers) & set(_busy_with_ssh(cluster) or ()), 30)
+        hold(sim_hosts, cluster, 2 * UNIT)
+        assert _busy_with_ssh(cluster) and head_status(cluster).action == "busy", head_status(cluster)
+    finally:
+        ssh.kill()
+        if dash is not None:
+            dash.send_signal(signal.SIGINT)
+            dash.wait(30)
+
+
+JOB = "import ray, time; ray.init(); ray.get(ray.remote(lambda: time.sleep({s})).remote()); print('slept')"
+
+
+def test_a_long_job_keeps_it_alive_then_it_ends_itself_and_down_removes_the_rest(cluster, sim_hosts):
+    r = cluster("--config", cluster.config, "submit", "--no-follow", "--", "python", "-c", JOB.format(s=3 * UNIT))
+    assert r.returncode == 0, r.stderr[-2000:]
+    job = r.stdout.strip()
+    wait_for("the job to count", lambda: job in head_status(cluster).reason, 60)
+    # this machine is gone (the submit returned, no tunnel open); the job and its task keep the cluster
+    idle_seen: list[float] = []
+    deadline = time.monotonic() + 3 * UNIT + 120
+    while instances(sim_hosts, cluster):
+        assert time.monotonic() < deadline, f"the cluster never stopped: {head_status(cluster)}"
+        r = cluster("--config", cluster.config, "status")  # asking must not reset the clock
+        m = re.search(r"; idle (\d+) s so far", r.stdout)
+        if m:
+            idle_seen.append(float(m.group(1)))
+    # it stopped although `status` ran back to back: asking never counted as activity
+    assert idle_seen == sorted(idle_seen), f"status calls reset the idle clock: {idle_seen}"
+    wait_for("the hosts to be gone", lambda: not any(i in sim_hosts.app.model.hooks.hosts for i in cluster.hosts), 30)
+    r = cluster("--config", cluster.config, "status", check=0)
+    assert "autostopped; run down to remove the rest" in r.stdout, r.stdout + r.stderr
+    r = cluster("--config", cluster.config, "down", "--yes", check=0)
+    assert "security group" in r.stderr and "SSH key" in r.stderr
+    assert_nothing_left(sim_hosts, cluster.name, cluster.hosts)
+    r = cluster("--config", cluster.config, "down", "--yes", check=0)
+    assert "nothing to remove" in r.stderr
