@@ -44,7 +44,20 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--latency", type=float, default=0.0, help="seconds added to every request")
     a.add_argument("--seed", type=int, default=None)
     a.add_argument("-v", "--verbose", action="store_true")
+    c = sub.add_parser("coverage", help="which operations of the spec are served (501 for the others)")
+    c.add_argument("--service", default="compute", help="IAM service class, e.g. compute, iam (default compute)")
     return p
+
+
+def print_coverage(service: str) -> int:
+    from cloud.sim.urls import coverage
+
+    served, declined = coverage(service)
+    total = len(served) + sum(len(ops) for ops in declined.values())
+    print(f"{service}: {len(served)} of the spec's {total} operations served: {', '.join(served)}")
+    for tag, ops in declined.items():
+        print(f"  declined ({tag}): {', '.join(ops)}")
+    return 0
 
 
 def write_env_file(path: Path, sim: LocalExoscale, key: str, secret: str) -> None:
@@ -65,6 +78,8 @@ def write_env_file(path: Path, sim: LocalExoscale, key: str, secret: str) -> Non
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "coverage":
+        return print_coverage(args.service)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s")
 
     def fail(message: str) -> int:
