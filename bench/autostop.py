@@ -24,9 +24,8 @@ from bench.cluster import cli
 from bench.common import report
 from cloud import autostop
 from cloud.remote import Remote
-from cloud.sim.api import App, SimServer
-from cloud.sim.hosts import HostHooks, missing_requirements
-from cloud.sim.model import Faults, Model
+from cloud.sim.hosts import missing_requirements
+from cloud.sim.model import Faults
 from cloud.state import StateStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,7 +50,7 @@ def _wait(what: str, check, timeout: float, every: float = 0.3):
     raise SystemExit(f"waited {timeout:g} s for {what}")
 
 
-def one_cluster(server, endpoint: str, env: dict, work: Path, n: int, unit: float) -> tuple[float, float]:
+def one_cluster(server, env: dict, work: Path, n: int, unit: float) -> tuple[float, float]:
     """(detection delay, teardown seconds) for a cluster of n nodes."""
     from tests.conftest import WHEELHOUSE, sim_cluster_toml
     from tests.test_autostop_e2e import delete_key, put_credentials, restricted_key
@@ -61,7 +60,7 @@ def one_cluster(server, endpoint: str, env: dict, work: Path, n: int, unit: floa
     config = str(sim_cluster_toml(work / f"{name}.toml", name, WHEELHOUSE))
     state_dir = work / "state" / name
     cli(env, "--config", config, "up", "-n", str(n), "--autostop", "0")
-    creds = restricted_key(server, name, endpoint)
+    creds = restricted_key(server, name, server.endpoint)
     try:
         put_credentials(state_dir, creds)
         cli(env, "--config", config, "install")
@@ -97,32 +96,23 @@ def main(argv=None):
     if missing_requirements():
         raise SystemExit(f"needs {', '.join(missing_requirements())}")
     from tests.conftest import SIM_KEY, SIM_SECRET, WHEELHOUSE
-    from tests.test_autostop_e2e import head_endpoint
 
     if not (WHEELHOUSE / ".complete").exists():
         raise SystemExit(f"run the tests once first: they fill the nodes' wheelhouse {WHEELHOUSE}")
-    hooks = HostHooks.create()
-    model = Model(faults=Faults(op_delay_s=0.5))
-    hooks.attach(model)
-    server = SimServer(App(model, SIM_KEY, SIM_SECRET)).start()
-    endpoint, extra = head_endpoint(server)
+    from cloud.sim.local import start
+
     work = Path(tempfile.mkdtemp(prefix="bench-autostop-"))
-    env = {
-        **os.environ,
-        "EXOSCALE_API_KEY": SIM_KEY,
-        "EXOSCALE_API_SECRET": SIM_SECRET,
-        "EXOSCALE_API_ENDPOINT": server.endpoint,
-        "RAYSWEEP_STATE_DIR": str(work / "state"),
-        autostop.UNIT_ENV: str(a.unit),
-    }
-    try:
-        d1, t1 = one_cluster(server, endpoint, env, work, 1, a.unit)
-        d4, t4 = one_cluster(server, endpoint, env, work, 4, a.unit)
-    finally:
-        if extra is not None:
-            extra.stop()
-        server.stop()
-        hooks.close()
+    with start(SIM_KEY, SIM_SECRET, faults=Faults(op_delay_s=0.5), hosts=True) as local:
+        env = {
+            **os.environ,
+            "EXOSCALE_API_KEY": SIM_KEY,
+            "EXOSCALE_API_SECRET": SIM_SECRET,
+            "EXOSCALE_API_ENDPOINT": local.endpoint,  # the hosts' gateway: the heads reach it too
+            "RAYSWEEP_STATE_DIR": str(work / "state"),
+            autostop.UNIT_ENV: str(a.unit),
+        }
+        d1, t1 = one_cluster(local.server, env, work, 1, a.unit)
+        d4, t4 = one_cluster(local.server, env, work, 4, a.unit)
     return report(
         "autostop",
         unit_s=a.unit,

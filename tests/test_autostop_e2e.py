@@ -42,17 +42,6 @@ AUTOSTOP_POLICY = {
 }
 
 
-def head_endpoint(sim) -> tuple[str, object | None]:
-    """The API's URL as the hosts reach it (the bridge's gateway); serves it there when the sim does not."""
-    from cloud.sim.api import SimServer
-
-    gateway = sim.app.model.hooks.gateway
-    if sim.host == gateway:
-        return sim.endpoint, None
-    extra = SimServer(sim.app, host=gateway).start()
-    return extra.endpoint, extra
-
-
 def restricted_key(sim, cluster: str, endpoint: str) -> head_credentials.HeadCredentials:
     """A per-cluster key limited to AUTOSTOP_POLICY, made through the local Exoscale's IAM API."""
     from cloud.exoscale_driver import Secret
@@ -101,7 +90,6 @@ def put_credentials(state_dir: Path, creds: head_credentials.HeadCredentials) ->
 
 @pytest.fixture(scope="module")
 def cluster(sim_hosts, node_wheelhouse, tmp_path_factory):
-    endpoint, extra = head_endpoint(sim_hosts)
     state = tmp_path_factory.mktemp("state")
     cli = ClusterCLI(sim_hosts, state)
     cli.env[autostop.UNIT_ENV] = str(UNIT)
@@ -109,7 +97,7 @@ def cluster(sim_hosts, node_wheelhouse, tmp_path_factory):
     creds = None
     try:
         cli("--config", cli.config, "up", "-n", "2", "--autostop", "0", check=0)
-        creds = restricted_key(sim_hosts, cli.name, endpoint)
+        creds = restricted_key(sim_hosts, cli.name, sim_hosts.endpoint)  # the gateway: the head reaches it
         put_credentials(state / cli.name, creds)
         cli("--config", cli.config, "install", check=0, timeout=900)
         r = cli("--config", cli.config, "start", check=0)
@@ -121,8 +109,6 @@ def cluster(sim_hosts, node_wheelhouse, tmp_path_factory):
             cli("--config", cli.config, "down", "--yes")
         if creds is not None:
             delete_key(sim_hosts, creds)
-        if extra is not None:
-            extra.stop()
 
 
 def instances(sim, cli) -> list[str]:
