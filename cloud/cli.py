@@ -419,6 +419,10 @@ def cmd_autostop(args) -> int:
         else:
             print(autostop.describe(*autostop.read_head(remote, head)))
     except autostop.AutostopError as e:
+        rest = autostop.leftovers(cfg.driver(), cfg.name) if cfg.api_secret is not None else None
+        if rest:  # the head is gone: it ended itself
+            print(autostop.autostopped_message(cfg.name, rest))
+            return 0
         raise CLIError(str(e)) from None
     return 0
 
