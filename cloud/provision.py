@@ -21,7 +21,6 @@ from libcloud.compute.types import NodeState
 
 from cloud.config import ClusterConfig
 from cloud.exoscale_driver import ExoscaleAPIError, ExoscaleOperationError
-from cloud.remote import Remote
 from cloud.state import ClusterState, NodeRecord, StateStore
 
 log = logging.getLogger(__name__)
@@ -192,6 +191,8 @@ def up(
 
     nodes = [existing[nm] for nm in sorted(existing)]
     nodes = _wait_running(driver, nodes, progress)
+    from cloud.remote import Remote  # here: the autoscaler imports this module on a head without Fabric
+
     result.state.nodes = [_record(nd, user) for nd in nodes]
     store.save(result.state)
     remote = Remote(key_path, store.known_hosts)
