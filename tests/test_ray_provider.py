@@ -105,10 +105,11 @@ def test_tags_round_trip_through_a_fresh_provider(cluster):
     p = cluster.provider()
     [nid] = p.create_node(cluster.node_config, cluster.tags(), 1)
     p.set_node_tags(nid, {TAG_RAY_NODE_STATUS: "up-to-date"})
-    assert p.node_tags(nid) == cluster.tags(**{TAG_RAY_NODE_STATUS: "up-to-date"})
+    want = cluster.tags(**{TAG_RAY_NODE_STATUS: "up-to-date", TAG_RAY_CLUSTER_NAME: cluster.name})
+    assert p.node_tags(nid) == want
     fresh = cluster.provider()  # a new process, or a new laptop: only the API knows
     assert fresh.non_terminated_nodes({TAG_RAY_NODE_STATUS: "up-to-date"}) == [nid]
-    assert fresh.node_tags(nid) == cluster.tags(**{TAG_RAY_NODE_STATUS: "up-to-date"})
+    assert fresh.node_tags(nid) == want
     assert fresh.is_running(nid) and not fresh.is_terminated(nid)
 
 
