@@ -115,7 +115,25 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--dir", default="terraform", help="the Terraform directory (runs `terraform output -json`)")
     a.add_argument("--output-json", help="or: a file holding the output of `terraform output -json`")
     a.add_argument("--ssh-key", required=True, help="the private key whose public half Terraform registered")
+    a = sub.add_parser("ray-config", help="print a Ray cluster YAML for `ray up` (an autoscaling cluster)")
+    _autoscaling_options(a, max_default=2)
+    a.add_argument(
+        "--worker-type",
+        action="append",
+        default=[],
+        metavar="NAME=TYPE[,min=N][,max=N][,RES=N]",
+        help="another worker node type, e.g. gpu=gpua5000.small,max=2 (repeatable)",
+    )
+    a.add_argument("--head-type", help="the head's instance type (default: instance_type from the config)")
     return p
+
+
+def _autoscaling_options(a: argparse.ArgumentParser, max_default: int | None) -> None:
+    a.add_argument("--min-workers", type=int, default=0, help="workers kept at all times (default 0)")
+    a.add_argument("--max-workers", type=int, default=max_default, help="workers the autoscaler may add")
+    a.add_argument(
+        "--idle-minutes", type=float, default=5.0, help="a worker idle this long is removed (default 5; fractions work)"
+    )
 
 
 def _load(args, require_credentials: bool = True, **overrides) -> ClusterConfig:
@@ -530,7 +548,34 @@ def state_from_terraform(outputs: dict, name: str) -> ClusterState:
     return ClusterState(name, records, source="terraform")
 
 
+def cmd_ray_config(args) -> int:
+    """The Ray cluster YAML on stdout (only it: messages go to stderr)."""
+    cfg = _load(args, require_credentials=False)
+    from cloud import ray_config
+
+    worker_types = tuple(ray_config.parse_worker_type(t) for t in args.worker_type)
+    config = ray_config.build(
+        cfg,
+        args.min_workers,
+        args.max_workers,
+        args.idle_minutes,
+        worker_types,
+        args.head_type,
+        user=ray_config.user_of_template(cfg),
+    )
+    sys.stdout.write(ray_config.render(config))
+    sys.stdout.flush()
+    print(
+        f"cluster {cfg.name!r}: {args.min_workers}-{args.max_workers} worker(s) of {cfg.instance_type}"
+        + "".join(f", {w.min_workers}-{w.max_workers} {w.name} ({w.instance_type})" for w in worker_types)
+        + f", idle after {args.idle_minutes:g} min. Next: ray up FILE.yaml -y (EXOSCALE_API_KEY/SECRET set)",
+        file=sys.stderr,
+    )
+    return 0
+
+
 COMMANDS = {
+    "ray-config": cmd_ray_config,
     "up": cmd_up,
     "create": cmd_up,
     "down": cmd_down,

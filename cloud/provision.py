@@ -191,10 +191,10 @@ def up(
 
     nodes = [existing[nm] for nm in sorted(existing)]
     nodes = _wait_running(driver, nodes, progress)
+    from cloud.remote import Remote  # here: the autoscaler imports this module on a head without Fabric
+
     result.state.nodes = [_record(nd, user) for nd in nodes]
     store.save(result.state)
-    from cloud.remote import Remote  # here: the head imports this module without the SSH layer
-
     remote = Remote(key_path, store.known_hosts)
     ready = remote.wait_ssh(
         [r for r in result.state.nodes if r.ip],

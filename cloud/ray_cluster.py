@@ -107,9 +107,9 @@ echo "RAYSWEEP installed: python $PY_MINOR, ray $RAY_VERSION"
 """
 
 
-def install_script(cfg: ClusterConfig) -> str:
+def install_script(cfg: ClusterConfig, extra_packages: Sequence[str] = ()) -> str:
     py, ray_version = local_versions()
-    pkgs = node_packages()
+    pkgs = node_packages() + list(extra_packages)
     script = INSTALL_SCRIPT.format(
         env=NODE_ENV,
         py=shlex.quote(py),
