@@ -53,18 +53,15 @@ def _wait(what: str, check, timeout: float, every: float = 0.3):
 def one_cluster(server, env: dict, work: Path, n: int, unit: float) -> tuple[float, float]:
     """(detection delay, teardown seconds) for a cluster of n nodes."""
     from tests.conftest import WHEELHOUSE, sim_cluster_toml
-    from tests.test_autostop_e2e import delete_key, put_credentials, restricted_key
     from tests.test_cluster_e2e import api
 
     name = f"bench-as{n}-{uuid.uuid4().hex[:4]}"
     config = str(sim_cluster_toml(work / f"{name}.toml", name, WHEELHOUSE))
     state_dir = work / "state" / name
     cli(env, "--config", config, "up", "-n", str(n), "--autostop", "0")
-    creds = restricted_key(server, name, server.endpoint)
     try:
-        put_credentials(state_dir, creds)
         cli(env, "--config", config, "install")
-        cli(env, "--config", config, "start")
+        cli(env, "--config", config, "start")  # also gives the head its restricted key
         ssh = subprocess.Popen(
             [sys.executable, "exoscale.py", "--name", name, "ssh", "0", "sleep", "3600"],
             cwd=ROOT,
@@ -85,8 +82,7 @@ def one_cluster(server, env: dict, work: Path, n: int, unit: float) -> tuple[flo
         gone = time.time()  # the hosts share this machine's clock: the head's times compare with ours
         return stop.time - closed - unit, gone - stop.time
     finally:
-        cli(env, "--config", config, "down", "--yes")
-        delete_key(server, creds)
+        cli(env, "--config", config, "down", "--yes")  # the rest: security group, SSH key, IAM key and role
 
 
 def main(argv=None):

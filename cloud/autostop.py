@@ -404,18 +404,45 @@ def launch(cfg: ClusterConfig, remote: Remote, head: NodeRecord, progress: Calla
     """Start (or keep) the autostop daemon on the head: what `start` calls once Ray runs there. A failure is
     reported (progress line, warning), not raised: Ray runs, and `status` shows the daemon missing."""
     try:
+        key_note = ensure_head_key(cfg, remote, head)
         ship_code(remote, head)
         cmd = head_start_command(cfg.autostop_minutes, unit_from_env())
         [r] = remote.run([head], cmd, timeout=60)
         if not r.ok or "RAYSWEEP_AUTOSTOP_STARTED" not in r.stdout:
             raise AutostopError(f"{r.stderr.strip()[-300:] or r.error}")
         settings, _status, _now = read_head(remote, head)
-    except (AutostopError, ValueError) as e:
-        log.warning("the autostop daemon did not start on %s: %s", head.name, e)
+    except Exception as e:  # the daemon is an addition to a running Ray: report, never undo the start
+        log.warning("the autostop daemon did not start on %s: %s: %s", head.name, type(e).__name__, e)
         progress(head.name, f"autostop FAILED to start: {e}")
         return False
-    progress(head.name, f"autostop daemon running: {settings.describe() if settings else 'no setting'}")
+    progress(head.name, f"autostop daemon running: {settings.describe() if settings else 'no setting'}; {key_note}")
     return True
+
+
+def ensure_head_key(cfg: ClusterConfig, remote: Remote, head: NodeRecord) -> str:
+    """The cluster's restricted key on the head (what the daemon tears down with): kept when the head has one,
+    else made with the user's key (cloud.iam, named raysweep-NAME, removed by `down`) and copied there, 0600."""
+    from cloud import head_credentials
+
+    [r] = remote.run([head], f"test -s $HOME/{head_credentials.HEAD_PATH} && echo RAYSWEEP_HAS_KEY", timeout=30)
+    if "RAYSWEEP_HAS_KEY" in r.stdout:
+        return "the head has its restricted key"
+    if cfg.api_secret is None:
+        raise AutostopError(
+            "the head has no restricted key to tear the cluster down with; set EXOSCALE_API_KEY/EXOSCALE_API_SECRET "
+            "and run `start` again"
+        )
+    from cloud import iam
+
+    local = cfg.state_dir / "head" / Path(head_credentials.HEAD_PATH).name
+    iam.ensure_key_file(cfg.driver(), cfg.name, cfg.zone, cfg.endpoint, local)
+    [r] = remote.run([head], f"mkdir -p -m 700 $HOME/{DIR} && rm -f $HOME/{head_credentials.HEAD_PATH}", timeout=30)
+    [r] = remote.put([head], local, head_credentials.HEAD_PATH)
+    if r.ok:
+        [r] = remote.run([head], f"chmod 600 $HOME/{head_credentials.HEAD_PATH}", timeout=30)
+    if not r.ok:
+        raise AutostopError(f"could not copy the restricted key to {head.name}: {r.error}")
+    return f"restricted key {iam.resource_name(cfg.name)} made for it"
 
 
 def write_setting(remote: Remote, head: NodeRecord, minutes: float, unit_s: float) -> Settings:

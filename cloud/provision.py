@@ -290,6 +290,15 @@ def down(driver, cfg: ClusterConfig, progress: Progress = _quiet, group_timeout:
         except ExoscaleAPIError as e:
             if e.code != 404:
                 result.failed[f"SSH key {name}"] = str(e)
+    try:  # the head's restricted key and its role (made for the autoscaler or autostop)
+        from cloud import iam
+
+        for what in iam.delete_cluster_iam(driver, cfg.name):
+            result.removed.append(what)
+            progress(name, f"{what} deleted")
+    except ExoscaleAPIError as e:
+        if e.code != 403:  # a key without IAM rights cannot have made one either
+            result.failed[f"IAM key/role {name}"] = str(e)
     if not result.failed:
         StateStore(cfg.state_dir).remove(keep_key=cfg.ssh_key is not None)
     return result

@@ -11,13 +11,11 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
-from cloud import autostop, head_credentials
+from cloud import autostop, head_credentials, iam
 from cloud.remote import Remote
 from cloud.state import StateStore
 from tests.conftest import ROOT, SIM_KEY, SIM_SECRET, ClusterCLI, sim_cluster_toml
@@ -27,66 +25,6 @@ pytestmark = pytest.mark.root
 
 UNIT = 10.0  # seconds per autostop minute: sample every 2.5 s, connections under 7.5 s are short checks
 
-#: What the head's key may do: find and delete the cluster's instances, follow operations. Nothing else.
-AUTOSTOP_POLICY = {
-    "default-service-strategy": "deny",
-    "services": {
-        "compute": {
-            "type": "rules",
-            "rules": [
-                {"action": "allow", "expression": "operation in ['list-instances', 'get-instance', 'delete-instance']"}
-            ],
-        },
-        "general": {"type": "allow"},
-    },
-}
-
-
-def restricted_key(sim, cluster: str, endpoint: str) -> head_credentials.HeadCredentials:
-    """A per-cluster key limited to AUTOSTOP_POLICY, made through the local Exoscale's IAM API."""
-    from cloud.exoscale_driver import Secret
-    from tests.exoscale_sdk import client
-
-    owner = client(SIM_KEY, SIM_SECRET, sim.endpoint)
-    op = owner.wait(owner.create_iam_role(name=f"raysweep-{cluster}", policy=AUTOSTOP_POLICY)["id"])
-    role_id = op["reference"]["id"]
-    key = owner.create_api_key(name=f"raysweep-{cluster}", role_id=role_id)
-    return head_credentials.HeadCredentials(
-        key=key["key"],
-        secret=Secret(key["secret"]),
-        zone="ch-gva-2",
-        cluster=cluster,
-        endpoint=endpoint,
-        role_id=role_id,
-        key_name=f"raysweep-{cluster}",
-    )
-
-
-def delete_key(sim, creds: head_credentials.HeadCredentials) -> None:
-    """Remove the key and role (unless `down` did already)."""
-    from tests.exoscale_sdk import client
-
-    owner = client(SIM_KEY, SIM_SECRET, sim.endpoint)
-    if any(k["key"] == creds.key for k in owner.list_api_keys().get("api-keys", [])):
-        owner.wait(owner.delete_api_key(id=creds.key)["id"])
-    if any(r["id"] == creds.role_id for r in owner.list_iam_roles().get("iam-roles", [])):
-        owner.wait(owner.delete_iam_role(id=creds.role_id)["id"])
-
-
-def put_credentials(state_dir: Path, creds: head_credentials.HeadCredentials) -> None:
-    """The key on the head as `up` leaves it: ~/.raysweep/head-credentials.json, 0600."""
-    store = StateStore(state_dir)
-    st = store.load()
-    head = st.head()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = head_credentials.write(Path(tmp) / "c.json", creds)
-        remote = Remote(store.key_path, store.known_hosts)
-        [r] = remote.run([head], "mkdir -p -m 700 .raysweep")
-        [r] = remote.put([head], path, head_credentials.HEAD_PATH)
-        assert r.ok, r.error
-        [r] = remote.run([head], f"chmod 600 {head_credentials.HEAD_PATH}")
-        assert r.ok, r.error
-
 
 @pytest.fixture(scope="module")
 def cluster(sim_hosts, node_wheelhouse, tmp_path_factory):
@@ -94,21 +32,17 @@ def cluster(sim_hosts, node_wheelhouse, tmp_path_factory):
     cli = ClusterCLI(sim_hosts, state)
     cli.env[autostop.UNIT_ENV] = str(UNIT)
     cli.config = str(sim_cluster_toml(state / "cluster.toml", cli.name, node_wheelhouse))
-    creds = None
     try:
         cli("--config", cli.config, "up", "-n", "2", "--autostop", "0", check=0)
-        creds = restricted_key(sim_hosts, cli.name, sim_hosts.endpoint)  # the gateway: the head reaches it
-        put_credentials(state / cli.name, creds)
         cli("--config", cli.config, "install", check=0, timeout=900)
         r = cli("--config", cli.config, "start", check=0)
-        assert "autostop daemon running: off" in r.stderr, r.stderr[-2000:]
+        assert "autostop daemon running: off; restricted key raysweep-" in r.stderr, r.stderr[-2000:]
         cli.hosts = hosts_of(sim_hosts, cli.name)
         yield cli
     finally:
         if api(sim_hosts).list_nodes(ex_labels={"cluster": cli.name}) or StateStore(state / cli.name).load():
             cli("--config", cli.config, "down", "--yes")
-        if creds is not None:
-            delete_key(sim_hosts, creds)
+        iam.delete_cluster_iam(api(sim_hosts), cli.name)  # (down removes them; this is for a failed test)
 
 
 def instances(sim, cli) -> list[str]:
@@ -140,6 +74,17 @@ def hold(sim, cli, seconds: float) -> None:
     while time.monotonic() < deadline:
         assert len(instances(sim, cli)) == 2, f"the cluster was torn down while it should live: {head_status(cli)}"
         time.sleep(1)
+
+
+def test_the_head_holds_only_a_restricted_key(cluster, sim_hosts):
+    r = cluster("cmd", "--node", "0", f"stat -c %a {head_credentials.HEAD_PATH} && cat {head_credentials.HEAD_PATH}")
+    assert r.returncode == 0, r.stderr
+    mode, text = r.stdout.split("\n", 1)
+    creds = head_credentials.HeadCredentials.from_json(text.split("| ", 1)[1])
+    assert mode.endswith("600") and creds.key != SIM_KEY and SIM_SECRET not in text
+    assert [k.key for k in iam.find_keys(api(sim_hosts), cluster.name)] == [creds.key]
+    r = cluster("cmd", "--node", "1", f"test -e {head_credentials.HEAD_PATH} || echo none")
+    assert "none" in r.stdout  # workers get no key
 
 
 def test_status_shows_the_setting_and_a_killed_daemon_comes_back(cluster, sim_hosts):
@@ -230,7 +175,8 @@ def test_a_long_job_keeps_it_alive_then_it_ends_itself_and_down_removes_the_rest
     r = cluster("--config", cluster.config, "status", check=0)
     assert "autostopped; run down to remove the rest" in r.stdout, r.stdout + r.stderr
     r = cluster("--config", cluster.config, "down", "--yes", check=0)
-    assert "security group" in r.stderr and "SSH key" in r.stderr
+    assert all(w in r.stderr for w in ("security group", "SSH key", "API key", "IAM role")), r.stderr
     assert_nothing_left(sim_hosts, cluster.name, cluster.hosts)
+    assert iam.find_keys(api(sim_hosts), cluster.name) == [] and iam.find_role(api(sim_hosts), cluster.name) is None
     r = cluster("--config", cluster.config, "down", "--yes", check=0)
     assert "nothing to remove" in r.stderr
