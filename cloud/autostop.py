@@ -56,6 +56,7 @@ DAEMON_LOCK = f"{DIR}/autostop-daemon.lock"
 UNIT_ENV = "RAYSWEEP_AUTOSTOP_UNIT_S"
 DEFAULT_MINUTES = 120
 SERVICE = "raysweep-autostop.service"
+STARTED = "RAYSWEEP_AUTOSTOP_STARTED"
 
 ACTIVE_JOB_STATES = ("PENDING", "RUNNING")
 DONE_TASK_STATES = ("FINISHED", "FAILED")
@@ -333,31 +334,16 @@ def _duration(s: float) -> str:
 def head_start_command(
     minutes: float | None = None, unit_s: float = 60.0, env_dir: str = "raysweep-env", lib: str = LIB
 ) -> str:
-    """The shell command, run on the head as the login user after Ray starts, that starts the autostop daemon:
-    writes the setting when the head has none yet (`minutes`; None leaves it alone), then runs the supervisor:
-    as a systemd unit where systemd is PID 1 and sudo works (restarted if it dies, back after a reboot), else
-    detached (setsid) so that it outlives the SSH session. The toolkit's code must be in ~/`lib`
-    (`ship_code`), its Python environment in ~/`env_dir`. Idempotent: a running supervisor is kept."""
+    """The shell command (one line), run on the head as the login user after Ray starts, that starts the
+    autostop daemon: writes the setting when the head has none yet (`minutes`; None leaves it alone), then
+    `python -m cloud.autostop_daemon launch` (a systemd unit where systemd is PID 1, else a detached
+    supervisor; see there). The toolkit's code must be in ~/`lib` (`ship_code`, or `ray up`'s file mounts),
+    its Python environment in ~/`env_dir`. Idempotent: a running supervisor is kept."""
     cmd = f"mkdir -p -m 700 $HOME/{DIR}"
     if minutes is not None:
         s = Settings(check_minutes(minutes), unit_s)
         cmd += f" && {{ [ -f $HOME/{SETTINGS} ] || printf '%s' {shlex.quote(s.to_json())} > $HOME/{SETTINGS}; }}"
-    python = f"$HOME/{env_dir}/bin/python"
-    unit = systemd_unit(python="@PYTHON@", lib="@LIB@", home="@HOME@", user="@USER@")
-    install_unit = (
-        f"printf '%s' {shlex.quote(unit)} | sed -e \"s|@PYTHON@|{python}|g; s|@LIB@|$HOME/{lib}|g; "
-        f's|@HOME@|$HOME|g; s|@USER@|$(id -un)|g" | sudo -n tee /etc/systemd/system/{SERVICE} >/dev/null'
-        f" && sudo -n systemctl daemon-reload && sudo -n systemctl enable --now {SERVICE} >/dev/null"
-    )
-    detached = (
-        f"PYTHONPATH=$HOME/{lib} setsid nohup {python} -m cloud.autostop_daemon supervise"
-        f" >> $HOME/{DIR}/autostop-supervisor.out 2>&1 < /dev/null &"
-    )
-    # systemd only where it is this machine's PID 1 (a namespace host sees its parent's /run, not its systemd)
-    return (
-        f'{cmd} && if [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ] && sudo -n true 2>/dev/null; '
-        f"then {install_unit}; else {detached} fi && echo RAYSWEEP_AUTOSTOP_STARTED"
-    )
+    return f"{cmd} && PYTHONPATH=$HOME/{lib} $HOME/{env_dir}/bin/python -m cloud.autostop_daemon launch"
 
 
 def systemd_unit(python: str, lib: str, home: str, user: str) -> str:
@@ -408,7 +394,7 @@ def launch(cfg: ClusterConfig, remote: Remote, head: NodeRecord, progress: Calla
         ship_code(remote, head)
         cmd = head_start_command(cfg.autostop_minutes, unit_from_env())
         [r] = remote.run([head], cmd, timeout=60)
-        if not r.ok or "RAYSWEEP_AUTOSTOP_STARTED" not in r.stdout:
+        if not r.ok or STARTED not in r.stdout:
             raise AutostopError(f"{r.stderr.strip()[-300:] or r.error}")
         settings, _status, _now = read_head(remote, head)
     except Exception as e:  # the daemon is an addition to a running Ray: report, never undo the start

@@ -1,5 +1,7 @@
 """The autostop daemon on the head: samples the cluster, decides with cloud.autostop, logs, tears down.
 
+    python -m cloud.autostop_daemon launch      starts `supervise` as a systemd unit where systemd is PID 1,
+                                                else detached from the SSH session; returns at once
     python -m cloud.autostop_daemon supervise   runs `run` in a child and starts it again when it dies
     python -m cloud.autostop_daemon run         the sampling loop (one at a time: it takes a lock)
 
@@ -289,6 +291,49 @@ def supervise(head: Head | None = None) -> int:
         time.sleep(1.0)
 
 
+def launch(head: Head | None = None) -> int:
+    """Start the supervisor and return: as the systemd unit SERVICE where systemd is this machine's PID 1 and
+    sudo works without a password (restarted if it dies, started again after a reboot), else in a session of
+    its own (setsid), so that it outlives the SSH connection that started it. A namespace host sees its
+    parent's /run but has its own PID 1, hence the test on PID 1 rather than on /run/systemd."""
+    head = head or Head()
+    try:
+        pid1 = Path("/proc/1/comm").read_text().strip()
+    except OSError:
+        pid1 = ""
+    lib = os.environ.get("PYTHONPATH", str(head.path(autostop.LIB)))
+    if pid1 == "systemd" and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode == 0:
+        unit = autostop.systemd_unit(sys.executable, lib, str(head.home), os.environ.get("USER") or _user())
+        steps = [
+            (["sudo", "-n", "tee", f"/etc/systemd/system/{autostop.SERVICE}"], unit),
+            (["sudo", "-n", "systemctl", "daemon-reload"], None),
+            (["sudo", "-n", "systemctl", "enable", "--now", autostop.SERVICE], None),
+        ]
+        for argv, text in steps:
+            r = subprocess.run(argv, input=text, capture_output=True, text=True)
+            if r.returncode != 0:
+                print(f"{' '.join(argv)} failed: {r.stderr.strip()[-300:]}", file=sys.stderr)
+                return 1
+    else:
+        out = open(head.path(f"{autostop.DIR}/autostop-supervisor.out"), "ab")
+        subprocess.Popen(
+            [sys.executable, "-m", "cloud.autostop_daemon", "supervise"],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+            env={**os.environ, "PYTHONPATH": lib},
+        )
+    print(autostop.STARTED)
+    return 0
+
+
+def _user() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args == ["run"]:
@@ -296,7 +341,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args == ["supervise"]:
         return supervise()
-    print("usage: python -m cloud.autostop_daemon run|supervise", file=sys.stderr)
+    if args == ["launch"]:
+        return launch()
+    print("usage: python -m cloud.autostop_daemon run|supervise|launch", file=sys.stderr)
     return 2
 
 
