@@ -49,12 +49,12 @@ def instances(sim, cli) -> list[str]:
     return sorted(n.name for n in api(sim).list_nodes(ex_labels={"cluster": cli.name}))
 
 
-def head_status(cli) -> autostop.HeadStatus:
+def head_status(cli, wait: float = 30.0) -> autostop.HeadStatus:
+    """The daemon's last status (waiting for its first sample after a start)."""
     store = StateStore(cli.state_dir / cli.name)
     remote = Remote(store.key_path, store.known_hosts)
-    _settings, status, _now = autostop.read_head(remote, store.load().head())
-    assert status is not None, "the daemon has written no status"
-    return status
+    head = store.load().head()
+    return wait_for("the daemon's status", lambda: autostop.read_head(remote, head)[1], wait)
 
 
 def wait_for(what: str, check, timeout: float, every: float = 0.5):
