@@ -78,8 +78,16 @@ def one_cluster(server, env: dict, work: Path, n: int, unit: float) -> tuple[flo
         closed = time.time()
         stop = _wait("the decision to stop", lambda: (s := _status(state_dir)) and s.action == "stop" and s, 10 * unit)
         driver = api(server)
-        _wait("no instances", lambda: not driver.list_nodes(ex_labels={"cluster": name}), 600, every=0.1)
-        gone = time.time()  # the hosts share this machine's clock: the head's times compare with ours
+        store = StateStore(state_dir)
+        remote, head = Remote(store.key_path, store.known_hosts), store.load().head()
+        steps = ""
+        while driver.list_nodes(ex_labels={"cluster": name}):  # the head's log of the teardown, while it lasts
+            try:
+                steps = autostop.read_log(remote, head, 12) or steps
+            except autostop.AutostopError:
+                time.sleep(0.1)
+        gone = time.time()
+        print(f"{name}: the head's last log lines:\n{steps}", file=sys.stderr)  # the hosts share this machine's clock: the head's times compare with ours
         return stop.time - closed - unit, gone - stop.time
     finally:
         cli(env, "--config", config, "down", "--yes")  # the rest: security group, SSH key, IAM key and role

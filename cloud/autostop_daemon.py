@@ -200,7 +200,7 @@ def _lock(path: Path, wait: bool):
 
 def _log_to(head: Head) -> None:
     handler = logging.FileHandler(head.path(autostop.LOG))
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d %(message)s", "%Y-%m-%d %H:%M:%S"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
