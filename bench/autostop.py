@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -80,14 +81,24 @@ def one_cluster(server, env: dict, work: Path, n: int, unit: float) -> tuple[flo
         driver = api(server)
         store = StateStore(state_dir)
         remote, head = Remote(store.key_path, store.known_hosts), store.load().head()
-        steps = ""
-        while driver.list_nodes(ex_labels={"cluster": name}):  # the head's log of the teardown, while it lasts
-            try:
-                steps = autostop.read_log(remote, head, 12) or steps
-            except autostop.AutostopError:
-                time.sleep(0.1)
+        steps = [""]
+        done = threading.Event()
+
+        def follow() -> None:  # the head's log of the teardown, while the head lasts
+            while not done.is_set():
+                try:
+                    steps[0] = autostop.read_log(remote, head, 12) or steps[0]
+                except autostop.AutostopError:
+                    return
+
+        reader = threading.Thread(target=follow, daemon=True)
+        reader.start()
+        _wait("no instances", lambda: not driver.list_nodes(ex_labels={"cluster": name}), 600, every=0.1)
         gone = time.time()
-        print(f"{name}: the head's last log lines:\n{steps}", file=sys.stderr)  # the hosts share this machine's clock: the head's times compare with ours
+        done.set()
+        print(
+            f"{name}: the head's last log lines:\n{steps[0]}", file=sys.stderr
+        )  # the hosts share this machine's clock: the head's times compare with ours
         return stop.time - closed - unit, gone - stop.time
     finally:
         cli(env, "--config", config, "down", "--yes")  # the rest: security group, SSH key, IAM key and role
