@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import shlex
 import socket
 import tarfile
@@ -24,14 +25,34 @@ from typing import TextIO
 
 import paramiko
 from fabric import Config, Connection
+from invoke.exceptions import CommandTimedOut
 
 from cloud.state import NodeRecord
 
 log = logging.getLogger(__name__)
 
 
-class HostKeyChanged(Exception):
-    pass
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_PGID_MARK = "RAYSWEEP_PGID"
+
+
+def script(text: str) -> str:
+    """A command running `text` in bash with `set -euo pipefail`: how every script the toolkit writes for a
+    node runs (the user's own `cmd` text and setup_commands are run as given)."""
+    return "bash -c " + shlex.quote("set -euo pipefail\n" + text)
+
+
+def env_exports(env: dict[str, str]) -> str:
+    """`export NAME='value' ... && `: each value quoted, so that it reaches the node's shell as one word,
+    verbatim (Fabric's own inline env puts values in unquoted)."""
+    if not env:
+        return ""
+    bad = [k for k in env if not _ENV_NAME.match(k)]
+    if bad:
+        raise ValueError(
+            f"environment name(s) {', '.join(map(repr, bad))}: use letters, digits and '_', not first a digit"
+        )
+    return "export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())) + " && "
 
 
 @dataclass
@@ -91,15 +112,29 @@ class _Lines(io.TextIOBase):
 _out_lock = threading.Lock()
 
 
-def _prefixed_lines(prefix: str, out: TextIO) -> _Lines:
-    """Whole lines to `out`, each prefixed with the node's name (never interleaved within a line)."""
+def _pgid(stdout: str) -> int | None:
+    first = stdout.split("\n", 1)[0].split()
+    return int(first[1]) if len(first) == 2 and first[0] == _PGID_MARK and first[1].isdigit() else None
+
+
+def _without_pgid(stdout: str) -> str:
+    return stdout.split("\n", 1)[1] if stdout.startswith(_PGID_MARK) and "\n" in stdout else stdout
+
+
+def _prefixed(prefix: str, out: TextIO) -> Callable[[str], None]:
+    """A line handler writing to `out`, each line prefixed with the node's name (never interleaved)."""
 
     def write(line: str) -> None:
         with _out_lock:
             out.write(f"{prefix} | {line}\n")
             out.flush()
 
-    return _Lines(write)
+    return write
+
+
+def _prefixed_lines(prefix: str, out: TextIO) -> _Lines:
+    """Whole lines to `out`, each prefixed with the node's name (never interleaved within a line)."""
+    return _Lines(_prefixed(prefix, out))
 
 
 class Remote:
@@ -169,31 +204,74 @@ class Remote:
         on_line: Callable[[NodeRecord, str], None] | None = None,
     ) -> list[NodeResult]:
         """Run `command` (or command(node)) on every node in parallel; with `stream`, output lines are
-        written there prefixed by node name; with `on_line`, each stdout line is handed to it."""
+        written there prefixed by node name; with `on_line`, each stdout line is handed to it. `env` values
+        are quoted. After `timeout` seconds the command's process group on the node is stopped (sshd makes
+        each command a session of its own, so the group is the command with everything it started)."""
+        exports = env_exports(env or {})
 
         def one(node: NodeRecord) -> NodeResult:
+            text = command(node) if callable(command) else command
+            cmd = exports + (f"sudo -n sh -c {shlex.quote(text)}" if sudo else text)
+            if timeout is not None:
+                cmd = f'echo "{_PGID_MARK} $$"; {cmd}'
+            handler: Callable[[str], None] | None = None
+            err = None
+            if stream:
+                handler, err = _prefixed(node.name, stream), _prefixed_lines(node.name, stream)
+            elif on_line:
+                handler = lambda line: on_line(node, line)  # noqa: E731
+            out = _Lines(lambda line: None if line.startswith(_PGID_MARK) or handler is None else handler(line))
+            kwargs: dict = dict(hide=True, warn=True, timeout=timeout, in_stream=False, out_stream=out)
+            if err:
+                kwargs["err_stream"] = err
             with self.connection(node) as c:
-                out = err = None
-                if stream:
-                    out, err = _prefixed_lines(node.name, stream), _prefixed_lines(node.name, stream)
-                elif on_line:
-                    out = _Lines(lambda line: on_line(node, line))
-                kwargs = dict(hide=True, warn=True, timeout=timeout, env=env or {}, in_stream=False)
-                if out:
-                    kwargs["out_stream"] = out
-                if err:
-                    kwargs["err_stream"] = err
-                text = command(node) if callable(command) else command
-                cmd = f"sudo -n sh -c {shlex.quote(text)}" if sudo else text
-                r = c.run(cmd, **kwargs)
-                for w in (out, err):
-                    if w:
-                        w.finish()
-                return NodeResult(
-                    node, r.exited == 0, r.exited, r.stdout, r.stderr, "" if r.exited == 0 else f"exit code {r.exited}"
-                )
+                try:
+                    r = c.run(cmd, **kwargs)
+                except CommandTimedOut as e:
+                    for w in (out, err):
+                        if w:
+                            w.finish()
+                    stopped = self._stop_group(c, _pgid(e.result.stdout), sudo)
+                    return NodeResult(
+                        node,
+                        False,
+                        None,
+                        _without_pgid(e.result.stdout),
+                        e.result.stderr,
+                        f"timed out after {timeout:g} s; "
+                        + ("its processes on the node were stopped" if stopped else "its processes may still run"),
+                    )
+            for w in (out, err):
+                if w:
+                    w.finish()
+            return NodeResult(
+                node,
+                r.exited == 0,
+                r.exited,
+                _without_pgid(r.stdout),
+                r.stderr,
+                "" if r.exited == 0 else f"exit code {r.exited}",
+            )
 
         return self._each(nodes, one)
+
+    @staticmethod
+    def _stop_group(c: Connection, pgid: int | None, sudo: bool) -> bool:
+        """TERM the process group, KILL what is left after 2 s; True when it is gone."""
+        if pgid is None:
+            return False
+        kill = "sudo -n kill" if sudo else "kill"
+        stop = (
+            f"{kill} -TERM -- -{pgid} 2>/dev/null || exit 0\n"
+            f"for _ in $(seq 20); do {kill} -0 -- -{pgid} 2>/dev/null || exit 0; sleep 0.1; done\n"
+            f"{kill} -KILL -- -{pgid} 2>/dev/null || true"
+        )
+        try:
+            r = c.run(script(stop), hide=True, warn=True, in_stream=False, timeout=30)
+        except Exception as e:  # the node may be why it timed out
+            log.warning("could not stop process group %s on %s: %s", pgid, c.host, e)
+            return False
+        return r.exited == 0
 
     def put(self, nodes: Sequence[NodeRecord], src: str | os.PathLike, dst: str) -> list[NodeResult]:
         """Copy a file or a directory (recursively) to every node; `dst` is relative to the login home."""
@@ -208,30 +286,37 @@ class Remote:
 
         def one(node: NodeRecord) -> NodeResult:
             with self.connection(node) as c:
-                if src.is_dir():
-                    tmp = f".raysweep-upload-{os.getpid()}-{threading.get_ident()}.tgz"
-                    c.put(io.BytesIO(payload), tmp)
-                    q = shlex.quote(dst)
-                    r = c.run(
-                        f"mkdir -p {q} && tar xzf {tmp} -C {q}; rc=$?; rm -f {tmp}; exit $rc",
-                        hide=True,
-                        warn=True,
-                        in_stream=False,
-                    )
-                    if r.exited != 0:
-                        return NodeResult(
-                            node,
-                            False,
-                            r.exited,
-                            r.stdout,
-                            r.stderr,
-                            f"unpacking into {dst} failed: {r.stderr.strip()[-200:]}",
+                c.open()  # a connection failure is "cannot reach sshd"; after this, errors are the node's files'
+                try:
+                    if src.is_dir():
+                        tmp = f".raysweep-upload-{os.getpid()}-{threading.get_ident()}.tgz"
+                        c.put(io.BytesIO(payload), tmp)
+                        q = shlex.quote(dst)
+                        r = c.run(
+                            script(f"trap 'rm -f {tmp}' EXIT\nmkdir -p {q}\ntar xzf {tmp} -C {q}"),
+                            hide=True,
+                            warn=True,
+                            in_stream=False,
                         )
-                else:
-                    parent = os.path.dirname(dst.rstrip("/"))
-                    if parent:
-                        c.run(f"mkdir -p {shlex.quote(parent)}", hide=True, warn=True, in_stream=False)
-                    c.put(str(src), dst)
+                        if r.exited != 0:
+                            why = r.stderr.strip().splitlines()[-1:] or [f"exit code {r.exited}"]
+                            return NodeResult(
+                                node, False, r.exited, r.stdout, r.stderr, f"cannot unpack into {dst}: {why[0][:200]}"
+                            )
+                    else:
+                        parent = os.path.dirname(dst.rstrip("/"))
+                        if parent:
+                            r = c.run(script(f"mkdir -p {shlex.quote(parent)}"), hide=True, warn=True, in_stream=False)
+                            if r.exited != 0:
+                                why = r.stderr.strip().splitlines()[-1:] or [f"exit code {r.exited}"]
+                                return NodeResult(
+                                    node, False, r.exited, r.stdout, r.stderr, f"cannot create {parent}: {why[0][:200]}"
+                                )
+                        c.put(str(src), dst)
+                except OSError as e:
+                    if c.transport is None or not c.transport.is_active():
+                        raise  # the connection broke: _each reports it as such
+                    return NodeResult(node, False, error=f"cannot write {dst} on {node.name}: {e.strerror or e}")
                 return NodeResult(node, True, 0)
 
         return self._each(nodes, one)
