@@ -220,45 +220,53 @@ class Remote:
                 handler, err = _prefixed(node.name, stream), _prefixed_lines(node.name, stream)
             elif on_line:
                 handler = lambda line: on_line(node, line)  # noqa: E731
-            out = _Lines(lambda line: None if line.startswith(_PGID_MARK) or handler is None else handler(line))
-            kwargs: dict = dict(hide=True, warn=True, timeout=timeout, in_stream=False, out_stream=out)
+            group: dict[str, int | bool] = {}
+
+            def stdout_line(line: str) -> None:
+                if "pgid" not in group and line.startswith(_PGID_MARK):
+                    group["pgid"] = _pgid(line) or 0
+                elif handler is not None:
+                    handler(line)
+
+            def expire() -> None:  # from a timer thread, over a connection of its own
+                group["expired"] = True
+                group["stopped"] = self._stop_group(node, int(group.get("pgid", 0)), sudo)
+
+            out = _Lines(stdout_line)
+            kwargs: dict = dict(hide=True, warn=True, in_stream=False, out_stream=out)
             if err:
                 kwargs["err_stream"] = err
-            with self.connection(node) as c:
-                try:
+            timer = None
+            if timeout is not None:
+                # stopping the group ends the command; Fabric's own timeout only closes the channel (the
+                # processes would go on), so it is the backstop for a node that stops answering
+                kwargs["timeout"] = timeout + 30
+                timer = threading.Timer(timeout, expire)
+                timer.daemon = True
+                timer.start()
+            try:
+                with self.connection(node) as c:
                     r = c.run(cmd, **kwargs)
-                except CommandTimedOut as e:
-                    for w in (out, err):
-                        if w:
-                            w.finish()
-                    stopped = self._stop_group(c, _pgid(e.result.stdout), sudo)
-                    return NodeResult(
-                        node,
-                        False,
-                        None,
-                        _without_pgid(e.result.stdout),
-                        e.result.stderr,
-                        f"timed out after {timeout:g} s; "
-                        + ("its processes on the node were stopped" if stopped else "its processes may still run"),
-                    )
-            for w in (out, err):
-                if w:
-                    w.finish()
-            return NodeResult(
-                node,
-                r.exited == 0,
-                r.exited,
-                _without_pgid(r.stdout),
-                r.stderr,
-                "" if r.exited == 0 else f"exit code {r.exited}",
-            )
+                stdout, stderr, code = _without_pgid(r.stdout), r.stderr, r.exited
+            except CommandTimedOut as e:
+                stdout, stderr, code = _without_pgid(e.result.stdout), e.result.stderr, None
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                    timer.join(60)  # when it fired: until the group is stopped
+                for w in (out, err):
+                    if w:
+                        w.finish()
+            if group.get("expired") or code is None:
+                outcome = "its processes on the node were stopped" if group.get("stopped") else "it may still run"
+                return NodeResult(node, False, code, stdout, stderr, f"timed out after {timeout:g} s; {outcome}")
+            return NodeResult(node, code == 0, code, stdout, stderr, "" if code == 0 else f"exit code {code}")
 
         return self._each(nodes, one)
 
-    @staticmethod
-    def _stop_group(c: Connection, pgid: int | None, sudo: bool) -> bool:
-        """TERM the process group, KILL what is left after 2 s; True when it is gone."""
-        if pgid is None:
+    def _stop_group(self, node: NodeRecord, pgid: int, sudo: bool) -> bool:
+        """TERM a process group on the node, KILL what is left after 2 s; True when it is gone."""
+        if pgid <= 1:
             return False
         kill = "sudo -n kill" if sudo else "kill"
         stop = (
@@ -267,9 +275,10 @@ class Remote:
             f"{kill} -KILL -- -{pgid} 2>/dev/null || true"
         )
         try:
-            r = c.run(script(stop), hide=True, warn=True, in_stream=False, timeout=30)
+            with self.connection(node) as c:
+                r = c.run(script(stop), hide=True, warn=True, in_stream=False, timeout=30)
         except Exception as e:  # the node may be why it timed out
-            log.warning("could not stop process group %s on %s: %s", pgid, c.host, e)
+            log.warning("could not stop process group %s on %s: %s", pgid, node.name, e)
             return False
         return r.exited == 0
 
