@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, TextIO
 from cloud import access
 from cloud.config import ClusterConfig
 from cloud.ray_runtime import DASHBOARD_PORT, RayClusterError
-from cloud.remote import script
+from cloud.remote import run_script, script
 from cloud.tunnel import Tunnel, open_tunnel
 
 if TYPE_CHECKING:
@@ -64,12 +64,8 @@ def fetch(cfg: ClusterConfig, path: str, dest: Path) -> Path:
     head = acc.state.require_head()
     with acc.remote.connection(head) as c:
         q = shlex.quote(path)
-        kind = c.run(
-            script(f"if [ -d {q} ]; then echo dir; elif [ -f {q} ]; then echo file; else echo none; fi"),
-            hide=True,
-            warn=True,
-            in_stream=False,
-        ).stdout.strip()
+        probe = f"if [ -d {q} ]; then echo dir; elif [ -f {q} ]; then echo file; else echo none; fi"
+        kind = run_script(c, probe).stdout.strip()
         if kind == "none":
             raise RayClusterError(f"{path}: no such file or directory on the head {head.name}")
         if kind == "file":
@@ -79,10 +75,12 @@ def fetch(cfg: ClusterConfig, path: str, dest: Path) -> Path:
         tmp = f".raysweep-fetch-{os.getpid()}.tgz"
         buf = io.BytesIO()
         try:
-            c.run(script(f"tar czf {tmp} -C {q} ."), hide=True, in_stream=False)
+            r = run_script(c, f"tar czf {tmp} -C {q} .")
+            if r.exited != 0:
+                raise RayClusterError(f"cannot pack {path} on the head {head.name}: {r.stderr.strip()[-200:]}")
             c.get(tmp, buf)
         finally:
-            c.run(script(f"rm -f {tmp}"), hide=True, warn=True, in_stream=False)
+            run_script(c, f"rm -f {tmp}")
     target = dest / Path(path.rstrip("/")).name if dest.is_dir() else dest
     target.mkdir(parents=True, exist_ok=True)
     buf.seek(0)

@@ -26,6 +26,7 @@ from typing import TextIO
 import paramiko
 from fabric import Config, Connection
 from invoke.exceptions import CommandTimedOut
+from invoke.runners import Result
 
 from cloud.state import NodeRecord
 
@@ -40,6 +41,11 @@ def script(text: str) -> str:
     """A command running `text` in bash with `set -euo pipefail`: how every script the toolkit writes for a
     node runs (the user's own `cmd` text and setup_commands are run as given)."""
     return "bash -c " + shlex.quote("set -euo pipefail\n" + text)
+
+
+def run_script(c: Connection, text: str, timeout: float | None = None) -> Result:
+    """Run a toolkit script (see `script`) on one open connection, output captured, never raising on failure."""
+    return c.run(script(text), hide=True, warn=True, in_stream=False, timeout=timeout)
 
 
 def env_exports(env: dict[str, str]) -> str:
@@ -110,6 +116,11 @@ class _Lines(io.TextIOBase):
 
 
 _out_lock = threading.Lock()
+
+
+def _failed(node: NodeRecord, r: Result, what: str) -> NodeResult:
+    why = r.stderr.strip().splitlines()[-1:] or [f"exit code {r.exited}"]
+    return NodeResult(node, False, r.exited, r.stdout, r.stderr, f"{what}: {why[0][:200]}")
 
 
 def _pgid(stdout: str) -> int | None:
@@ -276,7 +287,7 @@ class Remote:
         )
         try:
             with self.connection(node) as c:
-                r = c.run(script(stop), hide=True, warn=True, in_stream=False, timeout=30)
+                r = run_script(c, stop, timeout=30)
         except Exception as e:  # the node may be why it timed out
             log.warning("could not stop process group %s on %s: %s", pgid, node.name, e)
             return False
@@ -301,26 +312,15 @@ class Remote:
                         tmp = f".raysweep-upload-{os.getpid()}-{threading.get_ident()}.tgz"
                         c.put(io.BytesIO(payload), tmp)
                         q = shlex.quote(dst)
-                        r = c.run(
-                            script(f"trap 'rm -f {tmp}' EXIT\nmkdir -p {q}\ntar xzf {tmp} -C {q}"),
-                            hide=True,
-                            warn=True,
-                            in_stream=False,
-                        )
+                        r = run_script(c, f"trap 'rm -f {tmp}' EXIT\nmkdir -p {q}\ntar xzf {tmp} -C {q}")
                         if r.exited != 0:
-                            why = r.stderr.strip().splitlines()[-1:] or [f"exit code {r.exited}"]
-                            return NodeResult(
-                                node, False, r.exited, r.stdout, r.stderr, f"cannot unpack into {dst}: {why[0][:200]}"
-                            )
+                            return _failed(node, r, f"cannot unpack into {dst}")
                     else:
                         parent = os.path.dirname(dst.rstrip("/"))
                         if parent:
-                            r = c.run(script(f"mkdir -p {shlex.quote(parent)}"), hide=True, warn=True, in_stream=False)
+                            r = run_script(c, f"mkdir -p {shlex.quote(parent)}")
                             if r.exited != 0:
-                                why = r.stderr.strip().splitlines()[-1:] or [f"exit code {r.exited}"]
-                                return NodeResult(
-                                    node, False, r.exited, r.stdout, r.stderr, f"cannot create {parent}: {why[0][:200]}"
-                                )
+                                return _failed(node, r, f"cannot create {parent}")
                         c.put(str(src), dst)
                 except OSError as e:
                     if c.transport is None or not c.transport.is_active():
