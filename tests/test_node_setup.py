@@ -87,3 +87,27 @@ def test_the_ray_token_has_one_owner(tmp_path):
     token = store.ensure_ray_token()
     assert len(token) == 64 and store.ray_token() == token == store.ensure_ray_token()
     assert stat.S_IMODE(store.ray_token_path.stat().st_mode) == 0o600
+
+
+def test_environment_exports_keep_each_value_one_verbatim_word(tmp_path):
+    from cloud.remote import env_exports
+
+    env = {"FOO": "x;touch INJECTED", "SPACED": "one two  three", "QUOTE": "it's $HOME"}
+    r = subprocess.run(
+        ["bash", "-c", env_exports(env) + 'printf "%s|%s|%s" "$FOO" "$SPACED" "$QUOTE"'],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert r.stdout == "x;touch INJECTED|one two  three|it's $HOME" and not (tmp_path / "INJECTED").exists()
+    with pytest.raises(ValueError, match="'1BAD'"):
+        env_exports({"1BAD": "x"})
+
+
+def test_toolkit_scripts_stop_at_the_first_failure():
+    from cloud.remote import script
+
+    r = subprocess.run(["bash", "-c", script("false | true\necho reached")], capture_output=True, text=True)
+    assert r.returncode == 1 and "reached" not in r.stdout
+    r = subprocess.run(["bash", "-c", script("echo $UNSET_RAYSWEEP_VAR")], capture_output=True, text=True)
+    assert r.returncode == 1 and "unbound" in r.stderr
