@@ -72,7 +72,10 @@ def fill_wheelhouse(packages: list[str], wheelhouse: Path = WHEELHOUSE, timeout:
             timeout=timeout,
         )
         if r.returncode != 0:
-            raise RuntimeError(f"cannot fetch the hosts' packages into {wheelhouse}: {r.stderr.strip()[-400:]}")
+            raise RuntimeError(
+                f"cannot fetch the hosts' packages into {wheelhouse} (python -m cloud.sim api --hosts --no-packages "
+                f"starts without them): {r.stderr.strip()[-400:]}"
+            )
         stamp.write_text(want)
     return wheelhouse
 
