@@ -213,8 +213,9 @@ class HostOffer:
     @classmethod
     def start(cls, hooks: HostHooks, packages: list[str] | None = None) -> HostOffer:
         wheelhouse = fill_wheelhouse(packages if packages is not None else offered_packages())
-        UV_CACHE.mkdir(parents=True, exist_ok=True)
-        os.chmod(UV_CACHE, 0o1777)  # shared by the hosts' login users, like a system cache dir
+        if not UV_CACHE.exists():
+            UV_CACHE.mkdir(parents=True, exist_ok=True)
+            os.chmod(UV_CACHE, 0o1777)  # shared by the hosts' login users, like a system cache dir
         root = hooks.run_dir / "offer"
         (root / "bin").mkdir(parents=True, exist_ok=True)
         (root / "etc" / "uv").mkdir(parents=True, exist_ok=True)
