@@ -160,15 +160,49 @@ class PackageIndex:
         if len(parts) == 2 and parts[0] == "files" and "/" not in parts[1] and project_name(parts[1]):
             file = self.directory / parts[1]
             if file.is_file():
-                req.send_response(200)
-                req.send_header("Content-Type", "application/octet-stream")
-                req.send_header("Content-Length", str(file.stat().st_size))
-                req.end_headers()
-                if with_body:
-                    with open(file, "rb") as f:
-                        shutil.copyfileobj(f, req.wfile)
+                self._send_file(req, file, with_body)
                 return None
         return self._send(req, 404, b"not found\n", with_body)
+
+    @staticmethod
+    def _send_file(req: BaseHTTPRequestHandler, file: Path, with_body: bool) -> None:
+        """The file, or the one byte range asked for (uv reads a wheel's metadata from its end)."""
+        size = file.stat().st_size
+        start, end = 0, size - 1
+        m = re.fullmatch(r"bytes=(\d*)-(\d*)", req.headers.get("Range", "").strip())
+        if m and (m.group(1) or m.group(2)):
+            if m.group(1):
+                start, end = int(m.group(1)), min(int(m.group(2) or size - 1), size - 1)
+            else:
+                start = max(size - int(m.group(2)), 0)
+            if start > end:
+                req.send_response(416)
+                req.send_header("Content-Range", f"bytes */{size}")
+                req.send_header("Content-Length", "0")
+                req.end_headers()
+                return
+            req.send_response(206)
+            req.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        else:
+            req.send_response(200)
+        req.send_header("Content-Type", "application/octet-stream")
+        req.send_header("Accept-Ranges", "bytes")
+        req.send_header("Content-Length", str(end - start + 1))
+        req.end_headers()
+        if not with_body:
+            return
+        try:
+            with open(file, "rb") as f:
+                f.seek(start)
+                left = end - start + 1
+                while left > 0:
+                    chunk = f.read(min(left, 1 << 20))
+                    if not chunk:
+                        break
+                    req.wfile.write(chunk)
+                    left -= len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            log.debug("index: %s closed the connection during %s", req.client_address[0], file.name)
 
     @staticmethod
     def _send(req: BaseHTTPRequestHandler, status: int, data: bytes, with_body: bool) -> None:
