@@ -2,7 +2,7 @@
 
 - uv on the hosts' PATH: this machine's uv (the one beside the running Python, as the venv installs it),
   laid over /usr/local/bin in each host's own mount namespace (an overlay: nothing changes on this machine).
-- A package index: the packages nodes install, fetched once on this machine (`pip download` into
+- A package index: the packages nodes install (and the head's node provider needs), fetched once on this machine (`pip download` into
   WHEELHOUSE) and served as a PEP 503 simple index over HTTP on the hosts' bridge gateway.
 - uv configured system-wide on the host (a private /etc/uv/uv.toml, overlaid likewise): that index as the
   only one, `link-mode = "copy"`, a cache directory shared by the hosts of this machine, no Python downloads.
@@ -48,10 +48,13 @@ def _pinned(name: str) -> str:
 
 
 def offered_packages() -> list[str]:
-    """The nodes' packages (cloud.ray_cluster.node_packages) and the head's, pinned to this machine's versions."""
-    from cloud.ray_cluster import node_packages
+    """What nodes install by default (Ray and the training program's packages, as `install` pins them) and
+    what the head needs for the node provider, pinned to this machine's versions. The sim stands in for the
+    internet, so it has to know what will be asked of it."""
+    from cloud.node_install import node_packages
+    from pipeline.requirements import NODE_PACKAGES
 
-    return [*node_packages(), *(_pinned(n) for n in HEAD_PACKAGES)]
+    return [*node_packages(NODE_PACKAGES), *(_pinned(n) for n in HEAD_PACKAGES)]
 
 
 def fill_wheelhouse(packages: list[str], wheelhouse: Path = WHEELHOUSE, timeout: float = 1800) -> Path:
