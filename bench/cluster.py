@@ -25,9 +25,9 @@ from pathlib import Path
 
 from bench.common import report
 from cloud.remote import Remote
-from cloud.sim.api import App, SimServer
-from cloud.sim.hosts import HostHooks, missing_requirements
-from cloud.sim.model import Faults, Model
+from cloud.sim.hosts import missing_requirements
+from cloud.sim.local import start
+from cloud.sim.model import Faults
 from cloud.state import StateStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +42,19 @@ def cli(env, *args, timeout=1800):
     if r.returncode != 0:
         raise SystemExit(f"exoscale.py {' '.join(args)} failed:\n{r.stderr[-2000:]}")
     return r
+
+
+def sim_cluster_toml(path, name, **extra):
+    """cluster.toml for a cluster on the local Exoscale: nothing about packages (the hosts are offered them)."""
+    lines = [
+        f'name = "{name}"',
+        "ray_cpus = 1",
+        'ssh_cidr = "0.0.0.0/0"',
+        'ray_env = { RAY_health_check_period_ms = "1000", RAY_health_check_failure_threshold = "3" }',
+    ]
+    lines += [f"{k} = {v}" for k, v in extra.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def nodes_cpu_seconds(state_root: Path, name: str) -> float:
@@ -115,14 +128,9 @@ def main(argv=None):
     a = p.parse_args(argv)
     if missing_requirements():
         raise SystemExit(f"needs {', '.join(missing_requirements())}")
-    from tests.conftest import WHEELHOUSE, sim_cluster_toml
-
-    if not (WHEELHOUSE / ".complete").exists():
-        raise SystemExit(f"run the tests once first: they fill the nodes' wheelhouse {WHEELHOUSE}")
-    hooks = HostHooks.create()
-    model = Model(faults=Faults(op_delay_s=0.5))
-    hooks.attach(model)
-    server = SimServer(App(model, KEY, SECRET)).start()
+    # the hosts are offered uv and a package index as the internet would: install needs no cluster.toml setting
+    sim = start(KEY, SECRET, faults=Faults(op_delay_s=0.5), hosts=True, offer_packages=True)
+    server = sim.server
     work = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
     env = {
         **os.environ,
@@ -132,14 +140,14 @@ def main(argv=None):
         "RAYSWEEP_STATE_DIR": str(work / "state"),
     }
     try:
-        c1 = sim_cluster_toml(work / "one.toml", "bench-one", WHEELHOUSE)
-        c4 = sim_cluster_toml(work / "four.toml", "bench-four", WHEELHOUSE)
+        c1 = sim_cluster_toml(work / "one.toml", "bench-one")
+        c4 = sim_cluster_toml(work / "four.toml", "bench-four")
         t1 = cluster_up(env, c1, "bench-one", 1)
         cli(env, "--config", str(c1), "down", "--yes")
         t4 = cluster_up(env, c4, "bench-four", 4)
         cli(env, "--config", str(c4), "down", "--yes")
 
-        c3 = sim_cluster_toml(work / "three.toml", "bench-three", WHEELHOUSE)
+        c3 = sim_cluster_toml(work / "three.toml", "bench-three")
         cluster_up(env, c3, "bench-three", 3)
         # the quick program, already present on every node and here (--program PATH)
         prog = work / "quick.py"
@@ -155,8 +163,7 @@ def main(argv=None):
         local_grid, _ = sweep_overhead(str(prog), ["--local-cpus", "3"], env, work / "lo", a.trials)
         cli(env, "--config", str(c3), "down", "--yes")
     finally:
-        server.stop()
-        hooks.close()
+        sim.close()
     slots = 3
     cl, lo = cl_grid * slots / a.trials, local_grid * slots / a.trials
     phases = {f"{k}_1_vs_4_s": f"{t1[k]:.1f}/{t4[k]:.1f}" for k in t1}

@@ -55,13 +55,11 @@ SIM_SECRET = "sim-secret-" + uuid.uuid4().hex  # unique per run: a leak is found
 @pytest.fixture
 def sim():
     """A fresh in-process Exoscale API v2 sim recording every exchange."""
-    from cloud.sim.api import App, HTTPFaults, SimServer
-    from cloud.sim.model import Faults, Model
+    from cloud.sim.local import start
+    from cloud.sim.model import Faults
 
-    model = Model(faults=Faults(op_delay_s=0.05), seed=1)
-    app = App(model, SIM_KEY, SIM_SECRET, HTTPFaults(seed=1), record=True)
-    with SimServer(app) as server:
-        yield server
+    with start(SIM_KEY, SIM_SECRET, faults=Faults(op_delay_s=0.05), record=True, seed=1) as local:
+        yield local.server
 
 
 @pytest.fixture
@@ -81,23 +79,16 @@ def driver(sim):
 @pytest.fixture(scope="module")
 def sim_hosts():
     """An in-process Exoscale API sim whose instances boot as namespace hosts (needs root)."""
-    from cloud.sim.api import App, HTTPFaults, SimServer
-    from cloud.sim.hosts import HostHooks, missing_requirements
-    from cloud.sim.model import Faults, Model
+    from cloud.sim.hosts import missing_requirements
+    from cloud.sim.local import start
+    from cloud.sim.model import Faults
 
     missing = missing_requirements()
     if missing:
         pytest.skip(f"local VM hosts need {', '.join(missing)}")
-    hooks = HostHooks.create()  # also cleans stale hosts of crashed runs
-    model = Model(faults=Faults(op_delay_s=0.2), seed=7)
-    hooks.attach(model)
-    app = App(model, SIM_KEY, SIM_SECRET, HTTPFaults(seed=7), record=True)
-    server = SimServer(app).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        hooks.close()
+    # also cleans stale hosts of crashed runs; the endpoint is the hosts' gateway, reachable from both sides
+    with start(SIM_KEY, SIM_SECRET, faults=Faults(op_delay_s=0.2), hosts=True, record=True, seed=7) as local:
+        yield local.server
 
 
 class ClusterCLI:
