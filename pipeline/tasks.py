@@ -31,9 +31,12 @@ from pipeline.sandbox import ExecuteError, ProgramRun, Sandbox, check_relpath
 __all__ = ["DataObject", "Execute", "ExecuteError", "FetchedData", "RunInfo", "blob", "ensure_ray", "file"]
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+def ensure_ray(
+    address: str | None = None, num_cpus: int | None = None, runtime_env: dict[str, Any] | None = None
+) -> None:
     """Connect to Ray unless connected: `address`, else RAY_ADDRESS, else a new local Ray (with
-    `num_cpus` CPUs when given, else all of this machine's).
+    `num_cpus` CPUs when given, else all of this machine's). `runtime_env` is the job's (e.g. the
+    programs' extra `pip` packages, which Ray installs on every node that runs a task).
 
     Through Ray Client (ray://...) this package is shipped to the cluster with the job, so the nodes
     need only Ray and the programs' own dependencies installed."""
@@ -41,10 +44,13 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict[str, Any] = {"logging_level": "WARNING"}
+    env = dict(runtime_env or {})
     if address is None:
         kwargs.update(include_dashboard=False, log_to_driver=True, num_cpus=num_cpus)
     elif address.startswith("ray://"):
-        kwargs["runtime_env"] = {"py_modules": [str(Path(__file__).resolve().parent)]}
+        env["py_modules"] = [str(Path(__file__).resolve().parent)]
+    if env:
+        kwargs["runtime_env"] = env
     ray.init(address=address, **kwargs)
 
 

@@ -119,7 +119,12 @@ def main(argv=None):
     p.add_argument("--sha256", default=None)
     p.add_argument("--fallback", choices=["mnist-5k"], default=None)
     p.add_argument("--out", required=True)
+    p.add_argument("--any-file", action="store_true", help="a URL of any file: no npz check; prints its sha256")
     args = p.parse_args(argv)
+    if args.any_file:
+        download(args.source, args.out, args.sha256)
+        print(json.dumps({"sha256": sha256_of(args.out), "bytes": os.path.getsize(args.out)}))
+        return
     note = None
     dataset = args.source
     try:
