@@ -196,20 +196,25 @@ class ResultStore:
         """Take the successful trials of an earlier run with the same settings; return how many."""
         if previous is None:
             return 0
-        if previous.settings is not None:
-            old = previous.settings
-            diff = {k: (old.get(k), v) for k, v in self.settings.items() if old.get(k) != v}
-            if diff:
-                what = ", ".join(f"{k} {a!r} there vs {b!r} now" for k, (a, b) in diff.items())
-                raise SettingsMismatch(
-                    f"{self.dir} holds results of a different sweep ({what}); use --fresh to replace them or another --out"
-                )
+        self.check(previous)
         n = 0
         for r in previous.trials:
             if r.status == "ok":
                 self.results[r.key] = r
                 n += 1
         return n
+
+    def check(self, previous: Previous) -> None:
+        """Raise SettingsMismatch when `previous` was run with other settings (unknown ones pass)."""
+        if previous.settings is None:
+            return
+        old = previous.settings
+        diff = {k: (old.get(k), v) for k, v in self.settings.items() if old.get(k) != v}
+        if diff:
+            what = ", ".join(f"{k} {a!r} there vs {b!r} now" for k, (a, b) in diff.items())
+            raise SettingsMismatch(
+                f"{self.dir} holds results of a different sweep ({what}); use --fresh to replace them or another --out"
+            )
 
     def load_previous(self) -> int:
         """read_previous + adopt, for callers that read and check in one step."""

@@ -29,7 +29,7 @@ from pipeline.cli_common import (
     read_earlier,
     start_ray,
 )
-from pipeline.sweep import Previous, ResultStore, TrialFiles
+from pipeline.sweep import Previous, ResultStore, SettingsMismatch, TrialFiles
 
 if TYPE_CHECKING:
     from pipeline import tasks
@@ -59,6 +59,11 @@ def validate(args: argparse.Namespace) -> Checked:
         raise UsageError(str(e) if str(e).startswith(str(args.sweep_file)) else f"{args.sweep_file}: {e}") from None
     trials = spec.trials()
     previous = read_earlier(args, spec.param_names, spec.metric.name)
+    if previous is not None:  # all but the fetched data's digests can be compared before Ray starts
+        try:
+            ResultStore(args.out, spec.param_names, spec.metric.name, spec.settings()).check(previous)
+        except SettingsMismatch as e:
+            raise UsageError(str(e)) from None
     return Checked(spec, trials, previous)
 
 
