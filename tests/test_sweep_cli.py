@@ -19,8 +19,6 @@ with open(os.path.join(d, "calls.log"), "a") as f:
     f.write(f"{sys.argv[1]}\n")
 if x > 0.8 and os.path.exists(os.path.join(d, "FAIL")):
     sys.exit(f"injected failure at x={x}")
-if y == "missing":
-    import raysweep_no_such_module
 print(json.dumps({"score": x * (2 if y == "b" else 1), "seed": int(seed)}))
 """
 
@@ -148,23 +146,6 @@ def test_random_search_of_40_failures_resume_and_refusals(project):
     r4 = sweep(str(tmp / "sweep.toml"), "--out", str(out), timeout=60)
     assert r4.returncode == 2 and len(lines(r4.stderr)) == 1, r4.stderr
     assert "results.json: it is unreadable" in r4.stderr and "results.csv cannot stand in" in r4.stderr
-
-
-def test_a_missing_module_is_the_trials_error(project):
-    tmp, state = project
-    (tmp / "grid.toml").write_text(
-        SWEEP.replace("STATE_DIR", str(state))
-        .replace('{ uniform = [0.0, 1.0] }', "[0.5]")
-        .replace('["a", "b"]', '["a", "missing"]')
-        .replace('kind = "random"\ntrials = 40\n', "")
-    )
-    out = tmp / "grid"
-    r = sweep(str(tmp / "grid.toml"), "--out", str(out), timeout=120)
-    assert r.returncode == 1, r.stderr[-3000:]
-    by = {x["y"]: x for x in rows(out)}
-    assert by["a"]["status"] == "ok"
-    assert by["missing"]["status"] == "failed" and "ModuleNotFoundError" in by["missing"]["error"]
-    assert "raysweep_no_such_module" in (out / "trials" / "x=0.5,y=missing" / "stderr.txt").read_text()
 
 
 @pytest.mark.root

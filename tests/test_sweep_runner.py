@@ -34,6 +34,8 @@ marker = os.path.join(d, f"ran-{x}")
 if y == "once" and not os.path.exists(marker):
     open(marker, "w").close()
     sys.exit("first run fails")
+if y == "missing":
+    import raysweep_no_such_module
 if y == "garbage":
     print("no number here")
     sys.exit(0)
@@ -116,6 +118,15 @@ def test_retries_rerun_program_failures_and_bad_output_fails(ray_local, state, t
     assert calls(state) == ["5 once", "5 once", "6 garbage"]
     r7 = run_trials(ts[2:], make_submit(state), store, read=read_score, retries=0, poll_s=0.2)[0]
     assert r7.status == "failed" and "first run fails" in r7.error
+
+
+def test_a_missing_module_is_the_trials_error(ray_local, state, tmp_path):
+    out = tmp_path / "out"
+    ts = trials([8], y="missing")
+    store = ResultStore(out, ["x", "y"], "score", {}, [t.id for t in ts])
+    r = run_trials(ts, make_submit(state), store, read=read_score, files=TrialFiles(out), poll_s=0.2)[0]
+    assert r.status == "failed" and "ModuleNotFoundError" in r.error and "code 1" in r.error
+    assert "raysweep_no_such_module" in (out / "trials" / ts[0].id / "stderr.txt").read_text()
 
 
 def test_damaged_results_json_falls_back_to_an_intact_csv(tmp_path):
