@@ -384,7 +384,10 @@ def run_trials(
         progress.update(done, failed, len(running))
     try:
         while running:
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=poll_s)
+            ready, rest = ray.wait(list(running), num_returns=1, timeout=poll_s)
+            if ready and rest:  # take every result already there: one write of the files for all of them
+                ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+            finished: list[TrialResult] = []
             for ref in ready:
                 r = running.pop(ref)
                 result = _collect(r, read, files)
@@ -393,20 +396,28 @@ def run_trials(
                     task = submit(r.trial)
                     running[task.info_ref] = _Running(r.trial, task, retries, r.retries + 1)
                     continue
-                store.record(result)
+                store.results[result.key] = result
+                finished.append(result)
                 if result.status == "ok":
                     done += 1
                 else:
                     failed += 1
                     log.warning("trial %s failed: %s", r.trial.id, result.error.splitlines()[0])
+            if finished:
+                store.write()
             if progress:
                 progress.update(done, failed, len(running))
-    except BaseException:
+    except BaseException as e:
         for r in running.values():
             try:
                 ray.cancel(r.task.info_ref, force=True)
             except Exception:
                 break
+        if not isinstance(e, OutputError):  # results collected before the interruption are kept
+            try:
+                store.write()
+            except OutputError:
+                pass
         raise
     finally:
         if progress:

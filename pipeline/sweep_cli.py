@@ -129,6 +129,8 @@ def _run(session: Session, checked: Checked) -> int:
     )
     head: list[Any] = [*shlex.split(spec.interpreter or ""), program]
     res = spec.resources
+    if res.gpus and ray.cluster_resources().get("GPU", 0) < res.gpus:
+        session.say(f"warning: no node offers {res.gpus:g} GPU(s) now; trials wait until one joins")
     extra: dict[str, Any] = {"gpus": res.gpus} if res.gpus else {}
     inputs = {d.relpath: objects[d.name] for d in spec.data}
     env = {"OMP_NUM_THREADS": str(max(1, int(res.cpus))), **spec.env}

@@ -1,9 +1,9 @@
 """python -m pipeline.mnist as a user runs it: bad options, then real sweeps on mnist-5k."""
 
 import csv
+import json
 import subprocess
 import sys
-import json
 import time
 
 import numpy as np
@@ -171,7 +171,14 @@ def test_unreadable_results_are_refused_before_ray_starts(tmp_path):
 def test_the_mnist_sweep_file_example(tmp_path):
     """examples/mnist.toml, on a 2 x 1 grid of mnist-5k: the same program and results through a sweep file."""
     subprocess.run(
-        [sys.executable, str(ROOT / "pipeline/programs/fetch_data.py"), "--source", "mnist-5k", "--out", str(tmp_path / "mnist-5k.npz")],
+        [
+            sys.executable,
+            str(ROOT / "pipeline/programs/fetch_data.py"),
+            "--source",
+            "mnist-5k",
+            "--out",
+            str(tmp_path / "mnist-5k.npz"),
+        ],
         check=True,
         capture_output=True,
     )

@@ -89,7 +89,7 @@ def test_grid_is_the_product_and_ids_name_the_values(folder):
         ({"args": '"--x {data.other}"'}, "{data.other} names no parameter"),
         ({"args": '"--x {trial.attempt}"'}, "{trial.attempt} names no parameter"),
         ({"args": '"--x {lr"'}, "args:"),
-        ({"args": "\"--x 'unclosed\""}, "args:"),
+        ({"args": '"--x \'unclosed"'}, "args:"),
         ({"args": '"--x {lr:q}"'}, "args:"),
         ({"outputs": '["../up.json"]'}, "outputs:"),
         ({"outputs": '["/abs.json"]'}, "outputs:"),
@@ -104,7 +104,7 @@ def test_grid_is_the_product_and_ids_name_the_values(folder):
         ({"colour": '"red"'}, "colour: unknown field"),
         ({"packages": '"numpy"'}, "packages:"),
         ({"packages": '["--index-url=x"]'}, "packages:"),
-        ({"env": '{ A = 1 }'}, "env.A:"),
+        ({"env": "{ A = 1 }"}, "env.A:"),
     ],
 )
 def test_top_level_fields_are_checked_in_one_line(folder, patch, field):

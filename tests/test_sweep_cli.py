@@ -152,7 +152,7 @@ def test_random_search_of_40_failures_resume_and_refusals(project):
 def test_a_full_disk_under_out_stops_cleanly(project):
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
-    tmp, state = project
+    tmp, _ = project
     mnt = tmp / f"full-{uuid.uuid4().hex[:6]}"
     mnt.mkdir()
     m = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24k", "tmpfs", str(mnt)], capture_output=True, text=True)
@@ -170,3 +170,29 @@ def test_a_full_disk_under_out_stops_cleanly(project):
         assert 0 < len(kept) < 40 and all(x["status"] == "ok" for x in kept)
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+GPU_DRIVER = """
+import sys, ray
+ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="WARNING")
+from pipeline.sweep_cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_trial_asking_for_a_gpu_gets_one_from_rays_accounting(tmp_path):
+    import inspect
+
+    from pipeline import tasks
+
+    if "gpus" not in inspect.signature(tasks.Execute).parameters:
+        pytest.skip("tasks.Execute(gpus=N) is not in this tree yet")
+    (tmp_path / "gpu.py").write_text('import os\nprint(len(os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")))\n')
+    (tmp_path / "gpu.toml").write_text(
+        'program = "gpu.py"\nargs = "{i}"\n[params]\ni = [1, 2]\n[resources]\ncpus = 0.5\ngpus = 1\n'
+    )
+    (tmp_path / "driver.py").write_text(GPU_DRIVER)
+    out = tmp_path / "out"
+    r = run_cli(str(tmp_path / "driver.py"), str(tmp_path / "gpu.toml"), "--out", str(out), timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [x["value"] for x in rows(out)] == ["1.0", "1.0"]  # each saw one device

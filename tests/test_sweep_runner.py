@@ -112,7 +112,9 @@ def test_failure_is_isolated_recorded_and_resume_runs_only_it(ray_local, state, 
 def test_retries_rerun_program_failures_and_bad_output_fails(ray_local, state, tmp_path):
     ts = trials([5], y="once") + trials([6], y="garbage") + trials([7], y="once")
     store = ResultStore(tmp_path / "out", ["x", "y"], "score", {}, [t.id for t in ts])
-    by = {r.params["x"]: r for r in run_trials(ts[:2], make_submit(state), store, read=read_score, retries=1, poll_s=0.2)}
+    by = {
+        r.params["x"]: r for r in run_trials(ts[:2], make_submit(state), store, read=read_score, retries=1, poll_s=0.2)
+    }
     assert by[5].status == "ok" and by[5].value == 50.0 and by[5].retries == 1 and by[5].attempts == 1
     assert by[6].status == "failed" and by[6].error.startswith("bad output: no JSON line") and by[6].retries == 0
     assert calls(state) == ["5 once", "5 once", "6 garbage"]
