@@ -2,13 +2,11 @@
 
 import csv
 import json
-import os
-import subprocess
-import uuid
 
 import pytest
 
 from tests.conftest import ROOT, run_cli
+from tests.test_sweep_runner import small_tmpfs
 
 # a trial fails while FAIL exists and x > 0.8; every run is logged
 PROG = r"""
@@ -150,26 +148,16 @@ def test_random_search_of_40_failures_resume_and_refusals(project):
 
 @pytest.mark.root
 def test_a_full_disk_under_out_stops_cleanly(project):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
     tmp, _ = project
-    mnt = tmp / f"full-{uuid.uuid4().hex[:6]}"
-    mnt.mkdir()
-    m = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24k", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if m.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {m.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp, "24k") as mnt:
         r = sweep(str(tmp / "sweep.toml"), "--out", str(mnt / "out"))
         assert r.returncode == 1, r.stderr[-3000:]
         assert "Traceback" not in r.stderr
         errors = [l for l in r.stderr.splitlines() if l.startswith("raysweep: error:")]
         assert len(errors) == 1 and "No space left on device" in errors[0] and "resume" in errors[0], r.stderr
-        left = [str(p) for p in mnt.rglob("*") if ".tmp-" in p.name]
-        assert left == []
+        assert [str(p) for p in mnt.rglob("*") if ".tmp-" in p.name] == []
         kept = rows(mnt / "out")  # what was written is whole
         assert 0 < len(kept) < 40 and all(x["status"] == "ok" for x in kept)
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 GPU_DRIVER = """

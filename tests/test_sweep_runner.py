@@ -1,6 +1,7 @@
 """pipeline.sweep on a local Ray with a tiny program: failure isolation, retries, resume, settings
 mismatch, metric reading, trial files, a damaged results.json, a full disk."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -152,20 +153,28 @@ def test_damaged_results_json_falls_back_to_an_intact_csv(tmp_path):
     assert read_previous(tmp_path / "none", ["x"], "score") is None
 
 
-@pytest.fixture
-def full_disk(tmp_path):
-    """A 16 KiB tmpfs of our own (needs root), unmounted afterwards."""
+@contextlib.contextmanager
+def small_tmpfs(parent, size="16k"):
+    """A tmpfs of `size` of our own under `parent` (needs root; skips otherwise), unmounted afterwards."""
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
-    mnt = tmp_path / f"full-{uuid.uuid4().hex[:6]}"
+    mnt = parent / f"full-{uuid.uuid4().hex[:6]}"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     try:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    with small_tmpfs(tmp_path) as mnt:
+        yield mnt
 
 
 @pytest.mark.root
