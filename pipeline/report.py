@@ -247,8 +247,7 @@ def heatmap(
             if r is not None and r.status == "ok":
                 grid[i, j] = r.value
     fig, ax = plt.subplots(figsize=(1.4 * len(col_values) + 2.5, 0.9 * len(row_values) + 1.8), dpi=110)
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("#d9d9d9")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#d9d9d9")
     finite = grid[np.isfinite(grid)]
     vmin, vmax = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
     if vmin == vmax:

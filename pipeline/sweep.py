@@ -440,7 +440,8 @@ def _collect(r: _Running, read: ReadMetric, files: TrialFiles | None) -> TrialRe
         status = "retry" if r.retries < r.max_retries else "failed"
         return TrialResult(trial.params, status, error=str(e), id=trial.id, retries=r.retries)
     except ray.exceptions.RayError as e:  # e.g. the node died more often than Ray retries
-        error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        text = str(e).strip()  # e.g. RuntimeEnvSetupError: its first line, then pip's own words further down
+        error = f"{type(e).__name__}: {text if len(text) <= 2000 else text[:400] + ' ... ' + text[-1500:]}"
         return TrialResult(trial.params, "failed", error=error, id=trial.id, retries=r.retries)
     out = r.task.outputs
     stdout = out["stdout"].fetch().get_bytes() if "stdout" in out else None

@@ -247,3 +247,29 @@ def test_spearman_and_the_most_correlated_pair():
         value = 3 * p["up"] - 2 * p["down"] + 0.1 * rng.random()
         results.append(TrialResult(p, "ok", value=value, id=str(i)))
     assert most_correlated(results, ["noise", "cat", "down", "up"]) == ("up", "down")
+
+
+@pytest.mark.parametrize(
+    "names, kind",
+    [
+        (["lr"], "random"),
+        (["opt"], "grid"),
+        (["lr", "m"], "random"),
+        (["opt", "k"], "grid"),
+        (["lr", "m", "opt", "k"], "random"),
+    ],
+)
+@pytest.mark.parametrize("all_failed", [False, True])
+def test_every_plot_shape_draws_a_png_with_failures(tmp_path, names, kind, all_failed):
+    from pipeline.report import plot
+
+    rng = random.Random(1)
+    results = []
+    for i in range(12):
+        p = {"lr": 10 ** rng.uniform(-4, -1), "m": rng.random(), "opt": ["adam", "sgd"][i % 2], "k": i % 3}
+        p = {n: p[n] for n in names}
+        failed = all_failed or i == 5
+        results.append(TrialResult(p, "failed" if failed else "ok", value=None if failed else rng.random(), id=str(i)))
+    values = {"opt": ["adam", "sgd"], "k": [0, 1, 2]} if kind == "grid" else None
+    out = plot(results, names, kind, tmp_path / "plot.png", "t", "acc", {"lr"}, values)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
