@@ -19,7 +19,6 @@ from pipeline.cli_common import (
     UsageError,
     add_ray_options,
     adopt_earlier,
-    check_address,
     execute,
     finish,
     main_flow,
@@ -32,7 +31,7 @@ from pipeline.sweep import Previous, ResultStore, TrialFiles
 if TYPE_CHECKING:
     from pipeline import datasets, tasks
 
-__all__ = ["UsageError", "build_parser", "check_address", "main", "parse_dropouts", "parse_sizes", "validate"]
+__all__ = ["UsageError", "build_parser", "main", "parse_dropouts", "parse_sizes", "validate"]
 
 # Ray is imported only once the run is set up: it reads its authentication mode (RAY_AUTH_MODE) when
 # first imported, and a cluster run sets it first.

@@ -29,7 +29,7 @@ from pipeline.cli_common import (
     read_earlier,
     start_ray,
 )
-from pipeline.sweep import Previous, ResultStore, SettingsMismatch, TrialFiles
+from pipeline.sweep import Previous, ReadMetric, ResultStore, SettingsMismatch, TrialFiles
 
 if TYPE_CHECKING:
     from pipeline import tasks
@@ -79,7 +79,7 @@ def _runtime_env(spec: specmod.SweepSpec) -> dict[str, Any] | None:
     return {"pip": {"packages": list(spec.packages)}} if spec.packages else None
 
 
-def _produce_data(spec: specmod.SweepSpec) -> tuple[dict[str, tasks.DataObject], dict[str, str]]:
+def produce_data(spec: specmod.SweepSpec) -> tuple[dict[str, tasks.DataObject], dict[str, str]]:
     """Each data item as a data object in Ray (URLs fetched by one task each, in parallel) and its sha256."""
     from pipeline import datasets, tasks
 
@@ -107,30 +107,15 @@ def _produce_data(spec: specmod.SweepSpec) -> tuple[dict[str, tasks.DataObject],
     return objects, digests
 
 
-def _run(session: Session, checked: Checked) -> int:
-    import ray
+def submitter(spec: specmod.SweepSpec, objects: Mapping[str, tasks.DataObject]):
+    """One Execute task per trial: [interpreter] program ARGS, the data at data/<name>, stdout captured."""
+    from pipeline import tasks
 
-    from pipeline import report, tasks
-
-    spec, trials = checked.spec, checked.trials
-    start_ray(session, f"{len(trials)} trial(s) of {spec.path.name}", _runtime_env(spec))
-    try:
-        objects, digests = _produce_data(spec)
-    except UsageError as e:
-        session.error(str(e))
-        return 2
-    settings = {**spec.settings(), "data_sha256": digests}
-    store = ResultStore(session.args.out, spec.param_names, spec.metric.name, settings, [t.id for t in trials])
-    if not adopt_earlier(session, store, checked.previous):
-        return 2
-    store.meta = {"sweep_file": str(spec.path), "ray_version": ray.__version__, "python": sys.version.split()[0]}
-    program: Any = (
-        tasks.blob(spec.program_file.read_bytes(), spec.program_file.name) if spec.program_file else spec.program
-    )
+    program: Any = spec.program
+    if spec.program_file is not None:
+        program = tasks.blob(spec.program_file.read_bytes(), spec.program_file.name)
     head: list[Any] = [*shlex.split(spec.interpreter or ""), program]
     res = spec.resources
-    if res.gpus and ray.cluster_resources().get("GPU", 0) < res.gpus:
-        session.say(f"warning: no node offers {res.gpus:g} GPU(s) now; trials wait until one joins")
     extra: dict[str, Any] = {"gpus": res.gpus} if res.gpus else {}
     inputs = {d.relpath: objects[d.name] for d in spec.data}
     env = {"OMP_NUM_THREADS": str(max(1, int(res.cpus))), **spec.env}
@@ -148,10 +133,38 @@ def _run(session: Session, checked: Checked) -> int:
             **extra,
         )
 
+    return submit
+
+
+def reader(spec: specmod.SweepSpec) -> ReadMetric:
     def read(stdout: str, outputs: Mapping[str, bytes]) -> float:
         text = outputs[spec.metric.path].decode("utf-8", "replace") if spec.metric.path in outputs else None
         return spec.metric.read(stdout, text)
 
+    return read
+
+
+def _run(session: Session, checked: Checked) -> int:
+    import ray
+
+    from pipeline import report
+
+    spec, trials = checked.spec, checked.trials
+    start_ray(session, f"{len(trials)} trial(s) of {spec.path.name}", _runtime_env(spec))
+    try:
+        objects, digests = produce_data(spec)
+    except UsageError as e:
+        session.error(str(e))
+        return 2
+    settings = {**spec.settings(), "data_sha256": digests}
+    store = ResultStore(session.args.out, spec.param_names, spec.metric.name, settings, [t.id for t in trials])
+    if not adopt_earlier(session, store, checked.previous):
+        return 2
+    store.meta = {"sweep_file": str(spec.path), "ray_version": ray.__version__, "python": sys.version.split()[0]}
+    res = spec.resources
+    if res.gpus and ray.cluster_resources().get("GPU", 0) < res.gpus:
+        session.say(f"warning: no node offers {res.gpus:g} GPU(s) now; trials wait until one joins")
+    submit, read = submitter(spec, objects), reader(spec)
     files = TrialFiles(session.args.out, spec.outputs)
     results = execute(session, store, trials, submit, res.cpus, read=read, retries=res.retries, files=files)
     if isinstance(results, int):

@@ -191,3 +191,61 @@ def test_a_full_disk_is_one_clean_error_and_leaves_no_temp_file(full_disk):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+FILE_PROG = r"""
+import json, sys
+data = open(sys.argv[1]).read()
+with open("metrics.json", "w") as f:
+    json.dump({"acc": len(data) * float(sys.argv[2])}, f)
+with open("model.txt", "w") as f:
+    f.write("weights " + sys.argv[2])
+"""
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A file served over HTTP on 127.0.0.1 (a thread of this process)."""
+    import functools
+    import http.server
+    import threading
+
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "train.txt").write_text("0123456789")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_url_data_file_metric_and_outputs_kept(ray_local, served, tmp_path):
+    import hashlib
+
+    from pipeline.cli_common import UsageError
+    from pipeline.sweep_cli import produce_data, reader, submitter
+
+    (tmp_path / "prog.py").write_text(FILE_PROG)
+    sha = hashlib.sha256(b"0123456789").hexdigest()
+    text = (
+        'program = "prog.py"\nargs = "{data.train} {w}"\noutputs = ["model.txt"]\n'
+        'metric = { file = "metrics.json", key = "acc" }\n'
+        f'[data]\ntrain = {{ url = "{served}/train.txt", sha256 = "{sha}" }}\n[params]\nw = [0.5, 2]\n'
+    )
+    (tmp_path / "s.toml").write_text(text)
+    spec = S.load(tmp_path / "s.toml")
+    assert spec.outputs == ("model.txt", "metrics.json") and spec.data[0].relpath == "data/train.txt"
+    objects, digests = produce_data(spec)
+    assert digests == {"train": sha}
+    out = tmp_path / "out"
+    ts = spec.trials()
+    store = ResultStore(out, spec.param_names, spec.metric.name, {}, [t.id for t in ts])
+    results = run_trials(ts, submitter(spec, objects), store, read=reader(spec), files=TrialFiles(out), poll_s=0.2)
+    assert [(r.status, r.value) for r in results] == [("ok", 5.0), ("ok", 20.0)]
+    assert (out / "trials" / "w=2" / "model.txt").read_text() == "weights 2"
+    assert json.loads((out / "trials" / "w=0.5" / "metrics.json").read_text()) == {"acc": 5.0}
+
+    (tmp_path / "s.toml").write_text(text.replace(sha, "0" * 64))
+    with pytest.raises(UsageError, match="data.train: .*has sha256 .*expected 0000"):
+        produce_data(S.load(tmp_path / "s.toml"))
