@@ -160,7 +160,12 @@ def _run(session: Session, checked: Checked) -> int:
     store = ResultStore(session.args.out, spec.param_names, spec.metric.name, settings, [t.id for t in trials])
     if not adopt_earlier(session, store, checked.previous):
         return 2
-    store.meta = {"sweep_file": str(spec.path), "ray_version": ray.__version__, "python": sys.version.split()[0]}
+    store.meta = {
+        "sweep_file": str(spec.path),
+        "spec": spec.raw,
+        "ray_version": ray.__version__,
+        "python": sys.version.split()[0],
+    }
     res = spec.resources
     if res.gpus and ray.cluster_resources().get("GPU", 0) < res.gpus:
         session.say(f"warning: no node offers {res.gpus:g} GPU(s) now; trials wait until one joins")
