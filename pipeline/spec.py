@@ -272,7 +272,10 @@ def grid_id(params: Mapping[str, Any]) -> str:
 
 
 def _fmt_value(v: Any) -> str:
-    return f"{v:g}" if isinstance(v, float) else str(v)
+    if isinstance(v, float):
+        short = f"{v:g}"
+        return short if float(short) == v else repr(v)  # two values never share an id
+    return str(v)
 
 
 def _trial_seed(seed: int, tid: str) -> int:

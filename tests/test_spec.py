@@ -73,6 +73,8 @@ def test_grid_is_the_product_and_ids_name_the_values(folder):
     trials = s.trials()
     assert [t.params for t in trials] == [{"a": a, "b": b} for a in (1, 2) for b in (0.0, 0.25, 0.5)]
     assert trials[1].id == "a=1,b=0.25"
+    close = load(folder, 'program = "train.py"\nargs = "{a}"\n[params]\na = [0.1234561, 0.1234562]\n')
+    assert len({t.id for t in close.trials()}) == 2
     more = load(folder, 'program = "train.py"\nargs = "{a} {b}"\n[params]\na = [1, 2, 3]\nb = [0.0, 0.25, 0.5]\n')
     assert {t.id: t.params for t in trials}.items() <= {t.id: t.params for t in more.trials()}.items()
     assert s.settings() == more.settings()  # adding grid values keeps earlier results valid
