@@ -11,12 +11,10 @@ import argparse
 import hashlib
 import logging
 import os
-import socket
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlparse
 
 if TYPE_CHECKING:
     from pipeline import datasets
@@ -65,18 +63,13 @@ def parse_dropouts(text: str) -> list[float]:
 
 
 def check_address(address: str, timeout: float = 5.0) -> None:
-    """Fail fast, in one line, when a Ray address does not answer (ray.init would wait a long time)."""
-    if address in ("auto", "local"):
-        return
-    url = urlparse(address if "://" in address else f"ray://{address}")
-    host, port = url.hostname, url.port
-    if not host or not port:
-        raise UsageError(f"--address {address!r}: give HOST:PORT or ray://HOST:PORT")
+    """Fail fast, in one line, when a Ray address is not Ray (ray.init would wait a long time)."""
+    from pipeline.ray_address import RayAddressError, check_ray_address
+
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
-    except OSError as e:
-        raise UsageError(f"--address {address!r}: cannot reach Ray there ({e.strerror or e})") from None
+        check_ray_address(address, timeout)
+    except RayAddressError as e:
+        raise UsageError(f"--address {e}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
