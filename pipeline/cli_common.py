@@ -10,14 +10,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
 
 from pipeline.spec import Trial
 from pipeline.sweep import (
@@ -67,18 +65,13 @@ def check_ray_options(args: argparse.Namespace) -> None:
 
 
 def check_address(address: str, timeout: float = 5.0) -> None:
-    """Fail fast, in one line, when a Ray address does not answer (ray.init would wait a long time)."""
-    if address in ("auto", "local"):
-        return
-    url = urlparse(address if "://" in address else f"ray://{address}")
-    host, port = url.hostname, url.port
-    if not host or not port:
-        raise UsageError(f"--address {address!r}: give HOST:PORT or ray://HOST:PORT")
+    """Fail fast, in one line, when a Ray address is not Ray (ray.init would wait a long time)."""
+    from pipeline.ray_address import RayAddressError, check_ray_address
+
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
-    except OSError as e:
-        raise UsageError(f"--address {address!r}: cannot reach Ray there ({e.strerror or e})") from None
+        check_ray_address(address, timeout)
+    except RayAddressError as e:
+        raise UsageError(f"--address {e}") from None
 
 
 def read_earlier(args: argparse.Namespace, param_names: Sequence[str], value_name: str) -> Previous | None:

@@ -8,6 +8,7 @@ outputs, remove the directory (on success, failure and timeout alike).
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import shutil
 import signal
@@ -103,14 +104,44 @@ def _describe_exit(returncode: int) -> str:
     return f"exited with code {returncode}"
 
 
-def _link_readonly(src: Path, dst: Path) -> None:
-    """Map a cached file into the sandbox: a hard link (same inode, no copy), else a symlink."""
+FICLONE = 0x40049409  # ioctl: make dst share src's blocks copy-on-write (btrfs, XFS, bcachefs, ...)
+_no_reflink: set[int] = set()  # devices where FICLONE failed: not tried again by this process
+
+
+def _clone(src_fd: int, dst: Path) -> bool:
+    """Make `dst` a private copy-on-write clone of the open file `src_fd`; False if unsupported."""
+    dev = os.fstat(src_fd).st_dev
+    if dev in _no_reflink:
+        return False
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+    try:
+        fcntl.ioctl(fd, FICLONE, src_fd)
+        return True
+    except OSError:
+        _no_reflink.add(dev)
+        os.unlink(dst)
+        return False
+    finally:
+        os.close(fd)
+
+
+def _link_open_file(src_fd: int, src: Path, dst: Path) -> bool:
+    """Map the inode open as `src_fd`, found at `src`, at `dst`: a hard link (True: shared), else a symlink
+    (True) across filesystems; a private copy (False) if `src` was replaced by another inode meanwhile."""
     try:
         os.link(src, dst)
     except OSError as e:
         if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EACCES):
             raise
         os.symlink(src, dst)
+        return True
+    if os.lstat(dst).st_ino == os.fstat(src_fd).st_ino:
+        return True
+    os.unlink(dst)
+    with open(f"/proc/self/fd/{src_fd}", "rb") as f, open(dst, "xb") as out:
+        shutil.copyfileobj(f, out, 1 << 20)
+    os.chmod(dst, 0o444)
+    return False
 
 
 def _rmtree(path: Path) -> None:
@@ -170,18 +201,33 @@ class Sandbox:
         self._files.append(f)
         return f
 
-    def map_input(self, relpath: str, source: Source) -> Path:
+    def _dst(self, relpath: str) -> Path:
         dst = self.workdir / check_relpath(relpath, "input path")
         if dst.parent != self.workdir:
             dst.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(source, Path):
-            _link_readonly(source, dst)
-        else:
-            with open(dst, "wb") as f:
-                f.write(source)
         return dst
 
-    def run(self, program: ProgramRun, stdin: Source | None = None) -> RunResult:
+    def map_input(self, relpath: str, source: Source) -> Path:
+        """Write bytes into a new read-only file at `relpath` (the program's own copy), or link a file."""
+        dst = self._dst(relpath)
+        if isinstance(source, Path):
+            with open(source, "rb") as f:
+                self.map_shared(relpath, f.fileno(), source)
+            return dst
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+        with open(fd, "wb") as f:
+            f.write(source)
+        return dst
+
+    def map_shared(self, relpath: str, fd: int, path: Path) -> bool:
+        """Map the open file `fd` (found at `path`) at `relpath`: a private copy-on-write clone where the
+        filesystem offers one (False), else the same inode, hard-linked or symlinked (True: shared)."""
+        dst = self._dst(relpath)
+        if _clone(fd, dst):
+            return False
+        return _link_open_file(fd, path, dst)
+
+    def run(self, program: ProgramRun, stdin: Source | int | None = None) -> RunResult:
         """Run the program in the work directory; raise ExecuteError on any failure.
 
         The program inherits this process's environment, plus `program.env` when given.
@@ -194,8 +240,8 @@ class Sandbox:
         else:
             err = self._unnamed_file()
         out = self._unnamed_file() if program.capture_stdout else subprocess.DEVNULL
-        if isinstance(stdin, Path):
-            stdin_arg = open(stdin, "rb")
+        if isinstance(stdin, (Path, int)):  # a file, or an open one read from its start
+            stdin_arg = open(stdin if isinstance(stdin, Path) else f"/proc/self/fd/{stdin}", "rb")
             self._files.append(stdin_arg)
         elif stdin is not None:
             stdin_arg = self._unnamed_file()

@@ -25,10 +25,21 @@ from typing import Any, Union
 import numpy as np
 import ray
 
-from pipeline.cache import NodeCache
+from pipeline.cache import Entry, NodeCache
+from pipeline.ray_address import RayAddressError, check_ray_address
 from pipeline.sandbox import ExecuteError, ProgramRun, Sandbox, check_relpath
 
-__all__ = ["DataObject", "Execute", "ExecuteError", "FetchedData", "RunInfo", "blob", "ensure_ray", "file"]
+__all__ = [
+    "DataObject",
+    "Execute",
+    "ExecuteError",
+    "FetchedData",
+    "RayAddressError",
+    "RunInfo",
+    "blob",
+    "ensure_ray",
+    "file",
+]
 
 
 def ensure_ray(
@@ -39,10 +50,14 @@ def ensure_ray(
     programs' extra `pip` packages, which Ray installs on every node that runs a task).
 
     Through Ray Client (ray://...) this package is shipped to the cluster with the job, so the nodes
-    need only Ray and the programs' own dependencies installed."""
+    need only Ray and the programs' own dependencies installed.
+
+    An address that does not answer like Ray raises RayAddressError at once (one line naming it)."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is not None:
+        check_ray_address(address)
     kwargs: dict[str, Any] = {"logging_level": "WARNING"}
     env = dict(runtime_env or {})
     if address is None:
@@ -157,10 +172,6 @@ def _random_name(data: DataObject) -> str:
     return f"d{uuid.uuid4().hex[:12]}{suffix}"
 
 
-def _write_array(array: np.ndarray):
-    return lambda f: f.write(memoryview(array))
-
-
 @dataclass(frozen=True)
 class _Worker:
     cache: NodeCache
@@ -186,21 +197,68 @@ def _worker_setup() -> _Worker:
     return _worker
 
 
+#: Inputs up to this size are written into each task's directory (a private copy the program may change
+#: freely); larger ones are shared through the node cache, checked before and after each task.
+PRIVATE_COPY_MAX_BYTES = 1 << 20
+
+
 def _run_spec(spec: _Spec, inputs: Sequence[np.ndarray]) -> list:
-    """Worker side: map inputs through the node cache, run in a sandbox, return [info, *outputs]."""
+    """Worker side: map inputs (small ones copied, large ones through the node cache), run in a sandbox,
+    check the shared inputs were not changed, return [info, *outputs]."""
     worker = _worker_setup()
-    cache = worker.cache
+    in_argv = _argv_names(spec)
     written = 0
-    paths: list[Path] = []
-    for key, array in zip(spec.input_keys, inputs):
-        path, n = cache.materialize(key, _write_array(array))
-        paths.append(path)
-        written += n
+    shared: list[tuple[str, Entry, np.ndarray]] = []  # inputs whose file is the node cache's own inode
+    stdin: bytes | memoryview | int | None = None
+    with Sandbox(tmp_root=os.environ.get("PIPELINE_SANDBOX_DIR"), stderr_file=worker.stderr_file) as box:
+        try:
+            for i, (key, rel, array) in enumerate(zip(spec.input_keys, spec.input_names, inputs)):
+                stdin_only = spec.stdin == i and rel not in in_argv  # needs no file in the directory
+                data = memoryview(array)
+                if array.size <= PRIVATE_COPY_MAX_BYTES:
+                    written += array.size
+                    if stdin_only:
+                        stdin = data
+                    else:
+                        box.map_input(rel, data)
+                        if spec.stdin == i:
+                            stdin = data
+                    continue
+                entry = worker.cache.acquire(key, data)
+                written += entry.written
+                if stdin_only or box.map_shared(rel, entry.fd, entry.path):
+                    shared.append((rel, entry, array))
+                else:
+                    entry.close()  # a private clone: nothing shared to check
+                    continue
+                if spec.stdin == i:
+                    stdin = entry.fd
+            try:
+                result = box.run(_program(spec), stdin=stdin)
+            finally:
+                _check_shared(spec.name, worker.cache, shared)
+        finally:
+            for _, entry, _ in shared:
+                entry.close()
+        outputs = []
+        for key, rel in zip(spec.output_keys, spec.output_paths):
+            path = result.outputs[rel]
+            array = np.fromfile(path, dtype=np.uint8)
+            outputs.append(array)
+            if array.size > PRIVATE_COPY_MAX_BYTES:
+                worker.cache.adopt(key, path)  # a consumer on this node links it, writing nothing
+        if result.stdout is not None:
+            outputs.append(np.fromfile(result.stdout, dtype=np.uint8))
+    info = RunInfo(spec.name, worker.node_ip, worker.hostname, result.seconds, written, _attempt())
+    return [info, *outputs]
+
+
+def _program(spec: _Spec) -> ProgramRun:
     argv_items = [spec.input_names[a] if isinstance(a, int) else a for a in spec.argv]
     argv: str | list[str] = argv_items
     if spec.shell:  # the items are shell text; data names are plain random names, safe unquoted
         argv = " ".join(argv_items)
-    program = ProgramRun(
+    return ProgramRun(
         argv=argv,
         name=spec.name,
         shell=spec.shell,
@@ -209,22 +267,23 @@ def _run_spec(spec: _Spec, inputs: Sequence[np.ndarray]) -> list:
         capture_stdout=spec.capture_stdout,
         output_paths=spec.output_paths,
     )
-    in_argv = _argv_names(spec)
-    with Sandbox(tmp_root=os.environ.get("PIPELINE_SANDBOX_DIR"), stderr_file=worker.stderr_file) as box:
-        for i, (rel, path) in enumerate(zip(spec.input_names, paths)):
-            if spec.stdin == i and rel not in in_argv:
-                continue  # stdin-only data need no file in the directory
-            box.map_input(rel, path)
-        stdin = paths[spec.stdin] if spec.stdin is not None else None
-        result = box.run(program, stdin=stdin)
-        outputs = []
-        for key, rel in zip(spec.output_keys, spec.output_paths):
-            outputs.append(np.fromfile(result.outputs[rel], dtype=np.uint8))
-            cache.adopt(key, result.outputs[rel])  # a consumer on this node links it, writing nothing
-        if result.stdout is not None:
-            outputs.append(np.fromfile(result.stdout, dtype=np.uint8))
-    info = RunInfo(spec.name, worker.node_ip, worker.hostname, result.seconds, written, _attempt())
-    return [info, *outputs]
+
+
+def _check_shared(name: str, cache: NodeCache, shared: list[tuple[str, Entry, np.ndarray]]) -> None:
+    """After a run: a shared input that changed is evicted from the node cache, and fails the task (its
+    result, or a concurrent task's, may come from changed data)."""
+    changed = []
+    for rel, entry, array in shared:
+        why = entry.mismatch(memoryview(array))
+        if why is not None:
+            cache.evict(entry, why)
+            changed.append(f"input {rel!r} was changed ({why})")
+    if changed:
+        raise ExecuteError(
+            f"task {name!r}: {'; '.join(changed)} while it ran; inputs are shared read-only with the other "
+            f"tasks on this node (copy one to change it); the node's cached copy was discarded",
+            name=name,
+        )
 
 
 def _attempt() -> int:
@@ -248,14 +307,22 @@ def _execute_remote(spec: bytes, *inputs: np.ndarray):
 _options_cache: dict[tuple, Any] = {}
 
 
-def _remote_for(num_returns: int, cpus: float):
-    if num_returns == 1 and cpus == 1:  # the remote function's own defaults: no per-call option merging
+def _remote_for(num_returns: int, cpus: float, gpus: float):
+    if num_returns == 1 and cpus == 1 and gpus == 0:  # the remote function's defaults: no option merging
         return _execute_remote
-    key = (num_returns, cpus)
+    key = (num_returns, cpus, gpus)
     fn = _options_cache.get(key)
     if fn is None:
-        fn = _options_cache[key] = _execute_remote.options(num_returns=num_returns, num_cpus=cpus)
+        fn = _options_cache[key] = _execute_remote.options(num_returns=num_returns, num_cpus=cpus, num_gpus=gpus)
     return fn
+
+
+def _check_amount(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+        raise ValueError(f"{what} must be a number >= 0 (a fraction below 1 shares one), got {value!r}")
+    if value > 1 and value != int(value):
+        raise ValueError(f"{what} must be a whole number when above 1 (Ray's rule), got {value!r}")
+    return float(value)
 
 
 # ------------------------------------------------------------------------------------------ Execute
@@ -293,6 +360,7 @@ class Execute:
         cpus: float = 1,
         env: Mapping[str, str] | None = None,
         timeout: float | None = None,
+        gpus: float = 0,
     ):
         argv, datas, names = self._parse_args(args, shell)
         pairs = input_paths.items() if isinstance(input_paths, Mapping) else input_paths
@@ -317,8 +385,8 @@ class Execute:
             raise ValueError(f"output path(s) {sorted(clash)} are also inputs; an output must be a new file")
         if stdout and "stdout" in outs:
             raise ValueError("output path 'stdout' clashes with stdout=True; rename the file")
-        if isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or cpus < 0:
-            raise ValueError(f"cpus must be a number >= 0, got {cpus!r}")
+        cpus = _check_amount(cpus, "cpus")
+        gpus = _check_amount(gpus, "gpus")
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
             raise ValueError(f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
         if env is not None:
@@ -343,7 +411,7 @@ class Execute:
         ensure_ray()
         # pre-pickled: Ray passes bytes through its fast path instead of cloudpickling a dataclass
         spec_bytes = pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL)
-        refs = _remote_for(1 + len(out_names), cpus).remote(spec_bytes, *(d.ref for d in datas))
+        refs = _remote_for(1 + len(out_names), cpus, gpus).remote(spec_bytes, *(d.ref for d in datas))
         if not isinstance(refs, list):
             refs = [refs]
         self.info_ref: ray.ObjectRef = refs[0]
