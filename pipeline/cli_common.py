@@ -138,6 +138,11 @@ def main_flow(
         session.address = session.conn.address
     try:
         return run(session, checked)
+    except ConnectionError as e:  # ray.init refused, e.g. the head's Ray Client server did not start
+        lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+        why = lines[0] if len(lines) < 2 else f"{lines[0]} {lines[-1]}"
+        session.error(f"cannot connect to {session.where()}: {type(e).__name__}: {why[:300]}")
+        return 1
     finally:
         if session.conn is not None:
             session.conn.close()
