@@ -23,7 +23,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -231,7 +231,11 @@ class ResultStore:
     def write(self) -> None:
         """Write both files; raise OutputError (temporary files removed) when the directory cannot take them."""
         rows = self.sorted_results()
-        doc = {"settings": self.settings, **self.meta, "trials": [asdict(r) for r in rows]}
+        head = {"settings": self.settings, **self.meta}
+        # one trial per line: readable, and json's C encoder (indent= would take its slow Python path)
+        doc = "{\n" + "".join(f"  {json.dumps(k)}: {json.dumps(v)},\n" for k, v in head.items())
+        trials = ",\n".join("    " + json.dumps({**r.__dict__, "params": dict(r.params)}) for r in rows)
+        doc += f'  "trials": [\n{trials}\n  ]\n}}\n' if rows else '  "trials": []\n}\n'
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow(_csv_header(self.param_names, self.value_name))
@@ -250,7 +254,7 @@ class ResultStore:
                 ]
             )
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.json_path, json.dumps(doc, indent=2) + "\n")
+        atomic_write(self.json_path, doc)
         atomic_write(self.csv_path, buf.getvalue())
 
 
