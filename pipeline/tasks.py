@@ -27,7 +27,7 @@ import ray
 
 from pipeline.cache import Entry, NodeCache
 from pipeline.ray_address import RayAddressError, check_ray_address
-from pipeline.sandbox import ExecuteError, ProgramRun, Sandbox, check_relpath
+from pipeline.sandbox import ExecuteError, ProgramRun, Sandbox, TaskDirs, check_relpath
 
 __all__ = [
     "DataObject",
@@ -83,7 +83,7 @@ class FetchedData:
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         with open(tmp, "wb") as f:
-            f.write(memoryview(self._array))
+            f.write(self._array.data)
         os.replace(tmp, path)
         return path
 
@@ -172,6 +172,7 @@ class _Worker:
     node_ip: str
     hostname: str
     stderr_file: Any  # one unnamed file this worker captures every task's stderr in (a task at a time)
+    dirs: TaskDirs  # where its task directories are made
 
 
 _worker: _Worker | None = None
@@ -187,7 +188,8 @@ def _worker_setup() -> _Worker:
         if path.split(os.pathsep)[0] != bindir:
             os.environ["PATH"] = bindir + os.pathsep + path
         ip = ray.util.get_node_ip_address() if ray.is_initialized() else ""
-        _worker = _Worker(NodeCache(), ip, socket.gethostname(), tempfile.TemporaryFile())
+        dirs = TaskDirs(os.environ.get("PIPELINE_SANDBOX_DIR"))
+        _worker = _Worker(NodeCache(), ip, socket.gethostname(), tempfile.TemporaryFile(), dirs)
     return _worker
 
 
@@ -204,11 +206,11 @@ def _run_spec(spec: _Spec, inputs: Sequence[np.ndarray]) -> list:
     written = 0
     shared: list[tuple[str, Entry, np.ndarray]] = []  # inputs whose file is the node cache's own inode
     stdin: bytes | memoryview | int | None = None
-    with Sandbox(tmp_root=os.environ.get("PIPELINE_SANDBOX_DIR"), stderr_file=worker.stderr_file) as box:
+    with Sandbox(stderr_file=worker.stderr_file, dirs=worker.dirs) as box:
         try:
             for i, (key, rel, array) in enumerate(zip(spec.input_keys, spec.input_names, inputs)):
                 stdin_only = spec.stdin == i and rel not in in_argv  # needs no file in the directory
-                data = memoryview(array)
+                data = array.data
                 if array.size <= PRIVATE_COPY_MAX_BYTES:
                     written += array.size
                     if stdin_only:
@@ -268,7 +270,7 @@ def _check_shared(name: str, cache: NodeCache, shared: list[tuple[str, Entry, np
     result, or a concurrent task's, may come from changed data)."""
     changed = []
     for rel, entry, array in shared:
-        why = entry.mismatch(memoryview(array))
+        why = entry.mismatch(array.data)
         if why is not None:
             cache.evict(entry, why)
             changed.append(f"input {rel!r} was changed ({why})")
@@ -283,7 +285,8 @@ def _check_shared(name: str, cache: NodeCache, shared: list[tuple[str, Entry, np
 def _attempt() -> int:
     """Which run of this task this is (Ray re-runs a task whose worker or node died)."""
     try:
-        return int(ray._private.worker.global_worker.core_worker.get_current_task_attempt_number())
+        worker: Any = ray._private.worker.global_worker  # its core_worker exists only in a worker
+        return int(worker.core_worker.get_current_task_attempt_number())
     except Exception:
         return 0
 

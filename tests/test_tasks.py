@@ -1,4 +1,5 @@
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -57,11 +58,16 @@ def test_output_property_errors_when_not_single():
 
 
 def test_task_directory_is_fresh_and_removed():
-    a = Execute("sh -c 'pwd; ls -A | wc -l'", stdout=True)
+    a = Execute("sh -c 'pwd; ls -A | wc -l; touch left-behind'", stdout=True)
     cwd, count = out(a).split()
     assert count == "0"
     a.wait()
-    assert not Path(cwd).exists()
+    deadline = time.monotonic() + 30  # removed by the worker soon after the task, off its path
+    while Path(cwd).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(cwd).exists(), f"task directory {cwd} still there 30 s after the task"
+    b = Execute("pwd", stdout=True)
+    assert out(b).strip() != cwd
 
 
 def test_failure_carries_name_code_and_stderr():
