@@ -8,6 +8,7 @@ outputs, remove the directory (on success, failure and timeout alike).
 from __future__ import annotations
 
 import atexit
+import collections
 import errno
 import fcntl
 import itertools
@@ -170,14 +171,16 @@ def _rmtree(path: Path) -> None:
 class TaskDirs:
     """Fresh task directories for one long-lived process (a Ray worker), cheaply.
 
-    Each is made by one mkdir relative to the open fd of a private parent directory (no path walk, no
-    random name per task); one left empty by its task is removed by a background thread in batches, off
-    the tasks' critical path (one holding anything is removed by its Sandbox at once). A process that dies leaves its parent behind: the next TaskDirs under the same root
-    removes the parents (of this user) whose process is gone.
+    Each task gets a directory of its own, made empty (mode 0700) by one mkdir relative to the open fd of
+    a private parent directory (no path walk, no random name per task) and never reused. A background
+    thread does that work off the tasks' critical path, in batches: it keeps a few directories made ahead
+    and removes the ones their tasks left empty (one holding anything is removed by its Sandbox at once).
+    A process that dies leaves its parent behind: the next TaskDirs under the same root removes the
+    parents (of this user) whose process is gone.
     """
 
-    BATCH = 16  # finished directories that wake the remover (else it looks every PERIOD_S)
-    PERIOD_S = 0.2
+    BATCH = 16  # directories made ahead; as many finished ones wake the background thread
+    PERIOD_S = 0.2  # else it looks this often
 
     def __init__(self, tmp_root: str | os.PathLike[str] | None = None, prefix: str = "pipeline-tasks-"):
         root = Path(tmp_root) if tmp_root is not None else Path(tempfile.gettempdir())
@@ -185,23 +188,31 @@ class TaskDirs:
         self.parent = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=root))
         self._fd = os.open(self.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._count = itertools.count()
-        self._pending: list[str] = []
+        self._ready: collections.deque[str] = collections.deque()  # made ahead, empty, never used
+        self._pending: list[str] = []  # finished, empty, to remove
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closed = False
-        self._thread = threading.Thread(target=self._remover, name="task-dir-remover", daemon=True)
+        self._thread = threading.Thread(target=self._background, name="task-dirs", daemon=True)
         self._thread.start()
         atexit.register(self.close)
 
-    def make(self) -> Path:
-        """A new empty directory, mode 0700."""
+    def _mkdir(self) -> str:
         while True:
             name = f"t{next(self._count)}"
             try:
                 os.mkdir(name, 0o700, dir_fd=self._fd)
-                return self.parent / name
+                return name
             except FileExistsError:
                 continue
+
+    def make(self) -> Path:
+        """A new empty directory, mode 0700, for one task."""
+        try:
+            name = self._ready.popleft()
+        except IndexError:
+            name = self._mkdir()
+        return self.parent / name
 
     def remove_later(self, path: Path) -> None:
         with self._lock:
@@ -221,11 +232,13 @@ class TaskDirs:
             except OSError:
                 _rmtree(self.parent / name)
 
-    def _remover(self) -> None:
+    def _background(self) -> None:
         while not self._closed:
+            self._remove_pending()
+            while len(self._ready) < self.BATCH and not self._closed:
+                self._ready.append(self._mkdir())
             self._wake.wait(self.PERIOD_S)
             self._wake.clear()
-            self._remove_pending()
 
     def close(self) -> None:
         """Remove everything now (also run at exit)."""
