@@ -252,6 +252,17 @@ class TaskDirs:
         _rmtree(self.parent)
 
 
+_devnull_fd: int | None = None
+
+
+def _devnull() -> int:
+    """/dev/null, opened once per process (subprocess.DEVNULL opens it again for every program)."""
+    global _devnull_fd
+    if _devnull_fd is None:
+        _devnull_fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    return _devnull_fd
+
+
 def _is_empty(path: Path) -> bool:
     with os.scandir(path) as it:
         return next(it, None) is None
@@ -358,7 +369,7 @@ class Sandbox:
         else:
             err = self._unnamed_file()
         out = self._unnamed_file() if program.capture_stdout else None
-        stdin_arg: BinaryIO | int = subprocess.DEVNULL
+        stdin_arg: BinaryIO | int = _devnull()
         if isinstance(stdin, (Path, int)):  # a file, or an open one read from its start
             stdin_arg = open(stdin if isinstance(stdin, Path) else f"/proc/self/fd/{stdin}", "rb")
             self._files.append(stdin_arg)
@@ -374,7 +385,7 @@ class Sandbox:
                 cwd=self.workdir,
                 env=env,
                 stdin=stdin_arg,
-                stdout=out if out is not None else subprocess.DEVNULL,
+                stdout=out if out is not None else _devnull(),
                 stderr=err,
                 start_new_session=True,
             )

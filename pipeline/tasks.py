@@ -134,7 +134,8 @@ def file(path: str | os.PathLike) -> DataObject:
 
 @dataclass(frozen=True)
 class _Spec:
-    """What a worker needs to run one Execute task; data appear as indexes into the task's inputs."""
+    """What a worker needs to run one Execute task; data appear as indexes into the task's inputs.
+    Sent as a tuple of these fields in this order (Execute builds it)."""
 
     name: str
     argv: tuple[str | int, ...]  # ints index into `inputs` (mapped to a random file name)
@@ -245,7 +246,8 @@ def _run_spec(spec: _Spec, inputs: Sequence[np.ndarray]) -> list:
                 worker.cache.adopt(key, path)  # a consumer on this node links it, writing nothing
         if result.stdout is not None:
             outputs.append(np.fromfile(result.stdout, dtype=np.uint8))
-    info = RunInfo(spec.name, worker.node_ip, worker.hostname, result.seconds, written, _attempt())
+    # the RunInfo's fields as a list: Ray sends that as plain msgpack, cheaper than pickling a dataclass
+    info = [spec.name, worker.node_ip, worker.hostname, result.seconds, written, _attempt()]
     return [info, *outputs]
 
 
@@ -297,7 +299,7 @@ def _argv_names(spec: _Spec) -> set[str]:
 
 @ray.remote
 def _execute_remote(spec: bytes, *inputs: np.ndarray):
-    out = _run_spec(pickle.loads(spec), inputs)
+    out = _run_spec(_Spec(*pickle.loads(spec)), inputs)
     return out[0] if len(out) == 1 else tuple(out)
 
 
@@ -343,6 +345,7 @@ class Execute:
 
     Submitted when constructed. `outputs` maps each declared output path (and "stdout" when captured)
     to a data object; `output` is the single one; `wait()` returns the RunInfo or raises ExecuteError.
+    `info_ref` is the task's own Ray object (for ray.wait or ray.cancel; `wait()` reads it).
     """
 
     def __init__(
@@ -392,28 +395,30 @@ class Execute:
                 raise TypeError(f"env must map str to str; bad entries for {bad!r}")
         out_names = list(outs) + (["stdout"] if stdout else [])
         self.name = name or _default_name(argv, names)
-        spec = _Spec(
-            name=self.name,
-            argv=tuple(argv),
-            shell=shell,
-            input_names=tuple(names),
-            input_keys=tuple(d.key for d in datas),
-            stdin=stdin_index,
-            output_paths=outs,
-            output_keys=tuple(uuid.uuid4().hex for _ in out_names),
-            capture_stdout=bool(stdout),
-            env=tuple(sorted(env.items())) if env is not None else None,
-            timeout=float(timeout) if timeout is not None else None,
+        output_keys = tuple(uuid.uuid4().hex for _ in out_names)
+        # the _Spec's fields in order, pickled as a tuple (faster than a dataclass); Ray passes bytes through
+        # its fast path
+        spec = (
+            self.name,
+            tuple(argv),
+            shell,
+            tuple(names),
+            tuple(d.key for d in datas),
+            stdin_index,
+            outs,
+            output_keys,
+            bool(stdout),
+            tuple(sorted(env.items())) if env is not None else None,
+            float(timeout) if timeout is not None else None,
         )
         ensure_ray()
-        # pre-pickled: Ray passes bytes through its fast path instead of cloudpickling a dataclass
         spec_bytes = pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL)
         refs = _remote_for(1 + len(out_names), cpus, gpus).remote(spec_bytes, *(d.ref for d in datas))
         if not isinstance(refs, list):
             refs = [refs]
         self.info_ref: ray.ObjectRef = refs[0]
         self.outputs: dict[str, DataObject] = {
-            n: DataObject(r, k, PurePosixPath(n).name) for n, r, k in zip(out_names, refs[1:], spec.output_keys)
+            n: DataObject(r, k, PurePosixPath(n).name) for n, r, k in zip(out_names, refs[1:], output_keys)
         }
 
     @staticmethod
@@ -454,7 +459,7 @@ class Execute:
 
     def wait(self, timeout: float | None = None) -> RunInfo:
         """Block until the task ends; return its RunInfo or raise its ExecuteError."""
-        return get(self.info_ref, timeout=timeout)
+        return RunInfo(*get(self.info_ref, timeout=timeout))
 
     def __repr__(self) -> str:
         return f"Execute(name={self.name!r}, outputs={list(self.outputs)})"

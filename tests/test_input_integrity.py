@@ -112,7 +112,8 @@ def test_cache_entry_changed_behind_the_toolkit_is_replaced(ray_local):
 def test_inputs_of_many_tasks_still_written_once_per_node(ray_local):
     d = tasks.blob(LARGE)
     ts = [Execute(["sh", "-c", "sha256sum < in"], input_paths={"in": d}, stdout=True) for _ in range(6)]
-    infos = ray.get([t.info_ref for t in ts])
+    ray.get([t.info_ref for t in ts])
+    infos = [t.wait() for t in ts]
     assert sum(i.input_bytes_written for i in infos) == len(LARGE)
 
 

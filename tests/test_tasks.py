@@ -136,7 +136,8 @@ def test_shared_input_materialised_once_per_node(ray_local):
     size = 3_000_000
     data = tasks.blob(os.urandom(size), "big.bin")
     ts = [Execute(["sh", "-c", 'wc -c < "$1"', "sh", data], stdout=True) for _ in range(8)]
-    infos = ray.get([t.info_ref for t in ts])
+    ray.get([t.info_ref for t in ts])
+    infos = [t.wait() for t in ts]
     assert {out(t).strip() for t in ts} == {str(size)}
     assert sum(i.input_bytes_written for i in infos) == size  # written once, linked 7 times
     assert (ray_local / data.key).stat().st_size == size
