@@ -174,7 +174,8 @@ class TaskDirs:
     Each task gets a directory of its own, made empty (mode 0700) by one mkdir relative to the open fd of
     a private parent directory (no path walk, no random name per task) and never reused. A background
     thread does that work off the tasks' critical path, in batches: it keeps a few directories made ahead
-    and removes the ones their tasks left empty (one holding anything is removed by its Sandbox at once).
+    and removes finished ones with whatever the program left in them (a Sandbox that mapped inputs or
+    collects outputs removes its directory itself, at once).
     A process that dies leaves its parent behind: the next TaskDirs under the same root removes the
     parents (of this user) whose process is gone.
     """
@@ -189,7 +190,7 @@ class TaskDirs:
         self._fd = os.open(self.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._count = itertools.count()
         self._ready: collections.deque[str] = collections.deque()  # made ahead, empty, never used
-        self._pending: list[str] = []  # finished, empty, to remove
+        self._pending: list[str] = []  # finished, to remove
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closed = False
@@ -263,11 +264,6 @@ def _devnull() -> int:
     return _devnull_fd
 
 
-def _is_empty(path: Path) -> bool:
-    with os.scandir(path) as it:
-        return next(it, None) is None
-
-
 def _remove_orphans(root: Path, prefix: str) -> None:
     """Remove `root/PREFIX<pid>-*` directories of this user whose process no longer exists."""
     try:
@@ -309,6 +305,7 @@ class Sandbox:
         self._tmp_root = dirs.parent if dirs is not None else tmp_root
         self._files: list[BinaryIO] = []
         self._stderr_file = stderr_file
+        self._holds_files = False  # inputs mapped or outputs declared: the directory is removed at once
 
     def __enter__(self) -> Sandbox:
         return self
@@ -320,8 +317,8 @@ class Sandbox:
         for f in self._files:
             f.close()
         self._files.clear()
-        if self._dirs is not None and _is_empty(self.workdir):
-            self._dirs.remove_later(self.workdir)  # nothing in it: nothing to keep alive, removal can wait
+        if self._dirs is not None and not self._holds_files:
+            self._dirs.remove_later(self.workdir)  # no data of ours in it: removal can wait
         else:
             _rmtree(self.workdir)
 
@@ -331,6 +328,7 @@ class Sandbox:
         return f
 
     def _dst(self, relpath: str) -> Path:
+        self._holds_files = True
         dst = self.workdir / check_relpath(relpath, "input path")
         if dst.parent != self.workdir:
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -362,10 +360,12 @@ class Sandbox:
         The program inherits this process's environment, plus `program.env` when given.
         """
         env = None if program.env is None else {**os.environ, **program.env}
+        self._holds_files = self._holds_files or bool(program.output_paths)
         if self._stderr_file is not None:
             err = self._stderr_file
-            err.seek(0)
-            err.truncate()
+            if os.lseek(err.fileno(), 0, os.SEEK_CUR):  # the last program wrote to it (one syscall, not two)
+                err.seek(0)
+                err.truncate()
         else:
             err = self._unnamed_file()
         out = self._unnamed_file() if program.capture_stdout else None
