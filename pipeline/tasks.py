@@ -27,7 +27,7 @@ import ray
 
 from pipeline.cache import Entry, NodeCache
 from pipeline.ray_address import RayAddressError, check_ray_address
-from pipeline.sandbox import ExecuteError, ProgramRun, Sandbox, check_relpath
+from pipeline.sandbox import ExecuteError, ProgramRun, Sandbox, TaskDirs, check_relpath
 
 __all__ = [
     "DataObject",
@@ -89,7 +89,7 @@ class FetchedData:
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         with open(tmp, "wb") as f:
-            f.write(memoryview(self._array))
+            f.write(self._array.data)
         os.replace(tmp, path)
         return path
 
@@ -140,7 +140,8 @@ def file(path: str | os.PathLike) -> DataObject:
 
 @dataclass(frozen=True)
 class _Spec:
-    """What a worker needs to run one Execute task; data appear as indexes into the task's inputs."""
+    """What a worker needs to run one Execute task; data appear as indexes into the task's inputs.
+    Sent as a tuple of these fields in this order (Execute builds it)."""
 
     name: str
     argv: tuple[str | int, ...]  # ints index into `inputs` (mapped to a random file name)
@@ -178,6 +179,7 @@ class _Worker:
     node_ip: str
     hostname: str
     stderr_file: Any  # one unnamed file this worker captures every task's stderr in (a task at a time)
+    dirs: TaskDirs  # where its task directories are made
 
 
 _worker: _Worker | None = None
@@ -193,7 +195,8 @@ def _worker_setup() -> _Worker:
         if path.split(os.pathsep)[0] != bindir:
             os.environ["PATH"] = bindir + os.pathsep + path
         ip = ray.util.get_node_ip_address() if ray.is_initialized() else ""
-        _worker = _Worker(NodeCache(), ip, socket.gethostname(), tempfile.TemporaryFile())
+        dirs = TaskDirs(os.environ.get("PIPELINE_SANDBOX_DIR"))
+        _worker = _Worker(NodeCache(), ip, socket.gethostname(), tempfile.TemporaryFile(), dirs)
     return _worker
 
 
@@ -210,11 +213,11 @@ def _run_spec(spec: _Spec, inputs: Sequence[np.ndarray]) -> list:
     written = 0
     shared: list[tuple[str, Entry, np.ndarray]] = []  # inputs whose file is the node cache's own inode
     stdin: bytes | memoryview | int | None = None
-    with Sandbox(tmp_root=os.environ.get("PIPELINE_SANDBOX_DIR"), stderr_file=worker.stderr_file) as box:
+    with Sandbox(stderr_file=worker.stderr_file, dirs=worker.dirs) as box:
         try:
             for i, (key, rel, array) in enumerate(zip(spec.input_keys, spec.input_names, inputs)):
                 stdin_only = spec.stdin == i and rel not in in_argv  # needs no file in the directory
-                data = memoryview(array)
+                data = array.data
                 if array.size <= PRIVATE_COPY_MAX_BYTES:
                     written += array.size
                     if stdin_only:
@@ -249,7 +252,8 @@ def _run_spec(spec: _Spec, inputs: Sequence[np.ndarray]) -> list:
                 worker.cache.adopt(key, path)  # a consumer on this node links it, writing nothing
         if result.stdout is not None:
             outputs.append(np.fromfile(result.stdout, dtype=np.uint8))
-    info = RunInfo(spec.name, worker.node_ip, worker.hostname, result.seconds, written, _attempt())
+    # the RunInfo's fields as a list: Ray sends that as plain msgpack, cheaper than pickling a dataclass
+    info = [spec.name, worker.node_ip, worker.hostname, result.seconds, written, _attempt()]
     return [info, *outputs]
 
 
@@ -274,7 +278,7 @@ def _check_shared(name: str, cache: NodeCache, shared: list[tuple[str, Entry, np
     result, or a concurrent task's, may come from changed data)."""
     changed = []
     for rel, entry, array in shared:
-        why = entry.mismatch(memoryview(array))
+        why = entry.mismatch(array.data)
         if why is not None:
             cache.evict(entry, why)
             changed.append(f"input {rel!r} was changed ({why})")
@@ -289,7 +293,8 @@ def _check_shared(name: str, cache: NodeCache, shared: list[tuple[str, Entry, np
 def _attempt() -> int:
     """Which run of this task this is (Ray re-runs a task whose worker or node died)."""
     try:
-        return int(ray._private.worker.global_worker.core_worker.get_current_task_attempt_number())
+        worker: Any = ray._private.worker.global_worker  # its core_worker exists only in a worker
+        return int(worker.core_worker.get_current_task_attempt_number())
     except Exception:
         return 0
 
@@ -300,7 +305,7 @@ def _argv_names(spec: _Spec) -> set[str]:
 
 @ray.remote
 def _execute_remote(spec: bytes, *inputs: np.ndarray):
-    out = _run_spec(pickle.loads(spec), inputs)
+    out = _run_spec(_Spec(*pickle.loads(spec)), inputs)
     return out[0] if len(out) == 1 else tuple(out)
 
 
@@ -346,6 +351,7 @@ class Execute:
 
     Submitted when constructed. `outputs` maps each declared output path (and "stdout" when captured)
     to a data object; `output` is the single one; `wait()` returns the RunInfo or raises ExecuteError.
+    `info_ref` is the task's own Ray object (for ray.wait or ray.cancel; `wait()` reads it).
     """
 
     def __init__(
@@ -395,28 +401,30 @@ class Execute:
                 raise TypeError(f"env must map str to str; bad entries for {bad!r}")
         out_names = list(outs) + (["stdout"] if stdout else [])
         self.name = name or _default_name(argv, names)
-        spec = _Spec(
-            name=self.name,
-            argv=tuple(argv),
-            shell=shell,
-            input_names=tuple(names),
-            input_keys=tuple(d.key for d in datas),
-            stdin=stdin_index,
-            output_paths=outs,
-            output_keys=tuple(uuid.uuid4().hex for _ in out_names),
-            capture_stdout=bool(stdout),
-            env=tuple(sorted(env.items())) if env is not None else None,
-            timeout=float(timeout) if timeout is not None else None,
+        output_keys = tuple(uuid.uuid4().hex for _ in out_names)
+        # the _Spec's fields in order, pickled as a tuple (faster than a dataclass); Ray passes bytes through
+        # its fast path
+        spec = (
+            self.name,
+            tuple(argv),
+            shell,
+            tuple(names),
+            tuple(d.key for d in datas),
+            stdin_index,
+            outs,
+            output_keys,
+            bool(stdout),
+            tuple(sorted(env.items())) if env is not None else None,
+            float(timeout) if timeout is not None else None,
         )
         ensure_ray()
-        # pre-pickled: Ray passes bytes through its fast path instead of cloudpickling a dataclass
         spec_bytes = pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL)
         refs = _remote_for(1 + len(out_names), cpus, gpus).remote(spec_bytes, *(d.ref for d in datas))
         if not isinstance(refs, list):
             refs = [refs]
         self.info_ref: ray.ObjectRef = refs[0]
         self.outputs: dict[str, DataObject] = {
-            n: DataObject(r, k, PurePosixPath(n).name) for n, r, k in zip(out_names, refs[1:], spec.output_keys)
+            n: DataObject(r, k, PurePosixPath(n).name) for n, r, k in zip(out_names, refs[1:], output_keys)
         }
 
     @staticmethod
@@ -457,7 +465,7 @@ class Execute:
 
     def wait(self, timeout: float | None = None) -> RunInfo:
         """Block until the task ends; return its RunInfo or raise its ExecuteError."""
-        return get(self.info_ref, timeout=timeout)
+        return RunInfo(*get(self.info_ref, timeout=timeout))
 
     def __repr__(self) -> str:
         return f"Execute(name={self.name!r}, outputs={list(self.outputs)})"

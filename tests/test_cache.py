@@ -7,7 +7,6 @@ import pytest
 
 from pipeline.cache import NodeCache
 
-
 PAYLOAD = b"x" * 5_000_000
 
 

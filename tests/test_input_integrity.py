@@ -6,6 +6,7 @@ read-only file are exercised too."""
 import hashlib
 import os
 import stat
+import time
 
 import numpy as np
 import pytest
@@ -112,11 +113,22 @@ def test_cache_entry_changed_behind_the_toolkit_is_replaced(ray_local):
 def test_inputs_of_many_tasks_still_written_once_per_node(ray_local):
     d = tasks.blob(LARGE)
     ts = [Execute(["sh", "-c", "sha256sum < in"], input_paths={"in": d}, stdout=True) for _ in range(6)]
-    infos = ray.get([t.info_ref for t in ts])
+    ray.get([t.info_ref for t in ts])
+    infos = [t.wait() for t in ts]
     assert sum(i.input_bytes_written for i in infos) == len(LARGE)
 
 
 # ------------------------------------------------------------------------------------------- outputs
+
+
+def test_link_left_in_the_directory_removed_with_it(tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("x")
+    Execute(["ln", str(outside), "stray"]).wait()  # no inputs, no outputs: removed in the background
+    deadline = time.monotonic() + 30
+    while outside.stat().st_nlink != 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert outside.stat().st_nlink == 1, "a link the program left in its directory still there after 30 s"
 
 
 def test_hard_linked_output_is_never_adopted_or_changed(tmp_path):
