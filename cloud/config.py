@@ -99,6 +99,17 @@ class ClusterConfig:
         return ExoscaleV2NodeDriver(self.api_key, self.api_secret, **self.driver_kwargs())
 
 
+CREDENTIAL_VARS = ("EXOSCALE_API_KEY", "EXOSCALE_API_SECRET")
+
+
+def wrong_credentials_hint(api_key: str) -> str:
+    """What to check when the API refuses the signature; names where the pair was read, never the secret."""
+    return (
+        f"the API key pair is probably wrong: key {api_key or '(empty)'} and its secret were read from the "
+        f"environment variables {' and '.join(CREDENTIAL_VARS)} (cluster.toml holds no credentials)"
+    )
+
+
 def default_state_root() -> Path:
     env = os.environ.get("RAYSWEEP_STATE_DIR")
     return Path(env) if env else Path.home() / ".raysweep" / "clusters"
@@ -147,6 +158,10 @@ def load(
     return _validate(values, key or "", Secret(secret) if secret else None, endpoint, cidr_given)
 
 
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)  # TOML's true is a bool, and Python's bool an int
+
+
 def _validate(
     v: dict[str, Any], key: str, secret: Secret | None, endpoint: str | None, cidr_given: bool
 ) -> ClusterConfig:
@@ -160,9 +175,9 @@ def _validate(
     for k in ("instance_type", "template"):
         if not isinstance(v[k], str) or not v[k].strip():
             raise ConfigError(f"{k} must be a non-empty string")
-    if not isinstance(v["disk_size"], int) or not 10 <= v["disk_size"] <= 51200:
+    if not _is_int(v["disk_size"]) or not 10 <= v["disk_size"] <= 51200:
         raise ConfigError(f"disk_size {v['disk_size']!r}: a whole number of GiB from 10 to 51200")
-    if not isinstance(v["nodes"], int) or not 1 <= v["nodes"] <= 100:
+    if not _is_int(v["nodes"]) or not 1 <= v["nodes"] <= 100:
         raise ConfigError(f"nodes {v['nodes']!r}: a whole number from 1 to 100")
     try:
         net = ipaddress.ip_network(v["ssh_cidr"], strict=False)
@@ -187,7 +202,7 @@ def _validate(
     for k in ("install_env", "ray_env"):
         if not isinstance(v[k], dict) or not all(isinstance(x, str) for x in v[k].values()):
             raise ConfigError(f'{k} must be a table of NAME = "value" strings')
-    if v["ray_cpus"] is not None and (not isinstance(v["ray_cpus"], int) or v["ray_cpus"] < 1):
+    if v["ray_cpus"] is not None and (not _is_int(v["ray_cpus"]) or v["ray_cpus"] < 1):
         raise ConfigError(f"ray_cpus {v['ray_cpus']!r}: a whole number >= 1")
     if not isinstance(v["install_options"], str) or (v["uv_path"] is not None and not isinstance(v["uv_path"], str)):
         raise ConfigError("install_options and uv_path must be strings")

@@ -19,6 +19,7 @@ a repr, a log line or an exception.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import random
@@ -33,7 +34,7 @@ from exoscale_auth import ExoscaleV2Auth
 from libcloud.common.base import ConnectionUserAndKey, JsonResponse
 from libcloud.common.exceptions import BaseHTTPError
 from libcloud.common.types import InvalidCredsError, LibcloudError
-from libcloud.compute.base import KeyPair, Node, NodeDriver, NodeImage, NodeLocation, NodeSize
+from libcloud.compute.base import KeyPair, Node, NodeAuthSSHKey, NodeDriver, NodeImage, NodeLocation, NodeSize
 from libcloud.compute.types import NodeState
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,9 @@ class ExoscaleOperationError(LibcloudError):
         self.operation_id = operation_id
         self.reference_id = reference_id  # the resource concerned, e.g. a half-made instance
 
+    def __str__(self) -> str:  # the message, not LibcloudError's "<LibcloudError in <driver> ...>" repr
+        return str(self.value)
+
 
 class ExoscaleV2Response(JsonResponse):
     def success(self) -> bool:
@@ -131,11 +135,28 @@ class ExoscaleV2Connection(ConnectionUserAndKey):
 
 
 @dataclass
+class ExoscaleSecurityGroupRule:
+    """One rule of a security group, in the driver's own terms (as libcloud's EC2 and OpenStack drivers
+    give theirs): the API's wire names stop in the converter."""
+
+    id: str
+    direction: str  # ingress or egress
+    protocol: str  # tcp, udp, icmp, icmpv6, all, ...
+    start_port: int | None = None
+    end_port: int | None = None
+    cidr: str | None = None  # the source (ingress) or destination (egress) network, or
+    source_group_id: str | None = None  # ... the members of this security group
+    description: str = ""
+    icmp_type: int | None = None
+    icmp_code: int | None = None
+
+
+@dataclass
 class ExoscaleSecurityGroup:
     id: str
     name: str
     description: str = ""
-    rules: list[dict[str, Any]] = field(default_factory=list)
+    rules: list[ExoscaleSecurityGroupRule] = field(default_factory=list)
     driver: Any = field(default=None, repr=False, compare=False)
 
 
@@ -339,6 +360,7 @@ class ExoscaleV2NodeDriver(NodeDriver):
         size: NodeSize | str,
         image: NodeImage | str,
         location=None,
+        auth: NodeAuthSSHKey | None = None,
         ex_disk_size: int = 50,
         ex_ssh_keys: Iterable[str | KeyPair] | None = None,
         ex_security_groups: Iterable[str | ExoscaleSecurityGroup] | None = None,
@@ -346,6 +368,11 @@ class ExoscaleV2NodeDriver(NodeDriver):
         ex_labels: dict[str, str] | None = None,
         ex_public_ip: str = "inet4",
     ) -> Node:
+        """Create an instance and wait until its creation ends.
+
+        `auth=NodeAuthSSHKey(public_key)` (libcloud's way, used by deploy_node) lets the instance accept
+        that key: Exoscale takes only registered keys by name, so the key registered with the same
+        fingerprint is used, or the key is registered as `libcloud-<fingerprint>`."""
         if location is not None and getattr(location, "id", location) != self.zone:
             raise ValueError(
                 f"this driver serves zone {self.zone}; make another for {getattr(location, 'id', location)}"
@@ -361,8 +388,12 @@ class ExoscaleV2NodeDriver(NodeDriver):
             "disk-size": int(ex_disk_size),
             "public-ip-assignment": ex_public_ip,
         }
-        if ex_ssh_keys:
-            body["ssh-keys"] = [{"name": k.name if isinstance(k, KeyPair) else k} for k in ex_ssh_keys]
+        keys = [k.name if isinstance(k, KeyPair) else k for k in ex_ssh_keys or ()]
+        auth = self._get_and_check_auth(auth)
+        if isinstance(auth, NodeAuthSSHKey):
+            keys.append(self._registered_key_name(auth.pubkey))
+        if keys:
+            body["ssh-keys"] = [{"name": k} for k in dict.fromkeys(keys)]
         if ex_security_groups:
             body["security-groups"] = [{"id": g} for g in self._security_group_ids(ex_security_groups)]
         if ex_userdata:
@@ -419,6 +450,16 @@ class ExoscaleV2NodeDriver(NodeDriver):
         kp = self.get_key_pair(name)
         kp.public_key = key_material.strip()
         return kp
+
+    def _registered_key_name(self, public_key: str) -> str:
+        """The name of the registered key with this public key's fingerprint; registers it when none is."""
+        fingerprint = md5_fingerprint(public_key)
+        for k in self.list_key_pairs():
+            if k.fingerprint == fingerprint:
+                return k.name
+        name = "libcloud-" + fingerprint.replace(":", "")[:16]
+        self.import_key_pair_from_string(name, public_key)
+        return name
 
     def import_key_pair_from_file(self, name: str, key_file_path: str) -> KeyPair:
         with open(key_file_path) as f:
@@ -586,10 +627,35 @@ class ExoscaleV2NodeDriver(NodeDriver):
         return ExoscaleSecurityGroup(
             id=g["id"],
             name=g.get("name", ""),
-            description=g.get("description", ""),
-            rules=list(g.get("rules") or []),
+            description=g.get("description") or "",
+            rules=[self._to_rule(r) for r in g.get("rules") or []],
             driver=self,
         )
+
+    def _to_rule(self, r: dict) -> ExoscaleSecurityGroupRule:
+        icmp = r.get("icmp") or {}
+        return ExoscaleSecurityGroupRule(
+            id=r.get("id", ""),
+            direction=r.get("flow-direction", ""),
+            protocol=r.get("protocol", ""),
+            start_port=r.get("start-port"),
+            end_port=r.get("end-port"),
+            cidr=r.get("network"),
+            source_group_id=(r.get("security-group") or {}).get("id"),
+            description=r.get("description") or "",
+            icmp_type=icmp.get("type"),
+            icmp_code=icmp.get("code"),
+        )
+
+
+def md5_fingerprint(public_key: str) -> str:
+    """The MD5 fingerprint Exoscale shows for an SSH public key ("aa:bb:..."), from "TYPE BASE64 [COMMENT]"."""
+    try:
+        blob = base64.b64decode(public_key.split()[1], validate=True)
+    except (IndexError, ValueError):
+        raise ValueError("not an SSH public key: expected 'TYPE BASE64 [COMMENT]'") from None
+    digest = hashlib.md5(blob).hexdigest()
+    return ":".join(digest[i : i + 2] for i in range(0, 32, 2))
 
 
 def _ref_id(op: dict) -> str | None:

@@ -116,16 +116,8 @@ def test_security_groups_and_rules(driver, sim):
     other = driver.ex_create_security_group("other")
     g = driver.ex_add_security_group_rule(sg, "udp", 6000, 6100, source_group=other.id)
     g = driver.ex_add_security_group_rule(g, "icmp", cidr="10.0.0.0/8")
-    rules = {
-        (
-            r["protocol"],
-            r.get("start-port"),
-            r.get("end-port"),
-            r.get("network"),
-            (r.get("security-group") or {}).get("id"),
-        )
-        for r in g.rules
-    }
+    rules = {(r.protocol, r.start_port, r.end_port, r.cidr, r.source_group_id) for r in g.rules}
+    assert {r.direction for r in g.rules} == {"ingress"} and all(isinstance(r.id, str) and r.id for r in g.rules)
     assert rules == {
         ("tcp", 22, 22, "0.0.0.0/0", None),
         ("all", None, None, None, sg.id),
