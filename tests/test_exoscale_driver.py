@@ -8,6 +8,7 @@ import traceback
 
 import pytest
 from libcloud.common.types import InvalidCredsError, LibcloudError
+from libcloud.compute.base import NodeAuthPassword, NodeAuthSSHKey
 from libcloud.compute.providers import get_driver
 from libcloud.compute.types import NodeState
 
@@ -95,6 +96,19 @@ def test_node_lifecycle(driver, sim):
     assert driver.reboot_node(node)
     assert driver.destroy_node(node) and driver.destroy_node(other)
     assert driver.list_nodes() == []
+    assert_all_spec_valid(sim)
+
+
+def test_create_node_honours_auth_ssh_key(driver, sim):
+    """libcloud's deploy_node pattern: auth=NodeAuthSSHKey(public key), since the driver declares ssh_key."""
+    assert "ssh_key" in driver.features["create_node"]
+    a = driver.create_node("a", "standard.micro", UBUNTU, auth=NodeAuthSSHKey(PUBKEY))
+    [registered] = driver.list_key_pairs()
+    assert registered.name.startswith("libcloud-") and a.extra["ssh_keys"] == [registered.name]
+    b = driver.create_node("b", "standard.micro", UBUNTU, auth=NodeAuthSSHKey(PUBKEY), ex_ssh_keys=[registered.name])
+    assert b.extra["ssh_keys"] == [registered.name] and len(driver.list_key_pairs()) == 1  # found by fingerprint
+    with pytest.raises(LibcloudError, match="Password provided"):
+        driver.create_node("c", "standard.micro", UBUNTU, auth=NodeAuthPassword("pw"))
     assert_all_spec_valid(sim)
 
 
