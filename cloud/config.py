@@ -12,6 +12,7 @@ import ipaddress
 import os
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-DEFAULTS = {
+DEFAULTS: dict[str, Any] = {
     "name": "default",
     "zone": "ch-gva-2",
     "instance_type": "standard.medium",
@@ -117,14 +118,14 @@ def default_state_root() -> Path:
 
 def load(
     path: str | os.PathLike | None = None,
-    env: dict[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
     require_credentials: bool = True,
     **overrides: Any,
 ) -> ClusterConfig:
     """Read cluster.toml (if given), then the environment, then overrides (e.g. -n from the CLI).
 
     Commands that only use SSH (scp, cmd, ssh) pass require_credentials=False."""
-    env = os.environ if env is None else env
+    environ: Mapping[str, str] = os.environ if env is None else env
     values: dict[str, Any] = dict(DEFAULTS)
     cidr_given = False
     if path is not None:
@@ -145,10 +146,10 @@ def load(
         if v is not None:
             values[k] = v
             cidr_given = cidr_given or k == "ssh_cidr"
-    key, secret = env.get("EXOSCALE_API_KEY"), env.get("EXOSCALE_API_SECRET")
+    key, secret = environ.get("EXOSCALE_API_KEY"), environ.get("EXOSCALE_API_SECRET")
     if (not key or not secret) and require_credentials:
         raise ConfigError("set EXOSCALE_API_KEY and EXOSCALE_API_SECRET (an Exoscale API key pair, as for the exo CLI)")
-    endpoint = env.get("EXOSCALE_API_ENDPOINT") or None
+    endpoint = environ.get("EXOSCALE_API_ENDPOINT") or None
     if endpoint:
         u = urlparse(endpoint)
         if u.scheme not in ("http", "https") or not u.hostname or u.path.rstrip("/") not in ("", "/v2"):
