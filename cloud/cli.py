@@ -238,7 +238,7 @@ def cmd_down(args) -> int:
                 if answer.strip().lower() not in ("y", "yes"):
                     print("nothing removed", file=sys.stderr)
                     return 1
-            res = provision.down(driver, cfg, progress=_printer(), timeout=args.timeout)
+            res = provision.down(driver, cfg, progress=_printer(), wait=provision.Wait(args.timeout))
     except ClusterBusy as e:
         raise CLIError(str(e)) from None
     except KeyboardInterrupt:
