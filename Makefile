@@ -9,7 +9,7 @@ NODES ?= 3
 CONFIG ?=
 CLUSTER_ARGS := $(if $(CONFIG),--config $(CONFIG),)
 
-.PHONY: run test lint bench system-deps cluster-up cluster-down cluster-status clean
+.PHONY: run test lint bench system-deps cluster-up cluster-down cluster-status clean sim
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ test: $(STAMP) lint system-deps
 
 bench: $(STAMP)
 	$(PY) -m bench.all $(ARGS)
+
+# A local Exoscale (root): API on the hosts' gateway, instances booted as hosts offered uv and a package
+# index; prints the line to source, then `make cluster-up` etc. work as with Exoscale. Ctrl-C stops it.
+sim: $(STAMP) system-deps
+	$(PY) -m cloud.sim api --hosts $(ARGS)
 
 cluster-up: $(STAMP)
 	$(PY) exoscale.py $(CLUSTER_ARGS) up -n $(NODES)

@@ -103,8 +103,12 @@ def test_expired_and_wrong_secret_refused():
 
 def test_http_403_for_bad_signature_and_400_for_spec_violations(sim):
     base = f"http://{sim.host}:{sim.port}"
-    r = requests.get(base + "/v2/zone")
+    r = requests.get(base + "/v2/instance")
     assert r.status_code == 403 and "missing" in r.json()["message"]
+    r = requests.get(base + "/v2/zone")  # public on Exoscale: its SDK sends it unsigned
+    assert r.status_code == 200 and r.json()["zones"]
+    r = requests.get(base + "/v2/zone", headers={"Authorization": "EXO2-HMAC-SHA256 credential=x"})
+    assert r.status_code == 403  # but a signature, when given, must be right
     auth = ExoscaleV2Auth(SIM_KEY, SIM_SECRET)
     cases = [
         ("GET", "/v2/no-such-thing", None, "Path not found"),
@@ -113,7 +117,7 @@ def test_http_403_for_bad_signature_and_400_for_spec_violations(sim):
         ("GET", "/v2/instance?lables=a%3Db", None, "unknown query parameter(s) lables"),
         ("POST", "/v2/instance", {"name": "x", "disk-size": 5}, "instance-type' is a required property"),
         ("POST", "/v2/ssh-key", {"name": "has space", "public-key": "x"}, "does not match"),
-        ("PUT", "/v2/instance/7b0c6bde-4f3e-4c59-9c1e-4d8f2f0a5e11:start", None, "request body"),
+        ("PUT", "/v2/instance/7b0c6bde-4f3e-4c59-9c1e-4d8f2f0a5e11", None, "request body"),
         ("GET", "/v2/instance/not-a-uuid", None, "uuid"),
     ]
     for method, path, body, reason in cases:
@@ -138,3 +142,14 @@ def test_random_faults_refuse_a_request_at_most_max_consecutive_times():
     assert got[:3] == [got[0], got[1], got[2]] and all(got[:3]) and got[3] is None
     assert all(got[4:7]) and got[7] is None  # a fresh streak after a success
     assert f.pick("GET", "/instance") is not None  # streaks are per request
+
+
+def test_declined_operations_answer_501_and_coverage_lists_them(sim):
+    from cloud.sim.urls import HANDLERS, coverage
+
+    served, declined = coverage("compute")
+    assert "update-instance" in served and "create-elastic-ip" in declined["elastic-ip"]
+    assert set(served) <= set(HANDLERS) and not set(HANDLERS) & {op for ops in declined.values() for op in ops}
+    auth = ExoscaleV2Auth(SIM_KEY, SIM_SECRET)
+    r = requests.get(f"http://{sim.host}:{sim.port}/v2/elastic-ip", auth=auth)
+    assert r.status_code == 501 and "list-elastic-ips" in r.json()["message"]

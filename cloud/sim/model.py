@@ -1,6 +1,7 @@
-"""The state of a simulated Exoscale account: resources, their rules, asynchronous operations.
+"""The state of a simulated Exoscale account: resources, their rules, asynchronous operations, and its
+IAM (roles and API keys, cloud.sim.iam).
 
-Knows nothing of HTTP (the split moto uses): cloud.sim.api turns requests into calls of this model
+Knows nothing of HTTP (the split moto uses): cloud.sim.responses turns requests into calls of this model
 and its results into responses. Changes that Exoscale makes asynchronously are operations: pending
 for `op_delay_s`, then applied (success) or, when a failure is injected, failed with a reason.
 Operations advance whenever the model is used, so the model needs no thread of its own.
@@ -18,28 +19,34 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-ZONES = ("at-vie-1", "at-vie-2", "bg-sof-1", "ch-dk-2", "ch-gva-2", "de-fra-1", "de-muc-1", "hr-zag-1")
-GiB = 1024**3
-MiB = 1024**2
+from cloud.sim.errors import ModelError
+from cloud.sim.iam import IAM, APIKey, Role
+from cloud.sim.instance_types import AUTHORIZED_FAMILIES, INSTANCE_TYPES, GiB
 
-# Exoscale's standard family (CPUs, memory), as published on its pricing page.
-STANDARD_SIZES = (
-    ("micro", 1, 512 * MiB),
-    ("tiny", 1, 1 * GiB),
-    ("small", 2, 2 * GiB),
-    ("medium", 2, 4 * GiB),
-    ("large", 4, 8 * GiB),
-    ("extra-large", 4, 16 * GiB),
-    ("huge", 8, 32 * GiB),
-)
-CPU_SIZES = (("extra-large", 16, 16 * GiB), ("huge", 32, 32 * GiB))
+__all__ = ["IAM", "APIKey", "Faults", "Instance", "Model", "ModelError", "Operation", "Role"]
+
+ZONES = ("at-vie-1", "at-vie-2", "bg-sof-1", "ch-dk-2", "ch-gva-2", "de-fra-1", "de-muc-1", "hr-zag-1")
 
 _NS = uuid.UUID("7b0c6bde-4f3e-4c59-9c1e-4d8f2f0a5e11")
+
+
+class _Unset:
+    """The value of an optional argument left out (where None has a meaning of its own)."""
+
+
+UNSET = _Unset()
+
+
+def _check_base64(user_data: str) -> None:
+    try:
+        base64.b64decode(user_data, validate=True)
+    except ValueError:
+        raise ModelError("invalid", "user-data must be base64-encoded") from None
 
 
 def _stable_id(kind: str, name: str) -> str:
@@ -48,15 +55,6 @@ def _stable_id(kind: str, name: str) -> str:
 
 def _now_iso() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-class ModelError(Exception):
-    """A request the API refuses: kind is not-found, conflict or invalid."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -68,6 +66,7 @@ class InstanceType:
     memory: int
     zones: tuple[str, ...] = ZONES
     authorized: bool = True
+    gpus: int = 0
 
 
 @dataclass(frozen=True)
@@ -157,6 +156,9 @@ class InstanceHooks:
     def on_destroyed(self, instance: Instance) -> None: ...
 
 
+LABELS_FILTER_MODES = ("exact", "ignore", "any")
+
+
 @dataclass
 class Faults:
     """Faults of the model: operations that end in failure, and how long operations take."""
@@ -165,6 +167,15 @@ class Faults:
     op_failure_rate: float = 0.0
     fail_next_ops: int = 0  # the next N operations fail, whatever the rate
     fail_ops_matching: str = ""  # only operations whose command contains this text count for fail_next_ops
+    # How list-instances treats its `labels` filter, whose wire format the spec leaves open (a bare string):
+    # "exact" (every key=value pair must match: what this sim assumes Exoscale does), "ignore" (the filter is
+    # dropped: every instance is listed), "any" (an instance matching any one pair is listed). For testing
+    # clients that must not depend on the server's reading of the filter.
+    labels_filter: str = "exact"
+
+    def __post_init__(self) -> None:
+        if self.labels_filter not in LABELS_FILTER_MODES:
+            raise ValueError(f"labels_filter {self.labels_filter!r}: expected one of {', '.join(LABELS_FILTER_MODES)}")
 
 
 class Model:
@@ -175,7 +186,10 @@ class Model:
         hooks: InstanceHooks | None = None,
         seed: int | None = None,
         ip_network: str = "10.77.0.0/16",
+        authorized_families: Iterable[str] = (),
     ):
+        """`authorized_families`: instance type families this account may use beyond the public ones (the
+        GPU families need Exoscale's authorization)."""
         if zone not in ZONES:
             raise ValueError(f"unknown zone {zone!r}; valid: {', '.join(ZONES)}")
         self.zone = zone
@@ -183,7 +197,7 @@ class Model:
         self.hooks = hooks or InstanceHooks()
         self.rng = random.Random(seed)
         self.lock = threading.RLock()
-        self.instance_types = {t.id: t for t in self._catalogue_types()}
+        self.instance_types = {t.id: t for t in self._catalogue_types(AUTHORIZED_FAMILIES | set(authorized_families))}
         self.templates = {t.id: t for t in self._catalogue_templates()}
         self.ssh_keys: dict[str, SSHKey] = {}
         self.security_groups: dict[str, SecurityGroup] = {}
@@ -191,13 +205,16 @@ class Model:
         self.operations: dict[str, Operation] = {}
         self._ips: Iterator = ipaddress.ip_network(ip_network).hosts()
         self._ips_in_use: set[str] = set()
+        self.iam = IAM()
 
     # ------------------------------------------------------------------------------- catalogue
     @staticmethod
-    def _catalogue_types() -> list[InstanceType]:
-        types = [InstanceType(_stable_id("type", f"standard.{s}"), "standard", s, c, m) for s, c, m in STANDARD_SIZES]
-        types += [InstanceType(_stable_id("type", f"cpu.{s}"), "cpu", s, c, m) for s, c, m in CPU_SIZES]
-        return types
+    def _catalogue_types(authorized_families: frozenset[str]) -> list[InstanceType]:
+        return [
+            InstanceType(_stable_id("type", f"{family}.{size}"), family, size, cpus, memory,
+                         authorized=family in authorized_families, gpus=gpus)
+            for family, size, cpus, memory, gpus in INSTANCE_TYPES
+        ]  # fmt: skip
 
     @staticmethod
     def _catalogue_templates() -> list[Template]:
@@ -331,6 +348,12 @@ class Model:
                 raise ModelError("not-found", f"security group {group_id} not found")
             return g
 
+    def _security_group_named(self, name: str) -> SecurityGroup:
+        for g in self.security_groups.values():
+            if g.name == name:
+                return g
+        raise ModelError("not-found", f"security group {name!r} not found")
+
     def delete_security_group(self, group_id: str) -> Operation:
         with self.lock:
             self.get_security_group(group_id)
@@ -362,9 +385,13 @@ class Model:
         end_port: int | None = None,
         icmp: dict | None = None,
         description: str = "",
+        source_group_name: str | None = None,
     ) -> Operation:
+        """A rule whose source is a CIDR (`network`) or a security group, by id or by name."""
         with self.lock:
             g = self.get_security_group(group_id)
+            if source_group_id is None and source_group_name is not None:
+                source_group_id = self._security_group_named(source_group_name).id
             if (network is None) == (source_group_id is None):
                 raise ModelError("invalid", "a rule needs exactly one of network or security-group")
             if network is not None:
@@ -421,8 +448,8 @@ class Model:
         instance_type_id: str,
         template_id: str,
         disk_size: int,
-        ssh_keys: list[str] = (),
-        security_group_ids: list[str] = (),
+        ssh_keys: Sequence[str] = (),
+        security_group_ids: Sequence[str] = (),
         labels: dict[str, str] | None = None,
         user_data: str | None = None,
         public_ip_assignment: str = "inet4",
@@ -430,6 +457,11 @@ class Model:
         with self.lock:
             self.tick()
             itype = self.get_instance_type(instance_type_id)
+            if not itype.authorized:
+                raise ModelError(
+                    "forbidden",
+                    f"instance type {itype.family}.{itype.size} needs Exoscale's authorization for this account",
+                )
             tmpl = self.get_template(template_id)
             if self.zone not in itype.zones or self.zone not in tmpl.zones:
                 raise ModelError("invalid", f"not available in zone {self.zone}")
@@ -443,10 +475,7 @@ class Model:
             for gid in security_group_ids:
                 self.get_security_group(gid)
             if user_data is not None:
-                try:
-                    base64.b64decode(user_data, validate=True)
-                except ValueError:
-                    raise ModelError("invalid", "user-data must be base64-encoded") from None
+                _check_base64(user_data)
             inst = Instance(
                 str(uuid.uuid4()),
                 name,
@@ -487,8 +516,42 @@ class Model:
             return [
                 i
                 for i in self.instances.values()
-                if all(i.labels.get(k) == v for k, v in (labels or {}).items()) and ip_address in (None, i.public_ip)
+                if self._labels_match(i.labels, labels) and ip_address in (None, i.public_ip)
             ]
+
+    def _labels_match(self, have: dict[str, str], wanted: dict[str, str] | None) -> bool:
+        mode = self.faults.labels_filter
+        if not wanted or mode == "ignore":
+            return True
+        if mode == "any":
+            return any(have.get(k) == v for k, v in wanted.items())
+        return all(have.get(k) == v for k, v in wanted.items())
+
+    def update_instance(
+        self,
+        instance_id: str,
+        name: str | None = None,
+        labels: dict[str, str] | _Unset | None = UNSET,
+        user_data: str | None = None,
+    ) -> Operation:
+        """Change name, labels or user data. `labels` replaces the whole map, as Exoscale does (the spec
+        makes the field nullable: null or {} clears it); left out, the labels stay."""
+        with self.lock:
+            inst = self.get_instance(instance_id)
+            if inst.state in ("destroying", "destroyed"):
+                raise ModelError("conflict", f"instance {instance_id} is {inst.state}")
+            if user_data is not None:
+                _check_base64(user_data)
+
+            def apply() -> None:
+                if name is not None:
+                    inst.name = name
+                if not isinstance(labels, _Unset):
+                    inst.labels = dict(labels or {})
+                if user_data is not None:
+                    inst.user_data = user_data
+
+            return self._operation("instance", instance_id, "update-instance", apply)
 
     def get_instance(self, instance_id: str) -> Instance:
         with self.lock:
@@ -562,12 +625,29 @@ class Model:
 
         return self._transition(instance_id, ("running",), "starting", "running", "reboot-instance", reboot)
 
-    def summary(self) -> dict[str, Any]:
+    # ------------------------------------------------------------------------------------- IAM
+    def create_iam_role(self, name: str, policy: dict[str, Any] | None = None, **options: Any) -> Operation:
         with self.lock:
             self.tick()
-            return {
-                "instances": len(self.instances),
-                "security_groups": len(self.security_groups),
-                "ssh_keys": len(self.ssh_keys),
-                "pending_operations": sum(o.state == "pending" for o in self.operations.values()),
-            }
+            role = self.iam.create_role(name, policy, **options)
+            return self._operation("iam-role", role.id, "create-iam-role")
+
+    def update_iam_role_policy(self, role_id: str, policy: dict[str, Any]) -> Operation:
+        with self.lock:
+            self.iam.update_role_policy(role_id, policy)
+            return self._operation("iam-role", role_id, "update-iam-role-policy")
+
+    def delete_iam_role(self, role_id: str) -> Operation:
+        with self.lock:
+            self.iam.delete_role(role_id)
+            return self._operation("iam-role", role_id, "delete-iam-role")
+
+    def create_api_key(self, name: str, role_id: str) -> APIKey:
+        """The new key with its secret: the only time the secret is shown."""
+        with self.lock:
+            return self.iam.create_api_key(name, role_id)
+
+    def delete_api_key(self, key: str) -> Operation:
+        with self.lock:
+            self.iam.delete_api_key(key)
+            return self._operation("api-key", None, "delete-api-key")

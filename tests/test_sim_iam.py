@@ -1,0 +1,167 @@
+"""IAM of the local Exoscale, driven by Exoscale's own SDK: roles with policies, API keys bound to them (the
+secret shown once), the policy enforced on every request signed with such a key, deletion; and
+update-instance's label replacement, and the labels-filter fault."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from cloud.sim.api import App, HTTPFaults, SimServer, SpecValidator
+from cloud.sim.iam import operation_services, parse_expression
+from cloud.sim.model import Faults, Model, ModelError
+from tests.conftest import SIM_KEY, SIM_SECRET
+from tests.exoscale_sdk import client, exceptions
+
+UBUNTU = "Linux Ubuntu 24.04 LTS 64-bit"
+
+
+@pytest.fixture
+def sim_fast():
+    """A local Exoscale whose operations finish at once, so the SDK's own wait() polls once."""
+    model = Model(faults=Faults(op_delay_s=0.0), seed=3)
+    with SimServer(App(model, SIM_KEY, SIM_SECRET, HTTPFaults(seed=3), record=True)) as server:
+        yield server
+
+
+@pytest.fixture
+def owner(sim_fast):
+    return client(SIM_KEY, SIM_SECRET, sim_fast.endpoint)
+
+
+def make_role(c, name, policy):
+    op = c.wait(c.create_iam_role(name=name, policy=policy)["id"])
+    return op["reference"]["id"]
+
+
+def restricted(c, sim, role_id, name="k"):
+    key = c.create_api_key(name=name, role_id=role_id)
+    return key, client(key["key"], key["secret"], sim.endpoint)
+
+
+COMPUTE_ONLY = {
+    "default-service-strategy": "deny",
+    "services": {
+        "compute": {
+            "type": "rules",
+            "rules": [
+                {"action": "deny", "expression": "operation == 'delete-instance'"},
+                {"action": "allow", "expression": "operation in ['list-instances', 'get-instance', 'list-templates']"},
+            ],
+        },
+        "general": {"type": "allow"},
+    },
+}
+
+
+def test_role_and_key_lifecycle(owner, sim_fast):
+    role_id = make_role(owner, "cluster-c1", COMPUTE_ONLY)
+    role = owner.get_iam_role(id=role_id)
+    assert role["name"] == "cluster-c1" and role["policy"] == COMPUTE_ONLY
+    assert [r["id"] for r in owner.list_iam_roles()["iam-roles"]] == [role_id]
+    key, _ = restricted(owner, sim_fast, role_id)
+    assert key["secret"] and key["role-id"] == role_id and key["key"].startswith("EXO")
+    listed = owner.list_api_keys()["api-keys"]
+    assert listed == [{"key": key["key"], "name": "k", "role-id": role_id}]  # the secret is shown once only
+    assert "secret" not in owner.get_api_key(id=key["key"])
+    with pytest.raises(exceptions().ExoscaleAPIClientException, match="409"):
+        owner.delete_iam_role(id=role_id)  # still used by a key
+    owner.wait(owner.delete_api_key(id=key["key"])["id"])
+    owner.wait(owner.delete_iam_role(id=role_id)["id"])
+    assert owner.list_iam_roles()["iam-roles"] == [] and owner.list_api_keys()["api-keys"] == []
+    validator = SpecValidator.shared()
+    for x in sim_fast.app.exchanges:  # every answer as the spec describes it
+        if x.status == 200:
+            validator.validate_response(x.method, x.path, x.query, x.body, x.status, x.response)
+
+
+def test_policy_enforced_on_every_request_of_a_restricted_key(owner, sim_fast):
+    sg = owner.wait(owner.create_security_group(name="g")["id"])["reference"]["id"]
+    role_id = make_role(owner, "r", COMPUTE_ONLY)
+    key, limited = restricted(owner, sim_fast, role_id)
+    assert limited.list_instances() == {"instances": []}  # allowed by a rule
+    assert limited.list_zones()["zones"]  # unsigned, as the SDK sends it
+    Auth = exceptions().ExoscaleAPIAuthException
+    for call in (
+        lambda: limited.list_security_groups(),  # compute, but no rule allows it
+        lambda: limited.delete_security_group(id=sg),  # compute, no rule
+        lambda: limited.list_api_keys(),  # iam: not named, default deny
+        lambda: limited.create_iam_role(name="escalate", policy={"default-service-strategy": "allow", "services": {}}),
+    ):
+        with pytest.raises(Auth, match="403.*does not allow"):
+            call()
+    assert owner.get_security_group(id=sg)["name"] == "g"  # nothing happened
+    owner.wait(owner.delete_api_key(id=key["key"])["id"])
+    with pytest.raises(Auth, match="unknown API key"):
+        limited.list_instances()  # a deleted key stops working
+
+
+def test_default_allow_with_a_denied_service(owner, sim_fast):
+    role_id = make_role(owner, "no-iam", {"default-service-strategy": "allow", "services": {"iam": {"type": "deny"}}})
+    _, limited = restricted(owner, sim_fast, role_id)
+    assert limited.list_security_groups() == {"security-groups": []}
+    with pytest.raises(exceptions().ExoscaleAPIAuthException):
+        limited.create_api_key(name="more", role_id=role_id)
+
+
+@pytest.mark.parametrize(
+    "expression",
+    ["resource.instance.name == 'x'", "operation != 'get-instance'", "operation in ['a', b]", "true || false"],
+)
+def test_unsupported_expressions_refused_with_400_naming_the_deviation(owner, expression):
+    policy = {
+        "default-service-strategy": "deny",
+        "services": {"compute": {"type": "rules", "rules": [{"action": "allow", "expression": expression}]}},
+    }
+    with pytest.raises(exceptions().ExoscaleAPIClientException, match="400.*not supported by this local Exoscale"):
+        owner.create_iam_role(name="bad", policy=policy)
+    assert owner.list_iam_roles()["iam-roles"] == []
+
+
+def test_expression_subset_and_service_table():
+    assert parse_expression("true").matches("anything")
+    e = parse_expression("operation in ['create-instance', \"delete-instance\"]")
+    assert e.matches("delete-instance") and not e.matches("get-instance")
+    assert parse_expression("operation == 'get-operation'").matches("get-operation")
+    with pytest.raises(ModelError):
+        parse_expression("false")
+    services = operation_services()
+    assert services["create-instance"] == "compute" and services["create-api-key"] == "iam"
+    assert services["get-operation"] == "general" and services["list-zones"] == "general"
+    assert services["add-rule-to-security-group"] == "compute"
+
+
+def test_update_instance_replaces_labels_and_renames(owner):
+    itype = next(t for t in owner.list_instance_types()["instance-types"] if t["size"] == "micro")
+    tmpl = next(t for t in owner.list_templates(visibility="public")["templates"] if t["name"] == UBUNTU)
+    op = owner.create_instance(
+        name="a",
+        instance_type={"id": itype["id"]},
+        template={"id": tmpl["id"]},
+        disk_size=10,
+        labels={"cluster": "c1", "role": "head"},
+        user_data=base64.b64encode(b"#cloud-config\n").decode(),
+    )
+    iid = owner.wait(op["id"])["reference"]["id"]
+    owner.wait(owner.update_instance(id=iid, labels={"cluster": "c1", "ray-node-status": "up-to-date"})["id"])
+    got = owner.get_instance(id=iid)
+    assert got["labels"] == {"cluster": "c1", "ray-node-status": "up-to-date"}  # replaced, not merged
+    owner.wait(owner.update_instance(id=iid, name="b")["id"])
+    got = owner.get_instance(id=iid)
+    assert got["name"] == "b" and got["labels"] == {"cluster": "c1", "ray-node-status": "up-to-date"}
+    owner.wait(owner.update_instance(id=iid, labels={})["id"])
+    assert owner.get_instance(id=iid)["labels"] == {}
+
+
+@pytest.mark.parametrize("mode, expected", [("exact", {"a"}), ("ignore", {"a", "b", "c"}), ("any", {"a", "b"})])
+def test_labels_filter_fault(mode, expected):
+    model = Model(faults=Faults(op_delay_s=0.0, labels_filter=mode))
+    itype = next(t.id for t in model.list_instance_types() if t.size == "micro")
+    tmpl = next(t.id for t in model.list_templates() if t.name == UBUNTU)
+    for name, labels in (("a", {"cluster": "c1", "role": "head"}), ("b", {"cluster": "c1"}), ("c", {"cluster": "c2"})):
+        model.create_instance(name, itype, tmpl, 10, labels=labels)
+    got = {i.name for i in model.list_instances({"cluster": "c1", "role": "head"})}
+    assert got == expected
+    with pytest.raises(ValueError, match="labels_filter"):
+        Faults(labels_filter="fuzzy")
