@@ -172,8 +172,9 @@ class FilterProxy:
         self.server.server_close()
 
 
-@pytest.mark.parametrize("mode", ["ignore", "one-label"])
-def test_down_deletes_exactly_the_cluster_whatever_the_server_makes_of_the_filter(driver, sim, tmp_path, mode):
+@pytest.mark.parametrize("server", ["proxy:ignore", "proxy:one-label", "sim:ignore", "sim:any"])
+def test_down_deletes_exactly_the_cluster_whatever_the_server_makes_of_the_filter(driver, sim, tmp_path, server):
+    """The filter misread by a real HTTP proxy in front of the API, or by the local Exoscale's own switch."""
     make_cluster(driver, "a", 2)
     make_cluster(driver, "b", 2)
     strangers = [
@@ -181,14 +182,24 @@ def test_down_deletes_exactly_the_cluster_whatever_the_server_makes_of_the_filte
         driver.create_node("s2", "standard.micro", UBUNTU, ex_labels={"managed-by": "raysweep", "cluster": "a-b"}),
         driver.create_node("s3", "standard.micro", UBUNTU),
     ]
-    proxy = FilterProxy(sim, mode)
+    how, mode = server.split(":")
+    proxy = FilterProxy(sim, mode) if how == "proxy" else None
+    if proxy is None:
+        sim.app.model.faults.labels_filter = mode
     try:
         through = ExoscaleV2NodeDriver(
-            SIM_KEY, SIM_SECRET, host="127.0.0.1", port=proxy.port, secure=False, retry=RetryPolicy(base_s=0.01)
+            SIM_KEY,
+            SIM_SECRET,
+            host="127.0.0.1",
+            port=proxy.port if proxy else sim.port,
+            secure=False,
+            retry=RetryPolicy(base_s=0.01),
         )
         res = provision.down(through, cfg_for("a", tmp_path), wait=provision.Wait(60))
     finally:
-        proxy.close()
+        if proxy:
+            proxy.close()
+        sim.app.model.faults.labels_filter = "exact"
     assert res.failed == {}
     assert sorted(r for r in res.removed if r.startswith("instance")) == ["instance a-head", "instance a-worker-1"]
     left = {nd.name for nd in driver.list_nodes()}
