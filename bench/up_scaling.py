@@ -18,9 +18,9 @@ import uuid
 from pathlib import Path
 
 from bench.common import median, report
-from cloud.sim.api import App, SimServer
-from cloud.sim.hosts import HostHooks, missing_requirements
-from cloud.sim.model import Faults, Model
+from cloud.sim import local
+from cloud.sim.hosts import missing_requirements
+from cloud.sim.model import Faults
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY, SECRET = "EXObench", "bench-secret-" + uuid.uuid4().hex
@@ -42,16 +42,13 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     if missing_requirements():
         raise SystemExit(f"needs {', '.join(missing_requirements())}")
-    hooks = HostHooks.create()
-    model = Model(faults=Faults(op_delay_s=0.5))  # as bench.cluster: operations take half a second
-    hooks.attach(model)
-    server = SimServer(App(model, KEY, SECRET)).start()
+    sim = local.start(KEY, SECRET, faults=Faults(op_delay_s=0.5), hosts=True)  # as bench.cluster: 0.5 s operations
     work = Path(tempfile.mkdtemp(prefix="bench-up-"))
     env = {
         **os.environ,
         "EXOSCALE_API_KEY": KEY,
         "EXOSCALE_API_SECRET": SECRET,
-        "EXOSCALE_API_ENDPOINT": server.endpoint,
+        "EXOSCALE_API_ENDPOINT": sim.endpoint,
         "RAYSWEEP_STATE_DIR": str(work / "state"),
     }
     one, four = [], []
@@ -62,8 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
                 out.append(cli(env, "--name", name, "up", "-n", str(n)))
                 cli(env, "--name", name, "down", "--yes")
     finally:
-        server.stop()
-        hooks.close()
+        sim.close()
     ratios = [f / o for o, f in zip(one, four)]
     return report(
         "up_scaling",
