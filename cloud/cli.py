@@ -1,6 +1,8 @@
 """python exoscale.py <command>: a Ray cluster on Exoscale VMs, and files and commands on its nodes.
 
 up -n N (create)      SSH key, security group, N instances in parallel; waits for SSH
+up --max-workers N    an autoscaling cluster: the head (and --min-workers), Ray's autoscaler adds the rest
+ray-config            a Ray cluster YAML for Ray's own CLI (ray up / exec / submit / attach / down)
 down (destroy)        everything of the cluster, found through the API; asks unless --yes
 list-nodes (status)   name, role, public IP, state
 ssh N                 an interactive login on node N (0 = head, or a node name)
@@ -70,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("up", aliases=["create"], help="create the cluster (or complete a partial one)")
     a.add_argument("-n", "--nodes", type=int, help="number of nodes (default: from config, else 3)")
+    _autoscaling_options(a, max_default=None)
     a = sub.add_parser("down", aliases=["destroy"], help="remove everything of the cluster")
     a.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     sub.add_parser("list-nodes", aliases=["status"], help="the cluster's nodes as the API sees them")
@@ -161,8 +164,12 @@ def _select(st: ClusterState, which: str | None) -> list[NodeRecord]:
 
 
 def cmd_up(args) -> int:
+    if args.max_workers is not None:
+        return cmd_up_autoscaling(args)
     cfg = _load(args, nodes=args.nodes)
     from cloud import provision
+
+    _refuse_static_up_on_autoscaling(cfg)
 
     if not cfg.ssh_cidr_given:
         print(
@@ -192,16 +199,19 @@ def cmd_up(args) -> int:
 
 def cmd_down(args) -> int:
     cfg = _load(args)
-    from cloud import provision
+    from cloud import elastic, provision
 
     driver = cfg.driver()
     nodes, group, has_key = provision.plan_down(driver, cfg.name)
+    autoscaling = elastic.is_autoscaling(cfg, nodes)
     what = [f"{len(nodes)} instance(s)" + (f" ({', '.join(sorted(n.name for n in nodes))})" if nodes else "")]
+    if autoscaling:
+        what.append("the autoscaler's API key and IAM role")
     if group is not None:
         what.append(f"security group {group.name}")
     if has_key:
         what.append(f"SSH key {provision.resource_name(cfg.name)}")
-    if not nodes and group is None and not has_key:
+    if not nodes and group is None and not has_key and not autoscaling:
         StateStore(cfg.state_dir).remove(keep_key=cfg.ssh_key is not None)
         print(f"cluster {cfg.name!r}: nothing to remove", file=sys.stderr)
         return 0
@@ -212,7 +222,16 @@ def cmd_down(args) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             print("nothing removed", file=sys.stderr)
             return 1
-    res = provision.down(driver, cfg, progress=_printer())
+    progress = _printer()
+    if autoscaling:  # nothing may be created while the instances are deleted
+        elastic.stop_autoscaler(cfg, progress)
+        elastic.revoke_key(driver, cfg, progress)
+    res = provision.down(driver, cfg, progress=progress)
+    if autoscaling and not res.failed:
+        late = provision.cluster_nodes(driver, cfg.name)  # created by a call already under way
+        if late:
+            res = provision.down(driver, cfg, progress=progress)
+        res.removed += elastic.after_down(driver, cfg, progress)
     if res.failed:
         print(
             "could not remove: "
@@ -359,6 +378,10 @@ def cmd_list(args) -> int:
         _print_ray(ray_cluster.ray_nodes(cfg))
     except ray_cluster.RayClusterError as e:
         print(f"Ray: not running ({str(e).splitlines()[0][:200]})")
+    from cloud import elastic
+
+    if elastic.is_autoscaling(cfg):
+        print(elastic.autoscaler_status(cfg).rstrip())
     return 0
 
 
@@ -465,6 +488,55 @@ def state_from_terraform(outputs: dict, name: str) -> ClusterState:
     return ClusterState(name, records, source="terraform")
 
 
+def _refuse_static_up_on_autoscaling(cfg: ClusterConfig) -> None:
+    from cloud import elastic, provision
+
+    nodes = provision.cluster_nodes(cfg.driver(), cfg.name)
+    if elastic.is_autoscaling(cfg, nodes):
+        raise CLIError(
+            f"cluster {cfg.name!r} is an autoscaling cluster (up --max-workers): its autoscaler adds and removes "
+            f"workers; `up -n` would fight it. Use `up --max-workers N` to change it, or `down` it first"
+        )
+
+
+def cmd_up_autoscaling(args) -> int:
+    """The head (and --min-workers workers) through `ray up`; Ray's autoscaler on the head adds the rest."""
+    if args.nodes is not None:
+        raise CLIError("-n and --max-workers exclude each other: -n N makes N nodes, --max-workers an autoscaling cluster")
+    if args.max_workers < 0 or not 0 <= args.min_workers <= args.max_workers:
+        raise CLIError(f"--min-workers {args.min_workers} / --max-workers {args.max_workers}: need 0 <= min <= max")
+    cfg = _load(args)
+    from cloud import elastic, provision
+
+    driver = cfg.driver()
+    existing = provision.cluster_nodes(driver, cfg.name)
+    if existing and not elastic.is_autoscaling(cfg, existing):
+        raise CLIError(
+            f"cluster {cfg.name!r} is a static cluster of {len(existing)} node(s) (made by up -n); "
+            f"`down` it first, or give another --name"
+        )
+    progress = _printer()
+    try:
+        rc = elastic.up(cfg, args.min_workers, args.max_workers, args.idle_minutes, progress)
+    except ValueError as e:  # unknown instance type or template, bad endpoint
+        raise CLIError(str(e)) from None
+    st = provision.status(driver, cfg)  # ssh, scp, cmd and --cluster use it
+    _print_nodes(st)
+    if rc != 0:
+        print(
+            f"ray up failed (exit {rc}); see its output above. Run `{PROG} up --max-workers "
+            f"{args.max_workers}` again, or `{PROG} down` to remove it.",
+            file=sys.stderr,
+        )
+        return 1
+    print(
+        f"autoscaling cluster {cfg.name!r} ready: head + {args.min_workers} worker(s), up to "
+        f"{args.max_workers} added on demand, removed after {args.idle_minutes:g} idle minute(s)",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def cmd_ray_config(args) -> int:
     """The Ray cluster YAML on stdout (only it: messages go to stderr)."""
     cfg = _load(args, require_credentials=False)
@@ -478,7 +550,6 @@ def cmd_ray_config(args) -> int:
         args.idle_minutes,
         worker_types,
         args.head_type,
-        user=ray_config.user_of_template(cfg),
     )
     sys.stdout.write(ray_config.render(config))
     sys.stdout.flush()

@@ -30,8 +30,16 @@ def config_path(cfg: ClusterConfig) -> Path:
 
 
 def is_autoscaling(cfg: ClusterConfig, nodes=()) -> bool:
-    """Made by `up --max-workers` (its YAML is in the state) or, with no local state, its nodes say so."""
-    return config_path(cfg).exists() or any(RAY_KIND_LABEL in n.extra.get("labels", {}) for n in nodes)
+    """Made by `up --max-workers` (its YAML is in the state) or by `ray up` on a `ray-config` YAML (the head's
+    key was made here), or, with no local state, its nodes say so."""
+    from cloud import head_credentials
+
+    key_copy = cfg.state_dir / "head" / Path(head_credentials.HEAD_PATH).name
+    return (
+        config_path(cfg).exists()
+        or key_copy.exists()
+        or any(RAY_KIND_LABEL in n.extra.get("labels", {}) for n in nodes)
+    )
 
 
 def ray_cli() -> str:
@@ -62,7 +70,7 @@ def up(
     from cloud import ray_config
 
     check_endpoint_reachable_from_nodes(cfg)
-    config = ray_config.build(cfg, min_workers, max_workers, idle_minutes, user=ray_config.user_of_template(cfg))
+    config = ray_config.build(cfg, min_workers, max_workers, idle_minutes)
     path = config_path(cfg)
     path.write_text(ray_config.render(config))
     progress(cfg.name, f"ray up {path} ({min_workers}-{max_workers} workers, idle after {idle_minutes:g} min)")

@@ -109,6 +109,7 @@ def build(
     head_instance_type: str | None = None,
     user: str = "ubuntu",
 ) -> dict[str, Any]:
+    # `user` is a placeholder: bootstrap_config sets the template's own login user
     """The cluster YAML as a dict (see the module docstring); prepares the local files it names."""
     if not 0 <= min_workers <= max_workers:
         raise ConfigError(f"--min-workers {min_workers} / --max-workers {max_workers}: need 0 <= min <= max")
@@ -186,14 +187,3 @@ def render(config: dict[str, Any]) -> str:
         "# restricted per-cluster key (see README, Elastic clusters).\n"
     )
     return header + yaml.safe_dump(config, sort_keys=False, width=200)
-
-
-def user_of_template(cfg: ClusterConfig) -> str:
-    """The template's login user (asks the API when credentials are set; Exoscale's templates use ubuntu,
-    debian, ...)."""
-    if cfg.api_secret is None:
-        return "ubuntu"
-    image = cfg.driver().ex_get_image(cfg.template)
-    return str(image.extra.get("default_user") or "ubuntu")
-
-

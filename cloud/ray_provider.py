@@ -330,8 +330,10 @@ class ExoscaleNodeProvider(NodeProvider):
                     f"node type {type_name}: instance type {size.name} is not authorized for this Exoscale "
                     f"account (GPU types need a request to Exoscale support); choose another"
                 )
-            nc["instance_type_id"] = size.id
-            nc["template_id"] = driver.ex_get_image(nc["template"]).id
+            image = driver.ex_get_image(nc["template"])
+            nc["instance_type_id"], nc["template_id"] = size.id, image.id
+            if type_name == config.get("head_node_type"):  # the template's login user (ubuntu, debian, ...)
+                config.setdefault("auth", {})["ssh_user"] = image.extra.get("default_user") or "ubuntu"
         return config
 
     @staticmethod

@@ -1,5 +1,5 @@
-"""An autoscaling Ray cluster on the local Exoscale with hosts, through Ray's own CLI and nothing else:
-`exoscale.py ray-config > cluster.yaml`, then unmodified `ray up`, `ray exec`, `ray submit`, `ray down`.
+"""An autoscaling Ray cluster on the local Exoscale with hosts: `exoscale.py ray-config > cluster.yaml` and
+unmodified `ray up`, `ray exec`, `ray submit`, `ray down` on it; `exoscale.py status` on the same cluster.
 One `ray up` (head only, 0-2 CPU workers and 0-1 GPU worker declared by resources) serves every case."""
 
 from __future__ import annotations
@@ -156,6 +156,13 @@ def test_ray_up_made_only_the_head_and_ray_exec_works(elastic):
     r = elastic.ray("exec", str(elastic.path), "ray status", timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "Active:" in r.stdout and "ray.head.default" in r.stdout
+
+
+def test_status_shows_the_autoscalers_view(elastic):
+    r = run_cli("exoscale.py", "--name", elastic.name, "status", env=elastic.env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"{elastic.name}-head" in r.stdout and "Ray: 1 node(s) alive" in r.stdout
+    assert "Autoscaler status" in r.stdout and "ray.head.default" in r.stdout, r.stdout
 
 
 def test_the_head_holds_only_the_restricted_key(elastic):
