@@ -502,7 +502,9 @@ def _refuse_static_up_on_autoscaling(cfg: ClusterConfig) -> None:
 def cmd_up_autoscaling(args) -> int:
     """The head (and --min-workers workers) through `ray up`; Ray's autoscaler on the head adds the rest."""
     if args.nodes is not None:
-        raise CLIError("-n and --max-workers exclude each other: -n N makes N nodes, --max-workers an autoscaling cluster")
+        raise CLIError(
+            "-n and --max-workers exclude each other: -n N makes N nodes, --max-workers an autoscaling cluster"
+        )
     if args.max_workers < 0 or not 0 <= args.min_workers <= args.max_workers:
         raise CLIError(f"--min-workers {args.min_workers} / --max-workers {args.max_workers}: need 0 <= min <= max")
     cfg = _load(args)

@@ -112,9 +112,13 @@ def stop_autoscaler(cfg: ClusterConfig, progress: Progress) -> None:
         progress(cfg.name, "no head known locally; its autoscaler stops when its key is revoked")
         return
     [r] = Remote(store.private_key(cfg.ssh_key), store.known_hosts).run(
-        [head], f"test -x $HOME/raysweep-env/bin/ray && {_ray('ray stop --force', cfg)} >/dev/null 2>&1; true", timeout=60
+        [head],
+        f"test -x $HOME/raysweep-env/bin/ray && {_ray('ray stop --force', cfg)} >/dev/null 2>&1; true",
+        timeout=60,
     )
-    progress(head.name, "autoscaler stopped" if r.ok else f"could not stop the autoscaler ({r.error}); revoking its key")
+    progress(
+        head.name, "autoscaler stopped" if r.ok else f"could not stop the autoscaler ({r.error}); revoking its key"
+    )
 
 
 def revoke_key(driver, cfg: ClusterConfig, progress: Progress) -> None:

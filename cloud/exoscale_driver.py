@@ -604,7 +604,7 @@ class ExoscaleV2NodeDriver(NodeDriver):
         if not body:
             raise ValueError("ex_update_node: give name and/or labels")
         self._operate("PUT", f"/instance/{node.id}", f"update instance {node.name!r}", body)
-        return self.ex_get_node(node.id)
+        return self.ex_get_node(str(node.id))
 
     def ex_call(self, method: str, path: str, body: Any = None, params: dict | None = None, what: str = "") -> Any:
         """A signed request to any API v2 path (retried as every request is); an operation it returns is

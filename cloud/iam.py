@@ -18,6 +18,7 @@ from pathlib import Path
 from cloud import head_credentials
 from cloud.exoscale_driver import ExoscaleAPIError, Secret
 from cloud.head_credentials import HeadCredentials
+from cloud.provision import resource_name
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +26,6 @@ log = logging.getLogger(__name__)
 COMPUTE_OPERATIONS = ("list-instances", "get-instance", "create-instance", "update-instance", "delete-instance")
 #: What it may do in the `general` service: follow the operations the above start.
 GENERAL_OPERATIONS = ("get-operation",)
-
-
-def resource_name(cluster: str) -> str:
-    return f"raysweep-{cluster}"
 
 
 def _allow_only(operations: tuple[str, ...]) -> dict:

@@ -173,7 +173,8 @@ def build(
         ],
         "worker_start_ray_commands": [
             _ray("ray stop", cfg),
-            "ulimit -n 65536 || true; " + _ray(f"ray start --address=$RAY_HEAD_IP:{GCS_PORT} --disable-usage-stats", cfg),
+            "ulimit -n 65536 || true; "
+            + _ray(f"ray start --address=$RAY_HEAD_IP:{GCS_PORT} --disable-usage-stats", cfg),
         ],
     }
 

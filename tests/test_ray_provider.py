@@ -175,7 +175,9 @@ def test_parallel_create_of_three(sim, cluster):
     assert sorted(p.non_terminated_nodes({TAG_RAY_NODE_KIND: "worker"})) == sorted(created)
     ex = [(e.method, e.path) for e in sim.app.exchanges]
     posts = [i for i, (m, path) in enumerate(ex) if m == "POST" and path == "/v2/instance"]
-    first_read = min(i for i, (m, path) in enumerate(ex) if m == "GET" and path.removeprefix("/v2/instance/") in created)
+    first_read = min(
+        i for i, (m, path) in enumerate(ex) if m == "GET" and path.removeprefix("/v2/instance/") in created
+    )
     assert len(posts) == 3 and max(posts) < first_read, "the creates ran one after another, not in parallel"
 
 
@@ -230,7 +232,9 @@ def _wait(what, fn, timeout=60):
 
 def test_v2_adapter_launches_and_terminates(adapter, cluster):
     adapter.launch({ray_config.WORKER_TYPE: 2}, "req-1")
-    nodes = _wait("2 launched instances", lambda: len(adapter.get_non_terminated()) == 2 and adapter.get_non_terminated())
+    nodes = _wait(
+        "2 launched instances", lambda: len(adapter.get_non_terminated()) == 2 and adapter.get_non_terminated()
+    )
     assert {n.node_type for n in nodes.values()} == {ray_config.WORKER_TYPE}
     assert {n.request_id for n in nodes.values()} == {"req-1"}
     assert adapter.poll_errors() == []
