@@ -11,7 +11,7 @@ MIN_WORKERS ?= 0
 CONFIG ?=
 CLUSTER_ARGS := $(if $(CONFIG),--config $(CONFIG),)
 
-.PHONY: run test lint bench system-deps cluster-up cluster-down cluster-status clean
+.PHONY: run test lint bench system-deps cluster-up cluster-down cluster-status clean sim
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,11 @@ test: $(STAMP) lint system-deps
 
 bench: $(STAMP)
 	$(PY) -m bench.all $(ARGS)
+
+# A local Exoscale (root): API on the hosts' gateway, instances booted as hosts offered uv and a package
+# index; prints the line to source, then `make cluster-up` etc. work as with Exoscale. Ctrl-C stops it.
+sim: $(STAMP) system-deps
+	$(PY) -m cloud.sim api --hosts $(ARGS)
 
 # MAX_WORKERS=N: an autoscaling cluster (head + MIN_WORKERS; Ray's autoscaler adds up to N workers)
 cluster-up: $(STAMP)

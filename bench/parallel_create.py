@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from bench.common import report
 from cloud.exoscale_driver import ExoscaleV2NodeDriver
-from cloud.sim.api import App, SimServer
-from cloud.sim.model import Faults, Model
+from cloud.sim.local import start
+from cloud.sim.model import Faults
 
 KEY, SECRET = "EXObench", "bench-secret"
 
@@ -35,9 +35,8 @@ def main(argv=None):
     p.add_argument("--nodes", type=int, default=8)
     p.add_argument("--op-delay", type=float, default=1.0)
     a = p.parse_args(argv)
-    model = Model(faults=Faults(op_delay_s=a.op_delay))
-    with SimServer(App(model, KEY, SECRET)) as sim:
-        d = ExoscaleV2NodeDriver(KEY, SECRET, host=sim.host, port=sim.port, secure=False)
+    with start(KEY, SECRET, faults=Faults(op_delay_s=a.op_delay)) as sim:
+        d = ExoscaleV2NodeDriver(KEY, SECRET, host=sim.server.host, port=sim.server.port, secure=False)
         d.list_sizes(), d.list_images()  # warm the connection of this thread
         t0 = time.perf_counter()
         create(d, 1, "one")

@@ -10,8 +10,8 @@ scp SRC DST           a file or directory to every node (or --node N), DST relat
 cmd "COMMAND"         on every node (or --node N) in parallel, output prefixed by node name
 forget-host N         drop node N's pinned host key (after a node was really replaced)
 import-terraform      use a cluster made with terraform/ (reads `terraform output -json`)
-install               this machine's Python minor and Ray version (and the training program's
-                      packages) in ~/raysweep-env on every node; idempotent
+install               this machine's Python minor and Ray version (and cluster.toml's `packages`,
+                      by default the training program's) in ~/raysweep-env on every node; idempotent
 start / stop          Ray on the nodes: the head (dashboard on 127.0.0.1), workers joining it
 submit -- CMD...      run a driver command as a Ray job on the head, streaming its logs
 logs JOB              re-attach to a job's logs
@@ -28,12 +28,15 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+from cloud import access
 from cloud import config as config_mod
 from cloud.config import ClusterConfig, ConfigError
-from cloud.remote import Remote, interactive_ssh_argv
-from cloud.state import ClusterState, NodeRecord, StateStore
+from cloud.ray_auth import use_token_auth
+from cloud.remote import interactive_ssh_argv
+from cloud.state import ClusterState, NodeRecord, NoHeadError, StateStore
 
 PROG = "exoscale.py"
 
@@ -129,24 +132,6 @@ def _autoscaling_options(a: argparse.ArgumentParser, max_default: int | None) ->
 
 def _load(args, require_credentials: bool = True, **overrides) -> ClusterConfig:
     return config_mod.load(args.config, require_credentials=require_credentials, name=args.name, **overrides)
-
-
-def _state(cfg: ClusterConfig) -> ClusterState:
-    """The cached state, refreshed from the API when there is none and credentials are set."""
-    store = StateStore(cfg.state_dir)
-    st = store.load()
-    if st is None or not st.nodes:
-        if cfg.api_secret is None:
-            raise CLIError(
-                f"no local state for cluster {cfg.name!r} in {store.dir}; set EXOSCALE_API_KEY/"
-                f"EXOSCALE_API_SECRET to look it up, or run `up` first"
-            )
-        from cloud import provision
-
-        st = provision.status(cfg.driver(), cfg)
-    if not st.nodes:
-        raise CLIError(f"cluster {cfg.name!r} has no nodes; run `{PROG} up` first")
-    return st
 
 
 def _select(st: ClusterState, which: str | None) -> list[NodeRecord]:
@@ -254,26 +239,26 @@ def _print_nodes(st: ClusterState) -> None:
 
 def cmd_install(args) -> int:
     cfg = _load(args, require_credentials=False)
-    from cloud import ray_cluster
+    from cloud import node_install
 
-    results = ray_cluster.install(cfg, _printer())
+    results = node_install.install(cfg, _printer(), extra_packages=args.default_packages)
     return _report(results, "install")
 
 
 def cmd_start(args) -> int:
     cfg = _load(args, require_credentials=False)
-    from cloud import ray_cluster
+    from cloud import ray_runtime
 
-    nodes = ray_cluster.start(cfg, _printer())
+    nodes = ray_runtime.start(cfg, _printer())
     _print_ray(nodes)
     return 0
 
 
 def cmd_stop(args) -> int:
     cfg = _load(args, require_credentials=False)
-    from cloud import ray_cluster
+    from cloud import ray_runtime
 
-    return _report(ray_cluster.stop(cfg, _printer()), "stop")
+    return _report(ray_runtime.stop(cfg, _printer()), "stop")
 
 
 def cmd_submit(args) -> int:
@@ -281,12 +266,12 @@ def cmd_submit(args) -> int:
     if not command:
         raise CLIError("give the command after --, e.g. submit -- python -m pipeline.mnist --address auto")
     cfg = _load(args, require_credentials=False)
-    from cloud import ray_cluster
+    from cloud import jobs
 
-    tunnel, port = ray_cluster.dashboard_tunnel(cfg)
+    tunnel, port = jobs.dashboard_tunnel(cfg)
     try:
-        client = ray_cluster.job_client(port)
-        job_id = ray_cluster.submit(client, command)
+        client = jobs.job_client(port)
+        job_id = jobs.submit(client, command)
         print(
             f"submitted job {job_id}; it keeps running if this machine disconnects (re-attach: {PROG} logs {job_id})",
             file=sys.stderr,
@@ -301,10 +286,10 @@ def cmd_submit(args) -> int:
 
 def _follow(client, job_id: str) -> int:
     """Stream a job's logs to the end; 0 when it succeeded. Ctrl-C detaches (the job goes on)."""
-    from cloud import ray_cluster
+    from cloud import jobs
 
     try:
-        status = ray_cluster.follow(client, job_id)
+        status = jobs.follow(client, job_id)
     except KeyboardInterrupt:
         print(f"\ndetached; the job keeps running. Re-attach: {PROG} logs {job_id}", file=sys.stderr)
         return 130
@@ -316,30 +301,30 @@ def _follow(client, job_id: str) -> int:
 
 def cmd_logs(args) -> int:
     cfg = _load(args, require_credentials=False)
-    from cloud import ray_cluster
+    from cloud import jobs
 
-    tunnel, port = ray_cluster.dashboard_tunnel(cfg)
+    tunnel, port = jobs.dashboard_tunnel(cfg)
     try:
-        return _follow(ray_cluster.job_client(port), args.job_id)
+        return _follow(jobs.job_client(port), args.job_id)
     finally:
         tunnel.close()
 
 
 def cmd_fetch(args) -> int:
     cfg = _load(args, require_credentials=False)
-    from cloud import ray_cluster
+    from cloud import jobs
 
-    target = ray_cluster.fetch(cfg, args.path, Path(args.dest))
+    target = jobs.fetch(cfg, args.path, Path(args.dest))
     print(f"{args.path} -> {target}", file=sys.stderr)
     return 0
 
 
 def cmd_dashboard(args) -> int:
     cfg = _load(args, require_credentials=False)
-    from cloud import ray_cluster
+    from cloud import jobs
 
-    tunnel, port = ray_cluster.dashboard_tunnel(cfg)
-    token = StateStore(cfg.state_dir).dir / "ray_token"
+    tunnel, port = jobs.dashboard_tunnel(cfg)
+    token = StateStore(cfg.state_dir).ray_token_path
     print(
         f"Ray dashboard of cluster {cfg.name!r}: http://127.0.0.1:{port}  (token in {token}); Ctrl-C closes it",
         flush=True,
@@ -367,28 +352,22 @@ def cmd_list(args) -> int:
 
         st = provision.status(cfg.driver(), cfg)
     else:
-        st = _state(cfg)
+        st = access.cluster_state(cfg)
     if not st.nodes:
         print(f"cluster {cfg.name!r} has no nodes", file=sys.stderr)
         return 0
     _print_nodes(st)
-    from cloud import ray_cluster
+    from cloud import ray_runtime
 
     try:
-        _print_ray(ray_cluster.ray_nodes(cfg))
-    except ray_cluster.RayClusterError as e:
+        _print_ray(ray_runtime.ray_nodes(cfg))
+    except ray_runtime.RayClusterError as e:
         print(f"Ray: not running ({str(e).splitlines()[0][:200]})")
     from cloud import elastic
 
     if elastic.is_autoscaling(cfg):
         print(elastic.autoscaler_status(cfg).rstrip())
     return 0
-
-
-def _remote(cfg: ClusterConfig) -> tuple[Remote, ClusterState]:
-    st = _state(cfg)
-    store = StateStore(cfg.state_dir)
-    return Remote(store.private_key(cfg.ssh_key), store.known_hosts), st
 
 
 def _report(results, verb: str) -> int:
@@ -405,17 +384,17 @@ def _report(results, verb: str) -> int:
 
 def cmd_scp(args) -> int:
     cfg = _load(args, require_credentials=False)
-    remote, st = _remote(cfg)
     if not Path(args.src).exists():
         raise CLIError(f"{args.src}: no such file or directory")
-    return _report(remote.put(_select(st, args.node), args.src, args.dst), f"{args.src} -> {args.dst}:")
+    acc = access.connect(cfg)
+    return _report(acc.remote.put(_select(acc.state, args.node), args.src, args.dst), f"{args.src} -> {args.dst}:")
 
 
 def cmd_cmd(args) -> int:
     cfg = _load(args, require_credentials=False)
-    remote, st = _remote(cfg)
-    results = remote.run(
-        _select(st, args.node), args.remote_command, sudo=args.sudo, timeout=args.timeout, stream=sys.stdout
+    acc = access.connect(cfg)
+    results = acc.remote.run(
+        _select(acc.state, args.node), args.remote_command, sudo=args.sudo, timeout=args.timeout, stream=sys.stdout
     )
     failed = [r for r in results if not r.ok]
     for r in failed:
@@ -428,20 +407,19 @@ def cmd_cmd(args) -> int:
 
 def cmd_ssh(args) -> int:
     cfg = _load(args, require_credentials=False)
-    remote, st = _remote(cfg)
-    [node] = _select(st, args.node)
-    store = StateStore(cfg.state_dir)
-    [pin] = remote.wait_ssh([node], timeout=30)  # pins the host key on first contact, refuses a changed one
+    acc = access.connect(cfg)
+    [node] = _select(acc.state, args.node)
+    [pin] = acc.remote.wait_ssh([node], timeout=30)  # pins the host key on first contact, refuses a changed one
     if not pin.ok:
         raise CLIError(pin.error)
-    argv = interactive_ssh_argv(node, store.private_key(cfg.ssh_key), store.known_hosts, args.remote_command)
+    argv = interactive_ssh_argv(node, acc.remote.key_path, acc.remote.known_hosts, args.remote_command)
     sys.stdout.flush()
     os.execvp(argv[0], argv)
 
 
 def cmd_forget_host(args) -> int:
     cfg = _load(args, require_credentials=False)
-    st = _state(cfg)
+    st = access.cluster_state(cfg)
     [node] = _select(st, args.node)
     StateStore(cfg.state_dir).forget_host(node.ip)
     print(
@@ -519,7 +497,9 @@ def cmd_up_autoscaling(args) -> int:
         )
     progress = _printer()
     try:
-        rc = elastic.up(cfg, args.min_workers, args.max_workers, args.idle_minutes, progress)
+        rc = elastic.up(
+            cfg, args.min_workers, args.max_workers, args.idle_minutes, progress, packages=args.default_packages
+        )
     except ValueError as e:  # unknown instance type or template, bad endpoint
         raise CLIError(str(e)) from None
     st = provision.status(driver, cfg)  # ssh, scp, cmd and --cluster use it
@@ -552,6 +532,7 @@ def cmd_ray_config(args) -> int:
         args.idle_minutes,
         worker_types,
         args.head_type,
+        packages=args.default_packages,
     )
     sys.stdout.write(ray_config.render(config))
     sys.stdout.flush()
@@ -587,10 +568,12 @@ COMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, default_packages: Sequence[str] = ()) -> int:
+    """Run one command; `default_packages` is the nodes' extra packages when cluster.toml names none
+    (`exoscale.py` passes the training program's)."""
     args = build_parser().parse_args(argv)
-    # Our clusters require Ray's token; Ray reads this once, when first imported (by submit, logs, ...).
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    args.default_packages = tuple(default_packages)
+    use_token_auth()  # Ray reads the mode once, when first imported (by submit, logs, ...)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -599,16 +582,18 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("ray").setLevel(logging.WARNING)
     try:
         return COMMANDS[args.command](args)
-    except (CLIError, ConfigError) as e:
+    except (CLIError, ConfigError, access.AccessError, NoHeadError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
         from libcloud.common.exceptions import BaseHTTPError
         from libcloud.common.types import LibcloudError
 
-        from cloud.ray_cluster import RayClusterError
+        from cloud.node_install import InstallError
+        from cloud.ray_auth import RayAuthError
+        from cloud.ray_runtime import RayClusterError
 
-        if isinstance(e, (LibcloudError, BaseHTTPError, RayClusterError)):
+        if isinstance(e, (LibcloudError, BaseHTTPError, RayClusterError, InstallError, RayAuthError)):
             text = e.value if isinstance(e, LibcloudError) else str(e)  # libcloud's str() wraps it in a repr
             print(f"{PROG}: error: {text}", file=sys.stderr)
             return 1

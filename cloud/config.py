@@ -39,6 +39,7 @@ DEFAULTS = {
     "uv_path": None,  # a uv binary already on the nodes; else uv's installer is fetched
     "install_options": "",  # extra `uv pip install` options, e.g. "--index-url https://mirror/simple"
     "install_env": {},  # environment for the install, e.g. { UV_CACHE_DIR = "/var/cache/uv" }
+    "packages": None,  # what `install` adds to Ray on the nodes (default: what the CLI is given, the program's)
     "ray_cpus": None,  # CPUs each node offers to Ray (default: all it has)
     "ray_env": {},  # environment for `ray start`, e.g. { RAY_health_check_period_ms = "1000" }
 }
@@ -69,6 +70,7 @@ class ClusterConfig:
     uv_path: str | None = None
     install_options: str = ""
     install_env: dict[str, str] = field(default_factory=dict)
+    packages: tuple[str, ...] | None = None  # None: the default the CLI supplies
     ray_cpus: int | None = None
     ray_env: dict[str, str] = field(default_factory=dict)
     endpoint: str | None = None  # EXOSCALE_API_ENDPOINT
@@ -187,6 +189,9 @@ def _validate(
     for k in ("install_env", "ray_env"):
         if not isinstance(v[k], dict) or not all(isinstance(x, str) for x in v[k].values()):
             raise ConfigError(f'{k} must be a table of NAME = "value" strings')
+    pkgs = v["packages"]
+    if pkgs is not None and (not isinstance(pkgs, list) or not all(isinstance(x, str) and x.strip() for x in pkgs)):
+        raise ConfigError('packages must be a list of requirement strings, e.g. ["numpy==2.1", "scikit-learn"]')
     if v["ray_cpus"] is not None and (not isinstance(v["ray_cpus"], int) or v["ray_cpus"] < 1):
         raise ConfigError(f"ray_cpus {v['ray_cpus']!r}: a whole number >= 1")
     if not isinstance(v["install_options"], str) or (v["uv_path"] is not None and not isinstance(v["uv_path"], str)):
@@ -208,6 +213,7 @@ def _validate(
         uv_path=v["uv_path"],
         install_options=v["install_options"],
         install_env=dict(v["install_env"]),
+        packages=None if pkgs is None else tuple(x.strip() for x in pkgs),
         ray_cpus=v["ray_cpus"],
         ray_env=dict(v["ray_env"]),
         endpoint=endpoint,

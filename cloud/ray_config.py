@@ -13,14 +13,17 @@ copies it to the head.
 from __future__ import annotations
 
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from cloud.config import ClusterConfig, ConfigError
-from cloud.ray_cluster import CLIENT_PORT, DASHBOARD_PORT, GCS_PORT, NODE_ENV, _ray, cluster_token, install_script
+from cloud.node_install import NODE_ENV, install_script, node_packages
 from cloud.ray_provider import HEAD_MOUNT
+from cloud.ray_runtime import CLIENT_PORT, DASHBOARD_PORT, GCS_PORT, node_command
+from cloud.remote import env_exports
 from cloud.state import StateStore
 
 PROVIDER_MODULE = "cloud.ray_provider.ExoscaleNodeProvider"
@@ -78,26 +81,24 @@ def _node_type(instance_type: str, cfg: ClusterConfig, lo: int, hi: int, resourc
     }
 
 
-def _with_env(env: dict[str, str], cmd: str) -> str:
-    return (" ".join(["env", *(f"{k}={shlex.quote(v)}" for k, v in env.items())]) + " " if env else "") + cmd
-
-
-def prepare_files(cfg: ClusterConfig) -> dict[str, Path]:
+def prepare_files(cfg: ClusterConfig, packages: Sequence[str] = ()) -> dict[str, Path]:
     """The local files the YAML names, made where missing (the SSH key pair, the Ray token, the install
-    scripts, the directory for the head's key); returned by role."""
+    scripts, the directory for the head's key); returned by role. `packages`: the nodes' extra packages
+    when cluster.toml names none (as for `install`)."""
     store = StateStore(cfg.state_dir)
     store.ensure_dir()
     key = store.private_key(cfg.ssh_key)
     if key == store.key_path:
         store.ensure_key()
-    cluster_token(store)
+    store.ensure_ray_token()
+    extra = list(cfg.packages if cfg.packages is not None else packages)
     setup = store.dir / "ray-setup"
     setup.mkdir(mode=0o700, exist_ok=True)
-    (setup / "install-worker.sh").write_text(install_script(cfg))
-    (setup / "install-head.sh").write_text(install_script(cfg, head_packages()))
+    (setup / "install-worker.sh").write_text(install_script(cfg, node_packages(extra)))
+    (setup / "install-head.sh").write_text(install_script(cfg, node_packages(extra + head_packages())))
     head = store.dir / "head"
     head.mkdir(mode=0o700, exist_ok=True)
-    return {"key": key, "token": store.dir / "ray_token", "setup": setup, "head": head}
+    return {"key": key, "token": store.ray_token_path, "setup": setup, "head": head}
 
 
 def build(
@@ -108,6 +109,7 @@ def build(
     worker_types: tuple[WorkerType, ...] = (),
     head_instance_type: str | None = None,
     user: str = "ubuntu",
+    packages: Sequence[str] = (),
 ) -> dict[str, Any]:
     # `user` is a placeholder: bootstrap_config sets the template's own login user
     """The cluster YAML as a dict (see the module docstring); prepares the local files it names."""
@@ -118,7 +120,7 @@ def build(
     names = [WORKER_TYPE, *(w.name for w in worker_types)]
     if len(set(names)) != len(names) or HEAD_TYPE in names[1:]:
         raise ConfigError(f"worker type names must be unique and differ from {HEAD_TYPE}: {', '.join(names)}")
-    files = prepare_files(cfg)
+    files = prepare_files(cfg, packages)
     node_types = {
         HEAD_TYPE: _node_type(head_instance_type or cfg.instance_type, cfg, 0, 0, {}),
         WORKER_TYPE: _node_type(cfg.instance_type, cfg, min_workers, max_workers, {}),
@@ -127,7 +129,7 @@ def build(
         node_types[w.name] = _node_type(w.instance_type, cfg, w.min_workers, w.max_workers, w.resources)
     path_line = f'export PATH="$HOME/{NODE_ENV}/bin:$PATH" RAY_AUTH_MODE=token'
     shell_env = f"grep -qsF {shlex.quote(path_line)} ~/.bashrc || echo {shlex.quote(path_line)} >> ~/.bashrc"
-    install = _with_env(cfg.install_env, f"bash {REMOTE_PROJECT}/setup/install-%s.sh")
+    install = env_exports(cfg.install_env) + f"bash {REMOTE_PROJECT}/setup/install-%s.sh"
     provider: dict[str, Any] = {
         "type": "external",
         "module": PROVIDER_MODULE,
@@ -168,13 +170,13 @@ def build(
         "head_setup_commands": [install % "head"],
         "worker_setup_commands": [install % "worker"],
         "head_start_ray_commands": [
-            _ray("ray stop", cfg),
-            f"ulimit -n 65536 || true; export PYTHONPATH={REMOTE_PROJECT}; " + _ray(head_start, cfg),
+            node_command("ray stop", cfg),
+            f"ulimit -n 65536 || true; export PYTHONPATH={REMOTE_PROJECT}; " + node_command(head_start, cfg),
         ],
         "worker_start_ray_commands": [
-            _ray("ray stop", cfg),
+            node_command("ray stop", cfg),
             "ulimit -n 65536 || true; "
-            + _ray(f"ray start --address=$RAY_HEAD_IP:{GCS_PORT} --disable-usage-stats", cfg),
+            + node_command(f"ray start --address=$RAY_HEAD_IP:{GCS_PORT} --disable-usage-stats", cfg),
         ],
     }
 

@@ -7,16 +7,22 @@ Layout of a cluster's state directory (mode 700):
     id_ed25519(.pub) the cluster's own key pair, when no ssh_key is configured (private key 600)
     ssh_key_path    the private key given to import-terraform, for a Terraform-made cluster
     known_hosts     host keys pinned when first seen, checked on every later connection
+    ray_token       the cluster's Ray token (600), made by `start`, sent to the nodes and to Ray's clients
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+
+class NoHeadError(Exception):
+    """The cluster's state has no head node (e.g. a Terraform output of workers only)."""
 
 
 @dataclass
@@ -39,6 +45,17 @@ class ClusterState:
 
     def head(self) -> NodeRecord | None:
         return next((n for n in self.nodes if n.role == "head"), None)
+
+    def require_head(self) -> NodeRecord:
+        """The head node, or NoHeadError naming the cluster and the nodes it has."""
+        head = self.head()
+        if head is None:
+            names = ", ".join(n.name for n in self.ordered()) or "none"
+            raise NoHeadError(
+                f"cluster {self.name!r} has no head node (its nodes: {names}); Ray needs one node with "
+                f"role head: run `exoscale.py up` to complete the cluster, or import a Terraform output that has one"
+            )
+        return head
 
     def ordered(self) -> list[NodeRecord]:
         """Head first, then workers by name: the numbering `ssh N` and `--node N` use."""
@@ -76,6 +93,29 @@ class StateStore:
         if imported.exists():
             return Path(imported.read_text().strip())
         return self.key_path
+
+    @property
+    def ray_token_path(self) -> Path:
+        return self.dir / "ray_token"
+
+    def ray_token(self) -> str | None:
+        """The cluster's Ray token, or None before `start` made it."""
+        try:
+            return self.ray_token_path.read_text().strip()
+        except FileNotFoundError:
+            return None
+
+    def ensure_ray_token(self) -> str:
+        """The cluster's Ray token, made on first use in a file only the user can read."""
+        self.ensure_dir()
+        try:
+            fd = os.open(self.ray_token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+        return self.ray_token_path.read_text().strip()
 
     def record_imported_key(self, path: Path) -> None:
         self.ensure_dir()

@@ -55,13 +55,11 @@ SIM_SECRET = "sim-secret-" + uuid.uuid4().hex  # unique per run: a leak is found
 @pytest.fixture
 def sim():
     """A fresh in-process Exoscale API v2 sim recording every exchange."""
-    from cloud.sim.api import App, HTTPFaults, SimServer
-    from cloud.sim.model import Faults, Model
+    from cloud.sim.local import start
+    from cloud.sim.model import Faults
 
-    model = Model(faults=Faults(op_delay_s=0.05), seed=1)
-    app = App(model, SIM_KEY, SIM_SECRET, HTTPFaults(seed=1), record=True)
-    with SimServer(app) as server:
-        yield server
+    with start(SIM_KEY, SIM_SECRET, faults=Faults(op_delay_s=0.05), record=True, seed=1) as local:
+        yield local.server
 
 
 @pytest.fixture
@@ -81,23 +79,16 @@ def driver(sim):
 @pytest.fixture(scope="module")
 def sim_hosts():
     """An in-process Exoscale API sim whose instances boot as namespace hosts (needs root)."""
-    from cloud.sim.api import App, HTTPFaults, SimServer
-    from cloud.sim.hosts import HostHooks, missing_requirements
-    from cloud.sim.model import Faults, Model
+    from cloud.sim.hosts import missing_requirements
+    from cloud.sim.local import start
+    from cloud.sim.model import Faults
 
     missing = missing_requirements()
     if missing:
         pytest.skip(f"local VM hosts need {', '.join(missing)}")
-    hooks = HostHooks.create()  # also cleans stale hosts of crashed runs
-    model = Model(faults=Faults(op_delay_s=0.2), seed=7)
-    hooks.attach(model)
-    app = App(model, SIM_KEY, SIM_SECRET, HTTPFaults(seed=7), record=True)
-    server = SimServer(app).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        hooks.close()
+    # also cleans stale hosts of crashed runs; the endpoint is the hosts' gateway, reachable from both sides
+    with start(SIM_KEY, SIM_SECRET, faults=Faults(op_delay_s=0.2), hosts=True, record=True, seed=7) as local:
+        yield local.server
 
 
 class ClusterCLI:
@@ -127,14 +118,15 @@ WHEELHOUSE = Path("/var/tmp/raysweep-wheelhouse")  # outside the hosts' private 
 def node_wheelhouse():
     """What the sim offers its hosts instead of the internet: the nodes' packages as local wheels
     (downloaded once per machine from the package index; hosts have no route out)."""
-    from cloud.ray_cluster import node_packages
+    from cloud.node_install import node_packages
+    from pipeline.requirements import NODE_PACKAGES
 
     WHEELHOUSE.mkdir(parents=True, exist_ok=True)
     stamp = WHEELHOUSE / ".complete"
-    want = " ".join(node_packages())
+    want = " ".join(node_packages(NODE_PACKAGES))
     if not stamp.exists() or stamp.read_text() != want:
         r = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "-d", str(WHEELHOUSE), *node_packages()],
+            [sys.executable, "-m", "pip", "download", "-q", "-d", str(WHEELHOUSE), *node_packages(NODE_PACKAGES)],
             capture_output=True,
             text=True,
             timeout=1800,

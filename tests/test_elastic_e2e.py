@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import SIM_KEY, SIM_SECRET, run_cli, sim_cluster_toml
+from tests.conftest import SIM_KEY, SIM_SECRET, run_cli
 
 pytestmark = [pytest.mark.root]
 
@@ -62,28 +63,39 @@ class KeyRecorder:
 
 
 @pytest.fixture(scope="module")
-def elastic(node_wheelhouse, tmp_path_factory):
-    from cloud.sim.api import App, HTTPFaults, SimServer
-    from cloud.sim.hosts import HostHooks, missing_requirements
-    from cloud.sim.model import Faults, Model
+def elastic(tmp_path_factory):
+    from cloud.sim.hosts import missing_requirements
+    from cloud.sim.local import start
+    from cloud.sim.model import Faults
 
-    missing = missing_requirements() + ([] if subprocess.run(["which", "rsync"]).returncode == 0 else ["rsync"])
+    missing = missing_requirements() + ([] if shutil.which("rsync") else ["rsync"])
     if missing:
         pytest.skip(f"local VM hosts need {', '.join(missing)}")
-    hooks = HostHooks.create()
-    model = Model(faults=Faults(op_delay_s=0.2), seed=11)
-    hooks.attach(model)
-    app = App(model, SIM_KEY, SIM_SECRET, HTTPFaults(seed=11), record=True)
+    # The API on the hosts' gateway (the head calls it at the very URL this machine uses); uv and a package
+    # index offered to the hosts, as the internet would be.
+    local = start(
+        SIM_KEY, SIM_SECRET, faults=Faults(op_delay_s=0.2), hosts=True, offer_packages=True, record=True, seed=11
+    )
+    try:
+        yield from _cluster(local, tmp_path_factory)
+    finally:
+        local.close()
+
+
+def _cluster(local, tmp_path_factory):
+    app, model = local.app, local.model
     recorder = KeyRecorder(app)
-    # The API on the bridge's gateway: the head calls it at the very URL this machine uses.
-    server = SimServer(app, hooks.gateway, 0, also_on=("127.0.0.1",)).start()
     state = tmp_path_factory.mktemp("elastic")
     name = f"el{uuid.uuid4().hex[:6]}"
-    toml = sim_cluster_toml(state / "cluster.toml", name, node_wheelhouse)
+    toml = state / "cluster.toml"
+    toml.write_text(
+        f'name = "{name}"\nray_cpus = 1\nssh_cidr = "0.0.0.0/0"\n'
+        'ray_env = { RAY_health_check_period_ms = "1000", RAY_health_check_failure_threshold = "3" }\n'
+    )
     env = {
         "EXOSCALE_API_KEY": SIM_KEY,
         "EXOSCALE_API_SECRET": SIM_SECRET,
-        "EXOSCALE_API_ENDPOINT": server.endpoint,
+        "EXOSCALE_API_ENDPOINT": local.endpoint,
         "RAYSWEEP_STATE_DIR": str(state / "clusters"),
         "RAY_USAGE_STATS_ENABLED": "0",
         "TMPDIR": str(state),  # Ray's cached bootstrap (ray-config-<hash>) stays inside this test
@@ -118,16 +130,13 @@ def elastic(node_wheelhouse, tmp_path_factory):
     ctx.ray = lambda *a, timeout=900: subprocess.run(
         [RAY, *a], capture_output=True, text=True, timeout=timeout, env={**os.environ, **env}, stdin=subprocess.DEVNULL
     )
-    up = ctx.ray("up", str(path), "-y")
-    ctx.up = up
     try:
+        up = ctx.ray("up", str(path), "-y")
         assert up.returncode == 0, up.stdout[-4000:] + up.stderr[-3000:]
         yield ctx
     finally:
         if any(i.labels.get("cluster") == name for i in list(model.instances.values())):
             ctx.ray("down", str(path), "-y", timeout=600)
-        server.stop()
-        hooks.close()
 
 
 def instances(ctx, **labels):

@@ -142,3 +142,14 @@ def test_random_faults_refuse_a_request_at_most_max_consecutive_times():
     assert got[:3] == [got[0], got[1], got[2]] and all(got[:3]) and got[3] is None
     assert all(got[4:7]) and got[7] is None  # a fresh streak after a success
     assert f.pick("GET", "/instance") is not None  # streaks are per request
+
+
+def test_declined_operations_answer_501_and_coverage_lists_them(sim):
+    from cloud.sim.urls import HANDLERS, coverage
+
+    served, declined = coverage("compute")
+    assert "update-instance" in served and "create-elastic-ip" in declined["elastic-ip"]
+    assert set(served) <= set(HANDLERS) and not set(HANDLERS) & {op for ops in declined.values() for op in ops}
+    auth = ExoscaleV2Auth(SIM_KEY, SIM_SECRET)
+    r = requests.get(f"http://{sim.host}:{sim.port}/v2/elastic-ip", auth=auth)
+    assert r.status_code == 501 and "list-elastic-ips" in r.json()["message"]

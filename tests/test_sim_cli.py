@@ -9,6 +9,7 @@ import time
 
 from cloud.exoscale_driver import ExoscaleV2NodeDriver
 from tests.conftest import ROOT, free_port
+from tests.exoscale_sdk import client
 
 
 def test_serves_until_stopped():
@@ -40,14 +41,50 @@ def test_serves_until_stopped():
     assert "cli-secret" not in proc.stderr.read()
 
 
-def test_refuses_to_start_without_credentials():
+def test_without_credentials_a_fresh_pair_goes_to_a_private_env_file(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXOSCALE_")}
-    r = subprocess.run(
-        [sys.executable, "-m", "cloud.sim", "api", "--port", str(free_port())],
+    env_file = tmp_path / "sim.env"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cloud.sim", "api", "--port", "0", "--op-delay", "0", "--env-file", str(env_file)],
         cwd=ROOT,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=60,
     )
-    assert r.returncode == 2 and "EXOSCALE_API_KEY and EXOSCALE_API_SECRET" in r.stderr
+    try:
+        first = proc.stdout.readline()  # the banner, then the line to run
+        assert first.startswith("# local Exoscale API on http://127.0.0.1:"), first
+        proc.stdout.readline()
+        assert proc.stdout.readline().strip() == f"source {env_file}"
+        assert env_file.stat().st_mode & 0o777 == 0o600
+        exports = dict(line.removeprefix("export ").split("=", 1) for line in env_file.read_text().splitlines() if line)
+        assert set(exports) == {"EXOSCALE_API_ENDPOINT", "EXOSCALE_API_KEY", "EXOSCALE_API_SECRET"}
+        sdk = client(exports["EXOSCALE_API_KEY"], exports["EXOSCALE_API_SECRET"], exports["EXOSCALE_API_ENDPOINT"])
+        assert sdk.list_instances() == {"instances": []}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert proc.returncode == 0
+    out = proc.stdout.read() + proc.stderr.read() + first
+    assert exports["EXOSCALE_API_SECRET"] not in out
+    assert not env_file.exists()  # removed when the sim stops
+
+
+def test_bad_options_are_one_line_each():
+    for args, text in (
+        (["--error-rate", "2"], "--error-rate must be within [0, 1]"),
+        (["--subnet", "10.0.0.0/24"], "--subnet needs --hosts"),
+        (["--key", "EXOonly"], "give both"),
+    ):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EXOSCALE_")}
+        r = subprocess.run(
+            [sys.executable, "-m", "cloud.sim", "api", "--port", str(free_port()), *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"cloud.sim: error: {text}"), r.stderr

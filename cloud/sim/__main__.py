@@ -1,7 +1,9 @@
-"""python -m cloud.sim api --port N [--hosts]: serve a local Exoscale API v2 until stopped.
+"""python -m cloud.sim api [--port N] [--hosts [--subnet CIDR]]: serve a local Exoscale API v2 until stopped.
 
-The one valid credential pair comes from EXOSCALE_API_KEY / EXOSCALE_API_SECRET (or --key/--secret).
-Point the toolkit at it with EXOSCALE_API_ENDPOINT=http://HOST:PORT/v2.
+The account's key pair comes from EXOSCALE_API_KEY / EXOSCALE_API_SECRET (or --key/--secret); without them a
+fresh pair is made. Everything a client needs (endpoint, key, secret) goes into a 0600 env file; the line
+that sources it is printed, never the secret. With --hosts the endpoint is on the hosts' bridge gateway, so the
+same URL works from this machine and from the hosts, which are also offered uv and a package index.
 """
 
 from __future__ import annotations
@@ -9,76 +11,134 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
+import shlex
 import signal
 import sys
 import threading
+from pathlib import Path
 
-from cloud.sim.api import App, HTTPFaults, SimServer
-from cloud.sim.model import ZONES, Faults, Model
+from cloud.sim.local import LocalExoscale, start
+from cloud.sim.model import ZONES, Faults
+from cloud.sim.server import HTTPFaults
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cloud.sim")
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("api", help="serve the API")
-    a.add_argument("--host", default="127.0.0.1")
+    a.add_argument("--host", default="127.0.0.1", help="address to serve on (with --hosts: also the gateway)")
     a.add_argument("--port", type=int, default=8080)
     a.add_argument("--zone", default="ch-gva-2", choices=ZONES)
     a.add_argument("--key", default=os.environ.get("EXOSCALE_API_KEY"))
     a.add_argument("--secret", default=None, help="default: $EXOSCALE_API_SECRET")
     a.add_argument("--hosts", action="store_true", help="boot each instance as a local host (root)")
+    a.add_argument("--subnet", default=None, help="with --hosts: the hosts' network, e.g. 10.77.5.0/24")
+    a.add_argument(
+        "--no-packages", action="store_true", help="with --hosts: do not offer the hosts uv and a package index"
+    )
+    a.add_argument("--env-file", default=None, help="where to write the exports (default: a 0600 file in /tmp)")
     a.add_argument("--op-delay", type=float, default=0.5, help="seconds an operation stays pending")
     a.add_argument("--op-failure-rate", type=float, default=0.0, help="share of operations that fail")
     a.add_argument("--error-rate", type=float, default=0.0, help="share of requests answered 429/503")
     a.add_argument("--latency", type=float, default=0.0, help="seconds added to every request")
     a.add_argument("--seed", type=int, default=None)
     a.add_argument("-v", "--verbose", action="store_true")
+    c = sub.add_parser("coverage", help="which operations of the spec are served (501 for the others)")
+    c.add_argument("--service", default="compute", help="IAM service class, e.g. compute, iam (default compute)")
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s")
-    secret = args.secret or os.environ.get("EXOSCALE_API_SECRET")
-    if not args.key or not secret:
-        print(
-            "cloud.sim: error: set EXOSCALE_API_KEY and EXOSCALE_API_SECRET (or --key/--secret): "
-            "the one credential pair the sim accepts",
-            file=sys.stderr,
+def print_coverage(service: str) -> int:
+    from cloud.sim.urls import coverage
+
+    served, declined = coverage(service)
+    total = len(served) + sum(len(ops) for ops in declined.values())
+    print(f"{service}: {len(served)} of the spec's {total} operations served: {', '.join(served)}")
+    for tag, ops in declined.items():
+        print(f"  declined ({tag}): {', '.join(ops)}")
+    return 0
+
+
+def write_env_file(path: Path, sim: LocalExoscale, key: str, secret: str) -> None:
+    """The exports for a client of this sim, in a file only its owner can read."""
+    text = "".join(
+        f"export {name}={shlex.quote(value)}\n"
+        for name, value in (
+            ("EXOSCALE_API_ENDPOINT", sim.endpoint),
+            ("EXOSCALE_API_KEY", key),
+            ("EXOSCALE_API_SECRET", secret),
         )
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "coverage":
+        return print_coverage(args.service)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s")
+
+    def fail(message: str) -> int:
+        print(f"cloud.sim: error: {message}", file=sys.stderr)
         return 2
+
     for name in ("op_failure_rate", "error_rate"):
         if not 0 <= getattr(args, name) <= 1:
-            print(f"cloud.sim: error: --{name.replace('_', '-')} must be within [0, 1]", file=sys.stderr)
-            return 2
-    hooks = None
-    if args.hosts:
-        from cloud.sim.hosts import HostHooks
+            return fail(f"--{name.replace('_', '-')} must be within [0, 1]")
+    if args.subnet and not args.hosts:
+        return fail("--subnet needs --hosts (it is the hosts' network)")
+    if args.subnet:
+        from cloud.sim.hosts import parse_subnet
 
         try:
-            hooks = HostHooks.create()
-        except RuntimeError as e:
-            print(f"cloud.sim: error: --hosts: {e}", file=sys.stderr)
-            return 2
-    model = Model(
-        args.zone, Faults(op_delay_s=args.op_delay, op_failure_rate=args.op_failure_rate), hooks=hooks, seed=args.seed
-    )
-    if hooks is not None:
-        hooks.attach(model)
-    app = App(model, args.key, secret, HTTPFaults(error_rate=args.error_rate, latency_s=args.latency, seed=args.seed))
-    server = SimServer(app, args.host, args.port).start()
-    print(
-        f"Exoscale API sim on {server.endpoint} (zone {args.zone}, key {args.key}); Ctrl-C stops it",
-        file=sys.stderr,
-        flush=True,
-    )
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *a: stop.set())
-    signal.signal(signal.SIGINT, lambda *a: stop.set())
-    stop.wait()
-    server.stop()
-    if hooks is not None:
-        hooks.close()
+            parse_subnet(args.subnet)
+        except ValueError as e:
+            return fail(str(e))
+    key = args.key
+    secret = args.secret or os.environ.get("EXOSCALE_API_SECRET")
+    if bool(key) != bool(secret):
+        return fail(
+            "give both EXOSCALE_API_KEY and EXOSCALE_API_SECRET (or --key/--secret), or neither for a fresh pair"
+        )
+    if not key or not secret:
+        key, secret = "EXO" + secrets.token_hex(12), secrets.token_urlsafe(32)
+    try:
+        sim = start(
+            key,
+            secret,
+            zone=args.zone,
+            faults=Faults(op_delay_s=args.op_delay, op_failure_rate=args.op_failure_rate),
+            http_faults=HTTPFaults(error_rate=args.error_rate, latency_s=args.latency, seed=args.seed),
+            hosts=args.hosts,
+            subnet=args.subnet,
+            offer_packages=args.hosts and not args.no_packages,
+            host=args.host,
+            port=args.port,
+            seed=args.seed,
+        )
+    except (RuntimeError, OSError) as e:
+        return fail(f"{'--hosts: ' if args.hosts else ''}{e}")
+    env_file = Path(args.env_file or f"/tmp/raysweep-sim-{os.getuid()}-{sim.server.port}.env")
+    try:
+        write_env_file(env_file, sim, key, secret)
+        hosts = f", hosts on {sim.hooks.subnet}" if sim.hooks is not None else ""
+        print(
+            f"# local Exoscale API on {sim.endpoint} (zone {args.zone}, key {key}{hosts}); Ctrl-C stops it.\n"
+            f"# In another shell, then use exoscale.py / make cluster-up as with Exoscale:\n"
+            f"source {shlex.quote(str(env_file))}",
+            flush=True,
+        )
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *a: stop.set())
+        signal.signal(signal.SIGINT, lambda *a: stop.set())
+        stop.wait()
+    finally:
+        sim.close()
+        env_file.unlink(missing_ok=True)
     return 0
 
 

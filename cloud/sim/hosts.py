@@ -9,7 +9,9 @@ Each running instance gets:
 - a login user `ubuntu` (the template's default user) with passwordless sudo, whose
   authorized_keys are the instance's registered SSH keys, and sshd with host keys of its own;
 - an nftables input policy built from its security groups' ingress rules (default drop, as on
-  Exoscale), re-applied whenever rules or group membership change.
+  Exoscale), re-applied whenever rules or group membership change;
+- when the run offers them (cloud.sim.offer), uv and a uv configuration laid read-only over the host's
+  /usr/local/bin and /etc: what the internet gives a real VM.
 
 Stopping or destroying the instance ends its PID namespace; destroying also removes its network
 namespace. Every run records itself under /run/exoscale-sim; the leftovers of a run whose process
@@ -57,6 +59,17 @@ def missing_requirements() -> list[str]:
         if not (shutil.which(tool) or os.path.exists(path)):
             missing.append(tool)
     return missing
+
+
+def parse_subnet(text: str) -> ipaddress.IPv4Network:
+    """A subnet for the hosts' bridge: IPv4, private, from /16 to /29; ValueError saying what is valid."""
+    try:
+        net = ipaddress.ip_network(text, strict=True)
+    except ValueError as e:
+        raise ValueError(f"--subnet {text!r}: {e}; expected an IPv4 network such as 10.77.5.0/24") from None
+    if not isinstance(net, ipaddress.IPv4Network) or not net.is_private or not 16 <= net.prefixlen <= 29:
+        raise ValueError(f"--subnet {text!r}: expected a private IPv4 network from /16 to /29, e.g. 10.77.5.0/24")
+    return net
 
 
 def _run(*cmd: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
@@ -131,6 +144,11 @@ mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 P=/home/.host
 mkdir -m 700 $P
 cp /etc/passwd /etc/shadow /etc/group /etc/hosts $P/
+if [ -n "$OFFER_DIR" ]; then
+  # what the internet gives a real VM: uv on PATH, uv configured for the sim's package index (read-only overlays)
+  mount -t overlay overlay -o "lowerdir=$OFFER_DIR/bin:/usr/local/bin" /usr/local/bin
+  mount -t overlay overlay -o "lowerdir=$OFFER_DIR/etc:/etc" /etc
+fi
 echo "$HOST_IP $HOST_NAME" >> $P/hosts
 echo "$LOGIN_USER:x:$LOGIN_UID:$LOGIN_UID:$LOGIN_USER:/home/$LOGIN_USER:/bin/bash" >> $P/passwd
 echo "$LOGIN_USER:*:19000:0:99999:7:::" >> $P/shadow
@@ -177,6 +195,7 @@ class HostHooks(InstanceHooks):
         self.bridge = f"{PREFIX}br{run_id}"
         self.run_dir = RUN_ROOT / run_id
         self.model: Model | None = None
+        self.offer_dir: Path | None = None  # laid over the hosts' /usr/local/bin and /etc (cloud.sim.offer)
         self.hosts: dict[str, Host] = {}  # instance id -> host
         self._free = [str(ip) for ip in list(subnet.hosts())[1:]]
         self._next_index = 0
@@ -184,7 +203,8 @@ class HostHooks(InstanceHooks):
         self._closed = False
 
     @classmethod
-    def create(cls) -> HostHooks:
+    def create(cls, subnet: str | None = None) -> HostHooks:
+        """A new run: its bridge on `subnet` (an IPv4 /16../29 CIDR; default: a free 10.77.x.0/24)."""
         missing = missing_requirements()
         if missing:
             raise RuntimeError(
@@ -198,31 +218,47 @@ class HostHooks(InstanceHooks):
             for r in _run("ip", "-4", "route", "show").stdout.splitlines()
             if r and r.split()[0][0].isdigit()
         }
-        for _ in range(100):
-            run_id = f"{random.randrange(16**4):04x}"
-            subnet = ipaddress.ip_network(f"10.77.{random.randrange(1, 255)}.0/24")
-            if not any(subnet.overlaps(u) for u in used) and not (RUN_ROOT / run_id).exists():
-                break
+        run_id = next(
+            (i for i in (f"{random.randrange(16**4):04x}" for _ in range(100)) if not (RUN_ROOT / i).exists()), None
+        )
+        if run_id is None:
+            raise RuntimeError(f"no free run id under {RUN_ROOT}")
+        if subnet is not None:
+            net = parse_subnet(subnet)
+            clash = [str(u) for u in used if net.overlaps(u)]
+            if clash:
+                raise RuntimeError(f"subnet {net} overlaps a route of this machine ({', '.join(clash)}); pick another")
         else:
-            raise RuntimeError("no free 10.77.x.0/24 subnet for the sim's bridge")
-        self = cls(run_id, subnet)
+            for _ in range(100):
+                net = ipaddress.IPv4Network(f"10.77.{random.randrange(1, 255)}.0/24")
+                if not any(net.overlaps(u) for u in used):
+                    break
+            else:
+                raise RuntimeError("no free 10.77.x.0/24 subnet for the sim's bridge; pass one with --subnet")
+        subnet_net = net
+        self = cls(run_id, subnet_net)
         self.run_dir.mkdir(parents=True)
         (self.run_dir / "run.json").write_text(
-            json.dumps({"run_id": run_id, "owner_pid": os.getpid(), "subnet": str(subnet)})
+            json.dumps({"run_id": run_id, "owner_pid": os.getpid(), "subnet": str(subnet_net)})
         )
         try:
             _run("ip", "link", "add", self.bridge, "type", "bridge")
-            _run("ip", "addr", "add", f"{self.gateway}/{subnet.prefixlen}", "dev", self.bridge)
+            _run("ip", "addr", "add", f"{self.gateway}/{subnet_net.prefixlen}", "dev", self.bridge)
             _run("ip", "link", "set", self.bridge, "up")
         except RuntimeError:
             _teardown_run(run_id, self.run_dir)
             raise
-        log.info("sim hosts on %s (bridge %s)", subnet, self.bridge)
+        log.info("sim hosts on %s (bridge %s)", subnet_net, self.bridge)
         return self
 
     def attach(self, model: Model) -> None:
         self.model = model
         model.hooks = self
+
+    def _model(self) -> Model:
+        if self.model is None:
+            raise RuntimeError("HostHooks.attach(model) was not called")
+        return self.model
 
     # --------------------------------------------------------------------------- model hooks
     def allocate_ip(self, instance: Instance) -> str | None:
@@ -240,7 +276,8 @@ class HostHooks(InstanceHooks):
         host = self.hosts.get(instance.id)
         if host is None or self._closed:
             return
-        keys = "\n".join(self.model.ssh_keys[k].public_key for k in instance.ssh_keys if k in self.model.ssh_keys)
+        model = self._model()
+        keys = "\n".join(model.ssh_keys[k].public_key for k in instance.ssh_keys if k in model.ssh_keys)
         user = instance.template.default_user
         firewall = self._firewalls()
 
@@ -301,6 +338,7 @@ class HostHooks(InstanceHooks):
             "LOGIN_USER": user,
             "LOGIN_UID": str(LOGIN_UID),
             "AUTHORIZED_KEYS": keys,
+            "OFFER_DIR": str(self.offer_dir or ""),
         }
         logf = open(self.run_dir / f"host-{host.index}.log", "ab")
         host.proc = subprocess.Popen(
@@ -344,7 +382,7 @@ class HostHooks(InstanceHooks):
 
     def _firewalls(self) -> dict[str, str]:
         """nftables rulesets per network namespace, from the model's current groups and members."""
-        m = self.model
+        m = self._model()
         members: dict[str, list[str]] = {}
         for inst in m.instances.values():
             h = self.hosts.get(inst.id)
@@ -376,7 +414,7 @@ class HostHooks(InstanceHooks):
                             continue
                         sources = [str(net)]
                     else:
-                        sources = members.get(r.security_group_id, [])
+                        sources = members.get(r.security_group_id or "", [])
                     for src in sources:
                         lines.append("    " + _nft_rule(src, r.protocol, r.start_port, r.end_port))
             lines += ["  }", "}"]

@@ -1,6 +1,7 @@
-"""The state of a simulated Exoscale account: resources, their rules, asynchronous operations.
+"""The state of a simulated Exoscale account: resources, their rules, asynchronous operations, and its
+IAM (roles and API keys, cloud.sim.iam).
 
-Knows nothing of HTTP (the split moto uses): cloud.sim.api turns requests into calls of this model
+Knows nothing of HTTP (the split moto uses): cloud.sim.responses turns requests into calls of this model
 and its results into responses. Changes that Exoscale makes asynchronously are operations: pending
 for `op_delay_s`, then applied (success) or, when a failure is injected, failed with a reason.
 Operations advance whenever the model is used, so the model needs no thread of its own.
@@ -18,31 +19,18 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from cloud.sim.errors import ModelError
 from cloud.sim.iam import IAM, APIKey, Role
+from cloud.sim.instance_types import AUTHORIZED_FAMILIES, INSTANCE_TYPES, GiB
 
 __all__ = ["IAM", "APIKey", "Faults", "Instance", "Model", "ModelError", "Operation", "Role"]
 
 ZONES = ("at-vie-1", "at-vie-2", "bg-sof-1", "ch-dk-2", "ch-gva-2", "de-fra-1", "de-muc-1", "hr-zag-1")
-GiB = 1024**3
-MiB = 1024**2
-
-# Exoscale's standard family (CPUs, memory), as published on its pricing page.
-STANDARD_SIZES = (
-    ("micro", 1, 512 * MiB),
-    ("tiny", 1, 1 * GiB),
-    ("small", 2, 2 * GiB),
-    ("medium", 2, 4 * GiB),
-    ("large", 4, 8 * GiB),
-    ("extra-large", 4, 16 * GiB),
-    ("huge", 8, 32 * GiB),
-)
-CPU_SIZES = (("extra-large", 16, 16 * GiB), ("huge", 32, 32 * GiB))
 
 _NS = uuid.UUID("7b0c6bde-4f3e-4c59-9c1e-4d8f2f0a5e11")
 
@@ -198,7 +186,10 @@ class Model:
         hooks: InstanceHooks | None = None,
         seed: int | None = None,
         ip_network: str = "10.77.0.0/16",
+        authorized_families: Iterable[str] = (),
     ):
+        """`authorized_families`: instance type families this account may use beyond the public ones (the
+        GPU families need Exoscale's authorization)."""
         if zone not in ZONES:
             raise ValueError(f"unknown zone {zone!r}; valid: {', '.join(ZONES)}")
         self.zone = zone
@@ -206,7 +197,7 @@ class Model:
         self.hooks = hooks or InstanceHooks()
         self.rng = random.Random(seed)
         self.lock = threading.RLock()
-        self.instance_types = {t.id: t for t in self._catalogue_types()}
+        self.instance_types = {t.id: t for t in self._catalogue_types(AUTHORIZED_FAMILIES | set(authorized_families))}
         self.templates = {t.id: t for t in self._catalogue_templates()}
         self.ssh_keys: dict[str, SSHKey] = {}
         self.security_groups: dict[str, SecurityGroup] = {}
@@ -218,10 +209,12 @@ class Model:
 
     # ------------------------------------------------------------------------------- catalogue
     @staticmethod
-    def _catalogue_types() -> list[InstanceType]:
-        types = [InstanceType(_stable_id("type", f"standard.{s}"), "standard", s, c, m) for s, c, m in STANDARD_SIZES]
-        types += [InstanceType(_stable_id("type", f"cpu.{s}"), "cpu", s, c, m) for s, c, m in CPU_SIZES]
-        return types
+    def _catalogue_types(authorized_families: frozenset[str]) -> list[InstanceType]:
+        return [
+            InstanceType(_stable_id("type", f"{family}.{size}"), family, size, cpus, memory,
+                         authorized=family in authorized_families, gpus=gpus)
+            for family, size, cpus, memory, gpus in INSTANCE_TYPES
+        ]  # fmt: skip
 
     @staticmethod
     def _catalogue_templates() -> list[Template]:
@@ -464,6 +457,11 @@ class Model:
         with self.lock:
             self.tick()
             itype = self.get_instance_type(instance_type_id)
+            if not itype.authorized:
+                raise ModelError(
+                    "forbidden",
+                    f"instance type {itype.family}.{itype.size} needs Exoscale's authorization for this account",
+                )
             tmpl = self.get_template(template_id)
             if self.zone not in itype.zones or self.zone not in tmpl.zones:
                 raise ModelError("invalid", f"not available in zone {self.zone}")

@@ -182,6 +182,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # clients open many connections at once (one per thread); 5 would reset some
 
     def __init__(self, address: tuple[str, int], app: App):
         super().__init__(address, _Handler)

@@ -52,3 +52,21 @@ HANDLERS: dict[str, Handler] = {
 
 # Operations Exoscale serves without credentials (its SDK sends none for them).
 PUBLIC_OPERATIONS = frozenset({"list-zones"})
+
+
+def coverage(service: str = "compute") -> tuple[list[str], dict[str, list[str]]]:
+    """(operations of `service` served, those declined by the spec's tag), `service` as in the IAM table."""
+    from cloud.sim.iam import operation_services
+    from cloud.sim.spec import SpecValidator
+
+    services = operation_services()
+    served: list[str] = []
+    declined: dict[str, list[str]] = {}
+    for op in SpecValidator.shared().operations:
+        if services.get(op.operation_id) != service:
+            continue
+        if op.operation_id in HANDLERS:
+            served.append(op.operation_id)
+        else:
+            declined.setdefault(op.tags[0] if op.tags else "-", []).append(op.operation_id)
+    return sorted(served), {tag: sorted(ops) for tag, ops in sorted(declined.items())}

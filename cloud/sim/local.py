@@ -1,0 +1,103 @@
+"""The one way to put a local Exoscale together: state model, optional namespace hosts (and what they are
+offered instead of the internet), request pipeline and HTTP server. Used by `python -m cloud.sim`, the tests
+and the benchmarks alike.
+
+With hosts, the API listens on the hosts' bridge gateway (and on `host`, loopback by default) and its
+endpoint is the gateway URL, so one EXOSCALE_API_ENDPOINT works from this machine and from the hosts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from cloud.sim.model import Faults, Model
+from cloud.sim.server import App, HTTPFaults, SimServer
+
+if TYPE_CHECKING:
+    from cloud.sim.hosts import HostHooks
+    from cloud.sim.offer import HostOffer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LocalExoscale:
+    """A running local Exoscale; close() (or leaving the `with` block) stops it and removes its hosts."""
+
+    model: Model
+    app: App
+    server: SimServer
+    hooks: HostHooks | None = None
+    offer: HostOffer | None = None
+    _closed: bool = field(default=False, repr=False)
+
+    @property
+    def endpoint(self) -> str:
+        return self.server.endpoint
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.server.stop()
+        if self.offer is not None:
+            self.offer.close()
+        if self.hooks is not None:
+            self.hooks.close()
+
+    def __enter__(self) -> LocalExoscale:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def start(
+    key: str,
+    secret: str,
+    *,
+    zone: str = "ch-gva-2",
+    faults: Faults | None = None,
+    http_faults: HTTPFaults | None = None,
+    hosts: bool = False,
+    subnet: str | None = None,
+    offer_packages: bool = False,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    record: bool = False,
+    seed: int | None = None,
+) -> LocalExoscale:
+    """Start a local Exoscale API (and, with `hosts`, namespace hosts for its instances; needs root).
+
+    `offer_packages` (with hosts) gives the hosts uv on their PATH and a package index on the gateway, as the
+    internet would give a real VM (cloud.sim.offer). Raises RuntimeError saying what is missing."""
+    hooks = None
+    offer = None
+    if hosts:
+        from cloud.sim.hosts import HostHooks
+
+        hooks = HostHooks.create(subnet)
+    try:
+        model = Model(zone, faults or Faults(), seed=seed)
+        if hooks is not None:
+            hooks.attach(model)
+        app = App(model, key, secret, http_faults or HTTPFaults(seed=seed), record=record)
+        if hooks is not None:
+            also_on = () if host == hooks.gateway else (host,)
+            server = SimServer(app, hooks.gateway, port, also_on=also_on)
+            if offer_packages:
+                from cloud.sim.offer import HostOffer
+
+                offer = HostOffer.start(hooks)
+        else:
+            server = SimServer(app, host, port)
+    except BaseException:
+        if offer is not None:
+            offer.close()
+        if hooks is not None:
+            hooks.close()
+        raise
+    server.start()
+    return LocalExoscale(model, app, server, hooks, offer)

@@ -1,0 +1,267 @@
+"""What the local Exoscale offers its hosts in place of the internet a real VM has.
+
+- uv on the hosts' PATH: this machine's uv (the one beside the running Python, as the venv installs it),
+  laid over /usr/local/bin in each host's own mount namespace (an overlay: nothing changes on this machine).
+- A package index: the packages nodes install (and the head's node provider needs), fetched once on this machine (`pip download` into
+  WHEELHOUSE) and served as a PEP 503 simple index over HTTP on the hosts' bridge gateway.
+- uv configured system-wide on the host (a private /etc/uv/uv.toml, overlaid likewise): that index as the
+  only one, `link-mode = "copy"`, a cache directory shared by the hosts of this machine, no Python downloads.
+
+With these, `exoscale.py install` runs on a host exactly as on a real VM, with no cluster.toml.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import html
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
+
+if TYPE_CHECKING:
+    from cloud.sim.hosts import HostHooks
+
+log = logging.getLogger(__name__)
+
+WHEELHOUSE = Path("/var/tmp/raysweep-wheelhouse")  # outside the hosts' private /tmp and /home
+UV_CACHE = Path("/var/tmp/raysweep-uv-cache")
+# What the head needs beyond the nodes' packages to run the project's Ray node provider.
+HEAD_PACKAGES = ("apache-libcloud", "requests-exoscale-auth")
+
+
+def _pinned(name: str) -> str:
+    try:
+        return f"{name}=={metadata.version(name)}"
+    except metadata.PackageNotFoundError:
+        return name
+
+
+def offered_packages() -> list[str]:
+    """What nodes install by default (Ray and the training program's packages, as `install` pins them) and
+    what the head needs for the node provider, pinned to this machine's versions. The sim stands in for the
+    internet, so it has to know what will be asked of it."""
+    from cloud.node_install import node_packages
+    from pipeline.requirements import NODE_PACKAGES
+
+    return [*node_packages(NODE_PACKAGES), *(_pinned(n) for n in HEAD_PACKAGES)]
+
+
+def fill_wheelhouse(packages: list[str], wheelhouse: Path = WHEELHOUSE, timeout: float = 1800) -> Path:
+    """`pip download` the packages (with their dependencies) once per machine; a stamp records the set.
+    RuntimeError with pip's last words when the package index cannot be reached."""
+    wheelhouse.mkdir(parents=True, exist_ok=True)
+    stamp = wheelhouse / ".offered"
+    want = "\n".join(sorted(packages))
+    with open(wheelhouse / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if stamp.exists() and stamp.read_text() == want:
+            return wheelhouse
+        log.info("fetching the hosts' packages into %s (once per machine)", wheelhouse)
+        r = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "-d", str(wheelhouse), *packages],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if r.returncode != 0:
+            raise RuntimeError(
+                f"cannot fetch the hosts' packages into {wheelhouse} (python -m cloud.sim api --hosts --no-packages "
+                f"starts without them): {r.stderr.strip()[-400:]}"
+            )
+        stamp.write_text(want)
+    return wheelhouse
+
+
+def project_name(filename: str) -> str | None:
+    """The PEP 503 normalized project name of a wheel or sdist file name, or None for other files."""
+    if filename.endswith(".whl"):
+        name = filename.split("-")[0]
+    else:
+        m = re.match(r"^(.+)-\d[^-]*\.(tar\.gz|zip|tar\.bz2)$", filename)
+        if not m:
+            return None
+        name = m.group(1)
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+class PackageIndex:
+    """A PEP 503 simple index of the files in one directory, served over HTTP on a thread."""
+
+    def __init__(self, directory: Path, host: str, port: int = 0):
+        self.directory = directory
+        self._hashes: dict[str, str] = {}
+        self._lock = threading.Lock()
+        index = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                index._serve(self, with_body=True)
+
+            def do_HEAD(self) -> None:
+                index._serve(self, with_body=False)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                log.debug("index: " + format, *args)
+
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="sim-package-index", daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host!s}:{port}/simple/"
+
+    def _sha256(self, path: Path) -> str:
+        key = f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}"
+        with self._lock:
+            if key not in self._hashes:
+                h = hashlib.sha256()
+                with open(path, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        h.update(chunk)
+                self._hashes[key] = h.hexdigest()
+            return self._hashes[key]
+
+    def _projects(self) -> dict[str, list[Path]]:
+        out: dict[str, list[Path]] = {}
+        for p in sorted(self.directory.iterdir()):
+            name = project_name(p.name) if p.is_file() else None
+            if name:
+                out.setdefault(name, []).append(p)
+        return out
+
+    def _serve(self, req: BaseHTTPRequestHandler, with_body: bool) -> None:
+        path = unquote(req.path.split("?")[0])
+        parts = [p for p in path.split("/") if p]
+        if parts == ["simple"]:
+            links = "".join(f'<a href="/simple/{n}/">{n}</a>\n' for n in self._projects())
+            return self._send(req, 200, f"<!DOCTYPE html><html><body>\n{links}</body></html>\n".encode(), with_body)
+        if len(parts) == 2 and parts[0] == "simple":
+            files = self._projects().get(re.sub(r"[-_.]+", "-", parts[1]).lower())
+            if not files:
+                return self._send(req, 404, b"not found\n", with_body)
+            links = "".join(
+                f'<a href="/files/{html.escape(p.name)}#sha256={self._sha256(p)}">{html.escape(p.name)}</a>\n'
+                for p in files
+            )
+            return self._send(req, 200, f"<!DOCTYPE html><html><body>\n{links}</body></html>\n".encode(), with_body)
+        if len(parts) == 2 and parts[0] == "files" and "/" not in parts[1] and project_name(parts[1]):
+            file = self.directory / parts[1]
+            if file.is_file():
+                self._send_file(req, file, with_body)
+                return None
+        return self._send(req, 404, b"not found\n", with_body)
+
+    @staticmethod
+    def _send_file(req: BaseHTTPRequestHandler, file: Path, with_body: bool) -> None:
+        """The file, or the one byte range asked for (uv reads a wheel's metadata from its end)."""
+        size = file.stat().st_size
+        start, end = 0, size - 1
+        m = re.fullmatch(r"bytes=(\d*)-(\d*)", req.headers.get("Range", "").strip())
+        if m and (m.group(1) or m.group(2)):
+            if m.group(1):
+                start, end = int(m.group(1)), min(int(m.group(2) or size - 1), size - 1)
+            else:
+                start = max(size - int(m.group(2)), 0)
+            if start > end:
+                req.send_response(416)
+                req.send_header("Content-Range", f"bytes */{size}")
+                req.send_header("Content-Length", "0")
+                req.end_headers()
+                return
+            req.send_response(206)
+            req.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        else:
+            req.send_response(200)
+        req.send_header("Content-Type", "application/octet-stream")
+        req.send_header("Accept-Ranges", "bytes")
+        req.send_header("Content-Length", str(end - start + 1))
+        req.end_headers()
+        if not with_body:
+            return
+        try:
+            with open(file, "rb") as f:
+                f.seek(start)
+                left = end - start + 1
+                while left > 0:
+                    chunk = f.read(min(left, 1 << 20))
+                    if not chunk:
+                        break
+                    req.wfile.write(chunk)
+                    left -= len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            log.debug("index: %s closed the connection during %s", req.client_address[0], file.name)
+
+    @staticmethod
+    def _send(req: BaseHTTPRequestHandler, status: int, data: bytes, with_body: bool) -> None:
+        req.send_response(status)
+        req.send_header("Content-Type", "text/html" if status == 200 else "text/plain")
+        req.send_header("Content-Length", str(len(data)))
+        req.end_headers()
+        if with_body:
+            req.wfile.write(data)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def uv_binary() -> Path:
+    """This machine's uv: beside the running Python (the venv's), else on PATH."""
+    beside = Path(sys.executable).parent / "uv"
+    found = beside if beside.exists() else (Path(shutil.which("uv") or ""))
+    if not found.is_file():
+        raise RuntimeError("no uv beside this Python or on PATH to offer the hosts (pip install uv)")
+    return found
+
+
+def uv_config(index_url: str) -> str:
+    return (
+        "# offered by the local Exoscale: its package index instead of the internet\n"
+        f'index-url = "{index_url}"\n'
+        'link-mode = "copy"\n'
+        f'cache-dir = "{UV_CACHE}"\n'
+        'python-downloads = "never"\n'
+    )
+
+
+@dataclass
+class HostOffer:
+    """The files laid over each host's /usr/local/bin and /etc (directory `root`), and the package index."""
+
+    root: Path
+    index: PackageIndex
+
+    @classmethod
+    def start(cls, hooks: HostHooks, packages: list[str] | None = None) -> HostOffer:
+        wheelhouse = fill_wheelhouse(packages if packages is not None else offered_packages())
+        if not UV_CACHE.exists():
+            UV_CACHE.mkdir(parents=True, exist_ok=True)
+            os.chmod(UV_CACHE, 0o1777)  # shared by the hosts' login users, like a system cache dir
+        root = hooks.run_dir / "offer"
+        (root / "bin").mkdir(parents=True, exist_ok=True)
+        (root / "etc" / "uv").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(uv_binary(), root / "bin" / "uv")
+        index = PackageIndex(wheelhouse, hooks.gateway)
+        (root / "etc" / "uv" / "uv.toml").write_text(uv_config(index.url))
+        hooks.offer_dir = root
+        log.info("hosts offered uv and the package index %s (%s)", index.url, wheelhouse)
+        return cls(root, index)
+
+    def close(self) -> None:
+        self.index.close()
