@@ -36,7 +36,7 @@ from cloud import config as config_mod
 from cloud.config import ClusterConfig, ConfigError
 from cloud.ray_auth import use_token_auth
 from cloud.remote import interactive_ssh_argv
-from cloud.state import ClusterState, NodeRecord, NoHeadError, StateStore
+from cloud.state import ClusterBusy, ClusterState, NodeRecord, NoHeadError, StateStore
 
 PROG = "exoscale.py"
 
@@ -61,6 +61,16 @@ def _printer(stream=None):
     return progress
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -75,9 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("up", aliases=["create"], help="create the cluster (or complete a partial one)")
     a.add_argument("-n", "--nodes", type=int, help="number of nodes (default: from config, else 3)")
+    a.add_argument(
+        "--timeout", type=_seconds, default=600.0, help="seconds to wait for the nodes to run and answer SSH"
+    )
     _autoscaling_options(a, max_default=None)
     a = sub.add_parser("down", aliases=["destroy"], help="remove everything of the cluster")
     a.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    a.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=300.0,
+        help="seconds to keep retrying before stopping with a list of what is left (default 300)",
+    )
     sub.add_parser("list-nodes", aliases=["status"], help="the cluster's nodes as the API sees them")
     a = sub.add_parser("ssh", help="log in to node N (0 = head, or a node name)")
     a.add_argument("node", nargs="?", default="0")
@@ -152,7 +171,7 @@ def cmd_up(args) -> int:
     if args.max_workers is not None:
         return cmd_up_autoscaling(args)
     cfg = _load(args, nodes=args.nodes)
-    from cloud import provision
+    from cloud import provision, ssh_ready
 
     _refuse_static_up_on_autoscaling(cfg)
 
@@ -163,17 +182,35 @@ def cmd_up(args) -> int:
             file=sys.stderr,
         )
     progress = _printer()
+    store = StateStore(cfg.state_dir)
+    again = f"`{PROG} up` again completes the cluster, `{PROG} down` removes it"
     try:
-        res = provision.up(cfg.driver(), cfg, progress=progress)
-    except ValueError as e:  # unknown instance type or template: the driver lists the valid ones
-        raise CLIError(str(e)) from None
-    except provision.ProvisionError as e:
-        raise CLIError(str(e)) from None
+        with store.lock("exoscale.py up"):
+            res = provision.up(cfg.driver(), cfg, progress=progress, running_timeout=args.timeout)
+            failed = dict(res.failed)
+            try:
+                failed.update(
+                    ssh_ready.wait_ssh(res.key_path, store.known_hosts, res.state.nodes, progress, timeout=args.timeout)
+                )
+            except KeyboardInterrupt:
+                print(
+                    f"\ninterrupted while waiting for SSH; the {len(res.state.nodes)} instance(s) exist. {again}.",
+                    file=sys.stderr,
+                )
+                return 130
+    except provision.Interrupted as e:
+        made = ", ".join(e.journal.made) or "nothing"
+        flying = e.journal.in_flight
+        maybe = f"; being created when interrupted (they may exist): {', '.join(flying)}" if flying else ""
+        print(f"\ninterrupted. Made: {made}{maybe}. {again}.", file=sys.stderr)
+        return 130
+    except (ValueError, provision.ProvisionError, ClusterBusy) as e:
+        raise CLIError(str(e)) from None  # ValueError: an unknown instance type or template, valid ones listed
     _print_nodes(res.state)
-    if res.failed:
+    if failed:
         print(
-            f"{len(res.failed)} node(s) not ready: "
-            + "; ".join(f"{k}: {v}" for k, v in res.failed.items())
+            f"{len(failed)} node(s) not ready: "
+            + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items()))
             + f". Run `{PROG} up` again to complete the cluster, or `{PROG} down` to remove it.",
             file=sys.stderr,
         )
@@ -187,45 +224,56 @@ def cmd_down(args) -> int:
     from cloud import elastic, provision
 
     driver = cfg.driver()
-    nodes, group, has_key = provision.plan_down(driver, cfg.name)
-    autoscaling = elastic.is_autoscaling(cfg, nodes)
-    what = [f"{len(nodes)} instance(s)" + (f" ({', '.join(sorted(n.name for n in nodes))})" if nodes else "")]
-    if autoscaling:
-        what.append("the autoscaler's API key and IAM role")
-    if group is not None:
-        what.append(f"security group {group.name}")
-    if has_key:
-        what.append(f"SSH key {provision.resource_name(cfg.name)}")
-    if not nodes and group is None and not has_key and not autoscaling:
-        StateStore(cfg.state_dir).remove(keep_key=cfg.ssh_key is not None)
-        print(f"cluster {cfg.name!r}: nothing to remove", file=sys.stderr)
-        return 0
-    if not args.yes:
-        if sys.stdin is None or not sys.stdin.isatty():  # no terminal to ask on (CI, cron, a pipe)
-            raise CLIError(f"would remove {', '.join(what)}; refusing without --yes (stdin is not a terminal)")
-        answer = input(f"Remove {', '.join(what)} of cluster {cfg.name!r}? [y/N] ")
-        if answer.strip().lower() not in ("y", "yes"):
-            print("nothing removed", file=sys.stderr)
-            return 1
-    progress = _printer()
-    if autoscaling:  # nothing may be created while the instances are deleted
-        elastic.stop_autoscaler(cfg, progress)
-        elastic.revoke_key(driver, cfg, progress)
-    res = provision.down(driver, cfg, progress=progress)
-    if autoscaling and not res.failed:
-        late = provision.cluster_nodes(driver, cfg.name)  # created by a call already under way
-        if late:
-            res = provision.down(driver, cfg, progress=progress)
-        res.removed += elastic.after_down(driver, cfg, progress)
+    store = StateStore(cfg.state_dir)
+    try:
+        with store.lock("exoscale.py down"):
+            plan = provision.plan_down(driver, cfg.name)
+            name = provision.resource_name(cfg.name)
+            autoscaling = elastic.is_autoscaling(cfg, plan.nodes)
+            if plan.foreign_group:
+                print(f"security group {name} was not made by raysweep: left alone", file=sys.stderr)
+            if plan.empty and not autoscaling:
+                store.remove(keep_key=cfg.ssh_key is not None)
+                print(f"cluster {cfg.name!r}: nothing to remove", file=sys.stderr)
+                return 0
+            names = sorted(n.name for n in plan.nodes)
+            what = [f"{len(names)} instance(s)" + (f" ({', '.join(names)})" if names else "")]
+            if autoscaling:
+                what.append("the autoscaler's API key and IAM role")
+            if plan.group is not None and not plan.foreign_group:
+                what.append(f"security group {name}")
+            if plan.has_key:
+                what.append(f"SSH key {name}")
+            if not args.yes:
+                if sys.stdin is None or not sys.stdin.isatty():  # no terminal to ask on (CI, cron, a pipe)
+                    raise CLIError(f"would remove {', '.join(what)}; refusing without --yes (stdin is not a terminal)")
+                answer = input(f"Remove {', '.join(what)} of cluster {cfg.name!r}? [y/N] ")
+                if answer.strip().lower() not in ("y", "yes"):
+                    print("nothing removed", file=sys.stderr)
+                    return 1
+            progress = _printer()
+            if autoscaling:  # nothing may be created while the instances are deleted
+                elastic.stop_autoscaler(cfg, progress)
+                elastic.revoke_key(driver, cfg, progress)
+            res = provision.down(driver, cfg, progress=progress, timeout=args.timeout)
+            if autoscaling and not res.failed:
+                if provision.query_instances(driver, cfg.name):  # created by a call already under way
+                    res = provision.down(driver, cfg, progress=progress, timeout=args.timeout)
+                res.removed += elastic.after_down(driver, cfg, progress)
+    except ClusterBusy as e:
+        raise CLIError(str(e)) from None
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; run `{PROG} down` again to remove what is left", file=sys.stderr)
+        return 130
     if res.failed:
         print(
-            "could not remove: "
-            + "; ".join(f"{k}: {v}" for k, v in res.failed.items())
-            + f". Run `{PROG} down` again.",
+            f"after {args.timeout:g} s, left: "
+            + "; ".join(f"{k} ({v})" for k, v in sorted(res.failed.items()))
+            + f". Run `{PROG} down` again to finish.",
             file=sys.stderr,
         )
         return 1
-    print(f"cluster {cfg.name!r} removed: {', '.join(res.destroyed + res.removed) or 'nothing left'}", file=sys.stderr)
+    print(f"cluster {cfg.name!r} removed: {', '.join(res.removed) or 'nothing left'}", file=sys.stderr)
     return 0
 
 
@@ -463,13 +511,13 @@ def state_from_terraform(outputs: dict, name: str) -> ClusterState:
         raise CLIError(
             f"terraform output lacks {e}; expected an output `nodes` = [{{name, role, public_ip}}]"
         ) from None
-    return ClusterState(name, records, source="terraform")
+    return ClusterState(name, records)
 
 
 def _refuse_static_up_on_autoscaling(cfg: ClusterConfig) -> None:
     from cloud import elastic, provision
 
-    nodes = provision.cluster_nodes(cfg.driver(), cfg.name)
+    nodes = provision.query_instances(cfg.driver(), cfg.name)
     if elastic.is_autoscaling(cfg, nodes):
         raise CLIError(
             f"cluster {cfg.name!r} is an autoscaling cluster (up --max-workers): its autoscaler adds and removes "
@@ -489,7 +537,7 @@ def cmd_up_autoscaling(args) -> int:
     from cloud import elastic, provision
 
     driver = cfg.driver()
-    existing = provision.cluster_nodes(driver, cfg.name)
+    existing = provision.query_instances(driver, cfg.name)
     if existing and not elastic.is_autoscaling(cfg, existing):
         raise CLIError(
             f"cluster {cfg.name!r} is a static cluster of {len(existing)} node(s) (made by up -n); "
@@ -587,7 +635,7 @@ def main(argv: list[str] | None = None, default_packages: Sequence[str] = ()) ->
         return 2
     except Exception as e:
         from libcloud.common.exceptions import BaseHTTPError
-        from libcloud.common.types import LibcloudError
+        from libcloud.common.types import InvalidCredsError, LibcloudError
 
         from cloud.node_install import InstallError
         from cloud.ray_auth import RayAuthError
@@ -595,6 +643,8 @@ def main(argv: list[str] | None = None, default_packages: Sequence[str] = ()) ->
 
         if isinstance(e, (LibcloudError, BaseHTTPError, RayClusterError, InstallError, RayAuthError)):
             text = e.value if isinstance(e, LibcloudError) else str(e)  # libcloud's str() wraps it in a repr
+            if isinstance(e, InvalidCredsError) and "signature" in str(text):
+                text = f"{text}; {config_mod.wrong_credentials_hint(os.environ.get('EXOSCALE_API_KEY', ''))}"
             print(f"{PROG}: error: {text}", file=sys.stderr)
             return 1
         raise

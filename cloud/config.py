@@ -12,6 +12,7 @@ import ipaddress
 import os
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-DEFAULTS = {
+DEFAULTS: dict[str, Any] = {
     "name": "default",
     "zone": "ch-gva-2",
     "instance_type": "standard.medium",
@@ -101,6 +102,17 @@ class ClusterConfig:
         return ExoscaleV2NodeDriver(self.api_key, self.api_secret, **self.driver_kwargs())
 
 
+CREDENTIAL_VARS = ("EXOSCALE_API_KEY", "EXOSCALE_API_SECRET")
+
+
+def wrong_credentials_hint(api_key: str) -> str:
+    """What to check when the API refuses the signature; names where the pair was read, never the secret."""
+    return (
+        f"the API key pair is probably wrong: key {api_key or '(empty)'} and its secret were read from the "
+        f"environment variables {' and '.join(CREDENTIAL_VARS)} (cluster.toml holds no credentials)"
+    )
+
+
 def default_state_root() -> Path:
     env = os.environ.get("RAYSWEEP_STATE_DIR")
     return Path(env) if env else Path.home() / ".raysweep" / "clusters"
@@ -108,14 +120,14 @@ def default_state_root() -> Path:
 
 def load(
     path: str | os.PathLike | None = None,
-    env: dict[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
     require_credentials: bool = True,
     **overrides: Any,
 ) -> ClusterConfig:
     """Read cluster.toml (if given), then the environment, then overrides (e.g. -n from the CLI).
 
     Commands that only use SSH (scp, cmd, ssh) pass require_credentials=False."""
-    env = os.environ if env is None else env
+    environ: Mapping[str, str] = os.environ if env is None else env
     values: dict[str, Any] = dict(DEFAULTS)
     cidr_given = False
     if path is not None:
@@ -136,10 +148,10 @@ def load(
         if v is not None:
             values[k] = v
             cidr_given = cidr_given or k == "ssh_cidr"
-    key, secret = env.get("EXOSCALE_API_KEY"), env.get("EXOSCALE_API_SECRET")
+    key, secret = environ.get("EXOSCALE_API_KEY"), environ.get("EXOSCALE_API_SECRET")
     if (not key or not secret) and require_credentials:
         raise ConfigError("set EXOSCALE_API_KEY and EXOSCALE_API_SECRET (an Exoscale API key pair, as for the exo CLI)")
-    endpoint = env.get("EXOSCALE_API_ENDPOINT") or None
+    endpoint = environ.get("EXOSCALE_API_ENDPOINT") or None
     if endpoint:
         u = urlparse(endpoint)
         if u.scheme not in ("http", "https") or not u.hostname or u.path.rstrip("/") not in ("", "/v2"):
@@ -147,6 +159,10 @@ def load(
                 f"EXOSCALE_API_ENDPOINT {endpoint!r}: give a URL like https://HOST/v2 or http://127.0.0.1:8080/v2"
             )
     return _validate(values, key or "", Secret(secret) if secret else None, endpoint, cidr_given)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)  # TOML's true is a bool, and Python's bool an int
 
 
 def _validate(
@@ -162,9 +178,9 @@ def _validate(
     for k in ("instance_type", "template"):
         if not isinstance(v[k], str) or not v[k].strip():
             raise ConfigError(f"{k} must be a non-empty string")
-    if not isinstance(v["disk_size"], int) or not 10 <= v["disk_size"] <= 51200:
+    if not _is_int(v["disk_size"]) or not 10 <= v["disk_size"] <= 51200:
         raise ConfigError(f"disk_size {v['disk_size']!r}: a whole number of GiB from 10 to 51200")
-    if not isinstance(v["nodes"], int) or not 1 <= v["nodes"] <= 100:
+    if not _is_int(v["nodes"]) or not 1 <= v["nodes"] <= 100:
         raise ConfigError(f"nodes {v['nodes']!r}: a whole number from 1 to 100")
     try:
         net = ipaddress.ip_network(v["ssh_cidr"], strict=False)
@@ -192,7 +208,7 @@ def _validate(
     pkgs = v["packages"]
     if pkgs is not None and (not isinstance(pkgs, list) or not all(isinstance(x, str) and x.strip() for x in pkgs)):
         raise ConfigError('packages must be a list of requirement strings, e.g. ["numpy==2.1", "scikit-learn"]')
-    if v["ray_cpus"] is not None and (not isinstance(v["ray_cpus"], int) or v["ray_cpus"] < 1):
+    if v["ray_cpus"] is not None and (not _is_int(v["ray_cpus"]) or v["ray_cpus"] < 1):
         raise ConfigError(f"ray_cpus {v['ray_cpus']!r}: a whole number >= 1")
     if not isinstance(v["install_options"], str) or (v["uv_path"] is not None and not isinstance(v["uv_path"], str)):
         raise ConfigError("install_options and uv_path must be strings")

@@ -327,8 +327,8 @@ class ExoscaleNodeProvider(NodeProvider):
         cfg = _cluster_config(config)
         store = StateStore(cfg.state_dir)
         store.ensure_dir()
-        key_name, _ = provision.ensure_key(driver, cfg, store, _progress)
-        group = provision.ensure_security_group(driver, cfg, _progress)
+        key_name, _, _ = provision.ensure_key(driver, cfg, store, _progress)
+        group, _ = provision.ensure_security_group(driver, cfg, _progress)
         pc["ssh_key_name"], pc["security_group_id"] = key_name, group.id
         for type_name, node_type in config["available_node_types"].items():
             nc = node_type["node_config"]
@@ -399,7 +399,7 @@ class ExoscaleNodeProvider(NodeProvider):
             res = provision.down(self.driver, cfg)
             if res.failed:
                 raise RuntimeError("could not remove: " + "; ".join(f"{k}: {v}" for k, v in res.failed.items()))
-            removed += res.destroyed + res.removed
+            removed += res.removed
             (self._store.dir / "head" / Path(head_credentials.HEAD_PATH).name).unlink(missing_ok=True)
         cache = self.provider_config.get("_config_cache_path")
         if cache:

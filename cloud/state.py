@@ -8,21 +8,37 @@ Layout of a cluster's state directory (mode 700):
     ssh_key_path    the private key given to import-terraform, for a Terraform-made cluster
     known_hosts     host keys pinned when first seen, checked on every later connection
     ray_token       the cluster's Ray token (600), made by `start`, sent to the nodes and to Ray's clients
+    lock            held by the command changing the cluster (`up`, `down`), naming its process
+The default root ~/.raysweep/clusters and ~/.raysweep are the toolkit's own and kept at mode 700 too.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import secrets
 import shutil
 import subprocess
-from dataclasses import asdict, dataclass, field
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 
 class NoHeadError(Exception):
     """The cluster's state has no head node (e.g. a Terraform output of workers only)."""
+
+
+class ClusterBusy(Exception):
+    """Another process holds the cluster's lock; the message names it."""
+
+
+def toolkit_dirs() -> list[Path]:
+    """The directories the toolkit makes for itself in the home directory (mode 700)."""
+    home = Path.home() / ".raysweep"
+    return [home, home / "clusters"]
 
 
 @dataclass
@@ -41,7 +57,6 @@ class ClusterState:
     nodes: list[NodeRecord] = field(default_factory=list)
     security_group_id: str = ""
     key_name: str = ""
-    source: str = "exoscale.py"  # or "terraform"
 
     def head(self) -> NodeRecord | None:
         return next((n for n in self.nodes if n.role == "head"), None)
@@ -122,8 +137,39 @@ class StateStore:
         (self.dir / "ssh_key_path").write_text(str(path.resolve()) + "\n")
 
     def ensure_dir(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.dir, 0o700)
+        """The cluster's directory, mode 700, and any parent it needs made 700 too. The toolkit's own
+        ~/.raysweep and ~/.raysweep/clusters are set to 700 even when an earlier version made them 755;
+        a directory of the user's own (e.g. $RAYSWEEP_STATE_DIR) is never changed."""
+        missing = [p for p in [*reversed(self.dir.parents), self.dir] if not p.exists()]
+        for p in missing:
+            with contextlib.suppress(FileExistsError):
+                p.mkdir(mode=0o700)
+        own = [d for d in toolkit_dirs() if self.dir.is_relative_to(d)]
+        for p in [*own, self.dir]:
+            if p.stat().st_mode & 0o077:
+                os.chmod(p, 0o700)
+
+    @contextlib.contextmanager
+    def lock(self, command: str) -> Iterator[None]:
+        """Hold the cluster's lock for `command`; raise ClusterBusy naming the holder if another has it.
+        The lock is the kernel's (flock), so a crashed holder never leaves it stuck."""
+        self.ensure_dir()
+        path = self.dir / "lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"
+                raise ClusterBusy(
+                    f"cluster {self.dir.name!r} is being changed by {holder}; wait until it ends (or stop it), "
+                    f"then run this again"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} ({command}, since {time.strftime('%H:%M:%S')})".encode(), 0)
+            yield
+        finally:
+            os.close(fd)
 
     def load(self) -> ClusterState | None:
         try:
@@ -131,7 +177,8 @@ class StateStore:
         except FileNotFoundError:
             return None
         nodes = [NodeRecord(**n) for n in data.pop("nodes", [])]
-        return ClusterState(nodes=nodes, **data)
+        known = {f.name for f in fields(ClusterState)}
+        return ClusterState(nodes=nodes, **{k: v for k, v in data.items() if k in known})  # older files had more
 
     def save(self, state: ClusterState) -> None:
         self.ensure_dir()
