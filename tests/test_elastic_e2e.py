@@ -11,7 +11,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 import yaml
 
 from tests.conftest import SIM_KEY, SIM_SECRET, run_cli
+from tests.test_ray_provider import wait_for
 
 pytestmark = [pytest.mark.root]
 
@@ -148,16 +148,6 @@ def instances(ctx, **labels):
         ]
 
 
-def wait_for(what, fn, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def test_ray_up_made_only_the_head_and_ray_exec_works(elastic):
     [head] = instances(elastic)
     assert head.labels["role"] == "head" and head.labels["ray-node-type"] == "head"
@@ -208,7 +198,7 @@ def test_a_workload_needing_3_cpus_and_a_gpu_grows_then_shrinks_the_cluster(elas
     gpu_nodes = [labels for _, labels in elastic.recorder.creates if labels.get("ray-user-node-type") == "gpu"]
     assert len(gpu_nodes) == 1 and result["gpu"] != head_ip, result
     # idle for idle_timeout_minutes (0.5): the autoscaler removes every worker, never the head
-    wait_for("the idle workers to be removed", lambda: not instances(elastic, role="worker"), 300)
+    wait_for("the idle workers to be removed", lambda: not instances(elastic, role="worker"), 300, every=2)
     assert len(instances(elastic, role="head")) == 1
 
 
