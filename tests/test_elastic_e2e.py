@@ -202,6 +202,42 @@ def test_a_workload_needing_3_cpus_and_a_gpu_grows_then_shrinks_the_cluster(elas
     assert len(instances(elastic, role="head")) == 1
 
 
+PENDING = r"""
+import ray
+ray.init(address="auto", logging_level="ERROR")
+pg = ray.util.placement_group([{"CPU": 1}] * 2)
+print("WAITING", flush=True)
+ray.get(pg.ready(), timeout=300)
+"""
+
+
+def test_a_failed_scale_up_is_visible_in_status(elastic, tmp_path):
+    faults = elastic.model.faults
+    faults.fail_next_ops, faults.fail_ops_matching = 1000, "create-instance"  # every create fails
+    script = tmp_path / "pending.py"
+    script.write_text(PENDING)
+    proc = subprocess.Popen(
+        [RAY, "submit", str(elastic.path), str(script)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **elastic.env},
+        start_new_session=True,
+    )
+    try:
+
+        def failure_shown():
+            r = run_cli("exoscale.py", "--name", elastic.name, "status", env=elastic.env, timeout=300)
+            return "Recent failures" in r.stdout and r.stdout
+
+        out = wait_for("status to show the failed launch", failure_shown, 300, every=5)
+        assert "LaunchFailed" in out and "ray.worker.default" in out, out
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait(30)
+        faults.fail_next_ops = 0
+    wait_for("no worker left behind", lambda: not instances(elastic, role="worker"), 120, every=2)
+
+
 def test_ray_down_leaves_nothing(elastic):
     r = elastic.ray("down", str(elastic.path), "-y", timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
