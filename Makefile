@@ -11,7 +11,7 @@ MIN_WORKERS ?= 0
 CONFIG ?=
 CLUSTER_ARGS := $(if $(CONFIG),--config $(CONFIG),)
 
-.PHONY: run test lint bench system-deps cluster-up cluster-down cluster-status clean sim
+.PHONY: run test lint bench system-deps cluster-args cluster-up cluster-down cluster-status clean sim
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -57,11 +57,13 @@ sim: $(STAMP) system-deps
 	$(PY) -m cloud.sim api --hosts $(ARGS)
 
 # MAX_WORKERS=N: an autoscaling cluster (head + MIN_WORKERS; Ray's autoscaler adds up to N workers)
-cluster-up: $(STAMP)
-ifneq ($(MAX_WORKERS),)
-	@if [ "$(origin NODES)" != "file" ]; then \
+cluster-args:
+	@if [ -n "$(MAX_WORKERS)" ] && [ "$(origin NODES)" != "file" ]; then \
 	  echo "NODES and MAX_WORKERS exclude each other: NODES=N makes N nodes, MAX_WORKERS=N an autoscaling cluster" >&2; \
 	  exit 2; fi
+
+cluster-up: cluster-args $(STAMP)
+ifneq ($(MAX_WORKERS),)
 	$(PY) exoscale.py $(CLUSTER_ARGS) up --min-workers $(MIN_WORKERS) --max-workers $(MAX_WORKERS)
 else
 	$(PY) exoscale.py $(CLUSTER_ARGS) up -n $(NODES)
