@@ -227,10 +227,10 @@ def test_a_failed_scale_up_is_visible_in_status(elastic, tmp_path):
 
         def failure_shown():
             r = run_cli("exoscale.py", "--name", elastic.name, "status", env=elastic.env, timeout=300)
-            return "Recent failures" in r.stdout and r.stdout
+            return "LaunchFailed" in r.stdout and r.stdout  # Ray's `ray status`, under "Recent failures"
 
         out = wait_for("status to show the failed launch", failure_shown, 300, every=5)
-        assert "LaunchFailed" in out and "ray.worker.default" in out, out
+        assert "Recent failures" in out and "ray.worker.default" in out, out
     finally:
         os.killpg(proc.pid, 9)
         proc.wait(30)
