@@ -255,10 +255,10 @@ def cmd_down(args) -> int:
             if autoscaling:  # nothing may be created while the instances are deleted
                 elastic.stop_autoscaler(cfg, progress)
                 elastic.revoke_key(driver, cfg, progress)
-            res = provision.down(driver, cfg, progress=progress, timeout=args.timeout)
+            res = provision.down(driver, cfg, progress=progress, wait=provision.Wait(args.timeout))
             if autoscaling and not res.failed:
                 if provision.query_instances(driver, cfg.name):  # created by a call already under way
-                    res = provision.down(driver, cfg, progress=progress, timeout=args.timeout)
+                    res = provision.down(driver, cfg, progress=progress, wait=provision.Wait(args.timeout))
                 res.removed += elastic.after_down(driver, cfg, progress)
     except ClusterBusy as e:
         raise CLIError(str(e)) from None

@@ -86,8 +86,29 @@ def error_text(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-def _until(deadline: float) -> float:
-    return max(0.0, deadline - time.monotonic())
+class Wait:
+    """A bounded wait that says, at most every `every` seconds, what it still waits for and how long it has."""
+
+    def __init__(self, timeout: float, every: float = HEARTBEAT_S, poll: float = 1.0):
+        self.timeout, self.every, self.poll = timeout, every, poll
+        self.start = time.monotonic()
+        self.deadline = self.start + timeout
+        self._next_beat = self.start + every
+
+    def over(self) -> bool:
+        return time.monotonic() >= self.deadline
+
+    def left(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+    def beat(self, progress: Progress, name: str, what: str) -> None:
+        now = time.monotonic()
+        if now >= self._next_beat:
+            progress(name, f"{what} ({now - self.start:.0f} s of {self.timeout:g} s)")
+            self._next_beat = now + self.every
+
+    def sleep(self) -> None:
+        time.sleep(min(self.poll, self.left()))
 
 
 # --------------------------------------------------------------------------------------------- query
@@ -265,23 +286,16 @@ def run_instances(
 
 
 def wait_instances(
-    driver,
-    nodes: list[Node],
-    progress: Progress = _quiet,
-    timeout: float = 600.0,
-    poll: float = 1.0,
-    every: float = HEARTBEAT_S,
+    driver, nodes: list[Node], progress: Progress = _quiet, wait: Wait | None = None
 ) -> tuple[list[Node], dict[str, str]]:
     """Wait until every node runs (a stopped one is started). Returns (nodes that run, {node that did
     not get there: its state and why}): an instance in error, one that vanished, or one still not
-    running after `timeout` seconds is reported, never passed on quietly."""
-    start = time.monotonic()
-    deadline = start + timeout
+    running when the wait (default 600 s) ends is reported, never passed on quietly."""
+    wait = wait or Wait(600.0)
     pending = {nd.id: nd for nd in nodes}
     running: list[Node] = []
     failed: dict[str, str] = {}
     started: set[object] = set()
-    next_beat = start + every
     while pending:
         for node_id, nd in list(pending.items()):
             if nd.state == NodeState.RUNNING:
@@ -299,16 +313,12 @@ def wait_instances(
                     pending.pop(node_id)
         if not pending:
             break
-        now = time.monotonic()
-        if now >= deadline:
+        if wait.over():
             for nd in pending.values():
-                failed[nd.name] = f"still {nd.extra.get('state')} after {timeout:g} s"
+                failed[nd.name] = f"still {nd.extra.get('state')} after {wait.timeout:g} s"
             break
-        if now >= next_beat:
-            names = ", ".join(sorted(nd.name for nd in pending.values()))
-            progress("instances", f"waiting for {names} to run ({now - start:.0f} s of {timeout:g} s)")
-            next_beat += every
-        time.sleep(min(poll, _until(deadline)))
+        wait.beat(progress, "instances", f"waiting for {', '.join(sorted(nd.name for nd in pending.values()))} to run")
+        wait.sleep()
         for node_id, nd in list(pending.items()):
             try:
                 pending[node_id] = driver.ex_get_node(node_id)
@@ -333,34 +343,20 @@ def _destroy(driver, node: Node) -> str | None:
         return error_text(e)
 
 
-def terminate_instances(
-    driver,
-    cluster: str,
-    progress: Progress = _quiet,
-    timeout: float = 300.0,
-    poll: float = 1.0,
-    every: float = HEARTBEAT_S,
-) -> dict[str, str]:
-    """Delete every instance of the cluster, retrying failed deletes, until none is listed or `timeout`
-    seconds passed. Returns {instance left: why}; empty when all are gone."""
-    start = time.monotonic()
-    deadline = start + timeout
-    next_beat = [start + every]
+def terminate_instances(driver, cluster: str, progress: Progress = _quiet, wait: Wait | None = None) -> dict[str, str]:
+    """Delete every instance of the cluster, retrying failed deletes, until none is listed or the wait
+    (default 300 s) ends. Returns {instance left: why}; empty when all are gone."""
+    wait = wait or Wait(300.0)
     last_error: dict[str, str] = {}
 
     def heartbeat(names: list[str], _elapsed: float = 0.0) -> None:
-        if time.monotonic() >= next_beat[0]:
-            waited = time.monotonic() - start
-            progress(
-                "instances", f"waiting for {', '.join(sorted(names))} to be deleted ({waited:.0f} s of {timeout:g} s)"
-            )
-            next_beat[0] = time.monotonic() + every
+        wait.beat(progress, "instances", f"waiting for {', '.join(sorted(names))} to be deleted")
 
     while True:
         nodes = query_instances(driver, cluster)
         if not nodes:
             return {}
-        if time.monotonic() >= deadline:
+        if wait.over():
             return {nd.name: last_error.get(nd.name, f"still {nd.extra.get('state')}") for nd in nodes}
         todo = [nd for nd in nodes if nd.extra.get("state") not in _GONE_STATES]
         for nd in todo:
@@ -369,9 +365,9 @@ def terminate_instances(
             todo,
             lambda nd: _destroy(driver, nd),
             name=lambda nd: nd.name,
-            timeout=_until(deadline),
+            timeout=wait.left(),
             heartbeat=heartbeat,
-            every=min(every, 1.0),
+            every=min(wait.every, 1.0),
         )
         for nm, err in result.done.items():
             if err is None:
@@ -387,19 +383,15 @@ def terminate_instances(
             last_error[nm] = "its delete operation had not ended"
         if not todo or last_error:  # instances being deleted by someone else, or deletes to retry
             heartbeat([nd.name for nd in nodes])
-            time.sleep(min(poll, _until(deadline)))
+            wait.sleep()
 
 
 def delete_security_group(
-    driver,
-    cluster: str,
-    progress: Progress = _quiet,
-    timeout: float = 300.0,
-    poll: float = 1.0,
-    every: float = HEARTBEAT_S,
+    driver, cluster: str, progress: Progress = _quiet, wait: Wait | None = None
 ) -> tuple[bool, str | None]:
     """Delete the cluster's group if raysweep made it, waiting while Exoscale still refuses it because
     instances are being torn down. Returns (whether it was deleted now, the error if it is left)."""
+    wait = wait or Wait(300.0)
     group = find_security_group(driver, cluster)
     name = resource_name(cluster)
     if group is None:
@@ -407,9 +399,6 @@ def delete_security_group(
     if not made_by_raysweep(group, cluster):
         progress(name, f"left alone: raysweep did not make it (description {group.description!r})")
         return False, None
-    start = time.monotonic()
-    deadline = start + timeout
-    next_beat = start + every
     while True:
         try:
             driver.ex_delete_security_group(group)
@@ -418,18 +407,15 @@ def delete_security_group(
         except ExoscaleAPIError as e:
             if e.code == 404:
                 return False, None
-            if e.code != 409 or time.monotonic() >= deadline:
+            if e.code != 409 or wait.over():
                 progress(name, f"FAILED: {error_text(e)}")
                 return False, error_text(e)
-            if time.monotonic() >= next_beat:
-                waited = time.monotonic() - start
-                progress(name, f"still in use, waiting ({waited:.0f} s of {timeout:g} s): {error_text(e)}")
-                next_beat += every
+            wait.beat(progress, name, f"still in use, waiting: {error_text(e)}")
         except (LibcloudError, BaseHTTPError) as e:
-            if time.monotonic() >= deadline:
+            if wait.over():
                 return False, error_text(e)
             progress(name, f"delete failed: {error_text(e)}; retrying")
-        time.sleep(min(poll, _until(deadline)))
+        wait.sleep()
 
 
 # ------------------------------------------------------------------------------------ up / down
@@ -469,7 +455,7 @@ def up(
         for nd in nodes:  # a new machine may reuse an old address
             if f"instance {nd.name}" in journal.made and nd.public_ips:
                 store.forget_host(nd.public_ips[0])
-        running, not_running = wait_instances(driver, nodes, progress, timeout=running_timeout)
+        running, not_running = wait_instances(driver, nodes, progress, Wait(running_timeout))
     except KeyboardInterrupt:
         raise Interrupted(journal) from None
     state = ClusterState(cfg.name, [_record(nd, user) for nd in running], group.id, key_name)
@@ -507,15 +493,13 @@ class DownResult:
     failed: dict[str, str] = field(default_factory=dict)  # what is left: why
 
 
-def down(
-    driver, cfg: ClusterConfig, progress: Progress = _quiet, timeout: float = 300.0, every: float = HEARTBEAT_S
-) -> DownResult:
+def down(driver, cfg: ClusterConfig, progress: Progress = _quiet, wait: Wait | None = None) -> DownResult:
     """Remove every instance, the security group and the SSH key of the cluster, retrying what fails,
-    for at most `timeout` seconds; idempotent, so a second `down` finishes what the first left."""
-    deadline = time.monotonic() + timeout
+    until the wait (default 300 s) ends; idempotent, so a second `down` finishes what the first left."""
+    wait = wait or Wait(300.0)
     result = DownResult()
     before = {nd.name for nd in query_instances(driver, cfg.name)}
-    left = terminate_instances(driver, cfg.name, progress, timeout=timeout, every=every)
+    left = terminate_instances(driver, cfg.name, progress, wait)
     result.removed += [f"instance {nm}" for nm in sorted(before - set(left))]
     result.failed.update({f"instance {nm}": why for nm, why in left.items()})
     name = resource_name(cfg.name)
@@ -524,7 +508,7 @@ def down(
         if group is not None and made_by_raysweep(group, cfg.name):
             result.failed[f"security group {name}"] = "kept until the instances are gone"
     else:
-        deleted, err = delete_security_group(driver, cfg.name, progress, timeout=_until(deadline), every=every)
+        deleted, err = delete_security_group(driver, cfg.name, progress, wait)
         if err is not None:
             result.failed[f"security group {name}"] = err
         elif deleted:

@@ -7,9 +7,9 @@ Layout of a cluster's state directory (mode 700):
     id_ed25519(.pub) the cluster's own key pair, when no ssh_key is configured (private key 600)
     ssh_key_path    the private key given to import-terraform, for a Terraform-made cluster
     known_hosts     host keys pinned when first seen, checked on every later connection
-    ray_token       the cluster's Ray token (600), made by `start`, sent to the nodes and to Ray's clients
     lock            held by the command changing the cluster (`up`, `down`), naming its process
 The default root ~/.raysweep/clusters and ~/.raysweep are the toolkit's own and kept at mode 700 too.
+    ray_token       the cluster's Ray token (600), made by `start`, sent to the nodes and to Ray's clients
 """
 
 from __future__ import annotations
@@ -27,10 +27,6 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 
-class NoHeadError(Exception):
-    """The cluster's state has no head node (e.g. a Terraform output of workers only)."""
-
-
 class ClusterBusy(Exception):
     """Another process holds the cluster's lock; the message names it."""
 
@@ -39,6 +35,10 @@ def toolkit_dirs() -> list[Path]:
     """The directories the toolkit makes for itself in the home directory (mode 700)."""
     home = Path.home() / ".raysweep"
     return [home, home / "clusters"]
+
+
+class NoHeadError(Exception):
+    """The cluster's state has no head node (e.g. a Terraform output of workers only)."""
 
 
 @dataclass

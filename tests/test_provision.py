@@ -82,7 +82,7 @@ def test_down_retries_a_failed_delete_and_finishes(driver, sim, tmp_path):
     make_cluster(driver, "c1", 3)
     sim.app.model.faults.fail_next_ops, sim.app.model.faults.fail_ops_matching = 2, "delete-instance"
     events = Events()
-    res = provision.down(driver, cfg_for("c1", tmp_path), progress=events, timeout=60)
+    res = provision.down(driver, cfg_for("c1", tmp_path), progress=events, wait=provision.Wait(60))
     assert res.failed == {}, events.text()
     assert left_of(driver, "c1") == ([], [], [])
     assert "delete failed" in events.text() and "deleting again" in events.text()
@@ -93,12 +93,12 @@ def test_down_stops_at_its_timeout_with_what_is_left_then_a_second_down_finishes
     faults = sim.app.model.faults
     faults.fail_next_ops, faults.fail_ops_matching = 10_000, "delete-instance"
     events = Events()
-    res = provision.down(driver, cfg_for("c2", tmp_path), progress=events, timeout=2.5, every=0.5)
+    res = provision.down(driver, cfg_for("c2", tmp_path), progress=events, wait=provision.Wait(2.5, every=0.5))
     assert set(res.failed) == {"instance c2-head", "instance c2-worker-1", "security group raysweep-c2"}
     assert all("fault" in why for k, why in res.failed.items() if k.startswith("instance"))
     assert "waiting for c2-head, c2-worker-1 to be deleted" in events.text()
     faults.fail_next_ops = 0
-    res = provision.down(driver, cfg_for("c2", tmp_path), timeout=60)
+    res = provision.down(driver, cfg_for("c2", tmp_path), wait=provision.Wait(60))
     assert res.failed == {} and left_of(driver, "c2") == ([], [], [])
 
 
@@ -172,8 +172,9 @@ class FilterProxy:
         self.server.server_close()
 
 
-@pytest.mark.parametrize("mode", ["ignore", "one-label"])
-def test_down_deletes_exactly_the_cluster_whatever_the_server_makes_of_the_filter(driver, sim, tmp_path, mode):
+@pytest.mark.parametrize("server", ["proxy:ignore", "proxy:one-label", "sim:ignore", "sim:any"])
+def test_down_deletes_exactly_the_cluster_whatever_the_server_makes_of_the_filter(driver, sim, tmp_path, server):
+    """The filter misread by a real HTTP proxy in front of the API, or by the local Exoscale's own switch."""
     make_cluster(driver, "a", 2)
     make_cluster(driver, "b", 2)
     strangers = [
@@ -181,14 +182,24 @@ def test_down_deletes_exactly_the_cluster_whatever_the_server_makes_of_the_filte
         driver.create_node("s2", "standard.micro", UBUNTU, ex_labels={"managed-by": "raysweep", "cluster": "a-b"}),
         driver.create_node("s3", "standard.micro", UBUNTU),
     ]
-    proxy = FilterProxy(sim, mode)
+    how, mode = server.split(":")
+    proxy = FilterProxy(sim, mode) if how == "proxy" else None
+    if proxy is None:
+        sim.app.model.faults.labels_filter = mode
     try:
         through = ExoscaleV2NodeDriver(
-            SIM_KEY, SIM_SECRET, host="127.0.0.1", port=proxy.port, secure=False, retry=RetryPolicy(base_s=0.01)
+            SIM_KEY,
+            SIM_SECRET,
+            host="127.0.0.1",
+            port=proxy.port if proxy else sim.port,
+            secure=False,
+            retry=RetryPolicy(base_s=0.01),
         )
-        res = provision.down(through, cfg_for("a", tmp_path), timeout=60)
+        res = provision.down(through, cfg_for("a", tmp_path), wait=provision.Wait(60))
     finally:
-        proxy.close()
+        if proxy:
+            proxy.close()
+        sim.app.model.faults.labels_filter = "exact"
     assert res.failed == {}
     assert sorted(r for r in res.removed if r.startswith("instance")) == ["instance a-head", "instance a-worker-1"]
     left = {nd.name for nd in driver.list_nodes()}
@@ -253,7 +264,7 @@ def test_wait_instances_reports_a_node_that_never_runs(driver, sim):
     sim.app.model.instances[broken.id].state = "error"
     events = Events()
     nodes = [driver.ex_get_node(n.id) for n in (ok, stuck, broken, stopped)]
-    running, failed = provision.wait_instances(driver, nodes, events, timeout=2.0, poll=0.2, every=0.5)
+    running, failed = provision.wait_instances(driver, nodes, events, provision.Wait(2.0, every=0.5, poll=0.2))
     assert [n.name for n in running] == ["ok", "stopped"] and running[1].state == NodeState.RUNNING
     assert failed == {"stuck": "still starting after 2 s", "broken": "instance is in state error"}
     assert "waiting for stuck to run" in events.text() and "stopped: stopped; starting it" in events.text()
