@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import ROOT, SIM_KEY, SIM_SECRET, run_cli
+from tests.conftest import ROOT, SIM_KEY, SIM_SECRET, ClusterCLI, run_cli
 
 pytestmark = [pytest.mark.root]
 
@@ -32,12 +32,7 @@ def test_make_cluster_up_max_workers_then_down(tmp_path):
     toml = tmp_path / "cluster.toml"
     toml.write_text(f'name = "{name}"\nray_cpus = 1\nssh_cidr = "0.0.0.0/0"\n')
     with start(SIM_KEY, SIM_SECRET, faults=Faults(op_delay_s=0.2), hosts=True, offer_packages=True, seed=5) as local:
-        env = {
-            "EXOSCALE_API_KEY": SIM_KEY,
-            "EXOSCALE_API_SECRET": SIM_SECRET,
-            "EXOSCALE_API_ENDPOINT": local.endpoint,
-            "RAYSWEEP_STATE_DIR": str(tmp_path / "state"),
-        }
+        env = ClusterCLI(local.server, tmp_path / "state", name).env
         try:
             r = make("cluster-up", env, toml, MAX_WORKERS=1)
             assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
