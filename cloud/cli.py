@@ -1,6 +1,8 @@
 """python exoscale.py <command>: a Ray cluster on Exoscale VMs, and files and commands on its nodes.
 
 up -n N (create)      SSH key, security group, N instances in parallel; waits for SSH
+up --max-workers N    an autoscaling cluster: the head (and --min-workers), Ray's autoscaler adds the rest
+ray-config            a Ray cluster YAML for Ray's own CLI (ray up / exec / submit / attach / down)
 down (destroy)        everything of the cluster, found through the API; asks unless --yes
 list-nodes (status)   name, role, public IP, state
 ssh N                 an interactive login on node N (0 = head, or a node name)
@@ -86,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--timeout", type=_seconds, default=600.0, help="seconds to wait for the nodes to run and answer SSH"
     )
+    _autoscaling_options(a, max_default=None)
     a = sub.add_parser("down", aliases=["destroy"], help="remove everything of the cluster")
     a.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     a.add_argument(
@@ -125,7 +128,25 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--dir", default="terraform", help="the Terraform directory (runs `terraform output -json`)")
     a.add_argument("--output-json", help="or: a file holding the output of `terraform output -json`")
     a.add_argument("--ssh-key", required=True, help="the private key whose public half Terraform registered")
+    a = sub.add_parser("ray-config", help="print a Ray cluster YAML for `ray up` (an autoscaling cluster)")
+    _autoscaling_options(a, max_default=2)
+    a.add_argument(
+        "--worker-type",
+        action="append",
+        default=[],
+        metavar="NAME=TYPE[,min=N][,max=N][,RES=N]",
+        help="another worker node type, e.g. gpu=gpua5000.small,max=2 (repeatable)",
+    )
+    a.add_argument("--head-type", help="the head's instance type (default: instance_type from the config)")
     return p
+
+
+def _autoscaling_options(a: argparse.ArgumentParser, max_default: int | None) -> None:
+    a.add_argument("--min-workers", type=int, default=0, help="workers kept at all times (default 0)")
+    a.add_argument("--max-workers", type=int, default=max_default, help="workers the autoscaler may add")
+    a.add_argument(
+        "--idle-minutes", type=float, default=5.0, help="a worker idle this long is removed (default 5; fractions work)"
+    )
 
 
 def _load(args, require_credentials: bool = True, **overrides) -> ClusterConfig:
@@ -147,8 +168,12 @@ def _select(st: ClusterState, which: str | None) -> list[NodeRecord]:
 
 
 def cmd_up(args) -> int:
+    if args.max_workers is not None:
+        return cmd_up_autoscaling(args)
     cfg = _load(args, nodes=args.nodes)
     from cloud import provision, ssh_ready
+
+    _refuse_static_up_on_autoscaling(cfg)
 
     if not cfg.ssh_cidr_given:
         print(
@@ -196,7 +221,7 @@ def cmd_up(args) -> int:
 
 def cmd_down(args) -> int:
     cfg = _load(args)
-    from cloud import provision
+    from cloud import elastic, provision
 
     driver = cfg.driver()
     store = StateStore(cfg.state_dir)
@@ -204,14 +229,17 @@ def cmd_down(args) -> int:
         with store.lock("exoscale.py down"):
             plan = provision.plan_down(driver, cfg.name)
             name = provision.resource_name(cfg.name)
+            autoscaling = elastic.is_autoscaling(cfg, plan.nodes)
             if plan.foreign_group:
                 print(f"security group {name} was not made by raysweep: left alone", file=sys.stderr)
-            if plan.empty:
+            if plan.empty and not autoscaling:
                 store.remove(keep_key=cfg.ssh_key is not None)
                 print(f"cluster {cfg.name!r}: nothing to remove", file=sys.stderr)
                 return 0
             names = sorted(n.name for n in plan.nodes)
             what = [f"{len(names)} instance(s)" + (f" ({', '.join(names)})" if names else "")]
+            if autoscaling:
+                what.append("the autoscaler's API key and IAM role")
             if plan.group is not None and not plan.foreign_group:
                 what.append(f"security group {name}")
             if plan.has_key:
@@ -223,7 +251,15 @@ def cmd_down(args) -> int:
                 if answer.strip().lower() not in ("y", "yes"):
                     print("nothing removed", file=sys.stderr)
                     return 1
-            res = provision.down(driver, cfg, progress=_printer(), wait=provision.Wait(args.timeout))
+            progress = _printer()
+            if autoscaling:  # nothing may be created while the instances are deleted
+                elastic.stop_autoscaler(cfg, progress)
+                elastic.revoke_key(driver, cfg, progress)
+            res = provision.down(driver, cfg, progress=progress, wait=provision.Wait(args.timeout))
+            if autoscaling and not res.failed:
+                if provision.query_instances(driver, cfg.name):  # created by a call already under way
+                    res = provision.down(driver, cfg, progress=progress, wait=provision.Wait(args.timeout))
+                res.removed += elastic.after_down(driver, cfg, progress)
     except ClusterBusy as e:
         raise CLIError(str(e)) from None
     except KeyboardInterrupt:
@@ -375,6 +411,10 @@ def cmd_list(args) -> int:
         _print_ray(ray_runtime.ray_nodes(cfg))
     except ray_runtime.RayClusterError as e:
         print(f"Ray: not running ({str(e).splitlines()[0][:200]})")
+    from cloud import elastic
+
+    if elastic.is_autoscaling(cfg):
+        print(elastic.autoscaler_status(cfg).rstrip())
     return 0
 
 
@@ -474,7 +514,87 @@ def state_from_terraform(outputs: dict, name: str) -> ClusterState:
     return ClusterState(name, records)
 
 
+def _refuse_static_up_on_autoscaling(cfg: ClusterConfig) -> None:
+    from cloud import elastic, provision
+
+    nodes = provision.query_instances(cfg.driver(), cfg.name)
+    if elastic.is_autoscaling(cfg, nodes):
+        raise CLIError(
+            f"cluster {cfg.name!r} is an autoscaling cluster (up --max-workers): its autoscaler adds and removes "
+            f"workers; `up -n` would fight it. Use `up --max-workers N` to change it, or `down` it first"
+        )
+
+
+def cmd_up_autoscaling(args) -> int:
+    """The head (and --min-workers workers) through `ray up`; Ray's autoscaler on the head adds the rest."""
+    if args.nodes is not None:
+        raise CLIError(
+            "-n and --max-workers exclude each other: -n N makes N nodes, --max-workers an autoscaling cluster"
+        )
+    if args.max_workers < 0 or not 0 <= args.min_workers <= args.max_workers:
+        raise CLIError(f"--min-workers {args.min_workers} / --max-workers {args.max_workers}: need 0 <= min <= max")
+    cfg = _load(args)
+    from cloud import elastic, provision
+
+    driver = cfg.driver()
+    existing = provision.query_instances(driver, cfg.name)
+    if existing and not elastic.is_autoscaling(cfg, existing):
+        raise CLIError(
+            f"cluster {cfg.name!r} is a static cluster of {len(existing)} node(s) (made by up -n); "
+            f"`down` it first, or give another --name"
+        )
+    progress = _printer()
+    try:
+        rc = elastic.up(
+            cfg, args.min_workers, args.max_workers, args.idle_minutes, progress, packages=args.default_packages
+        )
+    except ValueError as e:  # unknown instance type or template, bad endpoint
+        raise CLIError(str(e)) from None
+    st = provision.status(driver, cfg)  # ssh, scp, cmd and --cluster use it
+    _print_nodes(st)
+    if rc != 0:
+        print(
+            f"ray up failed (exit {rc}); see its output above. Run `{PROG} up --max-workers "
+            f"{args.max_workers}` again, or `{PROG} down` to remove it.",
+            file=sys.stderr,
+        )
+        return 1
+    print(
+        f"autoscaling cluster {cfg.name!r} ready: head + {args.min_workers} worker(s), up to "
+        f"{args.max_workers} added on demand, removed after {args.idle_minutes:g} idle minute(s)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_ray_config(args) -> int:
+    """The Ray cluster YAML on stdout (only it: messages go to stderr)."""
+    cfg = _load(args, require_credentials=False)
+    from cloud import ray_config
+
+    worker_types = tuple(ray_config.parse_worker_type(t) for t in args.worker_type)
+    config = ray_config.build(
+        cfg,
+        args.min_workers,
+        args.max_workers,
+        args.idle_minutes,
+        worker_types,
+        args.head_type,
+        packages=args.default_packages,
+    )
+    sys.stdout.write(ray_config.render(config))
+    sys.stdout.flush()
+    print(
+        f"cluster {cfg.name!r}: {args.min_workers}-{args.max_workers} worker(s) of {cfg.instance_type}"
+        + "".join(f", {w.min_workers}-{w.max_workers} {w.name} ({w.instance_type})" for w in worker_types)
+        + f", idle after {args.idle_minutes:g} min. Next: ray up FILE.yaml -y (EXOSCALE_API_KEY/SECRET set)",
+        file=sys.stderr,
+    )
+    return 0
+
+
 COMMANDS = {
+    "ray-config": cmd_ray_config,
     "up": cmd_up,
     "create": cmd_up,
     "down": cmd_down,

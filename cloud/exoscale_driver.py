@@ -657,6 +657,29 @@ class ExoscaleV2NodeDriver(NodeDriver):
             icmp_code=icmp.get("code"),
         )
 
+    # ------------------------------------------------------------------- updates, other services
+
+    def ex_update_node(self, node: Node, name: str | None = None, labels: dict[str, str] | None = None) -> Node:
+        """Rename an instance and/or replace its labels (Exoscale replaces the whole label set: read,
+        merge and write under a lock of your own to change one label without losing the others)."""
+        body: dict[str, Any] = {}
+        if name is not None:
+            body["name"] = name
+        if labels is not None:
+            body["labels"] = dict(labels)
+        if not body:
+            raise ValueError("ex_update_node: give name and/or labels")
+        self._operate("PUT", f"/instance/{node.id}", f"update instance {node.name!r}", body)
+        return self.ex_get_node(str(node.id))
+
+    def ex_call(self, method: str, path: str, body: Any = None, params: dict | None = None, what: str = "") -> Any:
+        """A signed request to any API v2 path (retried as every request is); an operation it returns is
+        waited for when `what` names it. For services this driver has no methods for (e.g. IAM)."""
+        answer = self._request(method, path, params=params, body=body)
+        if what and isinstance(answer, dict) and "state" in answer and "id" in answer:
+            return self._wait_operation(answer, what)
+        return answer
+
 
 def md5_fingerprint(public_key: str) -> str:
     """The MD5 fingerprint Exoscale shows for an SSH public key ("aa:bb:..."), from "TYPE BASE64 [COMMENT]"."""

@@ -1,0 +1,154 @@
+"""exoscale.py's autoscaling clusters: `up --max-workers N` through Ray's own cluster launcher (`ray up` on
+the YAML of cloud.ray_config, kept as `cluster.yaml` in the cluster's state directory), the autoscaler's
+view for `status`, and what `down` does first: stop the autoscaler and revoke its key, so that nothing is
+created while the cluster's instances are deleted by label, then delete the key's role.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from urllib.parse import urlparse
+
+from cloud.config import ClusterConfig, ConfigError
+from cloud.state import StateStore
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str, str], None]
+#: A label only nodes made through Ray's cluster launcher carry.
+RAY_KIND_LABEL = "ray-node-type"
+
+
+def config_path(cfg: ClusterConfig) -> Path:
+    return cfg.state_dir / "cluster.yaml"
+
+
+def is_autoscaling(cfg: ClusterConfig, nodes=()) -> bool:
+    """Made by `up --max-workers` (its YAML is in the state) or by `ray up` on a `ray-config` YAML (the head's
+    key was made here), or, with no local state, its nodes say so."""
+    from cloud import head_credentials
+
+    key_copy = cfg.state_dir / "head" / Path(head_credentials.HEAD_PATH).name
+    return (
+        config_path(cfg).exists()
+        or key_copy.exists()
+        or any(RAY_KIND_LABEL in n.extra.get("labels", {}) for n in nodes)
+    )
+
+
+def ray_cli() -> str:
+    here = Path(sys.executable).parent / "ray"
+    return str(here) if here.exists() else "ray"
+
+
+def check_endpoint_reachable_from_nodes(cfg: ClusterConfig) -> None:
+    """The head's autoscaler calls the API at EXOSCALE_API_ENDPOINT: a loopback address cannot work there."""
+    if not cfg.endpoint:
+        return
+    host = urlparse(cfg.endpoint).hostname or ""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback:
+        raise ConfigError(
+            f"EXOSCALE_API_ENDPOINT {cfg.endpoint} is a loopback address, which the head's autoscaler cannot "
+            f"reach; give an address the nodes reach too (for the local Exoscale: its bridge gateway)"
+        )
+
+
+def up(
+    cfg: ClusterConfig,
+    min_workers: int,
+    max_workers: int,
+    idle_minutes: float,
+    progress: Progress,
+    packages: Sequence[str] = (),
+    timeout: float = 3600,
+) -> int:
+    """Write the cluster's YAML and run `ray up` on it; Ray's output goes to `progress` line by line."""
+    from cloud import ray_config
+
+    check_endpoint_reachable_from_nodes(cfg)
+    config = ray_config.build(cfg, min_workers, max_workers, idle_minutes, packages=packages)
+    path = config_path(cfg)
+    path.write_text(ray_config.render(config))
+    progress(cfg.name, f"ray up {path} ({min_workers}-{max_workers} workers, idle after {idle_minutes:g} min)")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    cmd = [ray_cli(), "up", str(path), "-y", "--no-config-cache"]
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, env=env
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.strip():
+                progress("ray up", line.rstrip())
+        return proc.wait(timeout)
+
+
+def autoscaler_status(cfg: ClusterConfig) -> str:
+    """`ray status` as the head answers it: the autoscaler's nodes (active, idle, pending) and failures."""
+    from cloud.ray_runtime import node_command
+    from cloud.remote import Remote
+
+    store = StateStore(cfg.state_dir)
+    st = store.load()
+    head = st.head() if st else None
+    if head is None:
+        return "autoscaler: no head known (run `status` with credentials set)"
+    remote = Remote(store.private_key(cfg.ssh_key), store.known_hosts)
+    [r] = remote.run([head], node_command("ray status", cfg), timeout=60)
+    return r.stdout if r.ok else f"autoscaler: not answering ({r.error}; {r.stderr.strip()[-300:]})"
+
+
+def stop_autoscaler(cfg: ClusterConfig, progress: Progress) -> None:
+    """Stop Ray (and with it the autoscaler) on the head; best effort: the key is revoked next anyway."""
+    from cloud.ray_runtime import node_command
+    from cloud.remote import Remote
+
+    store = StateStore(cfg.state_dir)
+    st = store.load()
+    head = st.head() if st else None
+    if head is None:
+        progress(cfg.name, "no head known locally; its autoscaler stops when its key is revoked")
+        return
+    [r] = Remote(store.private_key(cfg.ssh_key), store.known_hosts).run(
+        [head],
+        f"test -x $HOME/raysweep-env/bin/ray && ({node_command('ray stop --force', cfg)}) >/dev/null 2>&1; true",
+        timeout=60,
+    )
+    progress(
+        head.name, "autoscaler stopped" if r.ok else f"could not stop the autoscaler ({r.error}); revoking its key"
+    )
+
+
+def revoke_key(driver, cfg: ClusterConfig, progress: Progress) -> None:
+    """Delete the cluster's restricted key(s): from now on the autoscaler cannot create anything."""
+    from cloud import iam
+
+    for k in iam.find_keys(driver, cfg.name):
+        iam.delete_key(driver, k.key)
+        progress(cfg.name, f"API key {k.key} of the autoscaler revoked")
+
+
+def after_down(driver, cfg: ClusterConfig, progress: Progress) -> list[str]:
+    """Once the instances are gone: the key's role, the local copy of the key and the cluster's YAML."""
+    from cloud import head_credentials, iam
+
+    removed = iam.delete_cluster_iam(driver, cfg.name)
+    for what in removed:
+        progress(cfg.name, f"{what} deleted")
+    (cfg.state_dir / "head" / Path(head_credentials.HEAD_PATH).name).unlink(missing_ok=True)
+    config_path(cfg).unlink(missing_ok=True)
+    return removed
+
+
+def describe(cfg: ClusterConfig, nodes) -> str:
+    kinds = sorted({n.extra["labels"].get("ray-user-node-type", "?") for n in nodes})
+    return f"autoscaling cluster {cfg.name!r} ({', '.join(kinds) or 'no nodes'}); YAML: {shlex.quote(str(config_path(cfg)))}"

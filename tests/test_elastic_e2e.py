@@ -1,0 +1,251 @@
+"""An autoscaling Ray cluster on the local Exoscale with hosts: `exoscale.py ray-config > cluster.yaml` and
+unmodified `ray up`, `ray exec`, `ray submit`, `ray down` on it; `exoscale.py status` on the same cluster.
+One `ray up` (head only, 0-2 CPU workers and 0-1 GPU worker declared by resources) serves every case."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import SIM_KEY, SIM_SECRET, run_cli
+from tests.test_ray_provider import wait_for
+
+pytestmark = [pytest.mark.root]
+
+RAY = str(Path(sys.executable).parent / "ray")
+WORKLOAD = r"""
+import json, time, ray
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+ray.init(address="auto", logging_level="ERROR")
+
+@ray.remote(num_cpus=1)
+def where():
+    time.sleep(2)
+    return ray.util.get_node_ip_address()
+
+@ray.remote(num_cpus=0, num_gpus=1)
+def gpu_where():
+    return ray.util.get_node_ip_address()
+
+pg = placement_group([{"CPU": 1}] * 3)  # 3 CPUs at once: the head has 1
+gpu = gpu_where.remote()
+ray.get(pg.ready(), timeout=600)
+ips = ray.get([where.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i)).remote() for i in range(3)])
+print("RESULT " + json.dumps({"cpu": ips, "gpu": ray.get(gpu, timeout=600)}))
+"""
+
+
+class KeyRecorder:
+    """Wraps the sim App: which API key signed each instance creation (test instrumentation only)."""
+
+    def __init__(self, app):
+        self.app, self.creates = app, []
+        self._handle = app.handle
+        app.handle = self.handle
+
+    def handle(self, method, target, headers, body):
+        answer = self._handle(method, target, headers, body)
+        if method == "POST" and target.split("?")[0] == "/v2/instance" and answer[0] == 200:
+            m = re.search(r"credential=([^,\s]+)", headers.get("authorization", ""))
+            self.creates.append((m.group(1) if m else None, json.loads(body).get("labels", {})))
+        return answer
+
+
+@pytest.fixture(scope="module")
+def elastic(tmp_path_factory):
+    from cloud.sim.hosts import missing_requirements
+    from cloud.sim.local import start
+    from cloud.sim.model import Faults
+
+    missing = missing_requirements() + ([] if shutil.which("rsync") else ["rsync"])
+    if missing:
+        pytest.skip(f"local VM hosts need {', '.join(missing)}")
+    # The API on the hosts' gateway (the head calls it at the very URL this machine uses); uv and a package
+    # index offered to the hosts, as the internet would be.
+    local = start(
+        SIM_KEY, SIM_SECRET, faults=Faults(op_delay_s=0.2), hosts=True, offer_packages=True, record=True, seed=11
+    )
+    try:
+        yield from _cluster(local, tmp_path_factory)
+    finally:
+        local.close()
+
+
+def _cluster(local, tmp_path_factory):
+    app, model = local.app, local.model
+    recorder = KeyRecorder(app)
+    state = tmp_path_factory.mktemp("elastic")
+    name = f"el{uuid.uuid4().hex[:6]}"
+    toml = state / "cluster.toml"
+    toml.write_text(
+        f'name = "{name}"\nray_cpus = 1\nssh_cidr = "0.0.0.0/0"\n'
+        'ray_env = { RAY_health_check_period_ms = "1000", RAY_health_check_failure_threshold = "3" }\n'
+    )
+    env = {
+        "EXOSCALE_API_KEY": SIM_KEY,
+        "EXOSCALE_API_SECRET": SIM_SECRET,
+        "EXOSCALE_API_ENDPOINT": local.endpoint,
+        "RAYSWEEP_STATE_DIR": str(state / "clusters"),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "TMPDIR": str(state),  # Ray's cached bootstrap (ray-config-<hash>) stays inside this test
+    }
+    r = run_cli(
+        "exoscale.py",
+        "--config",
+        str(toml),
+        "ray-config",
+        "--max-workers",
+        "2",
+        "--idle-minutes",
+        "0.5",
+        "--worker-type",
+        "gpu=standard.small,max=1,GPU=1,CPU=0",
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    config = yaml.safe_load(r.stdout)  # stdout is the YAML and nothing else
+    path = state / "cluster.yaml"
+    path.write_text(r.stdout)
+    ctx = type("Elastic", (), {})()
+    ctx.app, ctx.model, ctx.recorder, ctx.path, ctx.env, ctx.config, ctx.name = (
+        app,
+        model,
+        recorder,
+        path,
+        env,
+        config,
+        name,
+    )
+    ctx.ray = lambda *a, timeout=900: subprocess.run(
+        [RAY, *a], capture_output=True, text=True, timeout=timeout, env={**os.environ, **env}, stdin=subprocess.DEVNULL
+    )
+    try:
+        up = ctx.ray("up", str(path), "-y")
+        assert up.returncode == 0, up.stdout[-4000:] + up.stderr[-3000:]
+        yield ctx
+    finally:
+        if any(i.labels.get("cluster") == name for i in list(model.instances.values())):
+            ctx.ray("down", str(path), "-y", timeout=600)
+
+
+def instances(ctx, **labels):
+    with ctx.model.lock:
+        return [
+            i
+            for i in ctx.model.instances.values()
+            if i.labels.get("cluster") == ctx.name and all(i.labels.get(k) == v for k, v in labels.items())
+        ]
+
+
+def test_ray_up_made_only_the_head_and_ray_exec_works(elastic):
+    [head] = instances(elastic)
+    assert head.labels["role"] == "head" and head.labels["ray-node-type"] == "head"
+    assert head.labels["ray-node-status"] == "up-to-date"
+    r = elastic.ray("exec", str(elastic.path), "ray status", timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "Active:" in r.stdout and "ray.head.default" in r.stdout
+
+
+def test_status_shows_the_autoscalers_view(elastic):
+    r = run_cli("exoscale.py", "--name", elastic.name, "status", env=elastic.env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"{elastic.name}-head" in r.stdout and "Ray: 1 node(s) alive" in r.stdout
+    assert "Autoscaler status" in r.stdout and "ray.head.default" in r.stdout, r.stdout
+
+
+def test_the_head_holds_only_the_restricted_key(elastic):
+    probe = (
+        "import json, sys; sys.path.insert(0, '/home/ubuntu/raysweep'); "
+        "from cloud import head_credentials; from cloud.ray_provider import make_driver; "
+        "d = make_driver({'credentials_file': '~/.raysweep/head-credentials.json'}); "
+        "print('NODES', len(d.list_nodes())); "
+        "import libcloud.common.types as t\n"
+        "for what, call in [('api-key', lambda: d.ex_call('POST', '/api-key', {'name': 'x', 'role-id': "
+        "head_credentials.read().role_id})), ('security-group', d.ex_list_security_groups)]:\n"
+        "    try: call(); print('ALLOWED', what)\n"
+        "    except t.InvalidCredsError: print('REFUSED', what)"
+    )
+    r = elastic.ray("exec", str(elastic.path), f"python -c {shlex.quote(probe)}", timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "NODES 1" in r.stdout and "REFUSED api-key" in r.stdout and "REFUSED security-group" in r.stdout
+    leak = elastic.ray("exec", str(elastic.path), f"grep -rlsF {SIM_SECRET} ~ /tmp/ray || echo CLEAN", timeout=300)
+    assert "CLEAN" in leak.stdout, "the user's API secret is on the head"
+
+
+def test_a_workload_needing_3_cpus_and_a_gpu_grows_then_shrinks_the_cluster(elastic, tmp_path):
+    script = tmp_path / "workload.py"
+    script.write_text(WORKLOAD)
+    r = elastic.ray("submit", str(elastic.path), str(script), timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
+    [line] = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+    result = json.loads(line.split(" ", 1)[1])
+    head_ip = instances(elastic, role="head")[0].public_ip
+    workers = [k for k, labels in elastic.recorder.creates if labels.get("role") == "worker"]
+    restricted = {k.key for k in elastic.model.iam.list_api_keys()}
+    assert workers and all(k in restricted for k in workers), "workers made without the cluster's restricted key"
+    assert len(set(result["cpu"]) - {head_ip}) >= 1, result  # ran on workers the autoscaler added
+    gpu_nodes = [labels for _, labels in elastic.recorder.creates if labels.get("ray-user-node-type") == "gpu"]
+    assert len(gpu_nodes) == 1 and result["gpu"] != head_ip, result
+    # idle for idle_timeout_minutes (0.5): the autoscaler removes every worker, never the head
+    wait_for("the idle workers to be removed", lambda: not instances(elastic, role="worker"), 300, every=2)
+    assert len(instances(elastic, role="head")) == 1
+
+
+PENDING = r"""
+import ray
+ray.init(address="auto", logging_level="ERROR")
+pg = ray.util.placement_group([{"CPU": 1}] * 2)
+print("WAITING", flush=True)
+ray.get(pg.ready(), timeout=300)
+"""
+
+
+def test_a_failed_scale_up_is_visible_in_status(elastic, tmp_path):
+    faults = elastic.model.faults
+    faults.fail_next_ops, faults.fail_ops_matching = 1000, "create-instance"  # every create fails
+    script = tmp_path / "pending.py"
+    script.write_text(PENDING)
+    proc = subprocess.Popen(
+        [RAY, "submit", str(elastic.path), str(script)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **elastic.env},
+        start_new_session=True,
+    )
+    try:
+
+        def failure_shown():
+            r = run_cli("exoscale.py", "--name", elastic.name, "status", env=elastic.env, timeout=300)
+            return "LaunchFailed" in r.stdout and r.stdout  # Ray's `ray status`, under "Recent failures"
+
+        out = wait_for("status to show the failed launch", failure_shown, 300, every=5)
+        assert "Recent failures" in out and "ray.worker.default" in out, out
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait(30)
+        faults.fail_next_ops = 0
+    wait_for("no worker left behind", lambda: not instances(elastic, role="worker"), 120, every=2)
+
+
+def test_ray_down_leaves_nothing(elastic):
+    r = elastic.ray("down", str(elastic.path), "-y", timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert instances(elastic) == []
+    m = elastic.model
+    with m.lock:
+        assert [g.name for g in m.security_groups.values()] == []
+        assert list(m.ssh_keys) == []
+    assert m.iam.list_api_keys() == [] and m.iam.list_roles() == []
+    state = Path(elastic.env["RAYSWEEP_STATE_DIR"]) / elastic.name
+    assert not (state / "head" / "head-credentials.json").exists()
