@@ -6,10 +6,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NODES ?= 3
+MAX_WORKERS ?=
+MIN_WORKERS ?= 0
 CONFIG ?=
 CLUSTER_ARGS := $(if $(CONFIG),--config $(CONFIG),)
 
-.PHONY: run test lint bench system-deps cluster-up cluster-down cluster-status clean sim
+.PHONY: run test lint bench system-deps cluster-args cluster-up cluster-down cluster-status clean sim
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +31,7 @@ system-deps:
 	  command -v nft >/dev/null || [ -x /usr/sbin/nft ] || missing="$$missing nftables"; \
 	  command -v sudo >/dev/null || missing="$$missing sudo"; \
 	  command -v ssh >/dev/null || missing="$$missing openssh-client"; \
+	  command -v rsync >/dev/null || missing="$$missing rsync"; \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing:$$missing"; \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null) \
@@ -53,10 +56,20 @@ bench: $(STAMP)
 sim: $(STAMP) system-deps
 	$(PY) -m cloud.sim api --hosts $(ARGS)
 
-cluster-up: $(STAMP)
+# MAX_WORKERS=N: an autoscaling cluster (head + MIN_WORKERS; Ray's autoscaler adds up to N workers)
+cluster-args:
+	@if [ -n "$(MAX_WORKERS)" ] && [ "$(origin NODES)" != "file" ]; then \
+	  echo "NODES and MAX_WORKERS exclude each other: NODES=N makes N nodes, MAX_WORKERS=N an autoscaling cluster" >&2; \
+	  exit 2; fi
+
+cluster-up: cluster-args $(STAMP)
+ifneq ($(MAX_WORKERS),)
+	$(PY) exoscale.py $(CLUSTER_ARGS) up --min-workers $(MIN_WORKERS) --max-workers $(MAX_WORKERS)
+else
 	$(PY) exoscale.py $(CLUSTER_ARGS) up -n $(NODES)
 	$(PY) exoscale.py $(CLUSTER_ARGS) install
 	$(PY) exoscale.py $(CLUSTER_ARGS) start
+endif
 
 cluster-down: $(STAMP)
 	$(PY) exoscale.py $(CLUSTER_ARGS) down --yes

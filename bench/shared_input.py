@@ -33,8 +33,9 @@ def run_plain(n, data):
 
 
 def run(n, data):
-    infos = ray.get([tasks.Execute(["wc", "-c", data], stdout=True).info_ref for _ in range(n)])
-    return sum(i.input_bytes_written for i in infos)
+    ts = [tasks.Execute(["wc", "-c", data], stdout=True) for _ in range(n)]
+    ray.get([t.info_ref for t in ts])
+    return sum(t.wait().input_bytes_written for t in ts)
 
 
 def main(argv=None):

@@ -12,7 +12,9 @@ def _register() -> None:
     try:
         get_driver(PROVIDER)
     except AttributeError:
-        set_driver(PROVIDER, "cloud.exoscale_driver", "ExoscaleV2NodeDriver")
+        # libcloud documents module and class as dotted names and uses them so (common/providers.py);
+        # its type comment says a module object and a class, which it never receives from its own callers
+        set_driver(PROVIDER, "cloud.exoscale_driver", "ExoscaleV2NodeDriver")  # type: ignore[arg-type]
 
 
 _register()

@@ -367,7 +367,7 @@ def systemd_unit(python: str, lib: str, home: str, user: str) -> str:
 
 CODE_FILES = (
     *("__init__.py", "autostop.py", "autostop_daemon.py", "config.py"),
-    *("exoscale_driver.py", "head_credentials.py", "provision.py", "state.py"),
+    *("exoscale_driver.py", "fanout.py", "head_credentials.py", "provision.py", "state.py"),
 )
 
 
@@ -407,8 +407,11 @@ def launch(cfg: ClusterConfig, remote: Remote, head: NodeRecord, progress: Calla
 
 def ensure_head_key(cfg: ClusterConfig, remote: Remote, head: NodeRecord) -> str:
     """The cluster's restricted key on the head (what the daemon tears down with): kept when the head has one,
-    else made with the user's key (cloud.iam, named raysweep-NAME, removed by `down`) and copied there, 0600."""
-    from cloud import head_credentials
+    else made with the user's key (cloud.iam, named raysweep-NAME, removed by `down`) and copied there, 0600.
+    No copy stays on this machine (a local copy in the state's `head/` marks a cluster of `ray up`)."""
+    import tempfile
+
+    from cloud import head_credentials, iam
 
     [r] = remote.run([head], f"test -s $HOME/{head_credentials.HEAD_PATH} && echo RAYSWEEP_HAS_KEY", timeout=30)
     if "RAYSWEEP_HAS_KEY" in r.stdout:
@@ -418,12 +421,12 @@ def ensure_head_key(cfg: ClusterConfig, remote: Remote, head: NodeRecord) -> str
             "the head has no restricted key to tear the cluster down with; set EXOSCALE_API_KEY/EXOSCALE_API_SECRET "
             "and run `start` again"
         )
-    from cloud import iam
-
-    local = cfg.state_dir / "head" / Path(head_credentials.HEAD_PATH).name
-    iam.ensure_key_file(cfg.driver(), cfg.name, cfg.zone, cfg.endpoint, local)
-    [r] = remote.run([head], f"mkdir -p -m 700 $HOME/{DIR} && rm -f $HOME/{head_credentials.HEAD_PATH}", timeout=30)
-    [r] = remote.put([head], local, head_credentials.HEAD_PATH)
+    creds = iam.create_key(cfg.driver(), cfg.name, cfg.zone, cfg.endpoint)
+    with tempfile.TemporaryDirectory() as tmp:  # 0700; the file itself is written 0600
+        local = head_credentials.write(Path(tmp) / Path(head_credentials.HEAD_PATH).name, creds)
+        [r] = remote.run([head], f"mkdir -p -m 700 $HOME/{DIR} && rm -f $HOME/{head_credentials.HEAD_PATH}", timeout=30)
+        if r.ok:
+            [r] = remote.put([head], local, head_credentials.HEAD_PATH)
     if r.ok:
         [r] = remote.run([head], f"chmod 600 $HOME/{head_credentials.HEAD_PATH}", timeout=30)
     if not r.ok:
@@ -498,11 +501,12 @@ def leftovers(driver, cluster: str) -> list[str] | None:
     leaves for `down`), their descriptions; None when instances exist or nothing is left."""
     from cloud import provision
 
-    nodes, group, has_key = provision.plan_down(driver, cluster)
-    if nodes or (group is None and not has_key):
+    plan = provision.plan_down(driver, cluster)
+    group = plan.group is not None and not plan.foreign_group
+    if plan.nodes or not (group or plan.has_key):
         return None
     name = provision.resource_name(cluster)
-    return [f"security group {name}"] * (group is not None) + [f"SSH key {name}"] * has_key
+    return [f"security group {name}"] * group + [f"SSH key {name}"] * plan.has_key
 
 
 def autostopped_message(cluster: str, rest: list[str]) -> str:

@@ -163,13 +163,13 @@ def teardown(head: Head, say) -> None:
         api_key=creds.key, api_secret=creds.secret, name=creds.cluster, zone=creds.zone, endpoint=creds.endpoint
     )
     driver = cfg.driver()
-    nodes = provision.cluster_nodes(driver, creds.cluster)
+    nodes = provision.query_instances(driver, creds.cluster)
     workers = [n for n in nodes if n.extra["labels"].get("role") != "head"]
     heads = [n for n in nodes if n.extra["labels"].get("role") == "head"]
     if workers:
         say(f"deleting {len(workers)} worker(s): {', '.join(sorted(n.name for n in workers))}")
         with ThreadPoolExecutor(max_workers=min(16, len(workers))) as pool:
-            errors = [e for e in pool.map(lambda n: provision._destroy_quietly(driver, n), workers) if e]
+            errors = [e for e in pool.map(lambda n: provision._destroy(driver, n), workers) if e]
         if errors:
             raise autostop.AutostopError(f"could not delete every worker: {'; '.join(errors)}")
         say("workers deleted")
@@ -178,7 +178,7 @@ def teardown(head: Head, say) -> None:
             f"deleting the head {n.name} (this machine); left for `down`: the security group, the SSH key "
             f"and the restricted API key"
         )
-        err = provision._destroy_quietly(driver, n)
+        err = provision._destroy(driver, n)
         if err:
             raise autostop.AutostopError(f"could not delete the head {n.name}: {err}")
     say("nothing of the cluster's instances left")

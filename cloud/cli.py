@@ -1,6 +1,8 @@
 """python exoscale.py <command>: a Ray cluster on Exoscale VMs, and files and commands on its nodes.
 
 up -n N (create)      SSH key, security group, N instances in parallel; waits for SSH
+up --max-workers N    an autoscaling cluster: the head (and --min-workers), Ray's autoscaler adds the rest
+ray-config            a Ray cluster YAML for Ray's own CLI (ray up / exec / submit / attach / down)
 down (destroy)        everything of the cluster, found through the API; asks unless --yes
 list-nodes (status)   name, role, public IP, state
 ssh N                 an interactive login on node N (0 = head, or a node name)
@@ -8,8 +10,8 @@ scp SRC DST           a file or directory to every node (or --node N), DST relat
 cmd "COMMAND"         on every node (or --node N) in parallel, output prefixed by node name
 forget-host N         drop node N's pinned host key (after a node was really replaced)
 import-terraform      use a cluster made with terraform/ (reads `terraform output -json`)
-install               this machine's Python minor and Ray version (and the training program's
-                      packages) in ~/raysweep-env on every node; idempotent
+install               this machine's Python minor and Ray version (and cluster.toml's `packages`,
+                      by default the training program's) in ~/raysweep-env on every node; idempotent
 start / stop          Ray on the nodes: the head (dashboard on 127.0.0.1), workers joining it
 submit -- CMD...      run a driver command as a Ray job on the head, streaming its logs
 logs JOB              re-attach to a job's logs
@@ -27,12 +29,15 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+from cloud import access
 from cloud import config as config_mod
 from cloud.config import ClusterConfig, ConfigError
-from cloud.remote import Remote, interactive_ssh_argv
-from cloud.state import ClusterState, NodeRecord, StateStore
+from cloud.ray_auth import use_token_auth
+from cloud.remote import interactive_ssh_argv
+from cloud.state import ClusterBusy, ClusterState, NodeRecord, NoHeadError, StateStore
 
 PROG = "exoscale.py"
 
@@ -57,6 +62,16 @@ def _printer(stream=None):
     return progress
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -72,13 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("up", aliases=["create"], help="create the cluster (or complete a partial one)")
     a.add_argument("-n", "--nodes", type=int, help="number of nodes (default: from config, else 3)")
     a.add_argument(
-        "--autostop",
-        type=float,
-        metavar="MINUTES",
-        help="tear the cluster down after MINUTES idle (0 = never; default: autostop_minutes from config, else 120)",
+        "--timeout", type=_seconds, default=600.0, help="seconds to wait for the nodes to run and answer SSH"
     )
+    _autostop_option(a)
+    _autoscaling_options(a, max_default=None)
     a = sub.add_parser("down", aliases=["destroy"], help="remove everything of the cluster")
     a.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    a.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=300.0,
+        help="seconds to keep retrying before stopping with a list of what is left (default 300)",
+    )
     sub.add_parser("list-nodes", aliases=["status"], help="the cluster's nodes as the API sees them")
     a = sub.add_parser("ssh", help="log in to node N (0 = head, or a node name)")
     a.add_argument("node", nargs="?", default="0")
@@ -117,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--ssh-key", required=True, help="the private key whose public half Terraform registered")
     a = sub.add_parser("ray-config", help="print a Ray cluster YAML for `ray up` (an autoscaling cluster)")
     _autoscaling_options(a, max_default=2)
+    _autostop_option(a)
     a.add_argument(
         "--worker-type",
         action="append",
@@ -126,6 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument("--head-type", help="the head's instance type (default: instance_type from the config)")
     return p
+
+
+def _autostop_option(a: argparse.ArgumentParser) -> None:
+    a.add_argument(
+        "--autostop",
+        type=float,
+        metavar="MINUTES",
+        help="tear the cluster down after MINUTES idle (0 = never; default: autostop_minutes from config, else 120)",
+    )
 
 
 def _autoscaling_options(a: argparse.ArgumentParser, max_default: int | None) -> None:
@@ -138,24 +168,6 @@ def _autoscaling_options(a: argparse.ArgumentParser, max_default: int | None) ->
 
 def _load(args, require_credentials: bool = True, **overrides) -> ClusterConfig:
     return config_mod.load(args.config, require_credentials=require_credentials, name=args.name, **overrides)
-
-
-def _state(cfg: ClusterConfig) -> ClusterState:
-    """The cached state, refreshed from the API when there is none and credentials are set."""
-    store = StateStore(cfg.state_dir)
-    st = store.load()
-    if st is None or not st.nodes:
-        if cfg.api_secret is None:
-            raise CLIError(
-                f"no local state for cluster {cfg.name!r} in {store.dir}; set EXOSCALE_API_KEY/"
-                f"EXOSCALE_API_SECRET to look it up, or run `up` first"
-            )
-        from cloud import provision
-
-        st = provision.status(cfg.driver(), cfg)
-    if not st.nodes:
-        raise CLIError(f"cluster {cfg.name!r} has no nodes; run `{PROG} up` first")
-    return st
 
 
 def _select(st: ClusterState, which: str | None) -> list[NodeRecord]:
@@ -173,8 +185,12 @@ def _select(st: ClusterState, which: str | None) -> list[NodeRecord]:
 
 
 def cmd_up(args) -> int:
+    if args.max_workers is not None:
+        return cmd_up_autoscaling(args)
     cfg = _load(args, nodes=args.nodes, autostop_minutes=args.autostop)
-    from cloud import provision
+    from cloud import provision, ssh_ready
+
+    _refuse_static_up_on_autoscaling(cfg)
 
     if not cfg.ssh_cidr_given:
         print(
@@ -183,17 +199,35 @@ def cmd_up(args) -> int:
             file=sys.stderr,
         )
     progress = _printer()
+    store = StateStore(cfg.state_dir)
+    again = f"`{PROG} up` again completes the cluster, `{PROG} down` removes it"
     try:
-        res = provision.up(cfg.driver(), cfg, progress=progress)
-    except ValueError as e:  # unknown instance type or template: the driver lists the valid ones
-        raise CLIError(str(e)) from None
-    except provision.ProvisionError as e:
-        raise CLIError(str(e)) from None
+        with store.lock("exoscale.py up"):
+            res = provision.up(cfg.driver(), cfg, progress=progress, running_timeout=args.timeout)
+            failed = dict(res.failed)
+            try:
+                failed.update(
+                    ssh_ready.wait_ssh(res.key_path, store.known_hosts, res.state.nodes, progress, timeout=args.timeout)
+                )
+            except KeyboardInterrupt:
+                print(
+                    f"\ninterrupted while waiting for SSH; the {len(res.state.nodes)} instance(s) exist. {again}.",
+                    file=sys.stderr,
+                )
+                return 130
+    except provision.Interrupted as e:
+        made = ", ".join(e.journal.made) or "nothing"
+        flying = e.journal.in_flight
+        maybe = f"; being created when interrupted (they may exist): {', '.join(flying)}" if flying else ""
+        print(f"\ninterrupted. Made: {made}{maybe}. {again}.", file=sys.stderr)
+        return 130
+    except (ValueError, provision.ProvisionError, ClusterBusy) as e:
+        raise CLIError(str(e)) from None  # ValueError: an unknown instance type or template, valid ones listed
     _print_nodes(res.state)
-    if res.failed:
+    if failed:
         print(
-            f"{len(res.failed)} node(s) not ready: "
-            + "; ".join(f"{k}: {v}" for k, v in res.failed.items())
+            f"{len(failed)} node(s) not ready: "
+            + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items()))
             + f". Run `{PROG} up` again to complete the cluster, or `{PROG} down` to remove it.",
             file=sys.stderr,
         )
@@ -206,36 +240,60 @@ def cmd_up(args) -> int:
 
 def cmd_down(args) -> int:
     cfg = _load(args)
-    from cloud import provision
+    from cloud import elastic, iam, provision
 
     driver = cfg.driver()
-    nodes, group, has_key = provision.plan_down(driver, cfg.name)
-    what = [f"{len(nodes)} instance(s)" + (f" ({', '.join(sorted(n.name for n in nodes))})" if nodes else "")]
-    if group is not None:
-        what.append(f"security group {group.name}")
-    if has_key:
-        what.append(f"SSH key {provision.resource_name(cfg.name)}")
-    if not nodes and group is None and not has_key:
-        StateStore(cfg.state_dir).remove(keep_key=cfg.ssh_key is not None)
-        print(f"cluster {cfg.name!r}: nothing to remove", file=sys.stderr)
-        return 0
-    if not args.yes:
-        if sys.stdin is None or not sys.stdin.isatty():  # no terminal to ask on (CI, cron, a pipe)
-            raise CLIError(f"would remove {', '.join(what)}; refusing without --yes (stdin is not a terminal)")
-        answer = input(f"Remove {', '.join(what)} of cluster {cfg.name!r}? [y/N] ")
-        if answer.strip().lower() not in ("y", "yes"):
-            print("nothing removed", file=sys.stderr)
-            return 1
-    res = provision.down(driver, cfg, progress=_printer())
+    store = StateStore(cfg.state_dir)
+    try:
+        with store.lock("exoscale.py down"):
+            plan = provision.plan_down(driver, cfg.name)
+            name = provision.resource_name(cfg.name)
+            autoscaling = elastic.is_autoscaling(cfg, plan.nodes)
+            restricted = autoscaling or bool(iam.exists(driver, cfg.name))  # the head's key: autoscaler, autostop
+            if plan.foreign_group:
+                print(f"security group {name} was not made by raysweep: left alone", file=sys.stderr)
+            if plan.empty and not restricted:
+                store.remove(keep_key=cfg.ssh_key is not None)
+                print(f"cluster {cfg.name!r}: nothing to remove", file=sys.stderr)
+                return 0
+            names = sorted(n.name for n in plan.nodes)
+            what = [f"{len(names)} instance(s)" + (f" ({', '.join(names)})" if names else "")]
+            if restricted:
+                what.append(f"the {'autoscaler' if autoscaling else 'head'}'s restricted API key and IAM role")
+            if plan.group is not None and not plan.foreign_group:
+                what.append(f"security group {name}")
+            if plan.has_key:
+                what.append(f"SSH key {name}")
+            if not args.yes:
+                if sys.stdin is None or not sys.stdin.isatty():  # no terminal to ask on (CI, cron, a pipe)
+                    raise CLIError(f"would remove {', '.join(what)}; refusing without --yes (stdin is not a terminal)")
+                answer = input(f"Remove {', '.join(what)} of cluster {cfg.name!r}? [y/N] ")
+                if answer.strip().lower() not in ("y", "yes"):
+                    print("nothing removed", file=sys.stderr)
+                    return 1
+            progress = _printer()
+            if autoscaling:  # nothing may be created while the instances are deleted
+                elastic.stop_autoscaler(cfg, progress)
+                elastic.revoke_key(driver, cfg, progress)
+            res = provision.down(driver, cfg, progress=progress, wait=provision.Wait(args.timeout))
+            if autoscaling and not res.failed and provision.query_instances(driver, cfg.name):
+                res = provision.down(driver, cfg, progress=progress, wait=provision.Wait(args.timeout))  # made late
+            if restricted and not res.failed:  # the key and its role, once nothing uses them
+                res.removed += elastic.after_down(driver, cfg, progress)
+    except ClusterBusy as e:
+        raise CLIError(str(e)) from None
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; run `{PROG} down` again to remove what is left", file=sys.stderr)
+        return 130
     if res.failed:
         print(
-            "could not remove: "
-            + "; ".join(f"{k}: {v}" for k, v in res.failed.items())
-            + f". Run `{PROG} down` again.",
+            f"after {args.timeout:g} s, left: "
+            + "; ".join(f"{k} ({v})" for k, v in sorted(res.failed.items()))
+            + f". Run `{PROG} down` again to finish.",
             file=sys.stderr,
         )
         return 1
-    print(f"cluster {cfg.name!r} removed: {', '.join(res.destroyed + res.removed) or 'nothing left'}", file=sys.stderr)
+    print(f"cluster {cfg.name!r} removed: {', '.join(res.removed) or 'nothing left'}", file=sys.stderr)
     return 0
 
 
@@ -249,26 +307,26 @@ def _print_nodes(st: ClusterState) -> None:
 
 def cmd_install(args) -> int:
     cfg = _load(args, require_credentials=False)
-    from cloud import ray_cluster
+    from cloud import node_install
 
-    results = ray_cluster.install(cfg, _printer())
+    results = node_install.install(cfg, _printer(), extra_packages=args.default_packages)
     return _report(results, "install")
 
 
 def cmd_start(args) -> int:
     cfg = _load(args, require_credentials=False)
-    from cloud import ray_cluster
+    from cloud import ray_runtime
 
-    nodes = ray_cluster.start(cfg, _printer())
+    nodes = ray_runtime.start(cfg, _printer())
     _print_ray(nodes)
     return 0
 
 
 def cmd_stop(args) -> int:
     cfg = _load(args, require_credentials=False)
-    from cloud import ray_cluster
+    from cloud import ray_runtime
 
-    return _report(ray_cluster.stop(cfg, _printer()), "stop")
+    return _report(ray_runtime.stop(cfg, _printer()), "stop")
 
 
 def cmd_submit(args) -> int:
@@ -276,12 +334,12 @@ def cmd_submit(args) -> int:
     if not command:
         raise CLIError("give the command after --, e.g. submit -- python -m pipeline.mnist --address auto")
     cfg = _load(args, require_credentials=False)
-    from cloud import ray_cluster
+    from cloud import jobs
 
-    tunnel, port = ray_cluster.dashboard_tunnel(cfg)
+    tunnel, port = jobs.dashboard_tunnel(cfg)
     try:
-        client = ray_cluster.job_client(port)
-        job_id = ray_cluster.submit(client, command)
+        client = jobs.job_client(port)
+        job_id = jobs.submit(client, command)
         print(
             f"submitted job {job_id}; it keeps running if this machine disconnects (re-attach: {PROG} logs {job_id})",
             file=sys.stderr,
@@ -296,10 +354,10 @@ def cmd_submit(args) -> int:
 
 def _follow(client, job_id: str) -> int:
     """Stream a job's logs to the end; 0 when it succeeded. Ctrl-C detaches (the job goes on)."""
-    from cloud import ray_cluster
+    from cloud import jobs
 
     try:
-        status = ray_cluster.follow(client, job_id)
+        status = jobs.follow(client, job_id)
     except KeyboardInterrupt:
         print(f"\ndetached; the job keeps running. Re-attach: {PROG} logs {job_id}", file=sys.stderr)
         return 130
@@ -311,30 +369,30 @@ def _follow(client, job_id: str) -> int:
 
 def cmd_logs(args) -> int:
     cfg = _load(args, require_credentials=False)
-    from cloud import ray_cluster
+    from cloud import jobs
 
-    tunnel, port = ray_cluster.dashboard_tunnel(cfg)
+    tunnel, port = jobs.dashboard_tunnel(cfg)
     try:
-        return _follow(ray_cluster.job_client(port), args.job_id)
+        return _follow(jobs.job_client(port), args.job_id)
     finally:
         tunnel.close()
 
 
 def cmd_fetch(args) -> int:
     cfg = _load(args, require_credentials=False)
-    from cloud import ray_cluster
+    from cloud import jobs
 
-    target = ray_cluster.fetch(cfg, args.path, Path(args.dest))
+    target = jobs.fetch(cfg, args.path, Path(args.dest))
     print(f"{args.path} -> {target}", file=sys.stderr)
     return 0
 
 
 def cmd_dashboard(args) -> int:
     cfg = _load(args, require_credentials=False)
-    from cloud import ray_cluster
+    from cloud import jobs
 
-    tunnel, port = ray_cluster.dashboard_tunnel(cfg)
-    token = StateStore(cfg.state_dir).dir / "ray_token"
+    tunnel, port = jobs.dashboard_tunnel(cfg)
+    token = StateStore(cfg.state_dir).ray_token_path
     print(
         f"Ray dashboard of cluster {cfg.name!r}: http://127.0.0.1:{port}  (token in {token}); Ctrl-C closes it",
         flush=True,
@@ -362,17 +420,21 @@ def cmd_list(args) -> int:
 
         st = provision.status(cfg.driver(), cfg)
     else:
-        st = _state(cfg)
+        st = access.cluster_state(cfg)
     if not st.nodes:
         _print_no_nodes(cfg)
         return 0
     _print_nodes(st)
-    from cloud import ray_cluster
+    from cloud import ray_runtime
 
     try:
-        _print_ray(ray_cluster.ray_nodes(cfg))
-    except ray_cluster.RayClusterError as e:
+        _print_ray(ray_runtime.ray_nodes(cfg))
+    except ray_runtime.RayClusterError as e:
         print(f"Ray: not running ({str(e).splitlines()[0][:200]})")
+    from cloud import elastic
+
+    if elastic.is_autoscaling(cfg):
+        print(elastic.autoscaler_status(cfg).rstrip())
     _print_autostop(cfg)
     return 0
 
@@ -391,9 +453,9 @@ def _print_no_nodes(cfg: ClusterConfig) -> None:
 def _print_autostop(cfg: ClusterConfig) -> None:
     from cloud import autostop
 
-    remote, st = _remote(cfg)
+    acc = access.connect(cfg)
     try:
-        print(autostop.describe(*autostop.read_head(remote, st.head() or st.ordered()[0])))
+        print(autostop.describe(*autostop.read_head(acc.remote, acc.state.head() or acc.state.ordered()[0])))
     except autostop.AutostopError as e:
         print(f"autostop: unknown ({e})")
 
@@ -401,12 +463,12 @@ def _print_autostop(cfg: ClusterConfig) -> None:
 def _autostop_set(cfg: ClusterConfig, minutes: float) -> None:
     from cloud import autostop
 
-    remote, st = _remote(cfg)
-    head = st.head()
+    acc = access.connect(cfg)
+    head = acc.state.head()
     if head is None:
         raise CLIError(f"cluster {cfg.name!r} has no head node")
     try:
-        s = autostop.write_setting(remote, head, minutes, autostop.unit_from_env())
+        s = autostop.write_setting(acc.remote, head, minutes, autostop.unit_from_env())
     except (autostop.AutostopError, ValueError) as e:
         raise CLIError(str(e)) from None
     print(f"autostop of cluster {cfg.name!r}: {s.describe()}", file=sys.stderr)
@@ -426,8 +488,8 @@ def cmd_autostop(args) -> int:
     if args.off:
         _autostop_set(cfg, 0)
         return 0
-    remote, st = _remote(cfg)
-    head = st.head()
+    acc = access.connect(cfg)
+    remote, head = acc.remote, acc.state.head()
     if head is None:
         raise CLIError(f"cluster {cfg.name!r} has no head node")
     try:
@@ -445,12 +507,6 @@ def cmd_autostop(args) -> int:
     return 0
 
 
-def _remote(cfg: ClusterConfig) -> tuple[Remote, ClusterState]:
-    st = _state(cfg)
-    store = StateStore(cfg.state_dir)
-    return Remote(store.private_key(cfg.ssh_key), store.known_hosts), st
-
-
 def _report(results, verb: str) -> int:
     failed = [r for r in results if not r.ok]
     for r in results:
@@ -465,17 +521,17 @@ def _report(results, verb: str) -> int:
 
 def cmd_scp(args) -> int:
     cfg = _load(args, require_credentials=False)
-    remote, st = _remote(cfg)
     if not Path(args.src).exists():
         raise CLIError(f"{args.src}: no such file or directory")
-    return _report(remote.put(_select(st, args.node), args.src, args.dst), f"{args.src} -> {args.dst}:")
+    acc = access.connect(cfg)
+    return _report(acc.remote.put(_select(acc.state, args.node), args.src, args.dst), f"{args.src} -> {args.dst}:")
 
 
 def cmd_cmd(args) -> int:
     cfg = _load(args, require_credentials=False)
-    remote, st = _remote(cfg)
-    results = remote.run(
-        _select(st, args.node), args.remote_command, sudo=args.sudo, timeout=args.timeout, stream=sys.stdout
+    acc = access.connect(cfg)
+    results = acc.remote.run(
+        _select(acc.state, args.node), args.remote_command, sudo=args.sudo, timeout=args.timeout, stream=sys.stdout
     )
     failed = [r for r in results if not r.ok]
     for r in failed:
@@ -488,20 +544,19 @@ def cmd_cmd(args) -> int:
 
 def cmd_ssh(args) -> int:
     cfg = _load(args, require_credentials=False)
-    remote, st = _remote(cfg)
-    [node] = _select(st, args.node)
-    store = StateStore(cfg.state_dir)
-    [pin] = remote.wait_ssh([node], timeout=30)  # pins the host key on first contact, refuses a changed one
+    acc = access.connect(cfg)
+    [node] = _select(acc.state, args.node)
+    [pin] = acc.remote.wait_ssh([node], timeout=30)  # pins the host key on first contact, refuses a changed one
     if not pin.ok:
         raise CLIError(pin.error)
-    argv = interactive_ssh_argv(node, store.private_key(cfg.ssh_key), store.known_hosts, args.remote_command)
+    argv = interactive_ssh_argv(node, acc.remote.key_path, acc.remote.known_hosts, args.remote_command)
     sys.stdout.flush()
     os.execvp(argv[0], argv)
 
 
 def cmd_forget_host(args) -> int:
     cfg = _load(args, require_credentials=False)
-    st = _state(cfg)
+    st = access.cluster_state(cfg)
     [node] = _select(st, args.node)
     StateStore(cfg.state_dir).forget_host(node.ip)
     print(
@@ -545,12 +600,67 @@ def state_from_terraform(outputs: dict, name: str) -> ClusterState:
         raise CLIError(
             f"terraform output lacks {e}; expected an output `nodes` = [{{name, role, public_ip}}]"
         ) from None
-    return ClusterState(name, records, source="terraform")
+    return ClusterState(name, records)
+
+
+def _refuse_static_up_on_autoscaling(cfg: ClusterConfig) -> None:
+    from cloud import elastic, provision
+
+    nodes = provision.query_instances(cfg.driver(), cfg.name)
+    if elastic.is_autoscaling(cfg, nodes):
+        raise CLIError(
+            f"cluster {cfg.name!r} is an autoscaling cluster (up --max-workers): its autoscaler adds and removes "
+            f"workers; `up -n` would fight it. Use `up --max-workers N` to change it, or `down` it first"
+        )
+
+
+def cmd_up_autoscaling(args) -> int:
+    """The head (and --min-workers workers) through `ray up`; Ray's autoscaler on the head adds the rest."""
+    if args.nodes is not None:
+        raise CLIError(
+            "-n and --max-workers exclude each other: -n N makes N nodes, --max-workers an autoscaling cluster"
+        )
+    if args.max_workers < 0 or not 0 <= args.min_workers <= args.max_workers:
+        raise CLIError(f"--min-workers {args.min_workers} / --max-workers {args.max_workers}: need 0 <= min <= max")
+    cfg = _load(args, autostop_minutes=args.autostop)
+    from cloud import elastic, provision
+
+    driver = cfg.driver()
+    existing = provision.query_instances(driver, cfg.name)
+    if existing and not elastic.is_autoscaling(cfg, existing):
+        raise CLIError(
+            f"cluster {cfg.name!r} is a static cluster of {len(existing)} node(s) (made by up -n); "
+            f"`down` it first, or give another --name"
+        )
+    progress = _printer()
+    try:
+        rc = elastic.up(
+            cfg, args.min_workers, args.max_workers, args.idle_minutes, progress, packages=args.default_packages
+        )
+    except ValueError as e:  # unknown instance type or template, bad endpoint
+        raise CLIError(str(e)) from None
+    st = provision.status(driver, cfg)  # ssh, scp, cmd and --cluster use it
+    _print_nodes(st)
+    if rc != 0:
+        print(
+            f"ray up failed (exit {rc}); see its output above. Run `{PROG} up --max-workers "
+            f"{args.max_workers}` again, or `{PROG} down` to remove it.",
+            file=sys.stderr,
+        )
+        return 1
+    if args.autostop is not None:  # the head keeps the setting it has: this one replaces it
+        _autostop_set(cfg, cfg.autostop_minutes)
+    print(
+        f"autoscaling cluster {cfg.name!r} ready: head + {args.min_workers} worker(s), up to "
+        f"{args.max_workers} added on demand, removed after {args.idle_minutes:g} idle minute(s)",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def cmd_ray_config(args) -> int:
     """The Ray cluster YAML on stdout (only it: messages go to stderr)."""
-    cfg = _load(args, require_credentials=False)
+    cfg = _load(args, require_credentials=False, autostop_minutes=args.autostop)
     from cloud import ray_config
 
     worker_types = tuple(ray_config.parse_worker_type(t) for t in args.worker_type)
@@ -561,7 +671,7 @@ def cmd_ray_config(args) -> int:
         args.idle_minutes,
         worker_types,
         args.head_type,
-        user=ray_config.user_of_template(cfg),
+        packages=args.default_packages,
     )
     sys.stdout.write(ray_config.render(config))
     sys.stdout.flush()
@@ -598,10 +708,12 @@ COMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, default_packages: Sequence[str] = ()) -> int:
+    """Run one command; `default_packages` is the nodes' extra packages when cluster.toml names none
+    (`exoscale.py` passes the training program's)."""
     args = build_parser().parse_args(argv)
-    # Our clusters require Ray's token; Ray reads this once, when first imported (by submit, logs, ...).
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    args.default_packages = tuple(default_packages)
+    use_token_auth()  # Ray reads the mode once, when first imported (by submit, logs, ...)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -610,17 +722,21 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("ray").setLevel(logging.WARNING)
     try:
         return COMMANDS[args.command](args)
-    except (CLIError, ConfigError) as e:
+    except (CLIError, ConfigError, access.AccessError, NoHeadError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
         from libcloud.common.exceptions import BaseHTTPError
-        from libcloud.common.types import LibcloudError
+        from libcloud.common.types import InvalidCredsError, LibcloudError
 
-        from cloud.ray_cluster import RayClusterError
+        from cloud.node_install import InstallError
+        from cloud.ray_auth import RayAuthError
+        from cloud.ray_runtime import RayClusterError
 
-        if isinstance(e, (LibcloudError, BaseHTTPError, RayClusterError)):
+        if isinstance(e, (LibcloudError, BaseHTTPError, RayClusterError, InstallError, RayAuthError)):
             text = e.value if isinstance(e, LibcloudError) else str(e)  # libcloud's str() wraps it in a repr
+            if isinstance(e, InvalidCredsError) and "signature" in str(text):
+                text = f"{text}; {config_mod.wrong_credentials_hint(os.environ.get('EXOSCALE_API_KEY', ''))}"
             print(f"{PROG}: error: {text}", file=sys.stderr)
             return 1
         raise

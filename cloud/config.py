@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "uv_path": None,  # a uv binary already on the nodes; else uv's installer is fetched
     "install_options": "",  # extra `uv pip install` options, e.g. "--index-url https://mirror/simple"
     "install_env": {},  # environment for the install, e.g. { UV_CACHE_DIR = "/var/cache/uv" }
+    "packages": None,  # what `install` adds to Ray on the nodes (default: what the CLI is given, the program's)
     "ray_cpus": None,  # CPUs each node offers to Ray (default: all it has)
     "ray_env": {},  # environment for `ray start`, e.g. { RAY_health_check_period_ms = "1000" }
     "autostop_minutes": DEFAULT_MINUTES,  # idle minutes after which the head tears the cluster down (0 = off)
@@ -72,6 +73,7 @@ class ClusterConfig:
     uv_path: str | None = None
     install_options: str = ""
     install_env: dict[str, str] = field(default_factory=dict)
+    packages: tuple[str, ...] | None = None  # None: the default the CLI supplies
     ray_cpus: int | None = None
     ray_env: dict[str, str] = field(default_factory=dict)
     autostop_minutes: float = DEFAULT_MINUTES
@@ -103,6 +105,17 @@ class ClusterConfig:
         return ExoscaleV2NodeDriver(self.api_key, self.api_secret, **self.driver_kwargs())
 
 
+CREDENTIAL_VARS = ("EXOSCALE_API_KEY", "EXOSCALE_API_SECRET")
+
+
+def wrong_credentials_hint(api_key: str) -> str:
+    """What to check when the API refuses the signature; names where the pair was read, never the secret."""
+    return (
+        f"the API key pair is probably wrong: key {api_key or '(empty)'} and its secret were read from the "
+        f"environment variables {' and '.join(CREDENTIAL_VARS)} (cluster.toml holds no credentials)"
+    )
+
+
 def default_state_root() -> Path:
     env = os.environ.get("RAYSWEEP_STATE_DIR")
     return Path(env) if env else Path.home() / ".raysweep" / "clusters"
@@ -110,7 +123,7 @@ def default_state_root() -> Path:
 
 def load(
     path: str | os.PathLike | None = None,
-    env: dict[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
     require_credentials: bool = True,
     **overrides: Any,
 ) -> ClusterConfig:
@@ -151,6 +164,10 @@ def load(
     return _validate(values, key or "", Secret(secret) if secret else None, endpoint, cidr_given)
 
 
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)  # TOML's true is a bool, and Python's bool an int
+
+
 def _validate(
     v: dict[str, Any], key: str, secret: Secret | None, endpoint: str | None, cidr_given: bool
 ) -> ClusterConfig:
@@ -164,9 +181,9 @@ def _validate(
     for k in ("instance_type", "template"):
         if not isinstance(v[k], str) or not v[k].strip():
             raise ConfigError(f"{k} must be a non-empty string")
-    if not isinstance(v["disk_size"], int) or not 10 <= v["disk_size"] <= 51200:
+    if not _is_int(v["disk_size"]) or not 10 <= v["disk_size"] <= 51200:
         raise ConfigError(f"disk_size {v['disk_size']!r}: a whole number of GiB from 10 to 51200")
-    if not isinstance(v["nodes"], int) or not 1 <= v["nodes"] <= 100:
+    if not _is_int(v["nodes"]) or not 1 <= v["nodes"] <= 100:
         raise ConfigError(f"nodes {v['nodes']!r}: a whole number from 1 to 100")
     try:
         net = ipaddress.ip_network(v["ssh_cidr"], strict=False)
@@ -191,7 +208,10 @@ def _validate(
     for k in ("install_env", "ray_env"):
         if not isinstance(v[k], dict) or not all(isinstance(x, str) for x in v[k].values()):
             raise ConfigError(f'{k} must be a table of NAME = "value" strings')
-    if v["ray_cpus"] is not None and (not isinstance(v["ray_cpus"], int) or v["ray_cpus"] < 1):
+    pkgs = v["packages"]
+    if pkgs is not None and (not isinstance(pkgs, list) or not all(isinstance(x, str) and x.strip() for x in pkgs)):
+        raise ConfigError('packages must be a list of requirement strings, e.g. ["numpy==2.1", "scikit-learn"]')
+    if v["ray_cpus"] is not None and (not _is_int(v["ray_cpus"]) or v["ray_cpus"] < 1):
         raise ConfigError(f"ray_cpus {v['ray_cpus']!r}: a whole number >= 1")
     if not isinstance(v["install_options"], str) or (v["uv_path"] is not None and not isinstance(v["uv_path"], str)):
         raise ConfigError("install_options and uv_path must be strings")
@@ -216,6 +236,7 @@ def _validate(
         uv_path=v["uv_path"],
         install_options=v["install_options"],
         install_env=dict(v["install_env"]),
+        packages=None if pkgs is None else tuple(x.strip() for x in pkgs),
         ray_cpus=v["ray_cpus"],
         ray_env=dict(v["ray_env"]),
         autostop_minutes=autostop_minutes,

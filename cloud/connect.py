@@ -12,14 +12,19 @@ Call it before `import ray` where possible: Ray reads RAY_AUTH_MODE once, at imp
 
 from __future__ import annotations
 
-import os
 from types import TracebackType
+from typing import TYPE_CHECKING
+
+from cloud.ray_auth import use_token_auth
+
+if TYPE_CHECKING:
+    from cloud.tunnel import Tunnel
 
 
 class ClusterConnection:
     """A `ray://` address that reaches a cluster's head through an SSH tunnel, open until `close()`."""
 
-    def __init__(self, tunnel, address: str):
+    def __init__(self, tunnel: Tunnel | None, address: str):
         self._tunnel = tunnel
         self.address = address
 
@@ -55,8 +60,8 @@ class ClusterConnection:
 def connect_cluster(name: str, config_path: str | None = None) -> ClusterConnection:
     """Connect to cluster `name` (its local state, or `config_path`'s settings); raises with a one-line
     message when the cluster cannot be reached or its versions differ from this machine's."""
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    from cloud.ray_cluster import connect_address
+    use_token_auth()
+    from cloud.tunnel import connect_address
 
     tunnel, address = connect_address(name, config_path)
     return ClusterConnection(tunnel, address)

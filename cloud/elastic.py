@@ -12,7 +12,7 @@ import os
 import shlex
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -30,8 +30,16 @@ def config_path(cfg: ClusterConfig) -> Path:
 
 
 def is_autoscaling(cfg: ClusterConfig, nodes=()) -> bool:
-    """Made by `up --max-workers` (its YAML is in the state) or, with no local state, its nodes say so."""
-    return config_path(cfg).exists() or any(RAY_KIND_LABEL in n.extra.get("labels", {}) for n in nodes)
+    """Made by `up --max-workers` (its YAML is in the state) or by `ray up` on a `ray-config` YAML (the head's
+    key was made here), or, with no local state, its nodes say so."""
+    from cloud import head_credentials
+
+    key_copy = cfg.state_dir / "head" / Path(head_credentials.HEAD_PATH).name
+    return (
+        config_path(cfg).exists()
+        or key_copy.exists()
+        or any(RAY_KIND_LABEL in n.extra.get("labels", {}) for n in nodes)
+    )
 
 
 def ray_cli() -> str:
@@ -56,13 +64,19 @@ def check_endpoint_reachable_from_nodes(cfg: ClusterConfig) -> None:
 
 
 def up(
-    cfg: ClusterConfig, min_workers: int, max_workers: int, idle_minutes: float, progress: Progress, timeout=3600
+    cfg: ClusterConfig,
+    min_workers: int,
+    max_workers: int,
+    idle_minutes: float,
+    progress: Progress,
+    packages: Sequence[str] = (),
+    timeout: float = 3600,
 ) -> int:
     """Write the cluster's YAML and run `ray up` on it; Ray's output goes to `progress` line by line."""
     from cloud import ray_config
 
     check_endpoint_reachable_from_nodes(cfg)
-    config = ray_config.build(cfg, min_workers, max_workers, idle_minutes, user=ray_config.user_of_template(cfg))
+    config = ray_config.build(cfg, min_workers, max_workers, idle_minutes, packages=packages)
     path = config_path(cfg)
     path.write_text(ray_config.render(config))
     progress(cfg.name, f"ray up {path} ({min_workers}-{max_workers} workers, idle after {idle_minutes:g} min)")
@@ -80,7 +94,7 @@ def up(
 
 def autoscaler_status(cfg: ClusterConfig) -> str:
     """`ray status` as the head answers it: the autoscaler's nodes (active, idle, pending) and failures."""
-    from cloud.ray_cluster import _ray
+    from cloud.ray_runtime import node_command
     from cloud.remote import Remote
 
     store = StateStore(cfg.state_dir)
@@ -88,13 +102,14 @@ def autoscaler_status(cfg: ClusterConfig) -> str:
     head = st.head() if st else None
     if head is None:
         return "autoscaler: no head known (run `status` with credentials set)"
-    [r] = Remote(store.private_key(cfg.ssh_key), store.known_hosts).run([head], _ray("ray status", cfg), timeout=60)
+    remote = Remote(store.private_key(cfg.ssh_key), store.known_hosts)
+    [r] = remote.run([head], node_command("ray status", cfg), timeout=60)
     return r.stdout if r.ok else f"autoscaler: not answering ({r.error}; {r.stderr.strip()[-300:]})"
 
 
 def stop_autoscaler(cfg: ClusterConfig, progress: Progress) -> None:
     """Stop Ray (and with it the autoscaler) on the head; best effort: the key is revoked next anyway."""
-    from cloud.ray_cluster import _ray
+    from cloud.ray_runtime import node_command
     from cloud.remote import Remote
 
     store = StateStore(cfg.state_dir)
@@ -104,9 +119,13 @@ def stop_autoscaler(cfg: ClusterConfig, progress: Progress) -> None:
         progress(cfg.name, "no head known locally; its autoscaler stops when its key is revoked")
         return
     [r] = Remote(store.private_key(cfg.ssh_key), store.known_hosts).run(
-        [head], f"test -x $HOME/raysweep-env/bin/ray && {_ray('ray stop --force', cfg)} >/dev/null 2>&1; true", timeout=60
+        [head],
+        f"test -x $HOME/raysweep-env/bin/ray && ({node_command('ray stop --force', cfg)}) >/dev/null 2>&1; true",
+        timeout=60,
     )
-    progress(head.name, "autoscaler stopped" if r.ok else f"could not stop the autoscaler ({r.error}); revoking its key")
+    progress(
+        head.name, "autoscaler stopped" if r.ok else f"could not stop the autoscaler ({r.error}); revoking its key"
+    )
 
 
 def revoke_key(driver, cfg: ClusterConfig, progress: Progress) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from cloud import head_credentials
 from cloud.exoscale_driver import ExoscaleAPIError, Secret
 from cloud.head_credentials import HeadCredentials
+from cloud.provision import resource_name
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +26,6 @@ log = logging.getLogger(__name__)
 COMPUTE_OPERATIONS = ("list-instances", "get-instance", "create-instance", "update-instance", "delete-instance")
 #: What it may do in the `general` service: follow the operations the above start.
 GENERAL_OPERATIONS = ("get-operation",)
-
-
-def resource_name(cluster: str) -> str:
-    return f"raysweep-{cluster}"
 
 
 def _allow_only(operations: tuple[str, ...]) -> dict:
@@ -129,6 +126,18 @@ def delete_key(driver, key: str) -> bool:
     except ExoscaleAPIError as e:
         if e.code == 404:
             return False
+        raise
+
+
+def exists(driver, cluster: str) -> list[str]:
+    """The cluster's API key(s) and role that exist, described; [] too when the caller's key may not read IAM
+    (such a key cannot have made them either)."""
+    try:
+        keys = [f"API key {k.key}" for k in find_keys(driver, cluster)]
+        return keys + ([f"IAM role {resource_name(cluster)}"] if find_role(driver, cluster) is not None else [])
+    except ExoscaleAPIError as e:
+        if e.code == 403:
+            return []
         raise
 
 

@@ -1,36 +1,56 @@
-"""Bring a cluster up, take it down, say what exists: with any libcloud NodeDriver that has our `ex_`
-extras (ExoscaleV2NodeDriver). The API is the source of truth: everything of a cluster carries the
-label cluster=NAME (instances) or the name raysweep-NAME (security group, SSH key), and is found that
-way, so `down` removes all of it even when the local state is gone, and `up` completes a partial
-cluster instead of duplicating it.
+"""A cluster's cloud resources, in SkyPilot's shape: query, run, wait and terminate instances, with any
+libcloud NodeDriver that has our `ex_` extras (ExoscaleV2NodeDriver). No SSH here (cloud/ssh_ready.py).
+
+The API is the source of truth: the cluster's instances carry the labels cluster=NAME and
+managed-by=raysweep, its security group and SSH key the name raysweep-NAME (and the group a mark in its
+description), and are found that way, so `down` removes all of it even when the local state is gone,
+and `up` completes a partial cluster instead of duplicating it.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from libcloud.compute.base import Node
+from libcloud.common.exceptions import BaseHTTPError
+from libcloud.common.types import LibcloudError
+from libcloud.compute.base import Node, NodeImage, NodeSize
 from libcloud.compute.types import NodeState
 
 from cloud.config import ClusterConfig
-from cloud.exoscale_driver import ExoscaleAPIError, ExoscaleOperationError, ExoscaleSecurityGroup
+from cloud.exoscale_driver import ExoscaleAPIError, ExoscaleSecurityGroup, md5_fingerprint
+from cloud.fanout import fan_out
 from cloud.state import ClusterState, NodeRecord, StateStore
 
 log = logging.getLogger(__name__)
 
 MANAGED_BY = "raysweep"
 Progress = Callable[[str, str], None]  # (node or resource name, what happened)
+HEARTBEAT_S = 10.0  # how often a wait says what it still waits for
+_GONE_STATES = ("destroying", "destroyed", "expunging")
 
 
 class ProvisionError(Exception):
     pass
+
+
+@dataclass
+class Journal:
+    """What `up` made so far, and what it was making (requests sent, answers not yet back)."""
+
+    made: list[str] = field(default_factory=list)
+    in_flight: list[str] = field(default_factory=list)
+
+
+class Interrupted(Exception):
+    """Ctrl-C during `up`, with the journal of what was made when it came."""
+
+    def __init__(self, journal: Journal):
+        super().__init__("interrupted")
+        self.journal = journal
 
 
 def resource_name(cluster: str) -> str:
@@ -41,6 +61,16 @@ def cluster_labels(cluster: str) -> dict[str, str]:
     return {"cluster": cluster, "managed-by": MANAGED_BY}
 
 
+def group_description(cluster: str) -> str:
+    """The mark on the security groups raysweep makes; `down` deletes only a group that carries it."""
+    return f"managed-by={MANAGED_BY} cluster={cluster}"
+
+
+def made_by_raysweep(group: ExoscaleSecurityGroup, cluster: str) -> bool:
+    # Groups made before the mark carry the description raysweep gave them then, and are ours too.
+    return group.description in (group_description(cluster), f"raysweep cluster {cluster}")
+
+
 def node_names(cluster: str, n: int) -> list[tuple[str, str]]:
     return [(f"{cluster}-head", "head")] + [(f"{cluster}-worker-{i}", "worker") for i in range(1, n)]
 
@@ -49,13 +79,52 @@ def _quiet(name: str, what: str) -> None:
     log.info("%s: %s", name, what)
 
 
-def md5_fingerprint(public_key: str) -> str:
-    digest = hashlib.md5(base64.b64decode(public_key.split()[1])).hexdigest()
-    return ":".join(digest[i : i + 2] for i in range(0, 32, 2))
+def error_text(e: BaseException) -> str:
+    """An API or driver error as one line for a person (libcloud's str() of some errors is a repr)."""
+    if isinstance(e, LibcloudError):
+        return str(e.value)
+    return str(e) or type(e).__name__
 
 
-def cluster_nodes(driver, cluster: str) -> list[Node]:
-    return driver.list_nodes(ex_labels=cluster_labels(cluster))
+class Wait:
+    """A bounded wait that says, at most every `every` seconds, what it still waits for and how long it has."""
+
+    def __init__(self, timeout: float, every: float = HEARTBEAT_S, poll: float = 1.0):
+        self.timeout, self.every, self.poll = timeout, every, poll
+        self.start = time.monotonic()
+        self.deadline = self.start + timeout
+        self._next_beat = self.start + every
+
+    def over(self) -> bool:
+        return time.monotonic() >= self.deadline
+
+    def left(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+    def beat(self, progress: Progress, name: str, what: str) -> None:
+        now = time.monotonic()
+        if now >= self._next_beat:
+            progress(name, f"{what} ({now - self.start:.0f} s of {self.timeout:g} s)")
+            self._next_beat = now + self.every
+
+    def sleep(self) -> None:
+        time.sleep(min(self.poll, self.left()))
+
+
+# --------------------------------------------------------------------------------------------- query
+
+
+def query_instances(driver, cluster: str) -> list[Node]:
+    """The cluster's instances, selected by comparing labels here. Exoscale's list-instances is not
+    paged, and the wire format of its `labels` filter is not specified, so one unfiltered listing
+    compared on this side can neither miss an instance of the cluster nor take one of another."""
+    want = cluster_labels(cluster)
+    return [nd for nd in driver.list_nodes() if all(nd.extra["labels"].get(k) == v for k, v in want.items())]
+
+
+def find_security_group(driver, cluster: str) -> ExoscaleSecurityGroup | None:
+    name = resource_name(cluster)
+    return next((g for g in driver.ex_list_security_groups() if g.name == name), None)
 
 
 def _record(node: Node, user: str) -> NodeRecord:
@@ -65,19 +134,32 @@ def _record(node: Node, user: str) -> NodeRecord:
         ip=node.public_ips[0] if node.public_ips else "",
         id=str(node.id),
         user=user,
-        state=node.extra.get("state", ""),
+        state=node.extra.get("state") or "",
     )
 
 
-@dataclass
-class UpResult:
-    state: ClusterState
-    created: list[str] = field(default_factory=list)
-    replaced: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
+def status(driver, cfg: ClusterConfig) -> ClusterState:
+    """The cluster as the API sees it (and the local cache refreshed from it)."""
+    store = StateStore(cfg.state_dir)
+    old = store.load()
+    users = {n.name: n.user for n in old.nodes} if old else {}
+    nodes = query_instances(driver, cfg.name)
+    state = ClusterState(
+        cfg.name,
+        [_record(nd, users.get(nd.name, "ubuntu")) for nd in nodes],
+        old.security_group_id if old else "",
+        old.key_name if old else "",
+    )
+    if nodes:
+        store.save(state)
+    return state
 
 
-def ensure_key(driver, cfg: ClusterConfig, store: StateStore, progress: Progress) -> tuple[str, Path]:
+# ------------------------------------------------------------------------------- key and group
+
+
+def ensure_key(driver, cfg: ClusterConfig, store: StateStore, progress: Progress) -> tuple[str, Path, bool]:
+    """The cluster's key registered under raysweep-NAME: (name, private key path, whether made now)."""
     private = cfg.ssh_key or store.ensure_key()
     public = Path(f"{private}.pub").read_text().strip()
     name = resource_name(cfg.name)
@@ -89,233 +171,358 @@ def ensure_key(driver, cfg: ClusterConfig, store: StateStore, progress: Progress
                 f"({existing[name].fingerprint}); the cluster's nodes would not accept {private}. "
                 f"Run `down` first, or set ssh_key to the key that was used"
             )
-    else:
-        driver.import_key_pair_from_string(name, public)
-        progress(name, "SSH key registered")
-    return name, Path(private)
+        return name, Path(private), False
+    driver.import_key_pair_from_string(name, public)
+    progress(name, "SSH key registered")
+    return name, Path(private), True
 
 
-def ensure_security_group(driver, cfg: ClusterConfig, progress: Progress):
-    """The cluster's group: inbound TCP 22 from the allowed CIDR, and everything between its members."""
+def ensure_security_group(driver, cfg: ClusterConfig, progress: Progress) -> tuple[ExoscaleSecurityGroup, bool]:
+    """The cluster's group: inbound TCP 22 from the allowed CIDR, and everything between its members.
+    Returns it and whether it was made now. A group of that name raysweep did not make is refused."""
     name = resource_name(cfg.name)
-    groups = {g.name: g for g in driver.ex_list_security_groups()}
-    group = groups.get(name)
+    group = find_security_group(driver, cfg.name)
+    made = group is None
     if group is None:
-        group = driver.ex_create_security_group(name, f"raysweep cluster {cfg.name}")
+        group = driver.ex_create_security_group(name, group_description(cfg.name))
         progress(name, "security group created")
-    have = {
-        (r.get("protocol"), r.get("start-port"), r.get("network"), (r.get("security-group") or {}).get("id"))
-        for r in group.rules
-        if r.get("flow-direction") == "ingress"
-    }
-    if ("tcp", 22, cfg.ssh_cidr, None) not in have:
+    elif not made_by_raysweep(group, cfg.name):
+        raise ProvisionError(
+            f"a security group named {name} exists that raysweep did not make (its description is "
+            f"{group.description!r}, not {group_description(cfg.name)!r}); raysweep neither uses nor deletes it. "
+            f"Rename or delete it, or choose another cluster name"
+        )
+    ingress = [r for r in group.rules if r.direction == "ingress"]
+    if not any(r.protocol == "tcp" and r.start_port == 22 and r.cidr == cfg.ssh_cidr for r in ingress):
         group = driver.ex_add_security_group_rule(
             group, "tcp", 22, 22, cidr=cfg.ssh_cidr, description="SSH from the allowed CIDR"
         )
-    if ("all", None, None, group.id) not in have:
+    if not any(r.protocol == "all" and r.source_group_id == group.id for r in ingress):
         group = driver.ex_add_security_group_rule(
             group, "all", source_group=group, description="everything between cluster members"
         )
     unexpected = [
-        r
+        f"{r.protocol} {r.start_port or ''} from {r.cidr}".replace("  ", " ")
         for r in group.rules
-        if r.get("flow-direction") == "ingress"
-        and r.get("network")
-        and not (r.get("protocol") == "tcp" and r.get("start-port") == 22 and r.get("network") == cfg.ssh_cidr)
+        if r.direction == "ingress"
+        and r.cidr
+        and not (r.protocol == "tcp" and r.start_port == 22 and r.cidr == cfg.ssh_cidr)
     ]
     if unexpected:
         log.warning("security group %s has extra inbound rules not made by raysweep: %s", name, unexpected)
-    return group
+    return group, made
 
 
-def up(
-    driver, cfg: ClusterConfig, n: int | None = None, progress: Progress = _quiet, ssh_timeout: float = 600.0
-) -> UpResult:
-    n = n or cfg.nodes
-    store = StateStore(cfg.state_dir)
-    store.ensure_dir()
-    size = driver.ex_get_size(cfg.instance_type)  # one-line errors listing the valid ones
-    image = driver.ex_get_image(cfg.template)
-    user = image.extra.get("default_user") or "ubuntu"
-    key_name, key_path = ensure_key(driver, cfg, store, progress)
-    group = ensure_security_group(driver, cfg, progress)
-    result = UpResult(ClusterState(cfg.name, security_group_id=group.id, key_name=key_name))
+# ------------------------------------------------------------------------------------ instances
 
-    existing = {nd.name: nd for nd in cluster_nodes(driver, cfg.name)}
-    broken = [nd for nd in existing.values() if nd.state in (NodeState.ERROR, NodeState.TERMINATED)]
-    for nd in broken:  # a failed create leaves an instance in error: replace it
+
+@dataclass
+class CreateSpec:
+    """What run_instances creates each missing node with."""
+
+    size: NodeSize
+    image: NodeImage
+    key_name: str
+    group: ExoscaleSecurityGroup
+
+
+def run_instances(
+    driver,
+    cfg: ClusterConfig,
+    n: int,
+    spec: CreateSpec,
+    progress: Progress = _quiet,
+    journal: Journal | None = None,
+) -> tuple[list[Node], dict[str, str]]:
+    """Make the cluster's first n nodes exist: instances a failed operation left in error are replaced,
+    missing ones created in parallel; existing ones and extra ones are kept. Returns (every instance of
+    the cluster, {node that could not be made: why}). Each node made is entered in `journal` at once."""
+    journal = journal or Journal()
+    existing = {nd.name: nd for nd in query_instances(driver, cfg.name)}
+    for nd in [nd for nd in existing.values() if nd.state in (NodeState.ERROR, NodeState.TERMINATED)]:
         progress(nd.name, f"in state {nd.extra.get('state')}; replacing it")
-        _destroy_quietly(driver, nd)
+        err = _destroy(driver, nd)
+        if err is not None:
+            progress(nd.name, f"could not remove it: {err}")
         existing.pop(nd.name)
-        result.replaced.append(nd.name)
     wanted = node_names(cfg.name, n)
-    extra = [nm for nm in existing if nm not in dict(wanted)]
+    extra = sorted(nm for nm in existing if nm not in dict(wanted))
     if extra:
-        progress(
-            cfg.name, f"keeping {len(extra)} node(s) beyond -n {n}: {', '.join(sorted(extra))} (down removes them)"
-        )
-    missing = [(nm, role) for nm, role in wanted if nm not in existing]
+        progress(cfg.name, f"keeping {len(extra)} node(s) beyond -n {n}: {', '.join(extra)} (down removes them)")
     for nm, _ in wanted:
         if nm in existing:
             progress(nm, f"exists ({existing[nm].extra.get('state')})")
+    missing = [(nm, role) for nm, role in wanted if nm not in existing]
 
-    def create(item):
+    def create(item: tuple[str, str]) -> Node:
         nm, role = item
         progress(nm, "creating")
-        try:
-            node = driver.create_node(
-                nm,
-                size,
-                image,
-                ex_disk_size=cfg.disk_size,
-                ex_ssh_keys=[key_name],
-                ex_security_groups=[group],
-                ex_labels={**cfg.labels, **cluster_labels(cfg.name), "role": role},
-            )
-            progress(nm, f"running at {node.public_ips[0] if node.public_ips else '?'}")
-            return nm, node, None
-        except (ExoscaleAPIError, ExoscaleOperationError) as e:
-            progress(nm, f"FAILED: {e}")
-            return nm, None, str(e)
+        journal.in_flight.append(nm)
+        node = driver.create_node(
+            nm,
+            spec.size,
+            spec.image,
+            ex_disk_size=cfg.disk_size,
+            ex_ssh_keys=[spec.key_name],
+            ex_security_groups=[spec.group],
+            ex_labels={**cfg.labels, **cluster_labels(cfg.name), "role": role},
+        )
+        journal.made.append(f"instance {nm}")
+        journal.in_flight.remove(nm)
+        progress(
+            nm, f"created ({node.extra.get('state')}, {node.public_ips[0] if node.public_ips else 'no address yet'})"
+        )
+        return node
 
-    if missing:
-        with ThreadPoolExecutor(max_workers=min(16, len(missing))) as pool:
-            for nm, node, err in pool.map(create, missing):
-                if node is not None:
-                    existing[nm] = node
-                    result.created.append(nm)
-                    if node.public_ips:
-                        store.forget_host(node.public_ips[0])  # a new machine may reuse an old address
-                else:
-                    result.failed[nm] = err
-
-    nodes = [existing[nm] for nm in sorted(existing)]
-    nodes = _wait_running(driver, nodes, progress)
-    from cloud.remote import Remote  # here: the autoscaler imports this module on a head without Fabric
-
-    result.state.nodes = [_record(nd, user) for nd in nodes]
-    store.save(result.state)
-    remote = Remote(key_path, store.known_hosts)
-    ready = remote.wait_ssh(
-        [r for r in result.state.nodes if r.ip],
-        timeout=ssh_timeout,
-        on_ready=lambda r: progress(r.name, f"answers on SSH ({r.user}@{r.ip})"),
-    )
-    for r in ready:
-        if not r.ok:
-            result.failed[r.node.name] = r.error
-            progress(r.node.name, f"FAILED: {r.error}")
-    return result
+    failed: dict[str, str] = {}
+    result = fan_out(missing, create, name=lambda item: item[0])
+    existing.update(result.done)
+    for nm, e in result.errors.items():
+        if not isinstance(e, (LibcloudError, BaseHTTPError)):
+            raise e
+        failed[nm] = error_text(e)
+        progress(nm, f"FAILED: {failed[nm]}")
+    return [existing[nm] for nm in sorted(existing)], failed
 
 
-def _wait_running(driver, nodes: list[Node], progress: Progress, timeout: float = 600.0) -> list[Node]:
-    deadline = time.monotonic() + timeout
-    out = []
-    for nd in nodes:
-        while nd.state != NodeState.RUNNING and time.monotonic() < deadline:
-            if nd.state in (NodeState.STOPPED,):
+def wait_instances(
+    driver, nodes: list[Node], progress: Progress = _quiet, wait: Wait | None = None
+) -> tuple[list[Node], dict[str, str]]:
+    """Wait until every node runs (a stopped one is started). Returns (nodes that run, {node that did
+    not get there: its state and why}): an instance in error, one that vanished, or one still not
+    running when the wait (default 600 s) ends is reported, never passed on quietly."""
+    wait = wait or Wait(600.0)
+    pending = {nd.id: nd for nd in nodes}
+    running: list[Node] = []
+    failed: dict[str, str] = {}
+    started: set[object] = set()
+    while pending:
+        for node_id, nd in list(pending.items()):
+            if nd.state == NodeState.RUNNING:
+                running.append(pending.pop(node_id))
+            elif nd.state in (NodeState.ERROR, NodeState.TERMINATED):
+                failed[nd.name] = f"instance is in state {nd.extra.get('state')}"
+                pending.pop(node_id)
+            elif nd.state == NodeState.STOPPED and node_id not in started:
                 progress(nd.name, "stopped; starting it")
-                driver.start_node(nd)
-            time.sleep(1)
-            nd = driver.ex_get_node(nd.id)
-        out.append(nd)
-    return out
+                started.add(node_id)
+                try:
+                    driver.start_node(nd)
+                except (LibcloudError, BaseHTTPError) as e:
+                    failed[nd.name] = f"could not start it: {error_text(e)}"
+                    pending.pop(node_id)
+        if not pending:
+            break
+        if wait.over():
+            for nd in pending.values():
+                failed[nd.name] = f"still {nd.extra.get('state')} after {wait.timeout:g} s"
+            break
+        wait.beat(progress, "instances", f"waiting for {', '.join(sorted(nd.name for nd in pending.values()))} to run")
+        wait.sleep()
+        for node_id, nd in list(pending.items()):
+            try:
+                pending[node_id] = driver.ex_get_node(node_id)
+            except ExoscaleAPIError as e:
+                if e.code != 404:
+                    raise
+                failed[nd.name] = "instance vanished (404) while it was awaited"
+                pending.pop(node_id)
+    for name, why in sorted(failed.items()):
+        progress(name, f"FAILED: {why}")
+    return sorted(running, key=lambda nd: nd.name), failed
 
 
-def _destroy_quietly(driver, node: Node) -> str | None:
+def _destroy(driver, node: Node) -> str | None:
+    """Delete one instance and wait for it; None when it is gone (or was already), else the error."""
     try:
         driver.destroy_node(node)
         return None
     except ExoscaleAPIError as e:
-        if e.code == 404:
-            return None
-        return str(e)
-    except ExoscaleOperationError as e:
-        return str(e)
+        return None if e.code == 404 else error_text(e)
+    except (LibcloudError, BaseHTTPError) as e:
+        return error_text(e)
+
+
+def terminate_instances(driver, cluster: str, progress: Progress = _quiet, wait: Wait | None = None) -> dict[str, str]:
+    """Delete every instance of the cluster, retrying failed deletes, until none is listed or the wait
+    (default 300 s) ends. Returns {instance left: why}; empty when all are gone."""
+    wait = wait or Wait(300.0)
+    last_error: dict[str, str] = {}
+
+    def heartbeat(names: list[str], _elapsed: float = 0.0) -> None:
+        wait.beat(progress, "instances", f"waiting for {', '.join(sorted(names))} to be deleted")
+
+    while True:
+        nodes = query_instances(driver, cluster)
+        if not nodes:
+            return {}
+        if wait.over():
+            return {nd.name: last_error.get(nd.name, f"still {nd.extra.get('state')}") for nd in nodes}
+        todo = [nd for nd in nodes if nd.extra.get("state") not in _GONE_STATES]
+        for nd in todo:
+            progress(nd.name, "deleting again" if nd.name in last_error else "deleting")
+        result = fan_out(
+            todo,
+            lambda nd: _destroy(driver, nd),
+            name=lambda nd: nd.name,
+            timeout=wait.left(),
+            heartbeat=heartbeat,
+            every=min(wait.every, 1.0),
+        )
+        for nm, err in result.done.items():
+            if err is None:
+                last_error.pop(nm, None)
+                progress(nm, "deleted")
+            else:
+                last_error[nm] = err
+                progress(nm, f"delete failed: {err}; retrying")
+        for nm, e in result.errors.items():
+            last_error[nm] = error_text(e)
+            progress(nm, f"delete failed: {last_error[nm]}; retrying")
+        for nm in result.pending:
+            last_error[nm] = "its delete operation had not ended"
+        if not todo or last_error:  # instances being deleted by someone else, or deletes to retry
+            heartbeat([nd.name for nd in nodes])
+            wait.sleep()
+
+
+def delete_security_group(
+    driver, cluster: str, progress: Progress = _quiet, wait: Wait | None = None
+) -> tuple[bool, str | None]:
+    """Delete the cluster's group if raysweep made it, waiting while Exoscale still refuses it because
+    instances are being torn down. Returns (whether it was deleted now, the error if it is left)."""
+    wait = wait or Wait(300.0)
+    group = find_security_group(driver, cluster)
+    name = resource_name(cluster)
+    if group is None:
+        return False, None
+    if not made_by_raysweep(group, cluster):
+        progress(name, f"left alone: raysweep did not make it (description {group.description!r})")
+        return False, None
+    while True:
+        try:
+            driver.ex_delete_security_group(group)
+            progress(name, "security group deleted")
+            return True, None
+        except ExoscaleAPIError as e:
+            if e.code == 404:
+                return False, None
+            if e.code != 409 or wait.over():
+                progress(name, f"FAILED: {error_text(e)}")
+                return False, error_text(e)
+            wait.beat(progress, name, f"still in use, waiting: {error_text(e)}")
+        except (LibcloudError, BaseHTTPError) as e:
+            if wait.over():
+                return False, error_text(e)
+            progress(name, f"delete failed: {error_text(e)}; retrying")
+        wait.sleep()
+
+
+# ------------------------------------------------------------------------------------ up / down
+
+
+@dataclass
+class UpResult:
+    state: ClusterState
+    key_path: Path
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def up(
+    driver,
+    cfg: ClusterConfig,
+    n: int | None = None,
+    progress: Progress = _quiet,
+    running_timeout: float = 600.0,
+) -> UpResult:
+    """Key, group, instances created and running, the local state saved. SSH readiness is the next
+    step (cloud.ssh_ready). Ctrl-C raises Interrupted with the journal of what was made."""
+    n = n or cfg.nodes
+    store = StateStore(cfg.state_dir)
+    store.ensure_dir()
+    journal = Journal()
+    try:
+        size = driver.ex_get_size(cfg.instance_type)  # one-line errors listing the valid ones
+        image = driver.ex_get_image(cfg.template)
+        user = image.extra.get("default_user") or "ubuntu"
+        key_name, key_path, key_made = ensure_key(driver, cfg, store, progress)
+        if key_made:
+            journal.made.append(f"SSH key {key_name}")
+        group, group_made = ensure_security_group(driver, cfg, progress)
+        if group_made:
+            journal.made.append(f"security group {group.name}")
+        nodes, failed = run_instances(driver, cfg, n, CreateSpec(size, image, key_name, group), progress, journal)
+        for nd in nodes:  # a new machine may reuse an old address
+            if f"instance {nd.name}" in journal.made and nd.public_ips:
+                store.forget_host(nd.public_ips[0])
+        running, not_running = wait_instances(driver, nodes, progress, Wait(running_timeout))
+    except KeyboardInterrupt:
+        raise Interrupted(journal) from None
+    state = ClusterState(cfg.name, [_record(nd, user) for nd in running], group.id, key_name)
+    store.save(state)
+    return UpResult(state, key_path, {**failed, **not_running})
+
+
+@dataclass
+class DownPlan:
+    nodes: list[Node]
+    group: ExoscaleSecurityGroup | None
+    foreign_group: bool  # a group of the cluster's name that raysweep did not make: left alone
+    has_key: bool
+
+    @property
+    def empty(self) -> bool:
+        return not self.nodes and (self.group is None or self.foreign_group) and not self.has_key
+
+
+def plan_down(driver, cluster: str) -> DownPlan:
+    """What `down` would remove: the cluster's instances, its security group, whether its key exists."""
+    nodes = query_instances(driver, cluster)
+    group = find_security_group(driver, cluster)
+    return DownPlan(
+        nodes,
+        group,
+        group is not None and not made_by_raysweep(group, cluster),
+        any(k.name == resource_name(cluster) for k in driver.list_key_pairs()),
+    )
 
 
 @dataclass
 class DownResult:
-    destroyed: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # what is left: why
 
 
-def plan_down(driver, cluster: str) -> tuple[list[Node], ExoscaleSecurityGroup | None, bool]:
-    """What `down` would remove: the cluster's instances, its security group, whether its key exists."""
-    nodes = cluster_nodes(driver, cluster)
-    name = resource_name(cluster)
-    group = next((g for g in driver.ex_list_security_groups() if g.name == name), None)
-    has_key = any(k.name == name for k in driver.list_key_pairs())
-    return nodes, group, has_key
-
-
-def down(driver, cfg: ClusterConfig, progress: Progress = _quiet, group_timeout: float = 300.0) -> DownResult:
-    """Remove every instance, the security group and the SSH key of the cluster; idempotent."""
+def down(driver, cfg: ClusterConfig, progress: Progress = _quiet, wait: Wait | None = None) -> DownResult:
+    """Remove every instance, the security group and the SSH key of the cluster, retrying what fails,
+    until the wait (default 300 s) ends; idempotent, so a second `down` finishes what the first left."""
+    wait = wait or Wait(300.0)
     result = DownResult()
-    nodes, group, has_key = plan_down(driver, cfg.name)
-
-    def destroy(nd: Node):
-        progress(nd.name, "destroying")
-        err = _destroy_quietly(driver, nd)
-        progress(nd.name, "destroyed" if err is None else f"FAILED: {err}")
-        return nd.name, err
-
-    if nodes:
-        with ThreadPoolExecutor(max_workers=min(16, len(nodes))) as pool:
-            for nm, err in pool.map(destroy, nodes):
-                (result.failed.__setitem__(nm, err) if err else result.destroyed.append(nm))
+    before = {nd.name for nd in query_instances(driver, cfg.name)}
+    left = terminate_instances(driver, cfg.name, progress, wait)
+    result.removed += [f"instance {nm}" for nm in sorted(before - set(left))]
+    result.failed.update({f"instance {nm}": why for nm, why in left.items()})
     name = resource_name(cfg.name)
-    if group is not None:
-        deadline = time.monotonic() + group_timeout
-        while True:  # the group is refused while instances are still being torn down
-            try:
-                driver.ex_delete_security_group(group)
-                result.removed.append(f"security group {name}")
-                progress(name, "security group deleted")
-                break
-            except ExoscaleAPIError as e:
-                if e.code == 404:
-                    break
-                if e.code != 409 or time.monotonic() > deadline:
-                    result.failed[f"security group {name}"] = str(e)
-                    progress(name, f"FAILED: {e}")
-                    break
-                time.sleep(1)
-    if has_key:
+    if left:  # the group cannot go while instances use it
+        group = find_security_group(driver, cfg.name)
+        if group is not None and made_by_raysweep(group, cfg.name):
+            result.failed[f"security group {name}"] = "kept until the instances are gone"
+    else:
+        deleted, err = delete_security_group(driver, cfg.name, progress, wait)
+        if err is not None:
+            result.failed[f"security group {name}"] = err
+        elif deleted:
+            result.removed.append(f"security group {name}")
+    if any(k.name == name for k in driver.list_key_pairs()):
         try:
             driver.delete_key_pair(name)
             result.removed.append(f"SSH key {name}")
             progress(name, "SSH key deleted")
         except ExoscaleAPIError as e:
             if e.code != 404:
-                result.failed[f"SSH key {name}"] = str(e)
-    try:  # the head's restricted key and its role (made for the autoscaler or autostop)
-        from cloud import iam
-
-        for what in iam.delete_cluster_iam(driver, cfg.name):
-            result.removed.append(what)
-            progress(name, f"{what} deleted")
-    except ExoscaleAPIError as e:
-        if e.code != 403:  # a key without IAM rights cannot have made one either
-            result.failed[f"IAM key/role {name}"] = str(e)
+                result.failed[f"SSH key {name}"] = error_text(e)
+        except (LibcloudError, BaseHTTPError) as e:
+            result.failed[f"SSH key {name}"] = error_text(e)
     if not result.failed:
         StateStore(cfg.state_dir).remove(keep_key=cfg.ssh_key is not None)
     return result
-
-
-def status(driver, cfg: ClusterConfig) -> ClusterState:
-    """The cluster as the API sees it (and the local cache refreshed from it)."""
-    store = StateStore(cfg.state_dir)
-    old = store.load()
-    users = {n.name: n.user for n in old.nodes} if old else {}
-    nodes = cluster_nodes(driver, cfg.name)
-    state = ClusterState(
-        cfg.name,
-        [_record(nd, users.get(nd.name, "ubuntu")) for nd in nodes],
-        old.security_group_id if old else "",
-        old.key_name if old else "",
-    )
-    if nodes:
-        store.save(state)
-    return state

@@ -5,36 +5,33 @@ the same environment as `exoscale.py install` (this machine's Python minor and R
 with cluster.toml's install settings); the head also gets what the node provider imports (libcloud and
 Exoscale's signer) and the provider module itself (`~/raysweep/cloud`, on the autoscaler's PYTHONPATH).
 Ray runs with token authentication (the cluster's token from the local state) and its dashboard on
-127.0.0.1. Local files the YAML names, all in the cluster's state directory: the SSH key pair, the Ray
-token (0600), the install scripts, and `head/`, where the provider puts the restricted key before `ray up`
-copies it to the head.
+127.0.0.1; after Ray the head starts the autostop daemon (cloud.autostop: `autostop_minutes`, torn down
+with the head's restricted key). Local files the YAML names, all in the cluster's state directory: the SSH
+key pair, the Ray token (0600), the install scripts, and `head/`, where the provider puts the restricted
+key before `ray up` copies it to the head.
 """
 
 from __future__ import annotations
 
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from cloud import autostop
 from cloud.config import ClusterConfig, ConfigError
-from cloud.ray_cluster import CLIENT_PORT, DASHBOARD_PORT, GCS_PORT, NODE_ENV, _ray, cluster_token, install_script
+from cloud.node_install import NODE_ENV, head_packages, install_script, node_packages
 from cloud.ray_provider import HEAD_MOUNT
+from cloud.ray_runtime import CLIENT_PORT, DASHBOARD_PORT, GCS_PORT, node_command
+from cloud.remote import env_exports
 from cloud.state import StateStore
 
 PROVIDER_MODULE = "cloud.ray_provider.ExoscaleNodeProvider"
 HEAD_TYPE = "ray.head.default"
 WORKER_TYPE = "ray.worker.default"
-#: What the head needs beyond the nodes' environment: the node provider's imports.
-HEAD_PACKAGES = ("apache-libcloud", "requests-exoscale-auth")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 REMOTE_PROJECT = "~/raysweep"
-
-
-def head_packages() -> list[str]:
-    """The provider's dependencies, pinned to the versions this machine runs."""
-    return [f"{name}=={metadata.version(name)}" for name in HEAD_PACKAGES]
 
 
 @dataclass(frozen=True)
@@ -78,26 +75,24 @@ def _node_type(instance_type: str, cfg: ClusterConfig, lo: int, hi: int, resourc
     }
 
 
-def _with_env(env: dict[str, str], cmd: str) -> str:
-    return (" ".join(["env", *(f"{k}={shlex.quote(v)}" for k, v in env.items())]) + " " if env else "") + cmd
-
-
-def prepare_files(cfg: ClusterConfig) -> dict[str, Path]:
+def prepare_files(cfg: ClusterConfig, packages: Sequence[str] = ()) -> dict[str, Path]:
     """The local files the YAML names, made where missing (the SSH key pair, the Ray token, the install
-    scripts, the directory for the head's key); returned by role."""
+    scripts, the directory for the head's key); returned by role. `packages`: the nodes' extra packages
+    when cluster.toml names none (as for `install`)."""
     store = StateStore(cfg.state_dir)
     store.ensure_dir()
     key = store.private_key(cfg.ssh_key)
     if key == store.key_path:
         store.ensure_key()
-    cluster_token(store)
+    store.ensure_ray_token()
+    extra = list(cfg.packages if cfg.packages is not None else packages)
     setup = store.dir / "ray-setup"
     setup.mkdir(mode=0o700, exist_ok=True)
-    (setup / "install-worker.sh").write_text(install_script(cfg))
-    (setup / "install-head.sh").write_text(install_script(cfg, head_packages()))
+    (setup / "install-worker.sh").write_text(install_script(cfg, node_packages(extra)))
+    (setup / "install-head.sh").write_text(install_script(cfg, node_packages(extra + head_packages())))
     head = store.dir / "head"
     head.mkdir(mode=0o700, exist_ok=True)
-    return {"key": key, "token": store.dir / "ray_token", "setup": setup, "head": head}
+    return {"key": key, "token": store.ray_token_path, "setup": setup, "head": head}
 
 
 def build(
@@ -108,7 +103,9 @@ def build(
     worker_types: tuple[WorkerType, ...] = (),
     head_instance_type: str | None = None,
     user: str = "ubuntu",
+    packages: Sequence[str] = (),
 ) -> dict[str, Any]:
+    # `user` is a placeholder: bootstrap_config sets the template's own login user
     """The cluster YAML as a dict (see the module docstring); prepares the local files it names."""
     if not 0 <= min_workers <= max_workers:
         raise ConfigError(f"--min-workers {min_workers} / --max-workers {max_workers}: need 0 <= min <= max")
@@ -117,7 +114,7 @@ def build(
     names = [WORKER_TYPE, *(w.name for w in worker_types)]
     if len(set(names)) != len(names) or HEAD_TYPE in names[1:]:
         raise ConfigError(f"worker type names must be unique and differ from {HEAD_TYPE}: {', '.join(names)}")
-    files = prepare_files(cfg)
+    files = prepare_files(cfg, packages)
     node_types = {
         HEAD_TYPE: _node_type(head_instance_type or cfg.instance_type, cfg, 0, 0, {}),
         WORKER_TYPE: _node_type(cfg.instance_type, cfg, min_workers, max_workers, {}),
@@ -126,7 +123,7 @@ def build(
         node_types[w.name] = _node_type(w.instance_type, cfg, w.min_workers, w.max_workers, w.resources)
     path_line = f'export PATH="$HOME/{NODE_ENV}/bin:$PATH" RAY_AUTH_MODE=token'
     shell_env = f"grep -qsF {shlex.quote(path_line)} ~/.bashrc || echo {shlex.quote(path_line)} >> ~/.bashrc"
-    install = _with_env(cfg.install_env, f"bash {REMOTE_PROJECT}/setup/install-%s.sh")
+    install = env_exports(cfg.install_env) + f"bash {REMOTE_PROJECT}/setup/install-%s.sh"
     provider: dict[str, Any] = {
         "type": "external",
         "module": PROVIDER_MODULE,
@@ -138,6 +135,15 @@ def build(
         provider["endpoint"] = cfg.endpoint
     if cfg.labels:
         provider["labels"] = dict(cfg.labels)
+    try:
+        unit_s = autostop.unit_from_env()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    # the autostop daemon, from the mounted code (~/raysweep/cloud) with the head's environment; a head that has
+    # a setting keeps it (`exoscale.py autostop` changes it)
+    autostop_start = autostop.head_start_command(
+        cfg.autostop_minutes, unit_s, env_dir=NODE_ENV, lib=REMOTE_PROJECT.removeprefix("~/")
+    )
     head_start = (
         f"ray start --head --port={GCS_PORT} --dashboard-host=127.0.0.1 --dashboard-port={DASHBOARD_PORT} "
         f"--ray-client-server-port={CLIENT_PORT} --autoscaling-config=~/ray_bootstrap_config.yaml "
@@ -167,12 +173,14 @@ def build(
         "head_setup_commands": [install % "head"],
         "worker_setup_commands": [install % "worker"],
         "head_start_ray_commands": [
-            _ray("ray stop", cfg),
-            f"ulimit -n 65536 || true; export PYTHONPATH={REMOTE_PROJECT}; " + _ray(head_start, cfg),
+            node_command("ray stop", cfg),
+            f"ulimit -n 65536 || true; export PYTHONPATH={REMOTE_PROJECT}; " + node_command(head_start, cfg),
+            autostop_start,
         ],
         "worker_start_ray_commands": [
-            _ray("ray stop", cfg),
-            "ulimit -n 65536 || true; " + _ray(f"ray start --address=$RAY_HEAD_IP:{GCS_PORT} --disable-usage-stats", cfg),
+            node_command("ray stop", cfg),
+            "ulimit -n 65536 || true; "
+            + node_command(f"ray start --address=$RAY_HEAD_IP:{GCS_PORT} --disable-usage-stats", cfg),
         ],
     }
 
@@ -186,14 +194,3 @@ def render(config: dict[str, Any]) -> str:
         "# restricted per-cluster key (see README, Elastic clusters).\n"
     )
     return header + yaml.safe_dump(config, sort_keys=False, width=200)
-
-
-def user_of_template(cfg: ClusterConfig) -> str:
-    """The template's login user (asks the API when credentials are set; Exoscale's templates use ubuntu,
-    debian, ...)."""
-    if cfg.api_secret is None:
-        return "ubuntu"
-    image = cfg.driver().ex_get_image(cfg.template)
-    return str(image.extra.get("default_user") or "ubuntu")
-
-

@@ -39,6 +39,7 @@ from typing import Any
 from libcloud.common.exceptions import BaseHTTPError
 from libcloud.common.types import LibcloudError
 from libcloud.compute.base import Node, NodeImage, NodeSize
+from libcloud.compute.types import NodeState
 from ray.autoscaler._private.command_runner import SSHCommandRunner
 from ray.autoscaler.node_launch_exception import NodeLaunchException
 from ray.autoscaler.node_provider import NodeProvider
@@ -53,7 +54,7 @@ from cloud.exoscale_driver import (
     RetryPolicy,
     Secret,
 )
-from cloud.provision import cluster_labels, resource_name
+from cloud.provision import cluster_labels
 from cloud.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -77,10 +78,13 @@ def make_driver(provider_config: dict[str, Any]) -> ExoscaleV2NodeDriver:
         creds = head_credentials.read(Path(path).expanduser())
         key, secret, zone, endpoint = creds.key, creds.secret, creds.zone, creds.endpoint
     else:
-        key, env_secret = os.environ.get("EXOSCALE_API_KEY"), os.environ.get("EXOSCALE_API_SECRET")
-        if not key or not env_secret:
-            raise ValueError("set EXOSCALE_API_KEY and EXOSCALE_API_SECRET (an Exoscale API key pair, as for the exo CLI)")
-        secret, zone, endpoint = Secret(env_secret), provider_config["zone"], provider_config.get("endpoint")
+        env_key, env_secret = os.environ.get("EXOSCALE_API_KEY"), os.environ.get("EXOSCALE_API_SECRET")
+        if not env_key or not env_secret:
+            raise ValueError(
+                "set EXOSCALE_API_KEY and EXOSCALE_API_SECRET (an Exoscale API key pair, as for the exo CLI)"
+            )
+        key, secret = env_key, Secret(env_secret)
+        zone, endpoint = provider_config["zone"], provider_config.get("endpoint")
     cfg = ClusterConfig(api_key=key, api_secret=secret, zone=zone, endpoint=endpoint)
     return ExoscaleV2NodeDriver(key, secret, retry=retry, **cfg.driver_kwargs())
 
@@ -127,14 +131,14 @@ class ExoscaleNodeProvider(NodeProvider):
         live = [n for n in nodes if n.extra.get("state") in PENDING | RUNNING]
         with self._lock:
             if not tag_filters:  # a full listing: what it lacks is gone
-                self._nodes = {i: n for i, n in self._nodes.items() if i in {x.id for x in nodes}}
-            self._nodes.update({n.id: n for n in nodes})
-        return [n.id for n in live]
+                self._nodes = {i: n for i, n in self._nodes.items() if i in {str(x.id) for x in nodes}}
+            self._nodes.update({str(n.id): n for n in nodes})
+        return [str(n.id) for n in live]
 
     def nodes_for_teardown(self, tag_filters: dict[str, str]) -> list[str]:
         """Everything of the cluster that still costs money, stopped or failed instances included."""
         nodes = self.driver.list_nodes(ex_labels={**tag_filters, **self._scope})
-        return [n.id for n in nodes if n.extra.get("state") not in ("destroying", "destroyed", "expunging")]
+        return [str(n.id) for n in nodes if n.extra.get("state") not in ("destroying", "destroyed", "expunging")]
 
     def _node(self, node_id: str, refresh: bool = False) -> Node | None:
         """The cached node, fetched when unknown (or when asked to refresh); None when it no longer exists."""
@@ -167,13 +171,13 @@ class ExoscaleNodeProvider(NodeProvider):
             return {}
         return {k: v for k, v in node.extra["labels"].items() if k not in self._own_labels}
 
-    def external_ip(self, node_id: str) -> str | None:
+    def external_ip(self, node_id: str) -> str | None:  # type: ignore[override]  # None while it has none (Ray's runner waits)
         node = self._node(node_id)
         if node is not None and not node.public_ips:  # no address yet: ask again, never trust a stale cache
             node = self._node(node_id, refresh=True)
         return node.public_ips[0] if node is not None and node.public_ips else None
 
-    def internal_ip(self, node_id: str) -> str | None:
+    def internal_ip(self, node_id: str) -> str | None:  # type: ignore[override]  # as external_ip
         # Without a private network an Exoscale instance has only its public address; cluster members
         # reach each other there (the security group lets members in, and only SSH from outside).
         return self.external_ip(node_id)
@@ -228,8 +232,10 @@ class ExoscaleNodeProvider(NodeProvider):
             **self._scope,
             "role": "head" if kind == NODE_KIND_HEAD else "worker",
         }
-        size = NodeSize(node_config["instance_type_id"], node_config.get("instance_type", ""), 0, None, None, None, None)
-        image = NodeImage(node_config["template_id"], node_config.get("template", ""), None)
+        size = NodeSize(
+            node_config["instance_type_id"], node_config.get("instance_type", ""), 0, 0, 0, 0.0, self.driver
+        )
+        image = NodeImage(node_config["template_id"], node_config.get("template", ""), self.driver)
 
         def name() -> str:
             if kind == NODE_KIND_HEAD:
@@ -237,7 +243,9 @@ class ExoscaleNodeProvider(NodeProvider):
             return f"{self.cluster_name}-{kind}-{uuid.uuid4().hex[:6]}"
 
         with ThreadPoolExecutor(max_workers=max(1, min(count, MAX_PARALLEL))) as pool:
-            futures = [pool.submit(self._create_one, name(), size, image, node_config, node_labels) for _ in range(count)]
+            futures = [
+                pool.submit(self._create_one, name(), size, image, node_config, node_labels) for _ in range(count)
+            ]
         created: dict[str, Node] = {}
         errors: list[NodeLaunchException] = []
         for f in futures:
@@ -246,7 +254,7 @@ class ExoscaleNodeProvider(NodeProvider):
             except NodeLaunchException as e:
                 errors.append(e)
                 continue
-            created[node.id] = node
+            created[str(node.id)] = node
         with self._lock:
             self._nodes.update(created)
         if errors:
@@ -289,7 +297,7 @@ class ExoscaleNodeProvider(NodeProvider):
 
     def _destroy(self, node_id: str) -> None:
         try:
-            self.driver.destroy_node(Node(node_id, node_id, None, [], [], self.driver))
+            self.driver.destroy_node(Node(node_id, node_id, NodeState.UNKNOWN, [], [], self.driver))
         except ExoscaleAPIError as e:
             if e.code not in (404, 409):  # gone already, or already being destroyed
                 raise
@@ -319,8 +327,8 @@ class ExoscaleNodeProvider(NodeProvider):
         cfg = _cluster_config(config)
         store = StateStore(cfg.state_dir)
         store.ensure_dir()
-        key_name, _ = provision.ensure_key(driver, cfg, store, _progress)
-        group = provision.ensure_security_group(driver, cfg, _progress)
+        key_name, _, _ = provision.ensure_key(driver, cfg, store, _progress)
+        group, _ = provision.ensure_security_group(driver, cfg, _progress)
         pc["ssh_key_name"], pc["security_group_id"] = key_name, group.id
         for type_name, node_type in config["available_node_types"].items():
             nc = node_type["node_config"]
@@ -330,8 +338,10 @@ class ExoscaleNodeProvider(NodeProvider):
                     f"node type {type_name}: instance type {size.name} is not authorized for this Exoscale "
                     f"account (GPU types need a request to Exoscale support); choose another"
                 )
-            nc["instance_type_id"] = size.id
-            nc["template_id"] = driver.ex_get_image(nc["template"]).id
+            image = driver.ex_get_image(nc["template"])
+            nc["instance_type_id"], nc["template_id"] = size.id, image.id
+            if type_name == config.get("head_node_type"):  # the template's login user (ubuntu, debian, ...)
+                config.setdefault("auth", {})["ssh_user"] = image.extra.get("default_user") or "ubuntu"
         return config
 
     @staticmethod
@@ -389,7 +399,7 @@ class ExoscaleNodeProvider(NodeProvider):
             res = provision.down(self.driver, cfg)
             if res.failed:
                 raise RuntimeError("could not remove: " + "; ".join(f"{k}: {v}" for k, v in res.failed.items()))
-            removed += res.destroyed + res.removed
+            removed += res.removed
             (self._store.dir / "head" / Path(head_credentials.HEAD_PATH).name).unlink(missing_ok=True)
         cache = self.provider_config.get("_config_cache_path")
         if cache:
@@ -398,7 +408,9 @@ class ExoscaleNodeProvider(NodeProvider):
 
     # ---------------------------------------------------------------------------------- SSH
 
-    def get_command_runner(self, log_prefix, node_id, auth_config, cluster_name, process_runner, use_internal_ip, docker_config=None):
+    def get_command_runner(
+        self, log_prefix, node_id, auth_config, cluster_name, process_runner, use_internal_ip, docker_config=None
+    ):
         """Ray's SSH runner, but with host keys pinned in the cluster's known_hosts on first contact (Ray's
         own turns checking off); a new instance's address is forgotten there when it is created."""
         runner = super().get_command_runner(

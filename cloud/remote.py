@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import shlex
 import socket
 import tarfile
@@ -24,14 +25,40 @@ from typing import TextIO
 
 import paramiko
 from fabric import Config, Connection
+from invoke.exceptions import CommandTimedOut
+from invoke.runners import Result
 
 from cloud.state import NodeRecord
 
 log = logging.getLogger(__name__)
 
 
-class HostKeyChanged(Exception):
-    pass
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_PGID_MARK = "RAYSWEEP_PGID"
+
+
+def script(text: str) -> str:
+    """A command running `text` in bash with `set -euo pipefail`: how every script the toolkit writes for a
+    node runs (the user's own `cmd` text and setup_commands are run as given)."""
+    return "bash -c " + shlex.quote("set -euo pipefail\n" + text)
+
+
+def run_script(c: Connection, text: str, timeout: float | None = None) -> Result:
+    """Run a toolkit script (see `script`) on one open connection, output captured, never raising on failure."""
+    return c.run(script(text), hide=True, warn=True, in_stream=False, timeout=timeout)
+
+
+def env_exports(env: dict[str, str]) -> str:
+    """`export NAME='value' ... && `: each value quoted, so that it reaches the node's shell as one word,
+    verbatim (Fabric's own inline env puts values in unquoted)."""
+    if not env:
+        return ""
+    bad = [k for k in env if not _ENV_NAME.match(k)]
+    if bad:
+        raise ValueError(
+            f"environment name(s) {', '.join(map(repr, bad))}: use letters, digits and '_', not first a digit"
+        )
+    return "export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())) + " && "
 
 
 @dataclass
@@ -91,15 +118,34 @@ class _Lines(io.TextIOBase):
 _out_lock = threading.Lock()
 
 
-def _prefixed_lines(prefix: str, out: TextIO) -> _Lines:
-    """Whole lines to `out`, each prefixed with the node's name (never interleaved within a line)."""
+def _failed(node: NodeRecord, r: Result, what: str) -> NodeResult:
+    why = r.stderr.strip().splitlines()[-1:] or [f"exit code {r.exited}"]
+    return NodeResult(node, False, r.exited, r.stdout, r.stderr, f"{what}: {why[0][:200]}")
+
+
+def _pgid(stdout: str) -> int | None:
+    first = stdout.split("\n", 1)[0].split()
+    return int(first[1]) if len(first) == 2 and first[0] == _PGID_MARK and first[1].isdigit() else None
+
+
+def _without_pgid(stdout: str) -> str:
+    return stdout.split("\n", 1)[1] if stdout.startswith(_PGID_MARK) and "\n" in stdout else stdout
+
+
+def _prefixed(prefix: str, out: TextIO) -> Callable[[str], None]:
+    """A line handler writing to `out`, each line prefixed with the node's name (never interleaved)."""
 
     def write(line: str) -> None:
         with _out_lock:
             out.write(f"{prefix} | {line}\n")
             out.flush()
 
-    return _Lines(write)
+    return write
+
+
+def _prefixed_lines(prefix: str, out: TextIO) -> _Lines:
+    """Whole lines to `out`, each prefixed with the node's name (never interleaved within a line)."""
+    return _Lines(_prefixed(prefix, out))
 
 
 class Remote:
@@ -169,31 +215,83 @@ class Remote:
         on_line: Callable[[NodeRecord, str], None] | None = None,
     ) -> list[NodeResult]:
         """Run `command` (or command(node)) on every node in parallel; with `stream`, output lines are
-        written there prefixed by node name; with `on_line`, each stdout line is handed to it."""
+        written there prefixed by node name; with `on_line`, each stdout line is handed to it. `env` values
+        are quoted. After `timeout` seconds the command's process group on the node is stopped (sshd makes
+        each command a session of its own, so the group is the command with everything it started)."""
+        exports = env_exports(env or {})
 
         def one(node: NodeRecord) -> NodeResult:
-            with self.connection(node) as c:
-                out = err = None
-                if stream:
-                    out, err = _prefixed_lines(node.name, stream), _prefixed_lines(node.name, stream)
-                elif on_line:
-                    out = _Lines(lambda line: on_line(node, line))
-                kwargs = dict(hide=True, warn=True, timeout=timeout, env=env or {}, in_stream=False)
-                if out:
-                    kwargs["out_stream"] = out
-                if err:
-                    kwargs["err_stream"] = err
-                text = command(node) if callable(command) else command
-                cmd = f"sudo -n sh -c {shlex.quote(text)}" if sudo else text
-                r = c.run(cmd, **kwargs)
+            text = command(node) if callable(command) else command
+            cmd = exports + (f"sudo -n sh -c {shlex.quote(text)}" if sudo else text)
+            if timeout is not None:
+                cmd = f'echo "{_PGID_MARK} $$"; {cmd}'
+            handler: Callable[[str], None] | None = None
+            err = None
+            if stream:
+                handler, err = _prefixed(node.name, stream), _prefixed_lines(node.name, stream)
+            elif on_line:
+                handler = lambda line: on_line(node, line)  # noqa: E731
+            group: dict[str, int | bool] = {}
+
+            def stdout_line(line: str) -> None:
+                if "pgid" not in group and line.startswith(_PGID_MARK):
+                    group["pgid"] = _pgid(line) or 0
+                elif handler is not None:
+                    handler(line)
+
+            def expire() -> None:  # from a timer thread, over a connection of its own
+                group["expired"] = True
+                group["stopped"] = self._stop_group(node, int(group.get("pgid", 0)), sudo)
+
+            out = _Lines(stdout_line)
+            kwargs: dict = dict(hide=True, warn=True, in_stream=False, out_stream=out)
+            if err:
+                kwargs["err_stream"] = err
+            timer = None
+            if timeout is not None:
+                # stopping the group ends the command; Fabric's own timeout only closes the channel (the
+                # processes would go on), so it is the backstop for a node that stops answering
+                kwargs["timeout"] = timeout + 30
+                timer = threading.Timer(timeout, expire)
+                timer.daemon = True
+                timer.start()
+            try:
+                with self.connection(node) as c:
+                    r = c.run(cmd, **kwargs)
+                stdout, stderr, code = _without_pgid(r.stdout), r.stderr, r.exited
+            except CommandTimedOut as e:
+                stdout, stderr, code = _without_pgid(e.result.stdout), e.result.stderr, None
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                    timer.join(60)  # when it fired: until the group is stopped
                 for w in (out, err):
                     if w:
                         w.finish()
-                return NodeResult(
-                    node, r.exited == 0, r.exited, r.stdout, r.stderr, "" if r.exited == 0 else f"exit code {r.exited}"
-                )
+            if group.get("expired") or code is None:
+                outcome = "its processes on the node were stopped" if group.get("stopped") else "it may still run"
+                return NodeResult(node, False, code, stdout, stderr, f"timed out after {timeout:g} s; {outcome}")
+            return NodeResult(node, code == 0, code, stdout, stderr, "" if code == 0 else f"exit code {code}")
 
         return self._each(nodes, one)
+
+    def _stop_group(self, node: NodeRecord, pgid: int, sudo: bool) -> bool:
+        """TERM a process group on the node, KILL what is left after 2 s; True when it is gone."""
+        if pgid <= 1:
+            return False
+        kill = "sudo -n kill" if sudo else "kill"
+        stop = (
+            f"{kill} -TERM -- -{pgid} 2>/dev/null || exit 0\n"
+            f"for _ in $(seq 20); do {kill} -0 -- -{pgid} 2>/dev/null || exit 0; sleep 0.1; done\n"
+            f"{kill} -KILL -- -{pgid} 2>/dev/null || true"
+        )
+        try:
+            with self.connection(node) as c:
+                r = run_script(c, stop, timeout=30)
+        except Exception as e:  # the node may be why it timed out
+            log.warning("could not stop process group %s on %s: %s", pgid, node.name, e)
+            return False
+        return r.exited == 0
 
     def put(self, nodes: Sequence[NodeRecord], src: str | os.PathLike, dst: str) -> list[NodeResult]:
         """Copy a file or a directory (recursively) to every node; `dst` is relative to the login home."""
@@ -208,30 +306,26 @@ class Remote:
 
         def one(node: NodeRecord) -> NodeResult:
             with self.connection(node) as c:
-                if src.is_dir():
-                    tmp = f".raysweep-upload-{os.getpid()}-{threading.get_ident()}.tgz"
-                    c.put(io.BytesIO(payload), tmp)
-                    q = shlex.quote(dst)
-                    r = c.run(
-                        f"mkdir -p {q} && tar xzf {tmp} -C {q}; rc=$?; rm -f {tmp}; exit $rc",
-                        hide=True,
-                        warn=True,
-                        in_stream=False,
-                    )
-                    if r.exited != 0:
-                        return NodeResult(
-                            node,
-                            False,
-                            r.exited,
-                            r.stdout,
-                            r.stderr,
-                            f"unpacking into {dst} failed: {r.stderr.strip()[-200:]}",
-                        )
-                else:
-                    parent = os.path.dirname(dst.rstrip("/"))
-                    if parent:
-                        c.run(f"mkdir -p {shlex.quote(parent)}", hide=True, warn=True, in_stream=False)
-                    c.put(str(src), dst)
+                c.open()  # a connection failure is "cannot reach sshd"; after this, errors are the node's files'
+                try:
+                    if src.is_dir():
+                        tmp = f".raysweep-upload-{os.getpid()}-{threading.get_ident()}.tgz"
+                        c.put(io.BytesIO(payload), tmp)
+                        q = shlex.quote(dst)
+                        r = run_script(c, f"trap 'rm -f {tmp}' EXIT\nmkdir -p {q}\ntar xzf {tmp} -C {q}")
+                        if r.exited != 0:
+                            return _failed(node, r, f"cannot unpack into {dst}")
+                    else:
+                        parent = os.path.dirname(dst.rstrip("/"))
+                        if parent:
+                            r = run_script(c, f"mkdir -p {shlex.quote(parent)}")
+                            if r.exited != 0:
+                                return _failed(node, r, f"cannot create {parent}")
+                        c.put(str(src), dst)
+                except OSError as e:
+                    if c.transport is None or not c.transport.is_active():
+                        raise  # the connection broke: _each reports it as such
+                    return NodeResult(node, False, error=f"cannot write {dst} on {node.name}: {e.strerror or e}")
                 return NodeResult(node, True, 0)
 
         return self._each(nodes, one)

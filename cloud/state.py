@@ -7,16 +7,38 @@ Layout of a cluster's state directory (mode 700):
     id_ed25519(.pub) the cluster's own key pair, when no ssh_key is configured (private key 600)
     ssh_key_path    the private key given to import-terraform, for a Terraform-made cluster
     known_hosts     host keys pinned when first seen, checked on every later connection
+    lock            held by the command changing the cluster (`up`, `down`), naming its process
+The default root ~/.raysweep/clusters and ~/.raysweep are the toolkit's own and kept at mode 700 too.
+    ray_token       the cluster's Ray token (600), made by `start`, sent to the nodes and to Ray's clients
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import secrets
 import shutil
 import subprocess
-from dataclasses import asdict, dataclass, field
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+
+class ClusterBusy(Exception):
+    """Another process holds the cluster's lock; the message names it."""
+
+
+def toolkit_dirs() -> list[Path]:
+    """The directories the toolkit makes for itself in the home directory (mode 700)."""
+    home = Path.home() / ".raysweep"
+    return [home, home / "clusters"]
+
+
+class NoHeadError(Exception):
+    """The cluster's state has no head node (e.g. a Terraform output of workers only)."""
 
 
 @dataclass
@@ -35,10 +57,20 @@ class ClusterState:
     nodes: list[NodeRecord] = field(default_factory=list)
     security_group_id: str = ""
     key_name: str = ""
-    source: str = "exoscale.py"  # or "terraform"
 
     def head(self) -> NodeRecord | None:
         return next((n for n in self.nodes if n.role == "head"), None)
+
+    def require_head(self) -> NodeRecord:
+        """The head node, or NoHeadError naming the cluster and the nodes it has."""
+        head = self.head()
+        if head is None:
+            names = ", ".join(n.name for n in self.ordered()) or "none"
+            raise NoHeadError(
+                f"cluster {self.name!r} has no head node (its nodes: {names}); Ray needs one node with "
+                f"role head: run `exoscale.py up` to complete the cluster, or import a Terraform output that has one"
+            )
+        return head
 
     def ordered(self) -> list[NodeRecord]:
         """Head first, then workers by name: the numbering `ssh N` and `--node N` use."""
@@ -77,13 +109,67 @@ class StateStore:
             return Path(imported.read_text().strip())
         return self.key_path
 
+    @property
+    def ray_token_path(self) -> Path:
+        return self.dir / "ray_token"
+
+    def ray_token(self) -> str | None:
+        """The cluster's Ray token, or None before `start` made it."""
+        try:
+            return self.ray_token_path.read_text().strip()
+        except FileNotFoundError:
+            return None
+
+    def ensure_ray_token(self) -> str:
+        """The cluster's Ray token, made on first use in a file only the user can read."""
+        self.ensure_dir()
+        try:
+            fd = os.open(self.ray_token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+        return self.ray_token_path.read_text().strip()
+
     def record_imported_key(self, path: Path) -> None:
         self.ensure_dir()
         (self.dir / "ssh_key_path").write_text(str(path.resolve()) + "\n")
 
     def ensure_dir(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.dir, 0o700)
+        """The cluster's directory, mode 700, and any parent it needs made 700 too. The toolkit's own
+        ~/.raysweep and ~/.raysweep/clusters are set to 700 even when an earlier version made them 755;
+        a directory of the user's own (e.g. $RAYSWEEP_STATE_DIR) is never changed."""
+        missing = [p for p in [*reversed(self.dir.parents), self.dir] if not p.exists()]
+        for p in missing:
+            with contextlib.suppress(FileExistsError):
+                p.mkdir(mode=0o700)
+        own = [d for d in toolkit_dirs() if self.dir.is_relative_to(d)]
+        for p in [*own, self.dir]:
+            if p.stat().st_mode & 0o077:
+                os.chmod(p, 0o700)
+
+    @contextlib.contextmanager
+    def lock(self, command: str) -> Iterator[None]:
+        """Hold the cluster's lock for `command`; raise ClusterBusy naming the holder if another has it.
+        The lock is the kernel's (flock), so a crashed holder never leaves it stuck."""
+        self.ensure_dir()
+        path = self.dir / "lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"
+                raise ClusterBusy(
+                    f"cluster {self.dir.name!r} is being changed by {holder}; wait until it ends (or stop it), "
+                    f"then run this again"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} ({command}, since {time.strftime('%H:%M:%S')})".encode(), 0)
+            yield
+        finally:
+            os.close(fd)
 
     def load(self) -> ClusterState | None:
         try:
@@ -91,7 +177,8 @@ class StateStore:
         except FileNotFoundError:
             return None
         nodes = [NodeRecord(**n) for n in data.pop("nodes", [])]
-        return ClusterState(nodes=nodes, **data)
+        known = {f.name for f in fields(ClusterState)}
+        return ClusterState(nodes=nodes, **{k: v for k, v in data.items() if k in known})  # older files had more
 
     def save(self, state: ClusterState) -> None:
         self.ensure_dir()

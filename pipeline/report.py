@@ -1,84 +1,304 @@
-"""Results a person looks at: the accuracy heatmap (PNG, headless) and the text table."""
+"""Results a person looks at: a plot chosen by the search's shape (PNG, headless), the text table, the best.
+
+1 parameter: the metric against its values (a log axis where the parameter is log-uniform); 2 on a
+grid: the heatmap; 2 sampled: a scatter coloured by the metric; 3 or more: parallel coordinates beside
+a scatter of the two parameters most correlated with the metric (absolute Spearman).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import io
+from collections.abc import Collection, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pipeline.sweep import TrialResult
 
+if TYPE_CHECKING:
+    import numpy as np
 
-def heatmap(
-    results: Sequence[TrialResult], sizes: Sequence[int], dropouts: Sequence[float], path: str | Path, title: str
+FAILED = "#b22222"
+
+
+def choose_plot(n_params: int, kind: str) -> str:
+    """Which picture suits a search: "line", "heatmap", "scatter" or "parallel"."""
+    if n_params < 1:
+        raise ValueError("a sweep has at least one parameter")
+    if n_params == 1:
+        return "line"
+    if n_params == 2:
+        return "heatmap" if kind == "grid" else "scatter"
+    return "parallel"
+
+
+def plot(
+    results: Sequence[TrialResult],
+    param_names: Sequence[str],
+    kind: str,
+    path: str | Path,
+    title: str,
+    metric: str = "value",
+    log_params: Collection[str] = (),
+    values: dict[str, Sequence[Any]] | None = None,
 ) -> Path:
-    """sizes (rows) x dropouts (columns), each cell annotated; failed or missing cells marked."""
+    """Draw the picture `choose_plot` picks; `values` gives a grid's values per parameter (in order)."""
+    plt = _pyplot()
+    choice = choose_plot(len(param_names), kind)
+    if choice == "heatmap":
+        a, b = param_names
+        vals = values or {p: _distinct(results, p) for p in param_names}
+        return heatmap(results, a, list(vals[a]), b, list(vals[b]), path, title, metric)
+    if choice == "line":
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+        _line(ax, results, param_names[0], metric, param_names[0] in log_params)
+    elif choice == "scatter":
+        fig, ax = plt.subplots(figsize=(7, 5.5), dpi=110)
+        _scatter(fig, ax, results, param_names[0], param_names[1], metric, log_params)
+    else:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.5), dpi=110, gridspec_kw={"width_ratios": [3, 2]})
+        _parallel(fig, ax1, results, param_names, metric, log_params)
+        a, b = most_correlated(results, param_names, log_params)
+        _scatter(fig, ax2, results, a, b, metric, log_params)
+        ax2.set_title("the two parameters most correlated with the metric (|Spearman|)", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    from pipeline.sweep import atomic_write
+
+    path = Path(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    _pyplot().close(fig)
+    atomic_write(path, buf.getvalue())
+    return path
+
+
+def _distinct(results: Sequence[TrialResult], name: str) -> list[Any]:
+    return sorted({r.params[name] for r in results}, key=_sort_key)
+
+
+def _sort_key(v: Any) -> tuple:
+    return (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))
+
+
+def _numeric(values: Sequence[Any]) -> tuple[np.ndarray, list[str] | None]:
+    """Values as numbers; categories (strings, booleans) as their index, with the labels."""
     import numpy as np
 
-    by = {(r.params["size"], r.params["dropout"]): r for r in results}
-    grid = np.full((len(sizes), len(dropouts)), np.nan)
-    for i, s in enumerate(sizes):
-        for j, d in enumerate(dropouts):
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return np.asarray(values, dtype=float), None
+    labels = sorted({str(v) for v in values})
+    return np.asarray([labels.index(str(v)) for v in values], dtype=float), labels
+
+
+def _ok(results: Sequence[TrialResult]) -> list[TrialResult]:
+    return [r for r in results if r.status == "ok" and r.value is not None]
+
+
+def _line(ax, results: Sequence[TrialResult], name: str, metric: str, log: bool) -> None:
+    ok = sorted(_ok(results), key=lambda r: _sort_key(r.params[name]))
+    bad = [r for r in results if r not in ok]
+    xs, labels = _numeric([r.params[name] for r in ok + bad])
+    n = len(ok)
+    ax.plot(xs[:n], [r.value for r in ok], "o-", color="#1f77b4")
+    if bad:
+        low = min((r.value for r in ok if r.value is not None), default=0.0)
+        ax.plot(xs[n:], [low] * len(bad), "x", color=FAILED, markersize=10, label="failed")
+        ax.legend()
+    if log:
+        ax.set_xscale("log")
+        _plain_minor_ticks(ax.xaxis)
+    if labels:
+        ax.set_xticks(range(len(labels)), labels)
+    ax.set_xlabel(name)
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+
+
+def _scatter(fig, ax, results: Sequence[TrialResult], a: str, b: str, metric: str, log_params: Collection[str]) -> None:
+    ok = _ok(results)
+    bad = [r for r in results if r not in ok]
+    xs, xl = _numeric([r.params[a] for r in ok + bad])
+    ys, yl = _numeric([r.params[b] for r in ok + bad])
+    n = len(ok)
+    sc = ax.scatter(xs[:n], ys[:n], c=[r.value for r in ok], cmap="viridis", s=60, edgecolors="black", linewidths=0.3)
+    if ok:
+        fig.colorbar(sc, ax=ax, label=metric)
+    if bad:
+        ax.scatter(xs[n:], ys[n:], marker="x", color=FAILED, s=70, label="failed")
+        ax.legend()
+    for axis, name, labels in (("x", a, xl), ("y", b, yl)):
+        if name in log_params:
+            getattr(ax, f"set_{axis}scale")("log")
+            _plain_minor_ticks(getattr(ax, f"{axis}axis"))
+        if labels:
+            getattr(ax, f"set_{axis}ticks")(range(len(labels)), labels)
+    ax.set_xlabel(a)
+    ax.set_ylabel(b)
+    ax.grid(alpha=0.3)
+
+
+def _parallel(fig, ax, results: Sequence[TrialResult], names: Sequence[str], metric: str, log_params) -> None:
+    import matplotlib
+    import numpy as np
+
+    ok = _ok(results)
+    cols = []
+    for name in names:
+        v, labels = _numeric([r.params[name] for r in ok])
+        if name in log_params:
+            v = np.log10(v)
+        lo, hi = (v.min(), v.max()) if v.size else (0.0, 1.0)
+        cols.append((v - lo) / (hi - lo) if hi > lo else np.full_like(v, 0.5))
+        text = (
+            ", ".join(labels)
+            if labels
+            else (f"{10**lo:.3g}..{10**hi:.3g} (log)" if name in log_params else f"{lo:.3g}..{hi:.3g}")
+        )
+        ax.text(len(cols) - 1, -0.08, text, ha="center", va="top", fontsize=7)
+    values = np.asarray([r.value for r in ok], dtype=float)
+    norm = matplotlib.colors.Normalize(values.min() if ok else 0, values.max() if ok else 1)
+    cmap = matplotlib.colormaps["viridis"]
+    for i in np.argsort(values):
+        ax.plot(range(len(names)), [c[i] for c in cols], color=cmap(norm(values[i])), alpha=0.8, linewidth=1.2)
+    ax.set_xticks(range(len(names)), list(names))
+    ax.set_yticks([])
+    ax.set_ylim(-0.15, 1.05)
+    for x in range(len(names)):
+        ax.axvline(x, color="grey", linewidth=0.8)
+    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=metric)
+    failed = len(results) - len(ok)
+    ax.set_title(f"parallel coordinates ({len(ok)} ok{f', {failed} failed' if failed else ''})", fontsize=9)
+
+
+def _plain_minor_ticks(axis) -> None:
+    """A log axis spanning under a decade labels its minor ticks, which then overlap: keep the major ones."""
+    from matplotlib.ticker import NullFormatter
+
+    axis.set_minor_formatter(NullFormatter())
+
+
+def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
+    """Spearman's rank correlation (ties get their average rank); 0.0 where a side is constant."""
+    import numpy as np
+
+    rx, ry = _ranks(np.asarray(x, dtype=float)), _ranks(np.asarray(y, dtype=float))
+    if rx.std() == 0 or ry.std() == 0:
+        return 0.0
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _ranks(v: np.ndarray) -> np.ndarray:
+    import numpy as np
+
+    order = np.argsort(v, kind="mergesort")
+    ranks = np.empty(len(v))
+    ranks[order] = np.arange(len(v), dtype=float)
+    for value in np.unique(v):  # average rank of ties
+        tie = v == value
+        ranks[tie] = ranks[tie].mean()
+    return ranks
+
+
+def most_correlated(
+    results: Sequence[TrialResult], names: Sequence[str], log_params: Collection[str] = ()
+) -> tuple[str, str]:
+    """The two parameters whose values correlate most with the metric (absolute Spearman), best first."""
+    ok = _ok(results)
+    values = [float(r.value) for r in ok if r.value is not None]
+    score = {n: abs(spearman(_numeric([r.params[n] for r in ok])[0], values)) if ok else 0.0 for n in names}
+    a, b = sorted(names, key=lambda n: -score[n])[:2]
+    return a, b
+
+
+def heatmap(
+    results: Sequence[TrialResult],
+    rows: str,
+    row_values: Sequence[Any],
+    cols: str,
+    col_values: Sequence[Any],
+    path: str | Path,
+    title: str,
+    metric: str = "value",
+    labels: tuple[str, str] | None = None,
+) -> Path:
+    """row_values x col_values, each cell annotated; failed or missing cells marked."""
+    import matplotlib
+    import numpy as np
+
+    plt = _pyplot()
+    by = {(r.params[rows], r.params[cols]): r for r in results}
+    grid = np.full((len(row_values), len(col_values)), np.nan)
+    for i, s in enumerate(row_values):
+        for j, d in enumerate(col_values):
             r = by.get((s, d))
             if r is not None and r.status == "ok":
                 grid[i, j] = r.value
-    fig, ax = plt.subplots(figsize=(1.4 * len(dropouts) + 2.5, 0.9 * len(sizes) + 1.8), dpi=110)
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("#d9d9d9")
+    fig, ax = plt.subplots(figsize=(1.4 * len(col_values) + 2.5, 0.9 * len(row_values) + 1.8), dpi=110)
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#d9d9d9")
     finite = grid[np.isfinite(grid)]
     vmin, vmax = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
     if vmin == vmax:
         vmin, vmax = vmin - 0.01, vmax + 0.01
     im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
-    for i, s in enumerate(sizes):
-        for j, d in enumerate(dropouts):
+    for i, s in enumerate(row_values):
+        for j, d in enumerate(col_values):
             r = by.get((s, d))
-            if r is not None and r.status == "ok":
+            if r is not None and r.status == "ok" and r.value is not None:
                 bright = (r.value - vmin) / (vmax - vmin) > 0.6
-                ax.text(
-                    j, i, f"{r.value:.3f}", ha="center", va="center", color="black" if bright else "white", fontsize=10
-                )
+                ax.text(j, i, f"{r.value:.3g}", ha="center", va="center", color="black" if bright else "white")
             else:
                 ax.add_patch(
-                    plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="xx", edgecolor="#b22222", linewidth=0)
+                    plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="xx", edgecolor=FAILED, linewidth=0)
                 )
-                ax.text(
-                    j,
-                    i,
-                    "FAILED" if r is not None else "missing",
-                    ha="center",
-                    va="center",
-                    color="#b22222",
-                    fontsize=9,
-                    fontweight="bold",
-                )
-    ax.set_xticks(range(len(dropouts)), [f"{d:g}" for d in dropouts])
-    ax.set_yticks(range(len(sizes)), [str(s) for s in sizes])
-    ax.set_xlabel("dropout")
-    ax.set_ylabel("hidden size")
+                what = "FAILED" if r is not None else "missing"
+                ax.text(j, i, what, ha="center", va="center", color=FAILED, fontsize=9, fontweight="bold")
+    ax.set_xticks(range(len(col_values)), [_fmt(d) for d in col_values])
+    ax.set_yticks(range(len(row_values)), [_fmt(s) for s in row_values])
+    ax.set_xlabel(labels[1] if labels else cols)
+    ax.set_ylabel(labels[0] if labels else rows)
     ax.set_title(title, fontsize=10)
-    fig.colorbar(im, ax=ax, label="test accuracy")
+    fig.colorbar(im, ax=ax, label=metric)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save(fig, path)
 
 
-def table(results: Sequence[TrialResult]) -> str:
-    lines = [f"{'size':>6} {'dropout':>8} {'accuracy':>9} {'status':>7} {'seconds':>8}  node"]
+def _fmt(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def table(results: Sequence[TrialResult], param_names: Sequence[str], metric: str = "value") -> str:
+    widths = [max(9, len(p)) for p in param_names]
+    mw = max(9, len(metric))
+    head = " ".join(f"{p:>{w}}" for p, w in zip(param_names, widths))
+    lines = [f"{head} {metric:>{mw}} {'status':>7} {'seconds':>8}  node"]
     for r in results:
-        acc = f"{r.value:.4f}" if r.value is not None else "-"
+        vals = " ".join(f"{_short(r.params[p]):>{w}}" for p, w in zip(param_names, widths))
+        value = f"{r.value:.4g}" if r.value is not None else "-"
         sec = f"{r.seconds:.1f}" if r.seconds is not None else "-"
-        lines.append(f"{r.params['size']:>6} {r.params['dropout']:>8g} {acc:>9} {r.status:>7} {sec:>8}  {r.node}")
+        lines.append(f"{vals} {value:>{mw}} {r.status:>7} {sec:>8}  {r.node}")
     return "\n".join(lines)
 
 
-def best(results: Sequence[TrialResult]) -> TrialResult | None:
-    ok = [r for r in results if r.status == "ok"]
-    return max(ok, key=lambda r: r.value) if ok else None
+def best(results: Sequence[TrialResult], goal: str = "max") -> TrialResult | None:
+    ok = [r for r in results if r.status == "ok" and r.value is not None]
+    if not ok:
+        return None
+    pick = max if goal == "max" else min
+    return pick(ok, key=lambda r: float(r.value if r.value is not None else 0.0))

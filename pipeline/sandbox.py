@@ -7,12 +7,17 @@ outputs, remove the directory (on success, failure and timeout alike).
 
 from __future__ import annotations
 
+import atexit
+import collections
 import errno
+import fcntl
+import itertools
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -103,14 +108,44 @@ def _describe_exit(returncode: int) -> str:
     return f"exited with code {returncode}"
 
 
-def _link_readonly(src: Path, dst: Path) -> None:
-    """Map a cached file into the sandbox: a hard link (same inode, no copy), else a symlink."""
+FICLONE = 0x40049409  # ioctl: make dst share src's blocks copy-on-write (btrfs, XFS, bcachefs, ...)
+_no_reflink: set[int] = set()  # devices where FICLONE failed: not tried again by this process
+
+
+def _clone(src_fd: int, dst: Path) -> bool:
+    """Make `dst` a private copy-on-write clone of the open file `src_fd`; False if unsupported."""
+    dev = os.fstat(src_fd).st_dev
+    if dev in _no_reflink:
+        return False
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+    try:
+        fcntl.ioctl(fd, FICLONE, src_fd)
+        return True
+    except OSError:
+        _no_reflink.add(dev)
+        os.unlink(dst)
+        return False
+    finally:
+        os.close(fd)
+
+
+def _link_open_file(src_fd: int, src: Path, dst: Path) -> bool:
+    """Map the inode open as `src_fd`, found at `src`, at `dst`: a hard link (True: shared), else a symlink
+    (True) across filesystems; a private copy (False) if `src` was replaced by another inode meanwhile."""
     try:
         os.link(src, dst)
     except OSError as e:
         if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EACCES):
             raise
         os.symlink(src, dst)
+        return True
+    if os.lstat(dst).st_ino == os.fstat(src_fd).st_ino:
+        return True
+    os.unlink(dst)
+    with open(f"/proc/self/fd/{src_fd}", "rb") as f, open(dst, "xb") as out:
+        shutil.copyfileobj(f, out, 1 << 20)
+    os.chmod(dst, 0o444)
+    return False
 
 
 def _rmtree(path: Path) -> None:
@@ -133,6 +168,120 @@ def _rmtree(path: Path) -> None:
     shutil.rmtree(path, onerror=onerror)
 
 
+class TaskDirs:
+    """Fresh task directories for one long-lived process (a Ray worker), cheaply.
+
+    Each task gets a directory of its own, made empty (mode 0700) by one mkdir relative to the open fd of
+    a private parent directory (no path walk, no random name per task) and never reused. A background
+    thread does that work off the tasks' critical path, in batches: it keeps a few directories made ahead
+    and removes finished ones with whatever the program left in them (a Sandbox that mapped inputs or
+    collects outputs removes its directory itself, at once).
+    A process that dies leaves its parent behind: the next TaskDirs under the same root removes the
+    parents (of this user) whose process is gone.
+    """
+
+    BATCH = 16  # directories made ahead; as many finished ones wake the background thread
+    PERIOD_S = 0.2  # else it looks this often
+
+    def __init__(self, tmp_root: str | os.PathLike[str] | None = None, prefix: str = "pipeline-tasks-"):
+        root = Path(tmp_root) if tmp_root is not None else Path(tempfile.gettempdir())
+        _remove_orphans(root, prefix)
+        self.parent = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=root))
+        self._fd = os.open(self.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._count = itertools.count()
+        self._ready: collections.deque[str] = collections.deque()  # made ahead, empty, never used
+        self._pending: list[str] = []  # finished, to remove
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._background, name="task-dirs", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)
+
+    def _mkdir(self) -> str:
+        while True:
+            name = f"t{next(self._count)}"
+            try:
+                os.mkdir(name, 0o700, dir_fd=self._fd)
+                return name
+            except FileExistsError:
+                continue
+
+    def make(self) -> Path:
+        """A new empty directory, mode 0700, for one task."""
+        try:
+            name = self._ready.popleft()
+        except IndexError:
+            name = self._mkdir()
+        return self.parent / name
+
+    def remove_later(self, path: Path) -> None:
+        with self._lock:
+            self._pending.append(path.name)
+            wake = len(self._pending) >= self.BATCH
+        if wake:
+            self._wake.set()
+
+    def _remove_pending(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        for name in batch:
+            try:
+                os.rmdir(name, dir_fd=self._fd)  # the common case: the program left nothing behind
+            except FileNotFoundError:
+                pass
+            except OSError:
+                _rmtree(self.parent / name)
+
+    def _background(self) -> None:
+        while not self._closed:
+            self._remove_pending()
+            while len(self._ready) < self.BATCH and not self._closed:
+                self._ready.append(self._mkdir())
+            self._wake.wait(self.PERIOD_S)
+            self._wake.clear()
+
+    def close(self) -> None:
+        """Remove everything now (also run at exit)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+        self._remove_pending()
+        os.close(self._fd)
+        _rmtree(self.parent)
+
+
+_devnull_fd: int | None = None
+
+
+def _devnull() -> int:
+    """/dev/null, opened once per process (subprocess.DEVNULL opens it again for every program)."""
+    global _devnull_fd
+    if _devnull_fd is None:
+        _devnull_fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    return _devnull_fd
+
+
+def _remove_orphans(root: Path, prefix: str) -> None:
+    """Remove `root/PREFIX<pid>-*` directories of this user whose process no longer exists."""
+    try:
+        candidates = [p for p in root.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return
+    for p in candidates:
+        pid_text = p.name[len(prefix) :].split("-", 1)[0]
+        try:
+            if not pid_text.isdigit() or p.lstat().st_uid != os.geteuid() or not p.is_dir():
+                continue
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            _rmtree(p)
+        except OSError:
+            continue
+
+
 class Sandbox:
     """A temporary directory for one run. Use as a context manager; it is removed on exit.
 
@@ -142,16 +291,21 @@ class Sandbox:
 
     def __init__(
         self,
-        tmp_root: str | os.PathLike | None = None,
+        tmp_root: str | os.PathLike[str] | None = None,
         prefix: str = "pipeline-task-",
         stderr_file: BinaryIO | None = None,
+        dirs: TaskDirs | None = None,
     ):
         """`stderr_file`: an open file to capture stderr in, emptied first (a worker reuses one for all
-        its tasks, which saves creating a file per task); by default a new unnamed file."""
-        self.workdir = Path(tempfile.mkdtemp(prefix=prefix, dir=tmp_root))
-        self._tmp_root = tmp_root
+        its tasks, which saves creating a file per task); by default a new unnamed file. `dirs`: where the
+        directory comes from and goes back to (removed soon after, off the caller's path); by default a
+        new temporary directory under `tmp_root`, removed on close."""
+        self._dirs = dirs
+        self.workdir = dirs.make() if dirs is not None else Path(tempfile.mkdtemp(prefix=prefix, dir=tmp_root))
+        self._tmp_root = dirs.parent if dirs is not None else tmp_root
         self._files: list[BinaryIO] = []
         self._stderr_file = stderr_file
+        self._holds_files = False  # inputs mapped or outputs declared: the directory is removed at once
 
     def __enter__(self) -> Sandbox:
         return self
@@ -163,46 +317,66 @@ class Sandbox:
         for f in self._files:
             f.close()
         self._files.clear()
-        _rmtree(self.workdir)
+        if self._dirs is not None and not self._holds_files:
+            self._dirs.remove_later(self.workdir)  # no data of ours in it: removal can wait
+        else:
+            _rmtree(self.workdir)
 
     def _unnamed_file(self) -> BinaryIO:
-        f = tempfile.TemporaryFile(dir=self._tmp_root)
+        f: BinaryIO = tempfile.TemporaryFile(dir=self._tmp_root)
         self._files.append(f)
         return f
 
-    def map_input(self, relpath: str, source: Source) -> Path:
+    def _dst(self, relpath: str) -> Path:
+        self._holds_files = True
         dst = self.workdir / check_relpath(relpath, "input path")
         if dst.parent != self.workdir:
             dst.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(source, Path):
-            _link_readonly(source, dst)
-        else:
-            with open(dst, "wb") as f:
-                f.write(source)
         return dst
 
-    def run(self, program: ProgramRun, stdin: Source | None = None) -> RunResult:
+    def map_input(self, relpath: str, source: Source) -> Path:
+        """Write bytes into a new read-only file at `relpath` (the program's own copy), or link a file."""
+        dst = self._dst(relpath)
+        if isinstance(source, Path):
+            with open(source, "rb") as f:
+                self.map_shared(relpath, f.fileno(), source)
+            return dst
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+        with open(fd, "wb") as f:
+            f.write(source)
+        return dst
+
+    def map_shared(self, relpath: str, fd: int, path: Path) -> bool:
+        """Map the open file `fd` (found at `path`) at `relpath`: a private copy-on-write clone where the
+        filesystem offers one (False), else the same inode, hard-linked or symlinked (True: shared)."""
+        dst = self._dst(relpath)
+        if _clone(fd, dst):
+            return False
+        return _link_open_file(fd, path, dst)
+
+    def run(self, program: ProgramRun, stdin: Source | int | None = None) -> RunResult:
         """Run the program in the work directory; raise ExecuteError on any failure.
 
         The program inherits this process's environment, plus `program.env` when given.
         """
         env = None if program.env is None else {**os.environ, **program.env}
+        self._holds_files = self._holds_files or bool(program.output_paths)
         if self._stderr_file is not None:
             err = self._stderr_file
-            err.seek(0)
-            err.truncate()
+            if os.lseek(err.fileno(), 0, os.SEEK_CUR):  # the last program wrote to it (one syscall, not two)
+                err.seek(0)
+                err.truncate()
         else:
             err = self._unnamed_file()
-        out = self._unnamed_file() if program.capture_stdout else subprocess.DEVNULL
-        if isinstance(stdin, Path):
-            stdin_arg = open(stdin, "rb")
+        out = self._unnamed_file() if program.capture_stdout else None
+        stdin_arg: BinaryIO | int = _devnull()
+        if isinstance(stdin, (Path, int)):  # a file, or an open one read from its start
+            stdin_arg = open(stdin if isinstance(stdin, Path) else f"/proc/self/fd/{stdin}", "rb")
             self._files.append(stdin_arg)
         elif stdin is not None:
             stdin_arg = self._unnamed_file()
             stdin_arg.write(stdin)
             stdin_arg.seek(0)
-        else:
-            stdin_arg = subprocess.DEVNULL
         start = time.monotonic()
         try:
             proc = subprocess.Popen(
@@ -211,7 +385,7 @@ class Sandbox:
                 cwd=self.workdir,
                 env=env,
                 stdin=stdin_arg,
-                stdout=out,
+                stdout=out if out is not None else _devnull(),
                 stderr=err,
                 start_new_session=True,
             )
@@ -235,9 +409,9 @@ class Sandbox:
             msg = f"task {program.name!r} {what}"
             msg += f"; last lines of stderr:\n{tail}" if tail else "; stderr was empty"
             raise ExecuteError(msg, name=program.name, returncode=returncode, stderr_tail=tail, timed_out=timed_out)
-        if program.capture_stdout:
+        if out is not None:
             out.seek(0)
-        result = RunResult(stdout=out if program.capture_stdout else None, seconds=seconds)
+        result = RunResult(stdout=out, seconds=seconds)
         real_work = os.path.realpath(self.workdir) if program.output_paths else ""
         for rel in program.output_paths:
             p = self.workdir / rel

@@ -25,26 +25,47 @@ from typing import Any, Union
 import numpy as np
 import ray
 
-from pipeline.cache import NodeCache
-from pipeline.sandbox import ExecuteError, ProgramRun, Sandbox, check_relpath
+from pipeline.cache import Entry, NodeCache
+from pipeline.ray_address import RayAddressError, check_ray_address
+from pipeline.sandbox import ExecuteError, ProgramRun, Sandbox, TaskDirs, check_relpath
 
-__all__ = ["DataObject", "Execute", "ExecuteError", "FetchedData", "RunInfo", "blob", "ensure_ray", "file"]
+__all__ = [
+    "DataObject",
+    "Execute",
+    "ExecuteError",
+    "FetchedData",
+    "RayAddressError",
+    "RunInfo",
+    "blob",
+    "ensure_ray",
+    "file",
+]
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+def ensure_ray(
+    address: str | None = None, num_cpus: int | None = None, runtime_env: dict[str, Any] | None = None
+) -> None:
     """Connect to Ray unless connected: `address`, else RAY_ADDRESS, else a new local Ray (with
-    `num_cpus` CPUs when given, else all of this machine's).
+    `num_cpus` CPUs when given, else all of this machine's). `runtime_env` is the job's (e.g. the
+    programs' extra `pip` packages, which Ray installs on every node that runs a task).
 
     Through Ray Client (ray://...) this package is shipped to the cluster with the job, so the nodes
-    need only Ray and the programs' own dependencies installed."""
+    need only Ray and the programs' own dependencies installed.
+
+    An address that does not answer like Ray raises RayAddressError at once (one line naming it)."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is not None:
+        check_ray_address(address)
     kwargs: dict[str, Any] = {"logging_level": "WARNING"}
+    env = dict(runtime_env or {})
     if address is None:
         kwargs.update(include_dashboard=False, log_to_driver=True, num_cpus=num_cpus)
     elif address.startswith("ray://"):
-        kwargs["runtime_env"] = {"py_modules": [str(Path(__file__).resolve().parent)]}
+        env["py_modules"] = [str(Path(__file__).resolve().parent)]
+    if env:
+        kwargs["runtime_env"] = env
     ray.init(address=address, **kwargs)
 
 
@@ -68,7 +89,7 @@ class FetchedData:
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         with open(tmp, "wb") as f:
-            f.write(memoryview(self._array))
+            f.write(self._array.data)
         os.replace(tmp, path)
         return path
 
@@ -119,7 +140,8 @@ def file(path: str | os.PathLike) -> DataObject:
 
 @dataclass(frozen=True)
 class _Spec:
-    """What a worker needs to run one Execute task; data appear as indexes into the task's inputs."""
+    """What a worker needs to run one Execute task; data appear as indexes into the task's inputs.
+    Sent as a tuple of these fields in this order (Execute builds it)."""
 
     name: str
     argv: tuple[str | int, ...]  # ints index into `inputs` (mapped to a random file name)
@@ -151,16 +173,13 @@ def _random_name(data: DataObject) -> str:
     return f"d{uuid.uuid4().hex[:12]}{suffix}"
 
 
-def _write_array(array: np.ndarray):
-    return lambda f: f.write(memoryview(array))
-
-
 @dataclass(frozen=True)
 class _Worker:
     cache: NodeCache
     node_ip: str
     hostname: str
     stderr_file: Any  # one unnamed file this worker captures every task's stderr in (a task at a time)
+    dirs: TaskDirs  # where its task directories are made
 
 
 _worker: _Worker | None = None
@@ -176,25 +195,74 @@ def _worker_setup() -> _Worker:
         if path.split(os.pathsep)[0] != bindir:
             os.environ["PATH"] = bindir + os.pathsep + path
         ip = ray.util.get_node_ip_address() if ray.is_initialized() else ""
-        _worker = _Worker(NodeCache(), ip, socket.gethostname(), tempfile.TemporaryFile())
+        dirs = TaskDirs(os.environ.get("PIPELINE_SANDBOX_DIR"))
+        _worker = _Worker(NodeCache(), ip, socket.gethostname(), tempfile.TemporaryFile(), dirs)
     return _worker
 
 
+#: Inputs up to this size are written into each task's directory (a private copy the program may change
+#: freely); larger ones are shared through the node cache, checked before and after each task.
+PRIVATE_COPY_MAX_BYTES = 1 << 20
+
+
 def _run_spec(spec: _Spec, inputs: Sequence[np.ndarray]) -> list:
-    """Worker side: map inputs through the node cache, run in a sandbox, return [info, *outputs]."""
+    """Worker side: map inputs (small ones copied, large ones through the node cache), run in a sandbox,
+    check the shared inputs were not changed, return [info, *outputs]."""
     worker = _worker_setup()
-    cache = worker.cache
+    in_argv = _argv_names(spec)
     written = 0
-    paths: list[Path] = []
-    for key, array in zip(spec.input_keys, inputs):
-        path, n = cache.materialize(key, _write_array(array))
-        paths.append(path)
-        written += n
+    shared: list[tuple[str, Entry, np.ndarray]] = []  # inputs whose file is the node cache's own inode
+    stdin: bytes | memoryview | int | None = None
+    with Sandbox(stderr_file=worker.stderr_file, dirs=worker.dirs) as box:
+        try:
+            for i, (key, rel, array) in enumerate(zip(spec.input_keys, spec.input_names, inputs)):
+                stdin_only = spec.stdin == i and rel not in in_argv  # needs no file in the directory
+                data = array.data
+                if array.size <= PRIVATE_COPY_MAX_BYTES:
+                    written += array.size
+                    if stdin_only:
+                        stdin = data
+                    else:
+                        box.map_input(rel, data)
+                        if spec.stdin == i:
+                            stdin = data
+                    continue
+                entry = worker.cache.acquire(key, data)
+                written += entry.written
+                if stdin_only or box.map_shared(rel, entry.fd, entry.path):
+                    shared.append((rel, entry, array))
+                else:
+                    entry.close()  # a private clone: nothing shared to check
+                    continue
+                if spec.stdin == i:
+                    stdin = entry.fd
+            try:
+                result = box.run(_program(spec), stdin=stdin)
+            finally:
+                _check_shared(spec.name, worker.cache, shared)
+        finally:
+            for _, entry, _ in shared:
+                entry.close()
+        outputs = []
+        for key, rel in zip(spec.output_keys, spec.output_paths):
+            path = result.outputs[rel]
+            array = np.fromfile(path, dtype=np.uint8)
+            outputs.append(array)
+            if array.size > PRIVATE_COPY_MAX_BYTES:
+                worker.cache.adopt(key, path)  # a consumer on this node links it, writing nothing
+        if result.stdout is not None:
+            outputs.append(np.fromfile(result.stdout, dtype=np.uint8))
+    # the RunInfo's fields as a list: Ray sends that as plain msgpack, cheaper than pickling a dataclass
+    info = [spec.name, worker.node_ip, worker.hostname, result.seconds, written, _attempt()]
+    return [info, *outputs]
+
+
+def _program(spec: _Spec) -> ProgramRun:
     argv_items = [spec.input_names[a] if isinstance(a, int) else a for a in spec.argv]
     argv: str | list[str] = argv_items
     if spec.shell:  # the items are shell text; data names are plain random names, safe unquoted
         argv = " ".join(argv_items)
-    program = ProgramRun(
+    return ProgramRun(
         argv=argv,
         name=spec.name,
         shell=spec.shell,
@@ -203,28 +271,30 @@ def _run_spec(spec: _Spec, inputs: Sequence[np.ndarray]) -> list:
         capture_stdout=spec.capture_stdout,
         output_paths=spec.output_paths,
     )
-    in_argv = _argv_names(spec)
-    with Sandbox(tmp_root=os.environ.get("PIPELINE_SANDBOX_DIR"), stderr_file=worker.stderr_file) as box:
-        for i, (rel, path) in enumerate(zip(spec.input_names, paths)):
-            if spec.stdin == i and rel not in in_argv:
-                continue  # stdin-only data need no file in the directory
-            box.map_input(rel, path)
-        stdin = paths[spec.stdin] if spec.stdin is not None else None
-        result = box.run(program, stdin=stdin)
-        outputs = []
-        for key, rel in zip(spec.output_keys, spec.output_paths):
-            outputs.append(np.fromfile(result.outputs[rel], dtype=np.uint8))
-            cache.adopt(key, result.outputs[rel])  # a consumer on this node links it, writing nothing
-        if result.stdout is not None:
-            outputs.append(np.fromfile(result.stdout, dtype=np.uint8))
-    info = RunInfo(spec.name, worker.node_ip, worker.hostname, result.seconds, written, _attempt())
-    return [info, *outputs]
+
+
+def _check_shared(name: str, cache: NodeCache, shared: list[tuple[str, Entry, np.ndarray]]) -> None:
+    """After a run: a shared input that changed is evicted from the node cache, and fails the task (its
+    result, or a concurrent task's, may come from changed data)."""
+    changed = []
+    for rel, entry, array in shared:
+        why = entry.mismatch(array.data)
+        if why is not None:
+            cache.evict(entry, why)
+            changed.append(f"input {rel!r} was changed ({why})")
+    if changed:
+        raise ExecuteError(
+            f"task {name!r}: {'; '.join(changed)} while it ran; inputs are shared read-only with the other "
+            f"tasks on this node (copy one to change it); the node's cached copy was discarded",
+            name=name,
+        )
 
 
 def _attempt() -> int:
     """Which run of this task this is (Ray re-runs a task whose worker or node died)."""
     try:
-        return int(ray._private.worker.global_worker.core_worker.get_current_task_attempt_number())
+        worker: Any = ray._private.worker.global_worker  # its core_worker exists only in a worker
+        return int(worker.core_worker.get_current_task_attempt_number())
     except Exception:
         return 0
 
@@ -235,21 +305,29 @@ def _argv_names(spec: _Spec) -> set[str]:
 
 @ray.remote
 def _execute_remote(spec: bytes, *inputs: np.ndarray):
-    out = _run_spec(pickle.loads(spec), inputs)
+    out = _run_spec(_Spec(*pickle.loads(spec)), inputs)
     return out[0] if len(out) == 1 else tuple(out)
 
 
 _options_cache: dict[tuple, Any] = {}
 
 
-def _remote_for(num_returns: int, cpus: float):
-    if num_returns == 1 and cpus == 1:  # the remote function's own defaults: no per-call option merging
+def _remote_for(num_returns: int, cpus: float, gpus: float):
+    if num_returns == 1 and cpus == 1 and gpus == 0:  # the remote function's defaults: no option merging
         return _execute_remote
-    key = (num_returns, cpus)
+    key = (num_returns, cpus, gpus)
     fn = _options_cache.get(key)
     if fn is None:
-        fn = _options_cache[key] = _execute_remote.options(num_returns=num_returns, num_cpus=cpus)
+        fn = _options_cache[key] = _execute_remote.options(num_returns=num_returns, num_cpus=cpus, num_gpus=gpus)
     return fn
+
+
+def _check_amount(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+        raise ValueError(f"{what} must be a number >= 0 (a fraction below 1 shares one), got {value!r}")
+    if value > 1 and value != int(value):
+        raise ValueError(f"{what} must be a whole number when above 1 (Ray's rule), got {value!r}")
+    return float(value)
 
 
 # ------------------------------------------------------------------------------------------ Execute
@@ -273,6 +351,7 @@ class Execute:
 
     Submitted when constructed. `outputs` maps each declared output path (and "stdout" when captured)
     to a data object; `output` is the single one; `wait()` returns the RunInfo or raises ExecuteError.
+    `info_ref` is the task's own Ray object (for ray.wait or ray.cancel; `wait()` reads it).
     """
 
     def __init__(
@@ -287,6 +366,7 @@ class Execute:
         cpus: float = 1,
         env: Mapping[str, str] | None = None,
         timeout: float | None = None,
+        gpus: float = 0,
     ):
         argv, datas, names = self._parse_args(args, shell)
         pairs = input_paths.items() if isinstance(input_paths, Mapping) else input_paths
@@ -311,8 +391,8 @@ class Execute:
             raise ValueError(f"output path(s) {sorted(clash)} are also inputs; an output must be a new file")
         if stdout and "stdout" in outs:
             raise ValueError("output path 'stdout' clashes with stdout=True; rename the file")
-        if isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or cpus < 0:
-            raise ValueError(f"cpus must be a number >= 0, got {cpus!r}")
+        cpus = _check_amount(cpus, "cpus")
+        gpus = _check_amount(gpus, "gpus")
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
             raise ValueError(f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
         if env is not None:
@@ -321,28 +401,30 @@ class Execute:
                 raise TypeError(f"env must map str to str; bad entries for {bad!r}")
         out_names = list(outs) + (["stdout"] if stdout else [])
         self.name = name or _default_name(argv, names)
-        spec = _Spec(
-            name=self.name,
-            argv=tuple(argv),
-            shell=shell,
-            input_names=tuple(names),
-            input_keys=tuple(d.key for d in datas),
-            stdin=stdin_index,
-            output_paths=outs,
-            output_keys=tuple(uuid.uuid4().hex for _ in out_names),
-            capture_stdout=bool(stdout),
-            env=tuple(sorted(env.items())) if env is not None else None,
-            timeout=float(timeout) if timeout is not None else None,
+        output_keys = tuple(uuid.uuid4().hex for _ in out_names)
+        # the _Spec's fields in order, pickled as a tuple (faster than a dataclass); Ray passes bytes through
+        # its fast path
+        spec = (
+            self.name,
+            tuple(argv),
+            shell,
+            tuple(names),
+            tuple(d.key for d in datas),
+            stdin_index,
+            outs,
+            output_keys,
+            bool(stdout),
+            tuple(sorted(env.items())) if env is not None else None,
+            float(timeout) if timeout is not None else None,
         )
         ensure_ray()
-        # pre-pickled: Ray passes bytes through its fast path instead of cloudpickling a dataclass
         spec_bytes = pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL)
-        refs = _remote_for(1 + len(out_names), cpus).remote(spec_bytes, *(d.ref for d in datas))
+        refs = _remote_for(1 + len(out_names), cpus, gpus).remote(spec_bytes, *(d.ref for d in datas))
         if not isinstance(refs, list):
             refs = [refs]
         self.info_ref: ray.ObjectRef = refs[0]
         self.outputs: dict[str, DataObject] = {
-            n: DataObject(r, k, PurePosixPath(n).name) for n, r, k in zip(out_names, refs[1:], spec.output_keys)
+            n: DataObject(r, k, PurePosixPath(n).name) for n, r, k in zip(out_names, refs[1:], output_keys)
         }
 
     @staticmethod
@@ -383,7 +465,7 @@ class Execute:
 
     def wait(self, timeout: float | None = None) -> RunInfo:
         """Block until the task ends; return its RunInfo or raise its ExecuteError."""
-        return get(self.info_ref, timeout=timeout)
+        return RunInfo(*get(self.info_ref, timeout=timeout))
 
     def __repr__(self) -> str:
         return f"Execute(name={self.name!r}, outputs={list(self.outputs)})"

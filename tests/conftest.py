@@ -118,14 +118,15 @@ WHEELHOUSE = Path("/var/tmp/raysweep-wheelhouse")  # outside the hosts' private 
 def node_wheelhouse():
     """What the sim offers its hosts instead of the internet: the nodes' packages as local wheels
     (downloaded once per machine from the package index; hosts have no route out)."""
-    from cloud.ray_cluster import node_packages
+    from cloud.node_install import node_packages
+    from pipeline.requirements import NODE_PACKAGES
 
     WHEELHOUSE.mkdir(parents=True, exist_ok=True)
     stamp = WHEELHOUSE / ".complete"
-    want = " ".join(node_packages())
+    want = " ".join(node_packages(NODE_PACKAGES))
     if not stamp.exists() or stamp.read_text() != want:
         r = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "-d", str(WHEELHOUSE), *node_packages()],
+            [sys.executable, "-m", "pip", "download", "-q", "-d", str(WHEELHOUSE), *node_packages(NODE_PACKAGES)],
             capture_output=True,
             text=True,
             timeout=1800,

@@ -43,7 +43,7 @@ def restricted_driver(sim, creds) -> ExoscaleV2NodeDriver:
 
 
 def test_head_config_names_only_the_key_file(prepared):
-    c, laptop, remote, local_file, _ = prepared
+    c, _, remote, local_file, _ = prepared
     assert stat.S_IMODE(os.stat(local_file).st_mode) == 0o600
     creds = head_credentials.read(local_file)
     text = json.dumps(remote)

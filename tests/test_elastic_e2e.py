@@ -1,5 +1,5 @@
-"""An autoscaling Ray cluster on the local Exoscale with hosts, through Ray's own CLI and nothing else:
-`exoscale.py ray-config > cluster.yaml`, then unmodified `ray up`, `ray exec`, `ray submit`, `ray down`.
+"""An autoscaling Ray cluster on the local Exoscale with hosts: `exoscale.py ray-config > cluster.yaml` and
+unmodified `ray up`, `ray exec`, `ray submit`, `ray down` on it; `exoscale.py status` on the same cluster.
 One `ray up` (head only, 0-2 CPU workers and 0-1 GPU worker declared by resources) serves every case."""
 
 from __future__ import annotations
@@ -8,16 +8,17 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import SIM_KEY, SIM_SECRET, run_cli, sim_cluster_toml
+from tests.conftest import SIM_KEY, SIM_SECRET, run_cli
+from tests.test_ray_provider import wait_for
 
 pytestmark = [pytest.mark.root]
 
@@ -62,28 +63,39 @@ class KeyRecorder:
 
 
 @pytest.fixture(scope="module")
-def elastic(node_wheelhouse, tmp_path_factory):
-    from cloud.sim.api import App, HTTPFaults, SimServer
-    from cloud.sim.hosts import HostHooks, missing_requirements
-    from cloud.sim.model import Faults, Model
+def elastic(tmp_path_factory):
+    from cloud.sim.hosts import missing_requirements
+    from cloud.sim.local import start
+    from cloud.sim.model import Faults
 
-    missing = missing_requirements() + ([] if subprocess.run(["which", "rsync"]).returncode == 0 else ["rsync"])
+    missing = missing_requirements() + ([] if shutil.which("rsync") else ["rsync"])
     if missing:
         pytest.skip(f"local VM hosts need {', '.join(missing)}")
-    hooks = HostHooks.create()
-    model = Model(faults=Faults(op_delay_s=0.2), seed=11)
-    hooks.attach(model)
-    app = App(model, SIM_KEY, SIM_SECRET, HTTPFaults(seed=11), record=True)
+    # The API on the hosts' gateway (the head calls it at the very URL this machine uses); uv and a package
+    # index offered to the hosts, as the internet would be.
+    local = start(
+        SIM_KEY, SIM_SECRET, faults=Faults(op_delay_s=0.2), hosts=True, offer_packages=True, record=True, seed=11
+    )
+    try:
+        yield from _cluster(local, tmp_path_factory)
+    finally:
+        local.close()
+
+
+def _cluster(local, tmp_path_factory):
+    app, model = local.app, local.model
     recorder = KeyRecorder(app)
-    # The API on the bridge's gateway: the head calls it at the very URL this machine uses.
-    server = SimServer(app, hooks.gateway, 0, also_on=("127.0.0.1",)).start()
     state = tmp_path_factory.mktemp("elastic")
     name = f"el{uuid.uuid4().hex[:6]}"
-    toml = sim_cluster_toml(state / "cluster.toml", name, node_wheelhouse)
+    toml = state / "cluster.toml"
+    toml.write_text(
+        f'name = "{name}"\nray_cpus = 1\nssh_cidr = "0.0.0.0/0"\n'
+        'ray_env = { RAY_health_check_period_ms = "1000", RAY_health_check_failure_threshold = "3" }\n'
+    )
     env = {
         "EXOSCALE_API_KEY": SIM_KEY,
         "EXOSCALE_API_SECRET": SIM_SECRET,
-        "EXOSCALE_API_ENDPOINT": server.endpoint,
+        "EXOSCALE_API_ENDPOINT": local.endpoint,
         "RAYSWEEP_STATE_DIR": str(state / "clusters"),
         "RAY_USAGE_STATS_ENABLED": "0",
         "TMPDIR": str(state),  # Ray's cached bootstrap (ray-config-<hash>) stays inside this test
@@ -118,16 +130,13 @@ def elastic(node_wheelhouse, tmp_path_factory):
     ctx.ray = lambda *a, timeout=900: subprocess.run(
         [RAY, *a], capture_output=True, text=True, timeout=timeout, env={**os.environ, **env}, stdin=subprocess.DEVNULL
     )
-    up = ctx.ray("up", str(path), "-y")
-    ctx.up = up
     try:
+        up = ctx.ray("up", str(path), "-y")
         assert up.returncode == 0, up.stdout[-4000:] + up.stderr[-3000:]
         yield ctx
     finally:
         if any(i.labels.get("cluster") == name for i in list(model.instances.values())):
             ctx.ray("down", str(path), "-y", timeout=600)
-        server.stop()
-        hooks.close()
 
 
 def instances(ctx, **labels):
@@ -139,16 +148,6 @@ def instances(ctx, **labels):
         ]
 
 
-def wait_for(what, fn, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def test_ray_up_made_only_the_head_and_ray_exec_works(elastic):
     [head] = instances(elastic)
     assert head.labels["role"] == "head" and head.labels["ray-node-type"] == "head"
@@ -156,6 +155,13 @@ def test_ray_up_made_only_the_head_and_ray_exec_works(elastic):
     r = elastic.ray("exec", str(elastic.path), "ray status", timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "Active:" in r.stdout and "ray.head.default" in r.stdout
+
+
+def test_status_shows_the_autoscalers_view(elastic):
+    r = run_cli("exoscale.py", "--name", elastic.name, "status", env=elastic.env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"{elastic.name}-head" in r.stdout and "Ray: 1 node(s) alive" in r.stdout
+    assert "Autoscaler status" in r.stdout and "ray.head.default" in r.stdout, r.stdout
 
 
 def test_the_head_holds_only_the_restricted_key(elastic):
@@ -192,8 +198,44 @@ def test_a_workload_needing_3_cpus_and_a_gpu_grows_then_shrinks_the_cluster(elas
     gpu_nodes = [labels for _, labels in elastic.recorder.creates if labels.get("ray-user-node-type") == "gpu"]
     assert len(gpu_nodes) == 1 and result["gpu"] != head_ip, result
     # idle for idle_timeout_minutes (0.5): the autoscaler removes every worker, never the head
-    wait_for("the idle workers to be removed", lambda: not instances(elastic, role="worker"), 300)
+    wait_for("the idle workers to be removed", lambda: not instances(elastic, role="worker"), 300, every=2)
     assert len(instances(elastic, role="head")) == 1
+
+
+PENDING = r"""
+import ray
+ray.init(address="auto", logging_level="ERROR")
+pg = ray.util.placement_group([{"CPU": 1}] * 2)
+print("WAITING", flush=True)
+ray.get(pg.ready(), timeout=300)
+"""
+
+
+def test_a_failed_scale_up_is_visible_in_status(elastic, tmp_path):
+    faults = elastic.model.faults
+    faults.fail_next_ops, faults.fail_ops_matching = 1000, "create-instance"  # every create fails
+    script = tmp_path / "pending.py"
+    script.write_text(PENDING)
+    proc = subprocess.Popen(
+        [RAY, "submit", str(elastic.path), str(script)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **elastic.env},
+        start_new_session=True,
+    )
+    try:
+
+        def failure_shown():
+            r = run_cli("exoscale.py", "--name", elastic.name, "status", env=elastic.env, timeout=300)
+            return "LaunchFailed" in r.stdout and r.stdout  # Ray's `ray status`, under "Recent failures"
+
+        out = wait_for("status to show the failed launch", failure_shown, 300, every=5)
+        assert "Recent failures" in out and "ray.worker.default" in out, out
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait(30)
+        faults.fail_next_ops = 0
+    wait_for("no worker left behind", lambda: not instances(elastic, role="worker"), 120, every=2)
 
 
 def test_ray_down_leaves_nothing(elastic):

@@ -8,6 +8,7 @@ import traceback
 
 import pytest
 from libcloud.common.types import InvalidCredsError, LibcloudError
+from libcloud.compute.base import NodeAuthPassword, NodeAuthSSHKey
 from libcloud.compute.providers import get_driver
 from libcloud.compute.types import NodeState
 
@@ -98,6 +99,19 @@ def test_node_lifecycle(driver, sim):
     assert_all_spec_valid(sim)
 
 
+def test_create_node_honours_auth_ssh_key(driver, sim):
+    """libcloud's deploy_node pattern: auth=NodeAuthSSHKey(public key), since the driver declares ssh_key."""
+    assert "ssh_key" in driver.features["create_node"]
+    a = driver.create_node("a", "standard.micro", UBUNTU, auth=NodeAuthSSHKey(PUBKEY))
+    [registered] = driver.list_key_pairs()
+    assert registered.name.startswith("libcloud-") and a.extra["ssh_keys"] == [registered.name]
+    b = driver.create_node("b", "standard.micro", UBUNTU, auth=NodeAuthSSHKey(PUBKEY), ex_ssh_keys=[registered.name])
+    assert b.extra["ssh_keys"] == [registered.name] and len(driver.list_key_pairs()) == 1  # found by fingerprint
+    with pytest.raises(LibcloudError, match="Password provided"):
+        driver.create_node("c", "standard.micro", UBUNTU, auth=NodeAuthPassword("pw"))
+    assert_all_spec_valid(sim)
+
+
 def test_key_pairs(driver, sim, tmp_path):
     kp = driver.import_key_pair_from_string("k1", PUBKEY)
     assert kp.fingerprint and kp.public_key == PUBKEY
@@ -116,16 +130,8 @@ def test_security_groups_and_rules(driver, sim):
     other = driver.ex_create_security_group("other")
     g = driver.ex_add_security_group_rule(sg, "udp", 6000, 6100, source_group=other.id)
     g = driver.ex_add_security_group_rule(g, "icmp", cidr="10.0.0.0/8")
-    rules = {
-        (
-            r["protocol"],
-            r.get("start-port"),
-            r.get("end-port"),
-            r.get("network"),
-            (r.get("security-group") or {}).get("id"),
-        )
-        for r in g.rules
-    }
+    rules = {(r.protocol, r.start_port, r.end_port, r.cidr, r.source_group_id) for r in g.rules}
+    assert {r.direction for r in g.rules} == {"ingress"} and all(isinstance(r.id, str) and r.id for r in g.rules)
     assert rules == {
         ("tcp", 22, 22, "0.0.0.0/0", None),
         ("all", None, None, None, sg.id),

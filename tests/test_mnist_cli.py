@@ -2,6 +2,8 @@
 
 import csv
 import json
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -142,3 +144,55 @@ def test_failure_isolated_then_resume_runs_only_the_failed(tmp_path):
 
     r3 = run_cli(*common[:-2], "--out", str(out), "--epochs", "2", timeout=120)
     assert r3.returncode == 2 and "different sweep" in r3.stderr and "--fresh" in r3.stderr
+
+
+def test_missing_data_file_is_named_once(tmp_path):
+    r = run_cli("-m", "pipeline.mnist", "--out", str(tmp_path / "out"), "--data", "/no/such.npz", timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("pipeline.mnist: error: --data '/no/such.npz': no such file;")
+    assert lines[0].count("--data") == 1, lines[0]
+
+
+def test_unreadable_results_are_refused_before_ray_starts(tmp_path):
+    data = tmp_path / "tiny.npz"
+    np.savez(data, x_train=np.zeros((4, 28, 28)), y_train=np.zeros(4), x_test=np.zeros((2, 28, 28)), y_test=np.zeros(2))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text('{"settings": {"dataset"')  # cut short, and no results.csv
+    r = run_cli("-m", "pipeline.mnist", "--out", str(out), "--data", str(data), timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, r.stderr  # nothing from Ray: it was never started
+    assert "results.json: it is unreadable" in lines[0] and "--fresh" in lines[0]
+
+
+@pytest.mark.tensorflow
+def test_the_mnist_sweep_file_example(tmp_path):
+    """examples/mnist.toml, on a 2 x 1 grid of mnist-5k: the same program and results through a sweep file."""
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "pipeline/programs/fetch_data.py"),
+            "--source",
+            "mnist-5k",
+            "--out",
+            str(tmp_path / "mnist-5k.npz"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    text = (ROOT / "examples" / "mnist.toml").read_text()
+    text = text.replace('"../pipeline/programs/mnist.py"', f'"{ROOT / "pipeline/programs/mnist.py"}"')
+    text = text.replace("size = [32, 64, 128, 256]", "size = [32, 64]").replace(
+        "dropout = [0.0, 0.2, 0.4, 0.6, 0.8]", "dropout = [0.2]"
+    )
+    assert 'program = "/' in text and "size = [32, 64]" in text
+    (tmp_path / "mnist.toml").write_text(text)
+    out = tmp_path / "res"
+    r = run_cli("-m", "pipeline.sweep", str(tmp_path / "mnist.toml"), "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_csv(out / "results.csv")
+    assert [(x["size"], x["dropout"]) for x in rows] == [("32", "0.2"), ("64", "0.2")]
+    assert all(x["status"] == "ok" and 0.6 < float(x["value"]) <= 1.0 for x in rows)
+    assert (out / "plot.png").exists()

@@ -4,9 +4,9 @@ Exoscale API (real HTTP, signatures, spec checks): as the v1 autoscaler and the 
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
@@ -133,20 +133,8 @@ def test_ip_is_none_while_pending_then_present_without_a_new_listing(sim, cluste
 def test_concurrent_tag_updates_lose_nothing(cluster):
     p = cluster.provider()
     [nid] = p.create_node(cluster.node_config, cluster.tags(), 1)
-    errors = []
-
-    def update(i):
-        try:
-            p.set_node_tags(nid, {f"ray-test-{i}": str(i)})
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=update, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors
+    with ThreadPoolExecutor(8) as pool:  # each sets another tag on the same node at once
+        list(pool.map(lambda i: p.set_node_tags(nid, {f"ray-test-{i}": str(i)}), range(8)))
     tags = cluster.provider().node_tags(nid)
     assert {f"ray-test-{i}": str(i) for i in range(8)}.items() <= tags.items()
     assert cluster.tags().items() <= tags.items()
@@ -175,7 +163,9 @@ def test_parallel_create_of_three(sim, cluster):
     assert sorted(p.non_terminated_nodes({TAG_RAY_NODE_KIND: "worker"})) == sorted(created)
     ex = [(e.method, e.path) for e in sim.app.exchanges]
     posts = [i for i, (m, path) in enumerate(ex) if m == "POST" and path == "/v2/instance"]
-    first_read = min(i for i, (m, path) in enumerate(ex) if m == "GET" and path.removeprefix("/v2/instance/") in created)
+    first_read = min(
+        i for i, (m, path) in enumerate(ex) if m == "GET" and path.removeprefix("/v2/instance/") in created
+    )
     assert len(posts) == 3 and max(posts) < first_read, "the creates ran one after another, not in parallel"
 
 
@@ -218,33 +208,36 @@ def adapter(cluster, tmp_path):
     return NodeProviderAdapter(cluster.provider(), FileConfigReader(str(path)))
 
 
-def _wait(what, fn, timeout=60):
+def wait_for(what, fn, timeout=60, every=0.2):
+    """fn()'s first true value, asked every `every` seconds; fails naming `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = fn()
         if value:
             return value
-        time.sleep(0.2)
+        time.sleep(every)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def test_v2_adapter_launches_and_terminates(adapter, cluster):
     adapter.launch({ray_config.WORKER_TYPE: 2}, "req-1")
-    nodes = _wait("2 launched instances", lambda: len(adapter.get_non_terminated()) == 2 and adapter.get_non_terminated())
+    nodes = wait_for(
+        "2 launched instances", lambda: len(adapter.get_non_terminated()) == 2 and adapter.get_non_terminated()
+    )
     assert {n.node_type for n in nodes.values()} == {ray_config.WORKER_TYPE}
     assert {n.request_id for n in nodes.values()} == {"req-1"}
     assert adapter.poll_errors() == []
     fresh = cluster.provider()
     assert all(fresh.node_tags(i)[TAG_RAY_LAUNCH_REQUEST] == "req-1" for i in nodes)
     adapter.terminate(list(nodes), "req-2")
-    _wait("no instance left", lambda: not adapter.get_non_terminated())
+    wait_for("no instance left", lambda: not adapter.get_non_terminated())
     assert adapter.poll_errors() == []
 
 
 def test_v2_adapter_reports_a_failed_launch(sim, adapter):
     sim.app.model.faults.fail_next_ops, sim.app.model.faults.fail_ops_matching = 10, "create-instance"
     adapter.launch({ray_config.WORKER_TYPE: 1}, "req-3")
-    [err] = _wait("a launch error", adapter.poll_errors)
+    [err] = wait_for("a launch error", adapter.poll_errors)
     assert err.node_type == ray_config.WORKER_TYPE and err.request_id == "req-3"
     assert isinstance(err.__cause__, NodeLaunchException)
-    _wait("the failed instances removed", lambda: not instances(sim))
+    wait_for("the failed instances removed", lambda: not instances(sim))

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.sandbox import ExecuteError, ProgramRun, Sandbox, check_relpath
+from pipeline.sandbox import ExecuteError, ProgramRun, Sandbox, TaskDirs, check_relpath
 
 
 @pytest.mark.parametrize("bad", ["", "/etc/passwd", "../x", "a/../../x", "a/..", ".", "a\0b"])
@@ -130,3 +130,31 @@ def test_reused_stderr_file_carries_nothing_over(tmp_path):
             box.run(ProgramRun(["sh", "-c", "echo second >&2; exit 2"]))
     assert "second" in str(ei.value) and "first-task-noise" not in str(ei.value)
     assert not shared.closed  # the worker's file outlives each sandbox
+
+
+def test_task_dirs_fresh_removed_later_and_orphans_cleared(tmp_path):
+    dirs = TaskDirs(tmp_path)
+    made = [dirs.make() for _ in range(3)]
+    assert len(set(made)) == 3 and all(p.is_dir() and not any(p.iterdir()) for p in made)
+    assert all(p.stat().st_mode & 0o777 == 0o700 for p in made)
+    (made[1] / "sub").mkdir()
+    (made[1] / "sub" / "f").write_text("x")
+    os.chmod(made[1] / "sub", 0o500)  # a program may leave read-only directories behind
+    with Sandbox(dirs=dirs) as box:
+        box.run(ProgramRun(["true"]))
+        inside = box.workdir
+    for p in made:
+        dirs.remove_later(p)
+    deadline = time.monotonic() + 30
+    while any(p.exists() for p in [*made, inside]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(p.exists() for p in [*made, inside]), "finished task directories not removed within 30 s"
+    orphan = tmp_path / "pipeline-tasks-999999999-x"  # no such process
+    orphan.mkdir()
+    alive = tmp_path / f"pipeline-tasks-{os.getpid()}-y"
+    alive.mkdir()
+    other = TaskDirs(tmp_path)
+    assert not orphan.exists() and alive.exists()
+    dirs.close()
+    other.close()
+    assert not dirs.parent.exists() and not other.parent.exists()

@@ -40,3 +40,18 @@ def test_a_live_run_is_left_alone_and_close_removes_it():
         h.close()
     assert not (RUN_ROOT / h.run_id).exists()
     assert subprocess.run(["ip", "link", "show", h.bridge], capture_output=True).returncode != 0
+
+
+def test_a_chosen_subnet_is_used_and_an_overlapping_one_refused():
+    first = HostHooks.create()
+    try:
+        again = str(first.subnet)
+        with pytest.raises(RuntimeError, match="overlaps a route"):
+            HostHooks.create(again)
+    finally:
+        first.close()
+    chosen = HostHooks.create(again)  # free again once the first run is gone
+    try:
+        assert str(chosen.subnet) == again and chosen.gateway == str(next(chosen.subnet.hosts()))
+    finally:
+        chosen.close()

@@ -8,7 +8,7 @@ import base64
 
 import pytest
 
-from cloud.sim.api import App, HTTPFaults, SimServer
+from cloud.sim.api import App, HTTPFaults, SimServer, SpecValidator
 from cloud.sim.iam import operation_services, parse_expression
 from cloud.sim.model import Faults, Model, ModelError
 from tests.conftest import SIM_KEY, SIM_SECRET
@@ -21,7 +21,7 @@ UBUNTU = "Linux Ubuntu 24.04 LTS 64-bit"
 def sim_fast():
     """A local Exoscale whose operations finish at once, so the SDK's own wait() polls once."""
     model = Model(faults=Faults(op_delay_s=0.0), seed=3)
-    with SimServer(App(model, SIM_KEY, SIM_SECRET, HTTPFaults(seed=3))) as server:
+    with SimServer(App(model, SIM_KEY, SIM_SECRET, HTTPFaults(seed=3), record=True)) as server:
         yield server
 
 
@@ -70,6 +70,10 @@ def test_role_and_key_lifecycle(owner, sim_fast):
     owner.wait(owner.delete_api_key(id=key["key"])["id"])
     owner.wait(owner.delete_iam_role(id=role_id)["id"])
     assert owner.list_iam_roles()["iam-roles"] == [] and owner.list_api_keys()["api-keys"] == []
+    validator = SpecValidator.shared()
+    for x in sim_fast.app.exchanges:  # every answer as the spec describes it
+        if x.status == 200:
+            validator.validate_response(x.method, x.path, x.query, x.body, x.status, x.response)
 
 
 def test_policy_enforced_on_every_request_of_a_restricted_key(owner, sim_fast):

@@ -41,6 +41,11 @@ def test_package_index_serves_pep503_pages_and_files(tmp_path):
         assert requests.get(index.url.replace("/simple/", "") + href, timeout=10).content == b"wheel"
         head = requests.head(index.url.replace("/simple/", "") + href, timeout=10)  # uv asks HEAD first
         assert head.status_code == 200 and head.headers["Content-Length"] == "5"
+        file_url = index.url.replace("/simple/", "") + href
+        for asked, status, got in (("bytes=1-2", 206, b"he"), ("bytes=-3", 206, b"eel"), ("bytes=3-", 206, b"el")):
+            r = requests.get(file_url, headers={"Range": asked}, timeout=10)  # uv reads a wheel's metadata so
+            assert (r.status_code, r.content) == (status, got), asked
+        assert requests.get(file_url, headers={"Range": "bytes=9-"}, timeout=10).status_code == 416
         assert requests.get(index.url.replace("/simple/", "/files/secret.txt"), timeout=10).status_code == 404
         assert requests.get(index.url + "nothing/", timeout=10).status_code == 404
     finally:

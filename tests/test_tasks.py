@@ -1,4 +1,5 @@
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -57,11 +58,16 @@ def test_output_property_errors_when_not_single():
 
 
 def test_task_directory_is_fresh_and_removed():
-    a = Execute("sh -c 'pwd; ls -A | wc -l'", stdout=True)
+    a = Execute("sh -c 'pwd; ls -A | wc -l; touch left-behind'", stdout=True)
     cwd, count = out(a).split()
     assert count == "0"
     a.wait()
-    assert not Path(cwd).exists()
+    deadline = time.monotonic() + 30  # removed by the worker soon after the task, off its path
+    while Path(cwd).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(cwd).exists(), f"task directory {cwd} still there 30 s after the task"
+    b = Execute("pwd", stdout=True)
+    assert out(b).strip() != cwd
 
 
 def test_failure_carries_name_code_and_stderr():
@@ -130,7 +136,8 @@ def test_shared_input_materialised_once_per_node(ray_local):
     size = 3_000_000
     data = tasks.blob(os.urandom(size), "big.bin")
     ts = [Execute(["sh", "-c", 'wc -c < "$1"', "sh", data], stdout=True) for _ in range(8)]
-    infos = ray.get([t.info_ref for t in ts])
+    ray.get([t.info_ref for t in ts])
+    infos = [t.wait() for t in ts]
     assert {out(t).strip() for t in ts} == {str(size)}
     assert sum(i.input_bytes_written for i in infos) == size  # written once, linked 7 times
     assert (ray_local / data.key).stat().st_size == size

@@ -70,7 +70,7 @@ def write_env_file(path: Path, sim: LocalExoscale, key: str, secret: str) -> Non
             ("EXOSCALE_API_SECRET", secret),
         )
     )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as f:
         os.fchmod(f.fileno(), 0o600)
         f.write(text)

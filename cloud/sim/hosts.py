@@ -9,7 +9,9 @@ Each running instance gets:
 - a login user `ubuntu` (the template's default user) with passwordless sudo, whose
   authorized_keys are the instance's registered SSH keys, and sshd with host keys of its own;
 - an nftables input policy built from its security groups' ingress rules (default drop, as on
-  Exoscale), re-applied whenever rules or group membership change.
+  Exoscale), re-applied whenever rules or group membership change;
+- when the run offers them (cloud.sim.offer), uv and a uv configuration laid read-only over the host's
+  /usr/local/bin and /etc: what the internet gives a real VM.
 
 Stopping or destroying the instance ends its PID namespace; destroying also removes its network
 namespace. Every run records itself under /run/exoscale-sim; the leftovers of a run whose process

@@ -1,6 +1,7 @@
-"""The state of a simulated Exoscale account: resources, their rules, asynchronous operations.
+"""The state of a simulated Exoscale account: resources, their rules, asynchronous operations, and its
+IAM (roles and API keys, cloud.sim.iam).
 
-Knows nothing of HTTP (the split moto uses): cloud.sim.api turns requests into calls of this model
+Knows nothing of HTTP (the split moto uses): cloud.sim.responses turns requests into calls of this model
 and its results into responses. Changes that Exoscale makes asynchronously are operations: pending
 for `op_delay_s`, then applied (success) or, when a failure is injected, failed with a reason.
 Operations advance whenever the model is used, so the model needs no thread of its own.

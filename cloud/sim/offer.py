@@ -2,7 +2,7 @@
 
 - uv on the hosts' PATH: this machine's uv (the one beside the running Python, as the venv installs it),
   laid over /usr/local/bin in each host's own mount namespace (an overlay: nothing changes on this machine).
-- A package index: the packages nodes install, fetched once on this machine (`pip download` into
+- A package index: the packages nodes install (and the head's node provider needs), fetched once on this machine (`pip download` into
   WHEELHOUSE) and served as a PEP 503 simple index over HTTP on the hosts' bridge gateway.
 - uv configured system-wide on the host (a private /etc/uv/uv.toml, overlaid likewise): that index as the
   only one, `link-mode = "copy"`, a cache directory shared by the hosts of this machine, no Python downloads.
@@ -48,10 +48,13 @@ def _pinned(name: str) -> str:
 
 
 def offered_packages() -> list[str]:
-    """The nodes' packages (cloud.ray_cluster.node_packages) and the head's, pinned to this machine's versions."""
-    from cloud.ray_cluster import node_packages
+    """What nodes install by default (Ray and the training program's packages, as `install` pins them) and
+    what the head needs for the node provider, pinned to this machine's versions. The sim stands in for the
+    internet, so it has to know what will be asked of it."""
+    from cloud.node_install import node_packages
+    from pipeline.requirements import NODE_PACKAGES
 
-    return [*node_packages(), *(_pinned(n) for n in HEAD_PACKAGES)]
+    return [*node_packages(NODE_PACKAGES), *(_pinned(n) for n in HEAD_PACKAGES)]
 
 
 def fill_wheelhouse(packages: list[str], wheelhouse: Path = WHEELHOUSE, timeout: float = 1800) -> Path:
@@ -72,7 +75,10 @@ def fill_wheelhouse(packages: list[str], wheelhouse: Path = WHEELHOUSE, timeout:
             timeout=timeout,
         )
         if r.returncode != 0:
-            raise RuntimeError(f"cannot fetch the hosts' packages into {wheelhouse}: {r.stderr.strip()[-400:]}")
+            raise RuntimeError(
+                f"cannot fetch the hosts' packages into {wheelhouse} (python -m cloud.sim api --hosts --no-packages "
+                f"starts without them): {r.stderr.strip()[-400:]}"
+            )
         stamp.write_text(want)
     return wheelhouse
 
@@ -157,15 +163,49 @@ class PackageIndex:
         if len(parts) == 2 and parts[0] == "files" and "/" not in parts[1] and project_name(parts[1]):
             file = self.directory / parts[1]
             if file.is_file():
-                req.send_response(200)
-                req.send_header("Content-Type", "application/octet-stream")
-                req.send_header("Content-Length", str(file.stat().st_size))
-                req.end_headers()
-                if with_body:
-                    with open(file, "rb") as f:
-                        shutil.copyfileobj(f, req.wfile)
+                self._send_file(req, file, with_body)
                 return None
         return self._send(req, 404, b"not found\n", with_body)
+
+    @staticmethod
+    def _send_file(req: BaseHTTPRequestHandler, file: Path, with_body: bool) -> None:
+        """The file, or the one byte range asked for (uv reads a wheel's metadata from its end)."""
+        size = file.stat().st_size
+        start, end = 0, size - 1
+        m = re.fullmatch(r"bytes=(\d*)-(\d*)", req.headers.get("Range", "").strip())
+        if m and (m.group(1) or m.group(2)):
+            if m.group(1):
+                start, end = int(m.group(1)), min(int(m.group(2) or size - 1), size - 1)
+            else:
+                start = max(size - int(m.group(2)), 0)
+            if start > end:
+                req.send_response(416)
+                req.send_header("Content-Range", f"bytes */{size}")
+                req.send_header("Content-Length", "0")
+                req.end_headers()
+                return
+            req.send_response(206)
+            req.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        else:
+            req.send_response(200)
+        req.send_header("Content-Type", "application/octet-stream")
+        req.send_header("Accept-Ranges", "bytes")
+        req.send_header("Content-Length", str(end - start + 1))
+        req.end_headers()
+        if not with_body:
+            return
+        try:
+            with open(file, "rb") as f:
+                f.seek(start)
+                left = end - start + 1
+                while left > 0:
+                    chunk = f.read(min(left, 1 << 20))
+                    if not chunk:
+                        break
+                    req.wfile.write(chunk)
+                    left -= len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            log.debug("index: %s closed the connection during %s", req.client_address[0], file.name)
 
     @staticmethod
     def _send(req: BaseHTTPRequestHandler, status: int, data: bytes, with_body: bool) -> None:
@@ -210,8 +250,9 @@ class HostOffer:
     @classmethod
     def start(cls, hooks: HostHooks, packages: list[str] | None = None) -> HostOffer:
         wheelhouse = fill_wheelhouse(packages if packages is not None else offered_packages())
-        UV_CACHE.mkdir(parents=True, exist_ok=True)
-        os.chmod(UV_CACHE, 0o1777)  # shared by the hosts' login users, like a system cache dir
+        if not UV_CACHE.exists():
+            UV_CACHE.mkdir(parents=True, exist_ok=True)
+            os.chmod(UV_CACHE, 0o1777)  # shared by the hosts' login users, like a system cache dir
         root = hooks.run_dir / "offer"
         (root / "bin").mkdir(parents=True, exist_ok=True)
         (root / "etc" / "uv").mkdir(parents=True, exist_ok=True)

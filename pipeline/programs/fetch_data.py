@@ -89,7 +89,9 @@ def mnist_5k(dest):
 
 
 def check_npz(path):
-    """Return (train count, test count) of an MNIST-style npz, or raise ValueError saying what is wrong."""
+    """Return (train count, test count) of an MNIST-style npz, or raise ValueError saying in one line
+    what is wrong: missing arrays, images that are not (N, ...) numbers with the same image shape in train
+    and test, labels that are not (N,) whole numbers in 0-9, or counts that disagree."""
     import zipfile
 
     import numpy as np
@@ -97,20 +99,35 @@ def check_npz(path):
     try:
         with np.load(path, allow_pickle=False) as f:
             files = list(f.files)
-            shapes = {k: f[k].shape for k in REQUIRED_KEYS if k in files}
+            arrays = {k: f[k] for k in REQUIRED_KEYS if k in files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise ValueError(f"{path} is not a readable npz file ({e})") from None
     missing = [k for k in REQUIRED_KEYS if k not in files]
     if missing:
         raise ValueError(f"{path} lacks {', '.join(missing)}; an npz with {', '.join(REQUIRED_KEYS)} is needed")
     for x, y in (("x_train", "y_train"), ("x_test", "y_test")):
-        if len(shapes[x]) < 2 or len(shapes[y]) != 1 or shapes[x][0] == 0:
+        xs, ys = arrays[x], arrays[y]
+        if xs.ndim < 2 or xs.shape[0] == 0:
+            raise ValueError(f"{path}: {x} must hold images, shape (N, ...) with N >= 1, got {xs.shape}")
+        if xs.dtype.kind not in "uif":
+            raise ValueError(f"{path}: {x} has dtype {xs.dtype}; images must be integers or floats")
+        if ys.ndim != 1:
+            raise ValueError(f"{path}: {y} must be labels, shape (N,), got {ys.shape}")
+        if ys.dtype.kind not in "uif":
+            raise ValueError(f"{path}: {y} has dtype {ys.dtype}; labels must be whole numbers 0-9")
+        if xs.shape[0] != ys.shape[0]:
+            raise ValueError(f"{path}: {x} has {xs.shape[0]} images but {y} has {ys.shape[0]} labels")
+        bad = ~np.isin(ys, np.arange(10))
+        if bad.any():
             raise ValueError(
-                f"{path}: {x} must be images (N, ...) and {y} labels (N,), got {shapes[x]} and {shapes[y]}"
+                f"{path}: {y} has {int(bad.sum())} label(s) outside the whole numbers 0-9, e.g. {ys[bad][0]!r}"
             )
-        if shapes[x][0] != shapes[y][0]:
-            raise ValueError(f"{path}: {x} has {shapes[x][0]} images but {y} has {shapes[y][0]} labels")
-    return shapes["x_train"][0], shapes["x_test"][0]
+    if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
+        raise ValueError(
+            f"{path}: x_test images are {arrays['x_test'].shape[1:]} but x_train images are "
+            f"{arrays['x_train'].shape[1:]}; train and test need the same image shape"
+        )
+    return arrays["x_train"].shape[0], arrays["x_test"].shape[0]
 
 
 def main(argv=None):
@@ -119,7 +136,12 @@ def main(argv=None):
     p.add_argument("--sha256", default=None)
     p.add_argument("--fallback", choices=["mnist-5k"], default=None)
     p.add_argument("--out", required=True)
+    p.add_argument("--any-file", action="store_true", help="a URL of any file: no npz check; prints its sha256")
     args = p.parse_args(argv)
+    if args.any_file:
+        download(args.source, args.out, args.sha256)
+        print(json.dumps({"sha256": sha256_of(args.out), "bytes": os.path.getsize(args.out)}))
+        return
     note = None
     dataset = args.source
     try:

@@ -1,0 +1,249 @@
+"""What the sweep CLIs share: Ray options and their checks, reaching Ray (local, an address, or a
+cluster through cloud.connect), running the trials with one-line endings, and the closing summary.
+
+Printing happens here and in the CLIs only; Ray is imported once the run is set up (a cluster run
+sets Ray's authentication mode first, which Ray reads when first imported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.spec import Trial
+from pipeline.sweep import (
+    OutputError,
+    Previous,
+    Progress,
+    ReadMetric,
+    ResultStore,
+    SettingsMismatch,
+    TrialFiles,
+    TrialResult,
+    read_last_float,
+    run_trials,
+)
+
+if TYPE_CHECKING:
+    from cloud.connect import ClusterConnection
+    from pipeline import tasks
+
+
+class UsageError(ValueError):
+    """A bad option: reported as one line before any work starts."""
+
+
+def add_ray_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None, help="a Ray address (default: a local Ray)")
+    p.add_argument("--cluster", default=None, help="run on this Exoscale cluster, through an SSH tunnel")
+    p.add_argument("--cluster-config", default=None, help="the cluster's cluster.toml, if it has one")
+    p.add_argument(
+        "--local-cpus",
+        type=int,
+        default=None,
+        help="CPUs of the local Ray started when neither --address nor --cluster is given (default: all)",
+    )
+    p.add_argument("--fresh", action="store_true", help="ignore earlier results in --out and run everything")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def check_ray_options(args: argparse.Namespace) -> None:
+    if args.address and args.cluster:
+        raise UsageError("give --address or --cluster, not both")
+    if args.local_cpus is not None and (args.local_cpus < 1 or args.address or args.cluster):
+        raise UsageError("--local-cpus takes a number >= 1 and applies only to a local Ray")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {args.out!r} is a file; give a directory")
+
+
+def check_address(address: str, timeout: float = 5.0) -> None:
+    """Fail fast, in one line, when a Ray address is not Ray (ray.init would wait a long time)."""
+    from pipeline.ray_address import RayAddressError, check_ray_address
+
+    try:
+        check_ray_address(address, timeout)
+    except RayAddressError as e:
+        raise UsageError(f"--address {e}") from None
+
+
+def read_earlier(args: argparse.Namespace, param_names: Sequence[str], value_name: str) -> Previous | None:
+    """The earlier results in --out (before Ray starts), unless --fresh; a damaged results.json is a usage error."""
+    if args.fresh:
+        return None
+    from pipeline.sweep import read_previous
+
+    try:
+        return read_previous(args.out, param_names, value_name)
+    except SettingsMismatch as e:
+        raise UsageError(str(e)) from None
+
+
+@dataclass
+class Session:
+    """One CLI run: its name for messages, where Ray is, and the cluster connection if any."""
+
+    prog: str
+    args: argparse.Namespace
+    address: str | None = None
+    conn: ClusterConnection | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    def error(self, text: str) -> None:
+        print(f"{self.prog}: error: {text}", file=sys.stderr)
+
+    def say(self, text: str) -> None:
+        print(text, file=sys.stderr)
+
+    def where(self) -> str:
+        return f"cluster {self.args.cluster!r}" if self.args.cluster else f"Ray at {self.address or 'the local Ray'}"
+
+
+def main_flow(
+    prog: str,
+    args: argparse.Namespace,
+    validate: Callable[[argparse.Namespace], Any],
+    run: Callable[[Session, Any], int],
+) -> int:
+    """Validate (one line, exit 2, before any work), reach Ray, run, close the connection."""
+    if args.cluster:
+        os.environ["RAY_AUTH_MODE"] = "token"  # the cluster requires its token; read by Ray at import
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    session = Session(prog, args, address=args.address)
+    try:
+        check_ray_options(args)
+        checked = validate(args)
+        if args.address:
+            check_address(args.address)
+    except UsageError as e:
+        session.error(str(e))
+        return 2
+    if args.cluster:
+        from cloud.connect import connect_cluster  # the only place pipeline reaches into cloud
+
+        try:
+            session.conn = connect_cluster(args.cluster, args.cluster_config)
+        except Exception as e:
+            session.error(f"--cluster {args.cluster!r}: {e}")
+            return 2
+        session.address = session.conn.address
+    try:
+        return run(session, checked)
+    except ConnectionError as e:  # ray.init refused, e.g. the head's Ray Client server did not start
+        lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+        why = lines[0] if len(lines) < 2 else f"{lines[0]} {lines[-1]}"
+        session.error(f"cannot connect to {session.where()}: {type(e).__name__}: {why[:300]}")
+        return 1
+    finally:
+        if session.conn is not None:
+            session.conn.close()
+
+
+def start_ray(session: Session, note: str, runtime_env: dict[str, Any] | None = None) -> None:
+    """Reach Ray (`tasks.ensure_ray`) and say what it offers."""
+    import ray
+
+    from pipeline import tasks
+
+    tasks.ensure_ray(session.address, num_cpus=session.args.local_cpus, runtime_env=runtime_env)
+    session.say(
+        f"Ray {ray.__version__}: {int(ray.cluster_resources().get('CPU', 0))} CPUs on "
+        f"{len([n for n in ray.nodes() if n['Alive']])} node(s); {note}"
+    )
+
+
+def adopt_earlier(session: Session, store: ResultStore, previous: Previous | None) -> bool:
+    """Take the earlier run's finished trials; False (after one line) when they belong to another sweep."""
+    if previous is not None and previous.note:
+        session.say(previous.note)
+    try:
+        reused = store.adopt(previous)
+    except SettingsMismatch as e:
+        session.error(str(e))
+        return False
+    if reused:
+        session.say(f"reusing {reused} finished trial(s) from {store.dir}")
+    return True
+
+
+def execute(
+    session: Session,
+    store: ResultStore,
+    trials: Sequence[Trial],
+    submit: Callable[[Trial], tasks.Execute],
+    cpus: float,
+    read: ReadMetric = read_last_float,
+    retries: int = 0,
+    files: TrialFiles | None = None,
+) -> list[TrialResult] | int:
+    """Run the trials with a progress line; the results, or an exit code after one line saying why it stopped."""
+    import ray
+
+    slots = int(ray.cluster_resources().get("CPU", 0) // cpus) or None
+    progress = Progress(len(trials), slots=slots)
+    start = time.monotonic()
+    try:
+        results = run_trials(trials, submit, store, progress, read=read, retries=retries, files=files)
+    except KeyboardInterrupt:
+        session.say(f"\ninterrupted; finished trials are in {store.csv_path}")
+        return 130
+    except OutputError as e:
+        session.error(
+            f"{e.strerror}; stopped the sweep; the trials finished before are in {store.csv_path}; "
+            f"make room and run the same command again to resume"
+        )
+        return 1
+    except (ConnectionError, ray.exceptions.RaySystemError) as e:
+        why = (session.conn.lost_reason() if session.conn is not None else None) or (
+            f"the head is unreachable: {str(e).splitlines()[0][:200]}"
+        )
+        session.error(
+            f"lost the connection to {session.where()} ({why}); the {len(store.results)} "
+            f"finished trial(s) are in {store.csv_path}; run the same command again to resume"
+        )
+        return 1
+    store.meta["wall_seconds"] = round(time.monotonic() - session.started, 2)
+    store.meta["grid_seconds"] = round(time.monotonic() - start, 2)  # first submission to last result
+    return results
+
+
+def finish(
+    session: Session,
+    store: ResultStore,
+    results: list[TrialResult],
+    draw: Callable[[], Path],
+    best_line: Callable[[TrialResult], str],
+    goal: str = "max",
+) -> int:
+    """Write the final results and the picture, print the table and the best; exit 1 if a trial failed."""
+    from pipeline import report
+
+    try:
+        store.write()
+        picture = draw()
+    except OutputError as e:
+        session.error(f"{e.strerror}; the trials' results are in {store.csv_path} as last written")
+        return 1
+    print(report.table(results, store.param_names, store.value_name))
+    b = report.best(results, goal)
+    if b:
+        print(best_line(b))
+    wall = time.monotonic() - session.started
+    print(f"wrote {store.csv_path}, {store.json_path}, {picture} in {wall:.1f} s")
+    failed = [r for r in results if r.status != "ok"]
+    if failed:
+        session.say(
+            f"{len(failed)} of {len(results)} trial(s) failed; their errors are in {store.csv_path}; "
+            f"run again with the same --out to retry only those"
+        )
+        return 1
+    return 0

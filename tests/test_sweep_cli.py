@@ -1,0 +1,186 @@
+"""python -m pipeline.sweep SWEEP.toml as a user runs it, on a local Ray with tiny programs."""
+
+import csv
+import json
+
+import pytest
+
+from tests.conftest import ROOT, run_cli
+from tests.test_sweep_runner import small_tmpfs
+
+# a trial fails while FAIL exists and x > 0.8; every run is logged
+PROG = r"""
+import json, os, sys
+x, y, seed = float(sys.argv[1]), sys.argv[2], sys.argv[3]
+d = os.environ["STATE"]
+with open(os.path.join(d, "calls.log"), "a") as f:
+    f.write(f"{sys.argv[1]}\n")
+if x > 0.8 and os.path.exists(os.path.join(d, "FAIL")):
+    sys.exit(f"injected failure at x={x}")
+print(json.dumps({"score": x * (2 if y == "b" else 1), "seed": int(seed)}))
+"""
+
+SWEEP = """
+program = "prog.py"
+args = "{x} {y} {trial.seed}"
+metric = { json-line = "score" }
+goal = "max"
+env = { STATE = "STATE_DIR" }
+[params]
+x = { uniform = [0.0, 1.0] }
+y = ["a", "b"]
+[search]
+kind = "random"
+trials = 40
+seed = 7
+[resources]
+cpus = 0.5
+timeout = 60
+"""
+
+
+def sweep(*args, timeout=300):
+    return run_cli("-m", "pipeline.sweep", *args, "--local-cpus", "2", timeout=timeout)
+
+
+def rows(out):
+    with open(out / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def lines(text):
+    return [l for l in text.splitlines() if l.strip() and "WARNING" not in l]
+
+
+@pytest.fixture
+def project(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    (tmp_path / "prog.py").write_text(PROG)
+    (tmp_path / "sweep.toml").write_text(SWEEP.replace("STATE_DIR", str(state)))
+    return tmp_path, state
+
+
+@pytest.mark.parametrize(
+    "text, expect",
+    [
+        ('program = "prog.py"\nargs = "{x} {z}"\n[params]\nx = [1]\n', "args: {z} names no parameter"),
+        ('program = "prog.py"\n[params]\nx = { log-uniform = [0, 1] }\n', "params.x.log-uniform:"),
+        ('program = "nope.py"\n[params]\nx = [1]\n', "program: 'nope.py' is not a file"),
+        ('program = "prog.py"\nmetric = "acc"\n[params]\nx = [1]\n', "metric: 'acc' is not valid"),
+        ('program = "prog.py"\n[params]\nx = [1]\n[resources]\ntimeout = -1\n', "resources.timeout:"),
+        ("program = [\n", "not valid TOML"),
+    ],
+)
+def test_a_bad_sweep_file_is_one_line_before_any_work(project, text, expect):
+    tmp, _ = project
+    f = tmp / "bad.toml"
+    f.write_text(text)
+    r = sweep(str(f), "--out", str(tmp / "out"), timeout=60)
+    assert r.returncode == 2, r.stderr
+    got = lines(r.stderr)
+    assert len(got) == 1 and got[0].startswith(f"raysweep: error: {f}: ") and expect in got[0], r.stderr
+    assert not (tmp / "out").exists()
+
+
+def test_the_plain_python_example_runs(tmp_path):
+    out = tmp_path / "descent"
+    r = sweep(str(ROOT / "examples" / "descent.toml"), "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = rows(out)
+    assert len(got) == 12 and all(x["status"] == "ok" for x in got)
+    assert all(1e-5 <= float(x["lr"]) <= 1e-3 and 0 <= float(x["momentum"]) <= 0.95 for x in got)
+    best = min(got, key=lambda x: float(x["loss"]))
+    assert f"best (min loss): trial {best['trial']} " in r.stdout
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"{out / 'plot.png'}" in r.stdout
+    assert '"loss"' in (out / "trials" / "0000" / "stdout.txt").read_text()
+    assert "[12/12] done 12, failed 0" in r.stderr
+
+
+def test_random_search_of_40_failures_resume_and_refusals(project):
+    tmp, state = project
+    (state / "FAIL").touch()
+    out = tmp / "out"
+    r = sweep(str(tmp / "sweep.toml"), "--out", str(out))
+    assert r.returncode == 1, r.stderr[-3000:]
+    first = rows(out)
+    assert len(first) == 40 and len({x["trial"] for x in first}) == 40
+    failed = {x["trial"] for x in first if x["status"] == "failed"}
+    assert failed == {x["trial"] for x in first if float(x["x"]) > 0.8} and 0 < len(failed) < 40
+    for x in first:
+        assert 0.0 <= float(x["x"]) <= 1.0 and x["y"] in ("a", "b")
+        if x["status"] == "ok":
+            assert float(x["score"]) == pytest.approx(float(x["x"]) * (2 if x["y"] == "b" else 1))
+        else:
+            assert "injected failure" in x["error"] and "code 1" in x["error"]
+    assert f"{len(failed)} of 40 trial(s) failed" in r.stderr
+    assert (out / "plot.png").exists()
+
+    # results.json damaged: resume from the intact results.csv, running only the failed trials
+    (state / "FAIL").unlink()
+    (state / "calls.log").write_text("")
+    doc = (out / "results.json").read_text()
+    (out / "results.json").write_text(doc[: len(doc) // 3])
+    r2 = sweep(str(tmp / "sweep.toml"), "--out", str(out))
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "results.json it is unreadable" in r2.stderr and f"reusing {40 - len(failed)} finished" in r2.stderr
+    assert len((state / "calls.log").read_text().splitlines()) == len(failed)
+    second = {x["trial"]: x for x in rows(out)}
+    assert all(x["status"] == "ok" for x in second.values())
+    assert {t: x["score"] for t, x in second.items() if t not in failed} == {
+        x["trial"]: x["score"] for x in first if x["trial"] not in failed
+    }
+    assert json.loads((out / "results.json").read_text())["settings"]["search"] == {"kind": "random", "seed": 7}
+
+    # a different sweep in the same --out is refused before Ray starts
+    (tmp / "sweep.toml").write_text((tmp / "sweep.toml").read_text().replace("seed = 7", "seed = 8"))
+    r3 = sweep(str(tmp / "sweep.toml"), "--out", str(out), timeout=60)
+    assert r3.returncode == 2 and "different sweep" in r3.stderr and "--fresh" in r3.stderr
+    assert len(lines(r3.stderr)) == 1, r3.stderr
+
+    # neither results file readable: refused before Ray starts, naming both
+    (out / "results.json").write_text("{")
+    (out / "results.csv").write_text("trial,x\n")
+    r4 = sweep(str(tmp / "sweep.toml"), "--out", str(out), timeout=60)
+    assert r4.returncode == 2 and len(lines(r4.stderr)) == 1, r4.stderr
+    assert "results.json: it is unreadable" in r4.stderr and "results.csv cannot stand in" in r4.stderr
+
+
+@pytest.mark.root
+def test_a_full_disk_under_out_stops_cleanly(project):
+    tmp, _ = project
+    with small_tmpfs(tmp, "24k") as mnt:
+        r = sweep(str(tmp / "sweep.toml"), "--out", str(mnt / "out"))
+        assert r.returncode == 1, r.stderr[-3000:]
+        assert "Traceback" not in r.stderr
+        errors = [l for l in r.stderr.splitlines() if l.startswith("raysweep: error:")]
+        assert len(errors) == 1 and "No space left on device" in errors[0] and "resume" in errors[0], r.stderr
+        assert [str(p) for p in mnt.rglob("*") if ".tmp-" in p.name] == []
+        kept = rows(mnt / "out")  # what was written is whole
+        assert 0 < len(kept) < 40 and all(x["status"] == "ok" for x in kept)
+
+
+GPU_DRIVER = """
+import sys, ray
+ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="WARNING")
+from pipeline.sweep_cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_trial_asking_for_a_gpu_gets_one_from_rays_accounting(tmp_path):
+    import inspect
+
+    from pipeline import tasks
+
+    if "gpus" not in inspect.signature(tasks.Execute).parameters:
+        pytest.skip("tasks.Execute(gpus=N) is not in this tree yet")
+    (tmp_path / "gpu.py").write_text('import os\nprint(len(os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")))\n')
+    (tmp_path / "gpu.toml").write_text(
+        'program = "gpu.py"\nargs = "{i}"\n[params]\ni = [1, 2]\n[resources]\ncpus = 0.5\ngpus = 1\n'
+    )
+    (tmp_path / "driver.py").write_text(GPU_DRIVER)
+    out = tmp_path / "out"
+    r = run_cli(str(tmp_path / "driver.py"), str(tmp_path / "gpu.toml"), "--out", str(out), timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [x["value"] for x in rows(out)] == ["1.0", "1.0"]  # each saw one device
