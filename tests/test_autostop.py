@@ -223,6 +223,96 @@ def _pids(home: str, what: str) -> list[int]:
     return out
 
 
+def _run_on_fake_head(home, command: str) -> None:
+    r = subprocess.run(
+        ["bash", "-c", command], env={"HOME": str(home), "PATH": os.environ["PATH"]}, capture_output=True, text=True
+    )
+    assert r.returncode == 0 and autostop.STARTED in r.stdout, r.stderr[-2000:]
+    deadline = time.monotonic() + 30
+    while not (home / autostop.STATUS).exists():  # the daemon runs from the code where the YAML mounts it
+        assert time.monotonic() < deadline, f"the daemon wrote no status: {_read(home / autostop.LOG)}"
+        time.sleep(0.2)
+
+
+def test_ray_config_head_starts_the_autostop_daemon_with_the_setting(tmp_path):
+    """The YAML of `ray-config` (and so of `up --max-workers`) ends the head's start commands with the daemon's
+    launch; run as the head would, from the code the YAML mounts, it writes the setting (--autostop, else
+    cluster.toml's autostop_minutes; 0 = off) and the daemon reports."""
+    import yaml
+
+    toml = tmp_path / "off.toml"
+    toml.write_text("autostop_minutes = 0\n")
+    env = {"RAYSWEEP_STATE_DIR": str(tmp_path / "state"), "RAYSWEEP_AUTOSTOP_UNIT_S": "30"}
+    homes = []
+    try:
+        cases = (([], ["--autostop", "7"], Settings(7, 30)), (["--config", str(toml)], [], Settings(0, 30)))
+        for before, after, want in cases:
+            r = run_cli("exoscale.py", *before, "--name", "rc-auto", "ray-config", *after, env=env)
+            assert r.returncode == 0, r.stderr
+            config = yaml.safe_load(r.stdout)
+            home = tmp_path / f"home{len(homes)}"
+            homes.append(home)
+            home.mkdir()
+            (home / "raysweep-env").symlink_to(sys.prefix)  # this venv stands for the head's environment
+            [code] = [k for k in config["file_mounts"] if k.rstrip("/").endswith("/cloud")]
+            mounted = home / code.removeprefix("~/").rstrip("/")
+            mounted.parent.mkdir(parents=True)
+            mounted.symlink_to(ROOT / "cloud")
+            command = config["head_start_ray_commands"][-1]
+            assert "-m cloud.autostop_daemon launch" in command and "ray start" not in command, command
+            _run_on_fake_head(home, command)
+            assert Settings.from_json((home / autostop.SETTINGS).read_text()) == want
+    finally:
+        for home in homes:
+            for pid in _pids(f"{home}", "supervise") + _pids(f"{home}", "autostop_daemon run"):
+                os.kill(pid, 15)
+
+
+def test_the_code_shipped_to_a_static_head_is_complete(tmp_path):
+    """`start` copies only CODE_FILES to the head: the daemon and everything its teardown imports must load
+    from them alone."""
+    pkg = tmp_path / "lib" / "cloud"
+    pkg.mkdir(parents=True)
+    for name in autostop.CODE_FILES:
+        (pkg / name).write_bytes((ROOT / "cloud" / name).read_bytes())
+    check = (  # (this venv's editable install would find a missing module in the worktree: none may come from there)
+        "import cloud, cloud.autostop_daemon, cloud.provision, cloud.head_credentials, cloud.config, sys; "
+        "elsewhere = [m.__file__ for n, m in sys.modules.items() if n.split('.')[0] == 'cloud' "
+        "and not m.__file__.startswith(sys.argv[1])]; "
+        "assert not elsewhere, elsewhere"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", check, str(tmp_path / "lib")],
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "lib")},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_down_deletes_a_static_heads_restricted_key_and_role_once(sim, driver, tmp_path):
+    """A static cluster whose head got its restricted key from `start` (for autostop): `down` names the key in
+    what it would remove, deletes the instances, then the key and its role, once; nothing of the autoscaler."""
+    from cloud import iam
+    from tests.test_elastic_cli import cli_env
+    from tests.test_provision import make_cluster
+
+    make_cluster(driver, "as-static", 2)
+    iam.create_key(driver, "as-static", "ch-gva-2", sim.endpoint)  # as autostop.ensure_head_key makes it
+    env = cli_env(sim, tmp_path)
+    r = run_cli("exoscale.py", "--name", "as-static", "down", env=env)
+    assert r.returncode == 2 and "the head's restricted API key and IAM role" in r.stderr, r.stderr
+    r = run_cli("exoscale.py", "--name", "as-static", "down", "--yes", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with sim.app.model.lock:
+        assert list(sim.app.model.instances.values()) == []
+    assert sim.app.model.iam.list_api_keys() == [] and sim.app.model.iam.list_roles() == []
+    assert r.stderr.count("IAM role raysweep-as-static deleted") == 1 and "autoscaler" not in r.stderr, r.stderr
+    r = run_cli("exoscale.py", "--name", "as-static", "down", "--yes", env=env)
+    assert r.returncode == 0 and "nothing to remove" in r.stderr, r.stderr
+
+
 def test_systemd_unit_restarts_the_supervisor():
     unit = autostop.systemd_unit("/home/u/raysweep-env/bin/python", "/home/u/.raysweep/lib", "/home/u", "u")
     assert "ExecStart=/home/u/raysweep-env/bin/python -m cloud.autostop_daemon supervise" in unit
