@@ -6,12 +6,16 @@
         ray.init(address=conn.address)
         ...
         why = conn.lost_reason()               # None, or why the head stopped answering
+        conn.note()                            # autoscaling clusters: launches under way, a failed launch
 
 Call it before `import ray` where possible: Ray reads RAY_AUTH_MODE once, at import.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -20,13 +24,36 @@ from cloud.ray_auth import use_token_auth
 if TYPE_CHECKING:
     from cloud.tunnel import Tunnel
 
+log = logging.getLogger(__name__)
+
+#: how often the autoscaler's view is asked for while a sweep runs on an autoscaling cluster
+NOTE_INTERVAL_S = 15.0
+
 
 class ClusterConnection:
     """A `ray://` address that reaches a cluster's head through an SSH tunnel, open until `close()`."""
 
-    def __init__(self, tunnel: Tunnel | None, address: str):
+    def __init__(self, tunnel: Tunnel | None, address: str, ask_status: Callable[[], str | None] | None = None):
         self._tunnel = tunnel
         self.address = address
+        self._note: str | None = None
+        self._stop = threading.Event()
+        if ask_status is not None:
+            threading.Thread(target=self._watch, args=(ask_status,), name="autoscaler-note", daemon=True).start()
+
+    def _watch(self, ask_status: Callable[[], str | None]) -> None:
+        from cloud.elastic import autoscaler_note
+
+        while not self._stop.is_set():
+            text = ask_status()
+            if text is not None:  # a failed ask keeps the last view rather than blanking it
+                self._note = autoscaler_note(text)
+            self._stop.wait(NOTE_INTERVAL_S)
+
+    def note(self) -> str | None:
+        """On an autoscaling cluster, what its autoscaler is doing that a waiting user should see (nodes
+        launching, the newest failed launch), refreshed every NOTE_INTERVAL_S; else None."""
+        return self._note
 
     def lost_reason(self) -> str | None:
         """Why the connection broke, if the tunnel's watchdog saw the head stop answering; else None."""
@@ -37,6 +64,8 @@ class ClusterConnection:
     def close(self) -> None:
         """Shut Ray's client down first (else it keeps trying to reconnect), then the tunnel."""
         import sys
+
+        self._stop.set()
 
         if "ray" in sys.modules:
             import ray
@@ -61,7 +90,18 @@ def connect_cluster(name: str, config_path: str | None = None) -> ClusterConnect
     """Connect to cluster `name` (its local state, or `config_path`'s settings); raises with a one-line
     message when the cluster cannot be reached or its versions differ from this machine's."""
     use_token_auth()
-    from cloud.tunnel import connect_address
+    from cloud import config as config_mod
+    from cloud.elastic import is_autoscaling
+    from cloud.ray_runtime import CLIENT_PORT, node_command
+    from cloud.tunnel import open_tunnel
 
-    tunnel, address = connect_address(name, config_path)
-    return ClusterConnection(tunnel, address)
+    cfg = config_mod.load(config_path, require_credentials=False, name=name)
+    tunnel, port = open_tunnel(cfg, lambda head: head.ip, CLIENT_PORT)
+    ask = None
+    if is_autoscaling(cfg):
+        status = node_command("ray status", cfg)
+
+        def ask() -> str | None:
+            return tunnel.run(status, timeout=30)
+
+    return ClusterConnection(tunnel, f"ray://127.0.0.1:{port}", ask_status=ask)

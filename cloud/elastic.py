@@ -92,6 +92,32 @@ def up(
         return proc.wait(timeout)
 
 
+def autoscaler_note(status_text: str) -> str | None:
+    """The part of `ray status` a waiting user needs on one line: nodes being launched and the newest launch
+    failure (a refused key, a quota, an instance type not authorized); None when neither is there. Idle
+    terminations (`NodeTerminated`) are normal and not shown."""
+    section = ""
+    pending: list[str] = []
+    failures: list[str] = []
+    for raw in status_text.splitlines():
+        line = raw.strip()
+        if raw and not raw.startswith(" "):
+            section = line
+            continue
+        if not line or line.startswith("("):
+            continue
+        if section == "Pending:":
+            pending.append(line)
+        elif section == "Recent failures:" and ": LaunchFailed" in line:
+            failures.append(line)
+    parts = []
+    if pending:
+        parts.append("; ".join(pending))
+    if failures:  # Ray lists the newest first
+        parts.append(f"launch failed: {failures[0]}")
+    return "autoscaler: " + "; ".join(parts) if parts else None
+
+
 def autoscaler_status(cfg: ClusterConfig) -> str:
     """`ray status` as the head answers it: the autoscaler's nodes (active, idle, pending) and failures."""
     from cloud.ray_runtime import node_command

@@ -14,7 +14,7 @@ from cloud import access
 from cloud.config import ClusterConfig
 from cloud.node_install import check_versions
 from cloud.ray_auth import use_token_auth
-from cloud.ray_runtime import CLIENT_PORT, RayClusterError
+from cloud.ray_runtime import RayClusterError
 from cloud.remote import Remote
 from cloud.state import NodeRecord
 
@@ -90,6 +90,15 @@ class Tunnel:
                 time.sleep(0.05)
         raise RayClusterError(f"the SSH tunnel to {remote_host}:{remote_port} on {self.head.name} did not open")
 
+    def run(self, command: str, timeout: float) -> str | None:
+        """Run a short command on the head over this tunnel's SSH connection; its stdout, or None if it failed."""
+        try:
+            r = self._conn.run(command, hide=True, warn=True, timeout=timeout, in_stream=False)
+        except Exception as e:
+            log.debug("command on the head %s failed: %s", self.head.name, e)
+            return None
+        return r.stdout if r.ok else None
+
     def close(self) -> None:
         self._closed.set()
         try:
@@ -115,13 +124,3 @@ def open_tunnel(cfg: ClusterConfig, remote_host: Callable[[NodeRecord], str], re
         tunnel.close()
         raise
     return tunnel, port
-
-
-def connect_address(cluster: str, config_path: str | None = None) -> tuple[Tunnel, str]:
-    """A tunnel to the cluster's Ray client port (as the head serves it on its own address) and the
-    ray:// address that reaches it, with the token set: what `pipeline.mnist --cluster` uses."""
-    from cloud import config as config_mod
-
-    cfg = config_mod.load(config_path, require_credentials=False, name=cluster)
-    tunnel, port = open_tunnel(cfg, lambda head: head.ip, CLIENT_PORT)
-    return tunnel, f"ray://127.0.0.1:{port}"

@@ -188,8 +188,22 @@ def execute(
     """Run the trials with a progress line; the results, or an exit code after one line saying why it stopped."""
     import ray
 
-    slots = int(ray.cluster_resources().get("CPU", 0) // cpus) or None
-    progress = Progress(len(trials), slots=slots)
+    def count_slots() -> int | None:
+        return int(ray.cluster_resources().get("CPU", 0) // cpus) or None
+
+    last_slots, asked_at = count_slots(), time.monotonic()
+
+    def slots() -> int | None:  # asked again every 10 s: an autoscaling cluster grows and shrinks
+        nonlocal last_slots, asked_at
+        if time.monotonic() - asked_at > 10:
+            asked_at = time.monotonic()
+            try:
+                last_slots = count_slots()
+            except Exception:  # a lost connection is reported by the sweep itself; keep the last count
+                pass
+        return last_slots
+
+    progress = Progress(len(trials), slots=slots, note=session.conn.note if session.conn is not None else None)
     start = time.monotonic()
     try:
         results = run_trials(trials, submit, store, progress, read=read, retries=retries, files=files)

@@ -300,12 +300,20 @@ class Progress:
     """done / failed / running, elapsed and ETA: one line redrawn on a terminal; elsewhere (logs, CI)
     a line whenever a count changes, and at least every `heartbeat_s` while nothing does."""
 
-    def __init__(self, total: int, stream: TextIO | None = None, slots: int | None = None, heartbeat_s: float = 30.0):
+    def __init__(
+        self,
+        total: int,
+        stream: TextIO | None = None,
+        slots: int | Callable[[], int | None] | None = None,
+        heartbeat_s: float = 30.0,
+        note: Callable[[], str | None] | None = None,
+    ):
         self.total = total
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.slots = slots
         self.heartbeat_s = heartbeat_s
+        self.note = note  # e.g. an autoscaling cluster's launches and failed launches, shown after the counts
         self.start = time.monotonic()
         self._reused: int | None = None
         self._last_counts: tuple | None = None
@@ -316,8 +324,10 @@ class Progress:
         finished = done + failed
         if self._reused is None:  # trials finished before this run started do not count for the ETA
             self._reused = finished
-        running = pending if self.slots is None else min(pending, self.slots)
-        counts = (done, failed, running)
+        slots = self.slots() if callable(self.slots) else self.slots  # a callable follows a cluster that grows
+        running = pending if slots is None else min(pending, slots)
+        note = self.note() if self.note is not None else None
+        counts = (done, failed, running, note)
         if not self.tty and counts == self._last_counts and now - self._last_print < self.heartbeat_s:
             return
         self._last_counts, self._last_print = counts, now
@@ -328,6 +338,8 @@ class Progress:
             f"[{finished}/{self.total}] done {done}, failed {failed}, running {running}, "
             f"queued {pending - running} | elapsed {_fmt_s(elapsed)} | ETA {eta}"
         )
+        if note:
+            line += f" | {note}"
         self.stream.write("\r\033[K" + line if self.tty else line + "\n")
         self.stream.flush()
 
