@@ -164,6 +164,18 @@ def test_status_shows_the_autoscalers_view(elastic):
     assert "Autoscaler status" in r.stdout and "ray.head.default" in r.stdout, r.stdout
 
 
+def test_autostop_runs_on_the_head_and_its_setting_changes(elastic):
+    """The YAML's last head start command started the autostop daemon (default 120 minutes); `autostop` reads
+    its report and changes the setting on this cluster as on a static one."""
+    r = run_cli("exoscale.py", "--name", elastic.name, "autostop", env=elastic.env, timeout=120)
+    assert r.returncode == 0 and "autostop: after 120 idle minute(s)" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert "last decision" in r.stdout, r.stdout  # the daemon's first sample, taken when it started
+    r = run_cli("exoscale.py", "--name", elastic.name, "autostop", "--minutes", "90", env=elastic.env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli("exoscale.py", "--name", elastic.name, "autostop", env=elastic.env, timeout=120)
+    assert "autostop: after 90 idle minute(s)" in r.stdout, r.stdout + r.stderr[-2000:]
+
+
 def test_the_head_holds_only_the_restricted_key(elastic):
     probe = (
         "import json, sys; sys.path.insert(0, '/home/ubuntu/raysweep'); "
