@@ -387,21 +387,29 @@ class Sandbox:
             stdin_arg.write(stdin)
             stdin_arg.seek(0)
         start = time.monotonic()
-        try:
-            proc = subprocess.Popen(
-                program.argv,
-                shell=program.shell,
-                cwd=self.workdir,
-                env=env,
-                stdin=stdin_arg,
-                stdout=out if out is not None else _devnull(),
-                stderr=err,
-                start_new_session=True,
-            )
-        except OSError as e:
-            raise ExecuteError(
-                f"task {program.name!r} could not start {_argv0(program)!r}: {e.strerror}", name=program.name
-            ) from None
+        executable = _resolved(program.argv, env)
+        while True:
+            try:
+                proc = subprocess.Popen(
+                    program.argv,
+                    executable=executable,
+                    shell=program.shell,
+                    cwd=self.workdir,
+                    env=env,
+                    stdin=stdin_arg,
+                    stdout=out if out is not None else _devnull(),
+                    stderr=err,
+                    start_new_session=True,
+                )
+                break
+            except OSError as e:
+                if executable is not None and isinstance(e, FileNotFoundError):  # gone since it was found
+                    _resolved_programs.clear()
+                    executable = None
+                    continue
+                raise ExecuteError(
+                    f"task {program.name!r} could not start {_argv0(program)!r}: {e.strerror}", name=program.name
+                ) from None
         if self._dirs is not None:
             self._dirs.while_running()
         timed_out = False
@@ -452,6 +460,27 @@ class Sandbox:
                 )
             result.outputs[rel] = Path(real)
         return result
+
+
+_resolved_programs: dict[tuple[str, str], str | None] = {}
+
+
+def _resolved(argv: Sequence[str] | str, env: Mapping[str, str] | None) -> str | None:
+    """The file a program name (no '/') runs, found on PATH once per process and name (subprocess would
+    build and try every PATH entry again for each program started); None: let subprocess look."""
+    if isinstance(argv, str) or not argv or "/" in argv[0]:
+        return None
+    path = (os.environ if env is None else env).get("PATH", os.defpath)
+    key = (argv[0], path)
+    try:
+        return _resolved_programs[key]
+    except KeyError:
+        found = shutil.which(argv[0], path=path)
+        if found is None or not os.path.isabs(found):  # not found, or relative to the task's directory
+            return None
+        if len(_resolved_programs) < 256:
+            _resolved_programs[key] = found
+        return found
 
 
 def _argv0(program: ProgramRun) -> str:

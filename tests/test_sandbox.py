@@ -181,3 +181,22 @@ def test_task_dirs_removed_while_later_programs_run_and_timeouts_still_hold(tmp_
         box.run(ProgramRun(["sleep", "30"], timeout=0.5))
     dirs.close()
     assert not dirs.parent.exists()
+
+
+def test_program_name_found_once_still_follows_path_when_the_file_goes(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    for d, word in ((first, "first"), (second, "second")):
+        d.mkdir()
+        (d / "say-which").write_text(f"#!/bin/sh\necho {word}\n")
+        (d / "say-which").chmod(0o755)
+    env = {"PATH": f"{first}:{second}:{os.environ['PATH']}"}
+
+    def run() -> str:
+        with Sandbox(tmp_root=tmp_path) as box:
+            result = box.run(ProgramRun(["say-which"], env=env, capture_stdout=True))
+            assert result.stdout is not None
+            return result.stdout.read().decode().strip()
+
+    assert run() == "first"
+    (first / "say-which").unlink()
+    assert run() == "second"
