@@ -172,20 +172,18 @@ class TaskDirs:
     """Fresh task directories for one long-lived process (a Ray worker), cheaply.
 
     Each task gets a directory of its own, made empty (mode 0700) by one mkdir relative to the open fd of
-    a private parent directory (no path walk, no random name per task) and never reused. The directory
-    work is done in batches while a program runs (`while_running`, called by Sandbox.run between starting
-    the program and waiting for it): when the directories made ahead are used up, the finished ones are
-    removed, with whatever the programs left in them, and BATCH new ones are made. On ext4 a mkdir or
-    rmdir between two program starts costs several times what it costs in a batch, and a thread of ours
-    doing it would compete with the task for the interpreter; so a task has no directory syscall on its
-    critical path. A background thread only removes what an idle worker's last tasks left, PERIOD_S later.
+    a private parent directory (no path walk, no random name per task) and never reused. A background
+    thread does the directory work in batches, off the tasks' critical path: it keeps between BATCH and
+    2 * BATCH directories made ahead (so a task never makes its own while a batch is removed: a mkdir and
+    an rmdir in one parent wait for each other, and on ext4 both wait on the journal), and removes the
+    finished ones, with whatever the programs left in them, BATCH at a time or PERIOD_S after the last.
     A Sandbox that mapped inputs or collects outputs removes its directory itself, at once.
     A process that dies leaves its parent behind: the next TaskDirs under the same root removes the
     parents (of this user) whose process is gone.
     """
 
-    BATCH = 64  # directories made ahead at a time; as many finished ones at most wait for removal
-    PERIOD_S = 0.5  # how soon an idle worker's finished directories are removed
+    BATCH = 64
+    PERIOD_S = 0.5
 
     def __init__(self, tmp_root: str | os.PathLike[str] | None = None, prefix: str = "pipeline-tasks-"):
         root = Path(tmp_root) if tmp_root is not None else Path(tempfile.gettempdir())
@@ -196,8 +194,8 @@ class TaskDirs:
         self._ready: collections.deque[str] = collections.deque()  # made ahead, empty, never used
         self._pending: list[str] = []  # finished, to remove
         self._lock = threading.Lock()
-        self._runs = 0  # programs started: the background thread acts only when this stays still
-        self._closed = threading.Event()
+        self._wake = threading.Event()
+        self._closed = False
         self._thread = threading.Thread(target=self._background, name="task-dirs", daemon=True)
         self._thread.start()
         atexit.register(self.close)
@@ -213,25 +211,22 @@ class TaskDirs:
 
     def make(self) -> Path:
         """A new empty directory, mode 0700, for one task."""
+        ready = self._ready
         try:
-            name = self._ready.popleft()
+            name = ready.popleft()
         except IndexError:
             name = self._mkdir()
+        if len(ready) == self.BATCH:
+            self._wake.set()
         return self.parent / name
 
     def remove_later(self, path: Path) -> None:
-        """`path` (made by make()) is finished: it is removed with the next batch, or soon when idle."""
+        """`path` (made by make()) is finished: removed with the next batch, at most PERIOD_S later."""
         with self._lock:
             self._pending.append(path.name)
-
-    def while_running(self) -> None:
-        """The directory work, done while a program runs: when no directory is left made ahead, remove the
-        finished ones and make the next batch."""
-        self._runs += 1
-        if not self._ready:
-            self._remove_pending()
-            for _ in range(self.BATCH):
-                self._ready.append(self._mkdir())
+            wake = len(self._pending) == self.BATCH
+        if wake:
+            self._wake.set()
 
     def _remove_pending(self) -> None:
         with self._lock:
@@ -245,17 +240,19 @@ class TaskDirs:
                 _rmtree(self.parent / name)
 
     def _background(self) -> None:
-        runs = -1
-        while not self._closed.wait(self.PERIOD_S):
-            if self._runs == runs and self._pending:  # no program started since the last look: idle
-                self._remove_pending()
-            runs = self._runs
+        while not self._closed:
+            self._wake.clear()
+            while len(self._ready) < 2 * self.BATCH and not self._closed:  # first, what the next tasks need
+                self._ready.append(self._mkdir())
+            self._remove_pending()
+            self._wake.wait(self.PERIOD_S)
 
     def close(self) -> None:
         """Remove everything now (also run at exit)."""
-        if self._closed.is_set():
+        if self._closed:
             return
-        self._closed.set()
+        self._closed = True
+        self._wake.set()
         self._thread.join(timeout=30)
         self._remove_pending()
         os.close(self._fd)
@@ -410,14 +407,9 @@ class Sandbox:
                 raise ExecuteError(
                     f"task {program.name!r} could not start {_argv0(program)!r}: {e.strerror}", name=program.name
                 ) from None
-        if self._dirs is not None:
-            self._dirs.while_running()
         timed_out = False
         try:
-            timeout = program.timeout
-            if timeout is not None:  # what the directory work took counts
-                timeout = max(0.0, timeout - (time.monotonic() - start))
-            returncode = proc.wait(timeout=timeout)
+            returncode = proc.wait(timeout=program.timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
             _killpg(proc.pid)
