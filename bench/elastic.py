@@ -36,6 +36,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from urllib.parse import urlparse
 
 from bench.common import report
 
@@ -67,6 +68,7 @@ class Poller:
     lives: dict[str, dict[str, Life]] = field(default_factory=dict)
     errors: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
 
     def start(self) -> Poller:
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -75,7 +77,8 @@ class Poller:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(30)
+        if self._thread is not None:
+            self._thread.join(30)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -250,10 +253,11 @@ def main(argv: list[str] | None = None) -> dict:
     tag = uuid.uuid4().hex[:4]
     static, elastic = f"bst{tag}", f"bel{tag}"
     configs = {n: sim_cluster_toml(work / f"{n}.toml", n) for n in (static, elastic)}
-    host, port = sim.endpoint.split("//", 1)[1].split(":")
-    poller = Poller(ExoscaleV2NodeDriver(KEY, SECRET, secure=False, host=host, port=int(port))).start()
     live: list[str] = []
+    u = urlparse(sim.endpoint)
+    poller = Poller(ExoscaleV2NodeDriver(KEY, SECRET, secure=False, host=u.hostname, port=u.port))
     try:
+        poller.start()
         t0 = time.time()
         live.append(static)
         for step in (["up", "-n", "3"], ["install"], ["start"]):
