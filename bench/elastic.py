@@ -14,9 +14,11 @@ Measured, in one run:
 2. makespan of the workload (first task queued to last result): goal elastic / static <= 1.3.
 3. for each worker the autoscaler added, the time from "the burst queues" to "a task runs on it", by phase:
    request (queued -> the instance's `created-at`), boot (-> state running), SSH (-> Ray's updater tag
-   `ray-node-status` past `waiting-for-ssh`), install (-> `up-to-date`: setup and `ray start` done), join
-   (-> the first task on that node started, as the task itself recorded). The tags are the autoscaler's own
-   (Exoscale labels), read by the same polling; timestamps are this machine's clock, which the hosts share.
+   `ray-node-status` past `waiting-for-ssh`), install + Ray start + join (-> the first task on that node
+   started, as the task itself recorded); beside it, how long after that first task the updater tagged the
+   node `up-to-date` (it does so once `ray start` returned, which can be after the raylet ran a task). The
+   tags are the autoscaler's own (Exoscale labels), read by the same polling; timestamps are this
+   machine's clock, which the hosts share.
 
     python -m bench.elastic [--quick] [--burst 9] [--tail 8] [--seconds 15]
 """
@@ -38,6 +40,7 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlparse
 
+from bench.cluster import cli, sim_cluster_toml
 from bench.common import report
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,15 +130,6 @@ class Poller:
         )
 
 
-def cli(env: dict[str, str], *args: str, timeout: float = 900) -> str:
-    r = subprocess.run(
-        [sys.executable, "exoscale.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    if r.returncode != 0:
-        raise SystemExit(f"exoscale.py {' '.join(args)} failed:\n{r.stdout[-1500:]}\n{r.stderr[-2500:]}")
-    return r.stdout
-
-
 def drive(name: str, burst: int, tail: int, seconds: float) -> None:
     """The workload, run in a process of its own (one Ray client per process): prints `RESULT {json}`."""
     from cloud.connect import connect_cluster
@@ -195,20 +189,18 @@ def worker_phases(lives: dict[str, Life], result: dict) -> list[dict]:
         if life.role != "worker":
             continue
         starts = [t["start"] for t in result["tasks"] if t["ip"] == life.ip]
-        marks = {
-            "request": life.created,
-            "boot": life.running,
-            "ssh": life.past_ssh,
-            "install": life.up_to_date,
-            "join": min(starts) if starts else None,
-        }
+        first = min(starts) if starts else None
+        # Ray's updater tags a node up-to-date only after `ray start` returned: its raylet may run a task
+        # first, so install and Ray start end at the first task, and the tag's lag is reported beside.
+        marks = {"request": life.created, "boot": life.running, "ssh": life.past_ssh, "install_start": first}
         phases: dict[str, float | None] = {}
         prev: float | None = result["queued"]
         for k, t in marks.items():
             phases[k] = round(t - prev, 1) if t is not None and prev is not None else None
             prev = t
-        first = marks["join"]
         phases["total"] = round(first - result["queued"], 1) if first is not None else None
+        lag = life.up_to_date - first if life.up_to_date is not None and first is not None else None
+        phases["up_to_date_tag_after_first_task"] = round(lag, 1) if lag is not None else None
         out.append({"name": life.name, **phases})
     return out
 
@@ -226,7 +218,6 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     if a.quick:
         a.burst, a.tail, a.seconds = 6, 3, 5.0
-    from bench.cluster import sim_cluster_toml
     from cloud.exoscale_driver import ExoscaleV2NodeDriver
     from cloud.sim.hosts import missing_requirements
     from cloud.sim.local import start
