@@ -14,9 +14,10 @@ def main():
     if missing_requirements():
         print(f"cluster: skipped (needs {', '.join(missing_requirements())}: root with iproute2, nftables, sshd)")
     else:
-        from bench import cluster
+        from bench import cluster, elastic
 
         cluster.main([])
+        elastic.main([])
 
 
 if __name__ == "__main__":

@@ -173,15 +173,17 @@ class TaskDirs:
 
     Each task gets a directory of its own, made empty (mode 0700) by one mkdir relative to the open fd of
     a private parent directory (no path walk, no random name per task) and never reused. A background
-    thread does that work off the tasks' critical path, in batches: it keeps a few directories made ahead
-    and removes finished ones with whatever the program left in them (a Sandbox that mapped inputs or
-    collects outputs removes its directory itself, at once).
+    thread does the directory work in batches, off the tasks' critical path: it keeps between BATCH and
+    2 * BATCH directories made ahead (so a task never makes its own while a batch is removed: a mkdir and
+    an rmdir in one parent wait for each other, and on ext4 both wait on the journal), and removes the
+    finished ones, with whatever the programs left in them, BATCH at a time or PERIOD_S after the last.
+    A Sandbox that mapped inputs or collects outputs removes its directory itself, at once.
     A process that dies leaves its parent behind: the next TaskDirs under the same root removes the
     parents (of this user) whose process is gone.
     """
 
-    BATCH = 16  # directories made ahead; as many finished ones wake the background thread
-    PERIOD_S = 0.2  # else it looks this often
+    BATCH = 64
+    PERIOD_S = 0.5
 
     def __init__(self, tmp_root: str | os.PathLike[str] | None = None, prefix: str = "pipeline-tasks-"):
         root = Path(tmp_root) if tmp_root is not None else Path(tempfile.gettempdir())
@@ -209,16 +211,20 @@ class TaskDirs:
 
     def make(self) -> Path:
         """A new empty directory, mode 0700, for one task."""
+        ready = self._ready
         try:
-            name = self._ready.popleft()
+            name = ready.popleft()
         except IndexError:
             name = self._mkdir()
+        if len(ready) == self.BATCH:
+            self._wake.set()
         return self.parent / name
 
     def remove_later(self, path: Path) -> None:
+        """`path` (made by make()) is finished: removed with the next batch, at most PERIOD_S later."""
         with self._lock:
             self._pending.append(path.name)
-            wake = len(self._pending) >= self.BATCH
+            wake = len(self._pending) == self.BATCH
         if wake:
             self._wake.set()
 
@@ -235,11 +241,11 @@ class TaskDirs:
 
     def _background(self) -> None:
         while not self._closed:
-            self._remove_pending()
-            while len(self._ready) < self.BATCH and not self._closed:
-                self._ready.append(self._mkdir())
-            self._wake.wait(self.PERIOD_S)
             self._wake.clear()
+            while len(self._ready) < 2 * self.BATCH and not self._closed:  # first, what the next tasks need
+                self._ready.append(self._mkdir())
+            self._remove_pending()
+            self._wake.wait(self.PERIOD_S)
 
     def close(self) -> None:
         """Remove everything now (also run at exit)."""
@@ -378,21 +384,29 @@ class Sandbox:
             stdin_arg.write(stdin)
             stdin_arg.seek(0)
         start = time.monotonic()
-        try:
-            proc = subprocess.Popen(
-                program.argv,
-                shell=program.shell,
-                cwd=self.workdir,
-                env=env,
-                stdin=stdin_arg,
-                stdout=out if out is not None else _devnull(),
-                stderr=err,
-                start_new_session=True,
-            )
-        except OSError as e:
-            raise ExecuteError(
-                f"task {program.name!r} could not start {_argv0(program)!r}: {e.strerror}", name=program.name
-            ) from None
+        executable = _resolved(program.argv, env)
+        while True:
+            try:
+                proc = subprocess.Popen(
+                    program.argv,
+                    executable=executable,
+                    shell=program.shell,
+                    cwd=self.workdir,
+                    env=env,
+                    stdin=stdin_arg,
+                    stdout=out if out is not None else _devnull(),
+                    stderr=err,
+                    start_new_session=True,
+                )
+                break
+            except OSError as e:
+                if executable is not None and isinstance(e, FileNotFoundError):  # gone since it was found
+                    _resolved_programs.clear()
+                    executable = None
+                    continue
+                raise ExecuteError(
+                    f"task {program.name!r} could not start {_argv0(program)!r}: {e.strerror}", name=program.name
+                ) from None
         timed_out = False
         try:
             returncode = proc.wait(timeout=program.timeout)
@@ -438,6 +452,27 @@ class Sandbox:
                 )
             result.outputs[rel] = Path(real)
         return result
+
+
+_resolved_programs: dict[tuple[str, str], str | None] = {}
+
+
+def _resolved(argv: Sequence[str] | str, env: Mapping[str, str] | None) -> str | None:
+    """The file a program name (no '/') runs, found on PATH once per process and name (subprocess would
+    build and try every PATH entry again for each program started); None: let subprocess look."""
+    if isinstance(argv, str) or not argv or "/" in argv[0]:
+        return None
+    path = (os.environ if env is None else env).get("PATH", os.defpath)
+    key = (argv[0], path)
+    try:
+        return _resolved_programs[key]
+    except KeyError:
+        found = shutil.which(argv[0], path=path)
+        if found is None or not os.path.isabs(found):  # not found, or relative to the task's directory
+            return None
+        if len(_resolved_programs) < 256:
+            _resolved_programs[key] = found
+        return found
 
 
 def _argv0(program: ProgramRun) -> str:

@@ -158,3 +158,48 @@ def test_task_dirs_fresh_removed_later_and_orphans_cleared(tmp_path):
     dirs.close()
     other.close()
     assert not dirs.parent.exists() and not other.parent.exists()
+
+
+class _BusyTaskDirs(TaskDirs):
+    PERIOD_S = 3600.0  # the periodic look never acts here: only removal by batches while tasks run is tested
+    BATCH = 3
+
+
+def test_task_dirs_removed_in_batches_while_tasks_run_and_timeouts_still_hold(tmp_path):
+    dirs = _BusyTaskDirs(tmp_path)
+    used = []
+    for i in range(10):
+        with Sandbox(dirs=dirs) as box:
+            box.run(ProgramRun(["sh", "-c", f"echo {i} > left-behind"] if i == 0 else ["true"]))
+            used.append(box.workdir)
+    deadline = time.monotonic() + 30
+    while used[0].exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not used[0].exists(), "the first task's directory (a file left in it) was not removed within 30 s"
+    assert len(set(used)) == len(used), "a task directory was reused"
+    left = sorted(p.name for p in dirs.parent.iterdir())
+    # made ahead (at most 2 batches) and finished ones waiting (a batch), never one directory per task run
+    assert len(left) <= 3 * dirs.BATCH + 1, left
+    with Sandbox(dirs=dirs) as box, pytest.raises(ExecuteError, match="timed out"):
+        box.run(ProgramRun(["sleep", "30"], timeout=0.5))
+    dirs.close()
+    assert not dirs.parent.exists()
+
+
+def test_program_name_found_once_still_follows_path_when_the_file_goes(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    for d, word in ((first, "first"), (second, "second")):
+        d.mkdir()
+        (d / "say-which").write_text(f"#!/bin/sh\necho {word}\n")
+        (d / "say-which").chmod(0o755)
+    env = {"PATH": f"{first}:{second}:{os.environ['PATH']}"}
+
+    def run() -> str:
+        with Sandbox(tmp_root=tmp_path) as box:
+            result = box.run(ProgramRun(["say-which"], env=env, capture_stdout=True))
+            assert result.stdout is not None
+            return result.stdout.read().decode().strip()
+
+    assert run() == "first"
+    (first / "say-which").unlink()
+    assert run() == "second"
