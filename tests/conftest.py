@@ -137,15 +137,24 @@ def node_wheelhouse():
     return WHEELHOUSE
 
 
-def sim_cluster_toml(path, name, wheelhouse, **extra):
-    """cluster.toml for a sim cluster whose nodes install from the offered wheelhouse and uv (copied beside
-    the wheels: the hosts see this machine's files except /tmp, /home and /dev/shm, their own)."""
-    uv = Path(wheelhouse) / "uv"
+def uv_for_hosts(directory=WHEELHOUSE) -> Path:
+    """This venv's uv, copied where the sim's hosts can run it: they see this machine's files except /tmp,
+    /home and /dev/shm (their own), and a checkout or its venv may well live under /tmp."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    uv = directory / "uv"
     src = Path(sys.executable).parent / "uv"
     if not uv.exists() or uv.stat().st_size != src.stat().st_size:
         tmp = uv.with_suffix(f".tmp{os.getpid()}")
         shutil.copy2(src, tmp)
         os.replace(tmp, uv)
+    return uv
+
+
+def sim_cluster_toml(path, name, wheelhouse, **extra):
+    """cluster.toml for a sim cluster whose nodes install from the offered wheelhouse and uv (copied beside
+    the wheels: the hosts see this machine's files except /tmp, /home and /dev/shm, their own)."""
+    uv = uv_for_hosts(wheelhouse)
     lines = [
         f'name = "{name}"',
         f'uv_path = "{uv}"',

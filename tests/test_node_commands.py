@@ -2,15 +2,13 @@
 command leaves nothing running, scp names the real cause, `install` stops at the first failing step,
 and commands find the nodes through the API when the local state is gone."""
 
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from cloud.remote import Remote
 from cloud.state import StateStore
-from tests.conftest import ClusterCLI
+from tests.conftest import ClusterCLI, uv_for_hosts
 
 pytestmark = pytest.mark.root
 
@@ -91,7 +89,7 @@ def test_install_stops_at_the_first_failing_step_naming_the_url(one_node, tmp_pa
 
 
 def test_install_names_the_package_index_it_could_not_reach(one_node, tmp_path):
-    uv_path = Path(sys.executable).parent / "uv"  # the hosts see this machine's files outside /tmp and /home
+    uv_path = uv_for_hosts()  # the hosts see this machine's files outside /tmp and /home
     cfg = toml(
         one_node,
         tmp_path,
