@@ -15,15 +15,15 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
 
-from bench.cluster import cli
-from bench.common import report
+from bench.cluster import KEY, SECRET, cli, sim_cluster_toml
+from bench.common import report, scratch_dir
 from cloud import autostop
+from cloud.exoscale_driver import ExoscaleV2NodeDriver
 from cloud.remote import Remote
 from cloud.sim.hosts import missing_requirements
 from cloud.sim.model import Faults
@@ -53,11 +53,8 @@ def _wait(what: str, check, timeout: float, every: float = 0.3):
 
 def one_cluster(server, env: dict, work: Path, n: int, unit: float) -> tuple[float, float]:
     """(detection delay, teardown seconds) for a cluster of n nodes."""
-    from tests.conftest import WHEELHOUSE, sim_cluster_toml
-    from tests.test_cluster_e2e import api
-
     name = f"bench-as{n}-{uuid.uuid4().hex[:4]}"
-    config = str(sim_cluster_toml(work / f"{name}.toml", name, WHEELHOUSE))
+    config = str(sim_cluster_toml(work / f"{name}.toml", name))
     state_dir = work / "state" / name
     cli(env, "--config", config, "up", "-n", str(n), "--autostop", "0")
     try:
@@ -78,7 +75,7 @@ def one_cluster(server, env: dict, work: Path, n: int, unit: float) -> tuple[flo
         ssh.wait(10)
         closed = time.time()
         stop = _wait("the decision to stop", lambda: (s := _status(state_dir)) and s.action == "stop" and s, 10 * unit)
-        driver = api(server)
+        driver = ExoscaleV2NodeDriver(KEY, SECRET, host=server.host, port=server.port, secure=False)
         store = StateStore(state_dir)
         remote, head = Remote(store.key_path, store.known_hosts), store.load().head()
         steps = [""]
@@ -110,18 +107,15 @@ def main(argv=None):
     a = p.parse_args(argv)
     if missing_requirements():
         raise SystemExit(f"needs {', '.join(missing_requirements())}")
-    from tests.conftest import SIM_KEY, SIM_SECRET, WHEELHOUSE
-
-    if not (WHEELHOUSE / ".complete").exists():
-        raise SystemExit(f"run the tests once first: they fill the nodes' wheelhouse {WHEELHOUSE}")
     from cloud.sim.local import start
 
-    work = Path(tempfile.mkdtemp(prefix="bench-autostop-"))
-    with start(SIM_KEY, SIM_SECRET, faults=Faults(op_delay_s=0.5), hosts=True) as local:
+    work = scratch_dir("bench-autostop-")
+    # the hosts are offered uv and a package index as the internet would: install needs no cluster.toml setting
+    with start(KEY, SECRET, faults=Faults(op_delay_s=0.5), hosts=True, offer_packages=True) as local:
         env = {
             **os.environ,
-            "EXOSCALE_API_KEY": SIM_KEY,
-            "EXOSCALE_API_SECRET": SIM_SECRET,
+            "EXOSCALE_API_KEY": KEY,
+            "EXOSCALE_API_SECRET": SECRET,
             "EXOSCALE_API_ENDPOINT": local.endpoint,  # the hosts' gateway: the heads reach it too
             "RAYSWEEP_STATE_DIR": str(work / "state"),
             autostop.UNIT_ENV: str(a.unit),

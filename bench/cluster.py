@@ -18,12 +18,11 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
-from bench.common import report
+from bench.common import report, scratch_dir
 from cloud.remote import Remote
 from cloud.sim.hosts import missing_requirements
 from cloud.sim.local import start
@@ -131,7 +130,7 @@ def main(argv=None):
     # the hosts are offered uv and a package index as the internet would: install needs no cluster.toml setting
     sim = start(KEY, SECRET, faults=Faults(op_delay_s=0.5), hosts=True, offer_packages=True)
     server = sim.server
-    work = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
+    work = scratch_dir("bench-cluster-")
     env = {
         **os.environ,
         "EXOSCALE_API_KEY": KEY,

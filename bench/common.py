@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
+from pathlib import Path
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A new directory for one benchmark run (cluster state, keys, caches), removed when the process exits:
+    repeated runs must not pile up on the disk."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 def start_local_ray(num_cpus: int | None = None) -> None:
     import ray
 
-    os.environ.setdefault("PIPELINE_CACHE_DIR", tempfile.mkdtemp(prefix="bench-cache-"))
+    if "PIPELINE_CACHE_DIR" not in os.environ:
+        os.environ["PIPELINE_CACHE_DIR"] = str(scratch_dir("bench-cache-"))
     if not ray.is_initialized():
         ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
 

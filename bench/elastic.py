@@ -31,7 +31,6 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -41,7 +40,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from bench.cluster import cli, sim_cluster_toml
-from bench.common import report
+from bench.common import report, scratch_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY, SECRET = "EXObench", "bench-secret-" + uuid.uuid4().hex
@@ -231,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     print(workload, file=sys.stderr)
     sim = start(KEY, SECRET, faults=Faults(op_delay_s=0.5), hosts=True, offer_packages=True)
-    work = Path(tempfile.mkdtemp(prefix="bench-elastic-"))
+    work = scratch_dir("bench-elastic-")
     env = {
         **os.environ,
         "EXOSCALE_API_KEY": KEY,

@@ -12,12 +12,11 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
-from bench.common import median, report
+from bench.common import median, report, scratch_dir
 from cloud.sim import local
 from cloud.sim.hosts import missing_requirements
 from cloud.sim.model import Faults
@@ -43,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     if missing_requirements():
         raise SystemExit(f"needs {', '.join(missing_requirements())}")
     sim = local.start(KEY, SECRET, faults=Faults(op_delay_s=0.5), hosts=True)  # as bench.cluster: 0.5 s operations
-    work = Path(tempfile.mkdtemp(prefix="bench-up-"))
+    work = scratch_dir("bench-up-")
     env = {
         **os.environ,
         "EXOSCALE_API_KEY": KEY,

@@ -151,6 +151,34 @@ def uv_for_hosts(directory=WHEELHOUSE) -> Path:
     return uv
 
 
+HOSTS_UV_CACHE = Path(f"/var/tmp/raysweep-test-uv-{os.getpid()}")
+
+
+def hosts_uv_cache() -> Path:
+    """uv's cache for the sim hosts' installs in this test session: shared by its hosts (the nodes' packages
+    are unpacked once, not once per host), outside their private /tmp and /home, and removed when the session
+    ends (pytest_sessionfinish), or by the next session if this one was killed. Kept for good, it would grow
+    by GBs a run."""
+    if not HOSTS_UV_CACHE.exists():
+        HOSTS_UV_CACHE.mkdir(parents=True, exist_ok=True)
+        os.chmod(HOSTS_UV_CACHE, 0o1777)  # the hosts' login users share it
+    return HOSTS_UV_CACHE
+
+
+def pytest_sessionstart(session):
+    from cloud.sim.offer import OLD_UV_CACHE
+
+    shutil.rmtree(OLD_UV_CACHE, ignore_errors=True)  # where earlier versions kept it for good
+    for stale in HOSTS_UV_CACHE.parent.glob("raysweep-test-uv-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(HOSTS_UV_CACHE, ignore_errors=True)
+
+
 def sim_cluster_toml(path, name, wheelhouse, **extra):
     """cluster.toml for a sim cluster whose nodes install from the offered wheelhouse and uv (copied beside
     the wheels: the hosts see this machine's files except /tmp, /home and /dev/shm, their own)."""
@@ -159,7 +187,7 @@ def sim_cluster_toml(path, name, wheelhouse, **extra):
         f'name = "{name}"',
         f'uv_path = "{uv}"',
         f'install_options = "--no-index --find-links {wheelhouse}"',
-        'install_env = { UV_CACHE_DIR = "/var/tmp/raysweep-uv-cache", UV_LINK_MODE = "copy" }',
+        f'install_env = {{ UV_CACHE_DIR = "{hosts_uv_cache()}", UV_LINK_MODE = "copy" }}',
         "ray_cpus = 1",
         'ssh_cidr = "0.0.0.0/0"',
         'ray_env = { RAY_health_check_period_ms = "1000", RAY_health_check_failure_threshold = "3" }',

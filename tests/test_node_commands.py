@@ -8,7 +8,7 @@ import pytest
 
 from cloud.remote import Remote
 from cloud.state import StateStore
-from tests.conftest import ClusterCLI, uv_for_hosts
+from tests.conftest import ClusterCLI, hosts_uv_cache, uv_for_hosts
 
 pytestmark = pytest.mark.root
 
@@ -95,7 +95,7 @@ def test_install_names_the_package_index_it_could_not_reach(one_node, tmp_path):
         tmp_path,
         f'uv_path = "{uv_path}"',
         'install_options = "--index-url http://127.0.0.1:9/simple"',
-        'install_env = { UV_CACHE_DIR = "/var/tmp/raysweep-uv-cache", UV_HTTP_TIMEOUT = "5" }',
+        f'install_env = {{ UV_CACHE_DIR = "{hosts_uv_cache()}", UV_HTTP_TIMEOUT = "5" }}',
     )
     r = one_node("--config", cfg, "install", timeout=180)
     assert r.returncode == 1, r.stderr

@@ -99,3 +99,7 @@ def test_a_host_reaches_the_api_and_installs_from_the_offered_index(tmp_path):
         ray = f"ray=={metadata.version('ray')}"
         r = on_host(f"uv pip install --dry-run --python python3.11 --target /tmp/t '{ray}' apache-libcloud 2>&1")
         assert r.returncode == 0 and "Would install" in r.stdout, r.stdout[-2000:]
+        uv_toml = (sim.hooks.offer_dir / "etc" / "uv" / "uv.toml").read_text()
+        cache = Path(next(x for x in uv_toml.splitlines() if x.startswith("cache-dir")).split('"')[1])
+        assert cache.is_relative_to(sim.hooks.run_dir) and cache.is_dir(), uv_toml  # this run's, not the machine's
+    assert not cache.exists()  # the hosts' unpacked packages (GBs a run) go with the run

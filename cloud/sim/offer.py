@@ -5,7 +5,9 @@
 - A package index: the packages nodes install (and the head's node provider needs), fetched once on this machine (`pip download` into
   WHEELHOUSE) and served as a PEP 503 simple index over HTTP on the hosts' bridge gateway.
 - uv configured system-wide on the host (a private /etc/uv/uv.toml, overlaid likewise): that index as the
-  only one, `link-mode = "copy"`, a cache directory shared by the hosts of this machine, no Python downloads.
+  only one, `link-mode = "copy"`, a cache directory shared by the hosts of this run and removed with the run
+  (uv keys its cache by index URL, and each run's index has its own port: a cache kept across runs would grow
+  by the nodes' unpacked packages, about 2 GB, every run), no Python downloads.
 
 With these, `exoscale.py install` runs on a host exactly as on a real VM, with no cluster.toml.
 """
@@ -35,7 +37,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WHEELHOUSE = Path("/var/tmp/raysweep-wheelhouse")  # outside the hosts' private /tmp and /home
-UV_CACHE = Path("/var/tmp/raysweep-uv-cache")
+# Where versions before the per-run cache kept the hosts' uv cache for good; removed when found.
+OLD_UV_CACHE = Path("/var/tmp/raysweep-uv-cache")
 # What the head needs beyond the nodes' packages to run the project's Ray node provider.
 HEAD_PACKAGES = ("apache-libcloud", "requests-exoscale-auth")
 
@@ -230,12 +233,12 @@ def uv_binary() -> Path:
     return found
 
 
-def uv_config(index_url: str) -> str:
+def uv_config(index_url: str, cache_dir: Path) -> str:
     return (
         "# offered by the local Exoscale: its package index instead of the internet\n"
         f'index-url = "{index_url}"\n'
         'link-mode = "copy"\n'
-        f'cache-dir = "{UV_CACHE}"\n'
+        f'cache-dir = "{cache_dir}"\n'
         'python-downloads = "never"\n'
     )
 
@@ -250,15 +253,16 @@ class HostOffer:
     @classmethod
     def start(cls, hooks: HostHooks, packages: list[str] | None = None) -> HostOffer:
         wheelhouse = fill_wheelhouse(packages if packages is not None else offered_packages())
-        if not UV_CACHE.exists():
-            UV_CACHE.mkdir(parents=True, exist_ok=True)
-            os.chmod(UV_CACHE, 0o1777)  # shared by the hosts' login users, like a system cache dir
+        shutil.rmtree(OLD_UV_CACHE, ignore_errors=True)
+        cache = hooks.run_dir / "uv-cache"  # removed with the run's directory, also by a later run if this one dies
+        cache.mkdir(exist_ok=True)
+        os.chmod(cache, 0o1777)  # shared by the hosts' login users, like a system cache dir
         root = hooks.run_dir / "offer"
         (root / "bin").mkdir(parents=True, exist_ok=True)
         (root / "etc" / "uv").mkdir(parents=True, exist_ok=True)
         shutil.copy2(uv_binary(), root / "bin" / "uv")
         index = PackageIndex(wheelhouse, hooks.gateway)
-        (root / "etc" / "uv" / "uv.toml").write_text(uv_config(index.url))
+        (root / "etc" / "uv" / "uv.toml").write_text(uv_config(index.url, cache))
         hooks.offer_dir = root
         log.info("hosts offered uv and the package index %s (%s)", index.url, wheelhouse)
         return cls(root, index)
