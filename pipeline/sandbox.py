@@ -89,6 +89,7 @@ class RunResult:
     outputs: dict[str, Path] = field(default_factory=dict)  # valid until the sandbox is closed
     stdout: BinaryIO | None = None  # an unnamed file at offset 0, likewise
     seconds: float = 0.0
+    stderr_tail: str = ""  # the last lines the program wrote to stderr (warnings of a success, say)
 
 
 def _tail(f: BinaryIO) -> str:
@@ -369,8 +370,8 @@ class Sandbox:
         self._holds_files = self._holds_files or bool(program.output_paths)
         if self._stderr_file is not None:
             err = self._stderr_file
-            if os.lseek(err.fileno(), 0, os.SEEK_CUR):  # the last program wrote to it (one syscall, not two)
-                err.seek(0)
+            if os.fstat(err.fileno()).st_size:  # the last program wrote to it (one syscall, not two; its size,
+                err.seek(0)  # not our offset: a program may have opened /dev/stderr anew and written at 0)
                 err.truncate()
         else:
             err = self._unnamed_file()
@@ -425,7 +426,9 @@ class Sandbox:
             raise ExecuteError(msg, name=program.name, returncode=returncode, stderr_tail=tail, timed_out=timed_out)
         if out is not None:
             out.seek(0)
-        result = RunResult(stdout=out, seconds=seconds)
+        result = RunResult(
+            stdout=out, seconds=seconds, stderr_tail=_tail(err) if os.fstat(err.fileno()).st_size else ""
+        )
         real_work = os.path.realpath(self.workdir) if program.output_paths else ""
         for rel in program.output_paths:
             p = self.workdir / rel

@@ -5,7 +5,7 @@ Each trial is one Execute task. Results are collected as they finish (ray.wait) 
 failed trial is recorded with its error and never stops the others; a program failure (non-zero exit,
 timeout) is run again up to `retries` times, while a lost node is Ray's to retry (counted in `attempts`).
 Running again with the same output directory reuses the finished trials and runs only the missing or
-failed ones. Each trial's stdout tail, stderr tail (when it failed) and declared outputs are kept
+failed ones. Each trial's stdout tail, stderr tail (when it wrote any) and declared outputs are kept
 under OUT/trials/<id>/.
 
 `python -m pipeline.sweep SWEEP.toml` runs a sweep file (see pipeline.sweep_cli). Ray is imported
@@ -274,7 +274,7 @@ def atomic_write(path: Path, data: str | bytes) -> None:
 
 
 class TrialFiles:
-    """OUT/trials/<id>/: the stdout tail, the stderr tail of a failure, and the declared outputs."""
+    """OUT/trials/<id>/: the stdout tail, the stderr tail (when the program wrote any), and the declared outputs."""
 
     def __init__(self, out_dir: str | os.PathLike, outputs: Sequence[str] = ()):
         self.dir = Path(out_dir) / "trials"
@@ -463,7 +463,7 @@ def _collect(r: _Running, read: ReadMetric, files: TrialFiles | None) -> TrialRe
     stdout = out["stdout"].fetch().get_bytes() if "stdout" in out else None
     declared = {name: d.fetch().get_bytes() for name, d in out.items() if name != "stdout"}
     if files is not None:
-        files.keep(trial.id, stdout, declared)
+        files.keep(trial.id, stdout, declared, stderr=info.stderr_tail)
     result = TrialResult(
         trial.params,
         "ok",

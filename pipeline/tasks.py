@@ -166,6 +166,7 @@ class RunInfo:
     seconds: float
     input_bytes_written: int  # bytes this task wrote to map its inputs (0 on cache hits)
     attempt: int = 0  # 0 on the first run; more when Ray re-ran it (e.g. a node was lost)
+    stderr_tail: str = ""  # the last lines the program wrote to stderr ("" when it wrote none)
 
 
 def _random_name(data: DataObject) -> str:
@@ -253,7 +254,7 @@ def _run_spec(spec: _Spec, inputs: Sequence[np.ndarray]) -> list:
         if result.stdout is not None:
             outputs.append(np.fromfile(result.stdout, dtype=np.uint8))
     # the RunInfo's fields as a list: Ray sends that as plain msgpack, cheaper than pickling a dataclass
-    info = [spec.name, worker.node_ip, worker.hostname, result.seconds, written, _attempt()]
+    info = [spec.name, worker.node_ip, worker.hostname, result.seconds, written, _attempt(), result.stderr_tail]
     return [info, *outputs]
 
 

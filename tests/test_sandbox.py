@@ -60,6 +60,29 @@ def test_nonzero_exit_reports_name_code_and_stderr_tail(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_successful_program_keeps_its_stderr_tail_and_the_next_starts_empty(tmp_path):
+    import tempfile
+
+    script = "for i in $(seq 1 50); do echo warn$i >&2; done"
+    err = tempfile.TemporaryFile()  # reused across runs, as a worker does
+    with Sandbox(tmp_root=tmp_path, stderr_file=err) as box:
+        res = box.run(ProgramRun(["sh", "-c", script]))
+    assert res.stderr_tail.splitlines()[-1] == "warn50" and "warn1\n" not in res.stderr_tail
+    with Sandbox(tmp_root=tmp_path, stderr_file=err) as box:
+        assert box.run(ProgramRun(["true"])).stderr_tail == ""
+
+
+def test_no_stderr_of_a_program_that_reopened_it_reaches_the_next_ones_error(tmp_path):
+    import tempfile
+
+    err = tempfile.TemporaryFile()  # reused across runs, as a worker does
+    with Sandbox(tmp_root=tmp_path, stderr_file=err) as box:  # a new open file description, writing at 0
+        box.run(ProgramRun(["sh", "-c", "echo secret-of-the-first-task > /dev/stderr"]))
+    with Sandbox(tmp_root=tmp_path, stderr_file=err) as box, pytest.raises(ExecuteError) as ei:
+        box.run(ProgramRun(["sh", "-c", "echo x >&2; exit 1"]))
+    assert ei.value.stderr_tail == "x"
+
+
 def test_signal_is_named(tmp_path):
     with Sandbox(tmp_root=tmp_path) as box:
         with pytest.raises(ExecuteError, match="SIGTERM"):

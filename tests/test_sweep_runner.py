@@ -41,6 +41,7 @@ if y == "garbage":
     print("no number here")
     sys.exit(0)
 print("log line")
+sys.stderr.write(f"warning for x={x}\n")
 print(json.dumps({"score": int(x) * 10}))
 """
 
@@ -91,6 +92,7 @@ def test_failure_is_isolated_recorded_and_resume_runs_only_it(ray_local, state, 
     assert "code 3" in by[3].error and "injected failure for x=3" in by[3].error
     assert (out / "trials" / ts[2].id / "stderr.txt").read_text().strip() == "injected failure for x=3"
     assert (out / "trials" / ts[0].id / "stdout.txt").read_text() == 'log line\n{"score": 10}\n'
+    assert (out / "trials" / ts[0].id / "stderr.txt").read_text() == "warning for x=1\n"  # a success's too
     doc = json.loads((out / "results.json").read_text())
     assert [t["id"] for t in doc["trials"]] == [t.id for t in ts]  # in the search's order
     rows = (out / "results.csv").read_text().splitlines()
