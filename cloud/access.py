@@ -63,12 +63,12 @@ def refuse_autostopped(cfg: ClusterConfig) -> None:
         raise Autostopped(autostop.autostopped_message(cfg.name, rest))
 
 
-def answers(ip: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """Whether an SSH server at `ip`:22 sends its greeting within `timeout` seconds. The greeting, not the
+def answers(ip: str, timeout: float = PROBE_TIMEOUT_S, port: int = 22) -> bool:
+    """Whether an SSH server at `ip`:`port` sends its greeting within `timeout` seconds. The greeting, not the
     TCP handshake alone: a firewall or proxy on the way may accept connections to any address."""
     deadline = time.monotonic() + timeout
     try:
-        with socket.create_connection((ip, 22), timeout=timeout) as s:
+        with socket.create_connection((ip, port), timeout=timeout) as s:
             s.settimeout(max(0.1, deadline - time.monotonic()))
             return bool(s.recv(64))
     except OSError:

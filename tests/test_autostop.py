@@ -339,6 +339,34 @@ def test_down_deletes_a_static_heads_restricted_key_and_role_once(sim, driver, t
     assert r.returncode == 0 and "nothing to remove" in r.stderr, r.stderr
 
 
+def test_a_node_answers_when_an_ssh_server_greets_not_when_a_connection_is_only_accepted():
+    """The check before a command: a deleted node's address may still accept TCP (a firewall or proxy on the
+    way does, on this machine too), so only a greeting counts."""
+    import threading
+
+    from cloud import access
+
+    def serve(greeting: bytes) -> tuple[socket.socket, int]:
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+
+        def accept() -> None:
+            conn, _ = srv.accept()
+            conn.sendall(greeting)
+            time.sleep(2)
+            conn.close()
+
+        threading.Thread(target=accept, daemon=True).start()
+        return srv, srv.getsockname()[1]
+
+    for greeting, want in ((b"SSH-2.0-OpenSSH_9.6\r\n", True), (b"", False)):
+        srv, port = serve(greeting)
+        with srv:
+            assert access.answers("127.0.0.1", timeout=1.0, port=port) is want, greeting
+    assert access.answers("127.0.0.1", timeout=1.0, port=free_port()) is False  # nothing listens
+
+
 def test_commands_on_an_autostopped_cluster_say_so_at_once(sim, driver, tmp_path):
     """After an autostop (the instances deleted from the head; the group, SSH key and restricted key left for
     `down`) the commands that reach the nodes from the local state say so in one line and fail, instead of
