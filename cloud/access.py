@@ -16,7 +16,7 @@ from cloud.config import ClusterConfig
 from cloud.remote import Remote
 from cloud.state import ClusterState, StateStore
 
-PROBE_TIMEOUT_S = 3.0  # a TCP handshake with a running node takes well under a second from anywhere
+PROBE_TIMEOUT_S = 3.0  # a running node's sshd greets well within a second from anywhere
 
 
 class AccessError(Exception):
