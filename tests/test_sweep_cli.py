@@ -184,3 +184,54 @@ def test_a_trial_asking_for_a_gpu_gets_one_from_rays_accounting(tmp_path):
     r = run_cli(str(tmp_path / "driver.py"), str(tmp_path / "gpu.toml"), "--out", str(out), timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     assert [x["value"] for x in rows(out)] == ["1.0", "1.0"]  # each saw one device
+
+
+def _wheel(directory, name: str, version: str, module_source: str):
+    """A minimal pure-Python wheel (PEP 427) of one module, built by hand: no build backend, no network."""
+    import base64
+    import hashlib
+    import zipfile
+
+    dist = f"{name.replace('-', '_')}-{version}"
+    files = {
+        f"{name.replace('-', '_')}.py": module_source,
+        f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{dist}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    path = directory / f"{dist}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for arc, text in files.items():
+            data = text.encode()
+            z.writestr(arc, data)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            record.append(f"{arc},sha256={digest},{len(data)}")
+        record.append(f"{dist}.dist-info/RECORD,,")
+        z.writestr(f"{dist}.dist-info/RECORD", "\n".join(record) + "\n")
+    return path
+
+
+def test_the_programs_own_packages_are_installed_for_its_trials(tmp_path):
+    """`packages` in the sweep file: Ray installs them (runtime_env pip) where the trials run; here from a
+    local folder of wheels (PIP_NO_INDEX / PIP_FIND_LINKS reach pip through Ray's runtime-env agent)."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    tag = tmp_path.name[-8:]
+    _wheel(wheels, "raysweep-probe-pkg", "1.0", f"TAG = {tag!r}\n")
+    (tmp_path / "prog.py").write_text(
+        "import json, sys, raysweep_probe_pkg\n"
+        "print(json.dumps({'score': float(sys.argv[1]), 'tag': raysweep_probe_pkg.TAG}))\n"
+    )
+    (tmp_path / "sweep.toml").write_text(
+        'program = "prog.py"\nargs = "{x}"\nmetric = { json-line = "score" }\npackages = ["raysweep-probe-pkg==1.0"]\n'
+        "[params]\nx = [1, 2]\n[resources]\ncpus = 1\ntimeout = 120\n"
+    )
+    out = tmp_path / "out"
+    env = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels)}
+    r = run_cli("-m", "pipeline.sweep", str(tmp_path / "sweep.toml"), "--out", str(out), "--local-cpus", "2",
+                timeout=600, env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = rows(out)
+    assert [x["status"] for x in got] == ["ok", "ok"], got
+    for x in got:
+        assert f'"tag": "{tag}"' in (out / "trials" / x["trial"] / "stdout.txt").read_text()
