@@ -19,28 +19,13 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
-from bench.common import report, scratch_dir
+from bench.common import ROOT, cli, report, scratch_dir, sim_with_hosts
 from cloud.remote import Remote
-from cloud.sim.hosts import missing_requirements
-from cloud.sim.local import start
-from cloud.sim.model import Faults
 from cloud.state import StateStore
 
-ROOT = Path(__file__).resolve().parent.parent
-KEY, SECRET = "EXObench", "bench-secret-" + uuid.uuid4().hex
 QUICK_PROGRAM = "import sys; print(0.5)\n"
-
-
-def cli(env, *args, timeout=1800):
-    r = subprocess.run(
-        [sys.executable, "exoscale.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    if r.returncode != 0:
-        raise SystemExit(f"exoscale.py {' '.join(args)} failed:\n{r.stderr[-2000:]}")
-    return r
 
 
 def sim_cluster_toml(path, name, **extra):
@@ -125,19 +110,10 @@ def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--trials", type=int, default=24)
     a = p.parse_args(argv)
-    if missing_requirements():
-        raise SystemExit(f"needs {', '.join(missing_requirements())}")
     # the hosts are offered uv and a package index as the internet would: install needs no cluster.toml setting
-    sim = start(KEY, SECRET, faults=Faults(op_delay_s=0.5), hosts=True, offer_packages=True)
-    server = sim.server
+    sim = sim_with_hosts()
     work = scratch_dir("bench-cluster-")
-    env = {
-        **os.environ,
-        "EXOSCALE_API_KEY": KEY,
-        "EXOSCALE_API_SECRET": SECRET,
-        "EXOSCALE_API_ENDPOINT": server.endpoint,
-        "RAYSWEEP_STATE_DIR": str(work / "state"),
-    }
+    env = {**os.environ, **sim.client_env(work / "state")}
     try:
         c1 = sim_cluster_toml(work / "one.toml", "bench-one")
         c4 = sim_cluster_toml(work / "four.toml", "bench-four")

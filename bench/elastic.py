@@ -36,14 +36,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
-from urllib.parse import urlparse
 
-from bench.cluster import cli, sim_cluster_toml
-from bench.common import report, scratch_dir
+from bench.cluster import sim_cluster_toml
+from bench.common import ROOT, cli, report, scratch_dir, sim_driver, sim_with_hosts
 
-ROOT = Path(__file__).resolve().parent.parent
-KEY, SECRET = "EXObench", "bench-secret-" + uuid.uuid4().hex
 PAST_SSH = ("syncing-files", "setting-up", "up-to-date")
 
 
@@ -217,35 +213,19 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     if a.quick:
         a.burst, a.tail, a.seconds = 6, 3, 5.0
-    from cloud.exoscale_driver import ExoscaleV2NodeDriver
-    from cloud.sim.hosts import missing_requirements
-    from cloud.sim.local import start
-    from cloud.sim.model import Faults
-
-    if missing_requirements():
-        raise SystemExit(f"needs {', '.join(missing_requirements())}")
     workload = (
         f"burst of {a.burst} x {a.seconds:g} s tasks (1 CPU each, 3 slots), then {a.tail} x {a.seconds:g} s "
         f"one after the other on the head; elastic: 0-2 workers, idle 0.5 min"
     )
     print(workload, file=sys.stderr)
-    sim = start(KEY, SECRET, faults=Faults(op_delay_s=0.5), hosts=True, offer_packages=True)
+    sim = sim_with_hosts()
     work = scratch_dir("bench-elastic-")
-    env = {
-        **os.environ,
-        "EXOSCALE_API_KEY": KEY,
-        "EXOSCALE_API_SECRET": SECRET,
-        "EXOSCALE_API_ENDPOINT": sim.endpoint,
-        "RAYSWEEP_STATE_DIR": str(work / "state"),
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "TMPDIR": str(work),
-    }
+    env = {**os.environ, **sim.client_env(work / "state"), "RAY_USAGE_STATS_ENABLED": "0", "TMPDIR": str(work)}
     tag = uuid.uuid4().hex[:4]
     static, elastic = f"bst{tag}", f"bel{tag}"
     configs = {n: sim_cluster_toml(work / f"{n}.toml", n) for n in (static, elastic)}
     live: list[str] = []
-    u = urlparse(sim.endpoint)
-    poller = Poller(ExoscaleV2NodeDriver(KEY, SECRET, secure=False, host=u.hostname, port=u.port))
+    poller = Poller(sim_driver(sim))
     try:
         poller.start()
         t0 = time.time()

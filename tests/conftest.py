@@ -95,14 +95,11 @@ class ClusterCLI:
     """Runs `python exoscale.py --name NAME ...` as a user would, against the sim."""
 
     def __init__(self, sim, state_dir, name=None):
+        from cloud.sim.local import client_env
+
         self.sim, self.state_dir = sim, state_dir
         self.name = name or f"t{uuid.uuid4().hex[:8]}"
-        self.env = {
-            "EXOSCALE_API_KEY": SIM_KEY,
-            "EXOSCALE_API_SECRET": SIM_SECRET,
-            "EXOSCALE_API_ENDPOINT": sim.endpoint,
-            "RAYSWEEP_STATE_DIR": str(state_dir),
-        }
+        self.env = client_env(sim.endpoint, SIM_KEY, SIM_SECRET, state_dir)
 
     def __call__(self, *args, timeout=300, check=None):
         r = run_cli("exoscale.py", "--name", self.name, *args, timeout=timeout, env=self.env)

@@ -14,6 +14,7 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from cloud import head_credentials, iam
+from cloud.sim.local import client_env
 from tests.conftest import ROOT, SIM_KEY, SIM_SECRET, run_cli
 from tests.test_ray_provider import Cluster, env  # noqa: F401  (the env fixture)
 
@@ -25,12 +26,7 @@ SECTIONS = (
 
 
 def cli_env(sim, tmp_path, endpoint=None):
-    return {
-        "EXOSCALE_API_KEY": SIM_KEY,
-        "EXOSCALE_API_SECRET": SIM_SECRET,
-        "EXOSCALE_API_ENDPOINT": endpoint or sim.endpoint,
-        "RAYSWEEP_STATE_DIR": str(tmp_path / "state"),
-    }
+    return client_env(endpoint or sim.endpoint, SIM_KEY, SIM_SECRET, tmp_path / "state")
 
 
 def test_ray_config_writes_only_a_complete_yaml(sim, tmp_path):

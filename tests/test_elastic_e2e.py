@@ -93,10 +93,7 @@ def _cluster(local, tmp_path_factory):
         'ray_env = { RAY_health_check_period_ms = "1000", RAY_health_check_failure_threshold = "3" }\n'
     )
     env = {
-        "EXOSCALE_API_KEY": SIM_KEY,
-        "EXOSCALE_API_SECRET": SIM_SECRET,
-        "EXOSCALE_API_ENDPOINT": local.endpoint,
-        "RAYSWEEP_STATE_DIR": str(state / "clusters"),
+        **local.client_env(state / "clusters"),
         "RAY_USAGE_STATS_ENABLED": "0",
         "TMPDIR": str(state),  # Ray's cached bootstrap (ray-config-<hash>) stays inside this test
     }

@@ -9,6 +9,7 @@ endpoint is the gateway URL, so one EXOSCALE_API_ENDPOINT works from this machin
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def client_env(endpoint: str, key: str, secret: str, state_dir: str | os.PathLike[str] | None = None) -> dict[str, str]:
+    """The environment a client of a local Exoscale runs with (exoscale.py, make cluster-up, a sweep's
+    --cluster), as it would with Exoscale: the API endpoint, the account's key pair and, given `state_dir`,
+    where the clusters' local state goes (RAYSWEEP_STATE_DIR). Only these variables: a caller starting a
+    process adds them to its own environment."""
+    env = {"EXOSCALE_API_KEY": key, "EXOSCALE_API_SECRET": secret, "EXOSCALE_API_ENDPOINT": endpoint}
+    if state_dir is not None:
+        env["RAYSWEEP_STATE_DIR"] = os.fspath(state_dir)
+    return env
+
+
 @dataclass
 class LocalExoscale:
     """A running local Exoscale; close() (or leaving the `with` block) stops it and removes its hosts."""
@@ -29,6 +41,8 @@ class LocalExoscale:
     model: Model
     app: App
     server: SimServer
+    key: str
+    secret: str = field(repr=False)
     hooks: HostHooks | None = None
     offer: HostOffer | None = None
     _closed: bool = field(default=False, repr=False)
@@ -36,6 +50,10 @@ class LocalExoscale:
     @property
     def endpoint(self) -> str:
         return self.server.endpoint
+
+    def client_env(self, state_dir: str | os.PathLike[str] | None = None) -> dict[str, str]:
+        """`client_env` for this API and its account (see there)."""
+        return client_env(self.endpoint, self.key, self.secret, state_dir)
 
     def close(self) -> None:
         if self._closed:
@@ -100,4 +118,4 @@ def start(
             hooks.close()
         raise
     server.start()
-    return LocalExoscale(model, app, server, hooks, offer)
+    return LocalExoscale(model, app, server, key, secret, hooks, offer)
