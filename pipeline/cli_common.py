@@ -1,15 +1,14 @@
 """What the sweep CLIs share: Ray options and their checks, reaching Ray (local, an address, or a
 cluster through cloud.connect), running the trials with one-line endings, and the closing summary.
 
-Printing happens here and in the CLIs only; Ray is imported once the run is set up (a cluster run
-sets Ray's authentication mode first, which Ray reads when first imported).
+Printing happens here and in the CLIs only; Ray is imported once the run is set up (for a cluster run,
+`cloud.connect.connect_cluster` sets Ray's authentication mode first, which Ray reads when first imported).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -112,9 +111,8 @@ def main_flow(
     validate: Callable[[argparse.Namespace], Any],
     run: Callable[[Session, Any], int],
 ) -> int:
-    """Validate (one line, exit 2, before any work), reach Ray, run, close the connection."""
-    if args.cluster:
-        os.environ["RAY_AUTH_MODE"] = "token"  # the cluster requires its token; read by Ray at import
+    """Validate (one line, exit 2, before any work), reach Ray, run, close the connection. Ray is not imported
+    before `connect_cluster`, which sets the cluster's token authentication (Ray reads its mode at import)."""
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 __all__ = ["UsageError", "build_parser", "main", "parse_dropouts", "parse_sizes", "validate"]
 
 # Ray is imported only once the run is set up: it reads its authentication mode (RAY_AUTH_MODE) when
-# first imported, and a cluster run sets it first.
+# first imported, and for a cluster run cloud.connect sets it first.
 
 DEFAULT_SIZES = "32,64,128,256"
 DEFAULT_DROPOUTS = "0.0,0.2,0.4,0.6,0.8"

@@ -179,3 +179,25 @@ def test_the_mnist_sweep_file_example(tmp_path):
     assert [(x["size"], x["dropout"]) for x in rows] == [("32", "0.2"), ("64", "0.2")]
     assert all(x["status"] == "ok" and 0.6 < float(x["value"]) <= 1.0 for x in rows)
     assert (out / "plot.png").exists()
+
+
+CLUSTER_RUN = """
+import os, sys
+from pipeline import {module}
+rc = {module}.main({argv!r})
+print("RESULT", rc, "ray" in sys.modules, os.environ.get("RAY_AUTH_MODE"))
+"""
+
+
+@pytest.mark.parametrize("module", ["mnist", "sweep_cli"])
+def test_a_cluster_run_sets_token_auth_before_ray_is_imported(module, tmp_path):
+    """Ray reads RAY_AUTH_MODE once, when first imported: for --cluster, connect_cluster (cloud.ray_auth) sets
+    it, so nothing before it may import Ray. Here the cluster does not exist: the run stops at connecting."""
+    sweep_file = ROOT / "examples" / "descent.toml"
+    argv = {"mnist": ["--data", "mnist-5k"], "sweep_cli": [str(sweep_file)]}[module]
+    argv += ["--cluster", "nosuch", "--out", str(tmp_path / "out")]
+    env = {"RAYSWEEP_STATE_DIR": str(tmp_path / "state"), "RAY_AUTH_MODE": ""}
+    r = run_cli("-c", CLUSTER_RUN.format(module=module, argv=argv), timeout=120, env=env)
+    assert "--cluster 'nosuch'" in r.stderr, r.stdout + r.stderr
+    [result] = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
+    assert result == "RESULT 2 False token", result
