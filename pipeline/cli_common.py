@@ -159,6 +159,12 @@ def start_ray(session: Session, note: str, runtime_env: dict[str, Any] | None = 
     )
 
 
+def failed_task_line(e: tasks.ExecuteError) -> str:
+    """One line for the user about a task that failed: the last line of its stderr, else the error."""
+    tail = e.stderr_tail.strip().splitlines()
+    return tail[-1] if tail else str(e)
+
+
 def adopt_earlier(session: Session, store: ResultStore, previous: Previous | None) -> bool:
     """Take the earlier run's finished trials; False (after one line) when they belong to another sweep."""
     if previous is not None and previous.note:
@@ -173,17 +179,22 @@ def adopt_earlier(session: Session, store: ResultStore, previous: Previous | Non
     return True
 
 
-def execute(
+def run_and_report(
     session: Session,
     store: ResultStore,
     trials: Sequence[Trial],
     submit: Callable[[Trial], tasks.Execute],
     cpus: float,
+    draw: Callable[[list[TrialResult]], Path],
+    best_line: Callable[[TrialResult], str],
+    *,
     read: ReadMetric = read_last_float,
     retries: int = 0,
     files: TrialFiles | None = None,
-) -> list[TrialResult] | int:
-    """Run the trials with a progress line; the results, or an exit code after one line saying why it stopped."""
+    goal: str = "max",
+) -> int:
+    """Run the trials with a progress line, then `finish` with the picture `draw` makes of their results; the
+    exit code (after one line saying why, when the sweep stopped early)."""
     import ray
 
     def count_slots() -> int | None:
@@ -225,7 +236,7 @@ def execute(
         return 1
     store.meta["wall_seconds"] = round(time.monotonic() - session.started, 2)
     store.meta["grid_seconds"] = round(time.monotonic() - start, 2)  # first submission to last result
-    return results
+    return finish(session, store, results, lambda: draw(results), best_line, goal)
 
 
 def finish(

@@ -19,14 +19,14 @@ from pipeline.cli_common import (
     UsageError,
     add_ray_options,
     adopt_earlier,
-    execute,
-    finish,
+    failed_task_line,
     main_flow,
     read_earlier,
+    run_and_report,
     start_ray,
 )
 from pipeline.spec import Trial, grid_id
-from pipeline.sweep import Previous, ResultStore, TrialFiles
+from pipeline.sweep import Previous, ResultStore, TrialFiles, TrialResult
 
 if TYPE_CHECKING:
     from pipeline import datasets, tasks
@@ -153,8 +153,7 @@ def _dataset(session: Session, plan: datasets.DataPlan) -> datasets.Dataset | No
     try:
         ds = datasets.produce(plan)
     except tasks.ExecuteError as e:
-        tail = e.stderr_tail.strip().splitlines()
-        session.error(f"--data {plan.source!r}: {tail[-1] if tail else e}")
+        session.error(f"--data {plan.source!r}: {failed_task_line(e)}")
         return None
     if ds.note:
         session.say(ds.note)
@@ -209,11 +208,8 @@ def _run(session: Session, checked: Checked) -> int:
         "dropouts": checked.dropouts,
     }
     submit = _submitter(args, program, ds.data)
-    results = execute(session, store, trials, submit, args.cpus, files=TrialFiles(args.out))
-    if isinstance(results, int):
-        return results
 
-    def draw() -> Path:
+    def draw(results: list[TrialResult]) -> Path:
         title = f"MNIST test accuracy ({ds.name}, {args.epochs} epoch{'s' if args.epochs > 1 else ''})"
         path = Path(args.out) / "heatmap.png"
         labels = ("hidden size", "dropout")
@@ -224,7 +220,7 @@ def _run(session: Session, checked: Checked) -> int:
     def best_line(b) -> str:
         return f"best: size={b.params['size']} dropout={b.params['dropout']:g} accuracy={b.value:.4f}"
 
-    return finish(session, store, results, draw, best_line)
+    return run_and_report(session, store, trials, submit, args.cpus, draw, best_line, files=TrialFiles(args.out))
 
 
 if __name__ == "__main__":
