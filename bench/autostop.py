@@ -21,10 +21,10 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bench.cluster import sim_cluster_toml
-from bench.common import ROOT, cli, report, scratch_dir, sim_driver, sim_with_hosts
+from bench.common import ROOT, cli, report, scratch_dir, sim_driver, sim_with_hosts, wait_for
 from cloud import autostop
 from cloud.remote import Remote
+from cloud.sim.local import cluster_toml
 from cloud.state import StateStore
 
 if TYPE_CHECKING:
@@ -40,20 +40,10 @@ def _status(state_dir: Path) -> autostop.HeadStatus | None:
         return None
 
 
-def _wait(what: str, check, timeout: float, every: float = 0.3):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(every)
-    raise SystemExit(f"waited {timeout:g} s for {what}")
-
-
 def one_cluster(sim: LocalExoscale, env: dict, work: Path, n: int, unit: float) -> tuple[float, float]:
     """(detection delay, teardown seconds) for a cluster of n nodes."""
     name = f"bench-as{n}-{uuid.uuid4().hex[:4]}"
-    config = str(sim_cluster_toml(work / f"{name}.toml", name))
+    config = str(cluster_toml(work / f"{name}.toml", name))
     state_dir = work / "state" / name
     cli(env, "--config", config, "up", "-n", str(n), "--autostop", "0")
     try:
@@ -67,13 +57,17 @@ def one_cluster(sim: LocalExoscale, env: dict, work: Path, n: int, unit: float) 
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        _wait("the session to count", lambda: "SSH connection" in (((s := _status(state_dir)) and s.reason) or ""), 60)
+        wait_for(
+            "the session to count", lambda: "SSH connection" in (((s := _status(state_dir)) and s.reason) or ""), 60
+        )
         cli(env, "--name", name, "autostop", "--minutes", "1")
-        _wait("a busy sample under the new setting", lambda: (s := _status(state_dir)) and s.action == "busy", 60)
+        wait_for("a busy sample under the new setting", lambda: (s := _status(state_dir)) and s.action == "busy", 60)
         ssh.terminate()
         ssh.wait(10)
         closed = time.time()
-        stop = _wait("the decision to stop", lambda: (s := _status(state_dir)) and s.action == "stop" and s, 10 * unit)
+        stop = wait_for(
+            "the decision to stop", lambda: (s := _status(state_dir)) and s.action == "stop" and s, 10 * unit
+        )
         driver = sim_driver(sim)
         store = StateStore(state_dir)
         remote, head = Remote(store.key_path, store.known_hosts), store.load().head()
@@ -89,7 +83,7 @@ def one_cluster(sim: LocalExoscale, env: dict, work: Path, n: int, unit: float) 
 
         reader = threading.Thread(target=follow, daemon=True)
         reader.start()
-        _wait("no instances", lambda: not driver.list_nodes(ex_labels={"cluster": name}), 600, every=0.1)
+        wait_for("no instances", lambda: not driver.list_nodes(ex_labels={"cluster": name}), 600, every=0.1)
         gone = time.time()
         done.set()
         print(

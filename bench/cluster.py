@@ -23,22 +23,10 @@ from pathlib import Path
 
 from bench.common import ROOT, cli, report, scratch_dir, sim_with_hosts
 from cloud.remote import Remote
+from cloud.sim.local import cluster_toml
 from cloud.state import StateStore
 
 QUICK_PROGRAM = "import sys; print(0.5)\n"
-
-
-def sim_cluster_toml(path, name, **extra):
-    """cluster.toml for a cluster on the local Exoscale: nothing about packages (the hosts are offered them)."""
-    lines = [
-        f'name = "{name}"',
-        "ray_cpus = 1",
-        'ssh_cidr = "0.0.0.0/0"',
-        'ray_env = { RAY_health_check_period_ms = "1000", RAY_health_check_failure_threshold = "3" }',
-    ]
-    lines += [f"{k} = {v}" for k, v in extra.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def nodes_cpu_seconds(state_root: Path, name: str) -> float:
@@ -115,14 +103,14 @@ def main(argv=None):
     work = scratch_dir("bench-cluster-")
     env = {**os.environ, **sim.client_env(work / "state")}
     try:
-        c1 = sim_cluster_toml(work / "one.toml", "bench-one")
-        c4 = sim_cluster_toml(work / "four.toml", "bench-four")
+        c1 = cluster_toml(work / "one.toml", "bench-one")
+        c4 = cluster_toml(work / "four.toml", "bench-four")
         t1 = cluster_up(env, c1, "bench-one", 1)
         cli(env, "--config", str(c1), "down", "--yes")
         t4 = cluster_up(env, c4, "bench-four", 4)
         cli(env, "--config", str(c4), "down", "--yes")
 
-        c3 = sim_cluster_toml(work / "three.toml", "bench-three")
+        c3 = cluster_toml(work / "three.toml", "bench-three")
         cluster_up(env, c3, "bench-three", 3)
         # the quick program, already present on every node and here (--program PATH)
         prog = work / "quick.py"

@@ -13,14 +13,16 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from cloud.exoscale_driver import ExoscaleV2NodeDriver
     from cloud.sim.local import LocalExoscale
 
 ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
 
 
 def scratch_dir(prefix: str) -> Path:
@@ -70,6 +72,18 @@ def cli(env: dict[str, str], *args: str, timeout: float = 1800) -> subprocess.Co
     if r.returncode != 0:
         raise SystemExit(f"exoscale.py {' '.join(args)} failed:\n{r.stderr[-2000:]}")
     return r
+
+
+def wait_for(what: str, check: Callable[[], T], timeout: float, every: float = 0.3) -> T:
+    """Call `check` every `every` seconds until it returns something true, and return that; after `timeout`
+    seconds, SystemExit saying what was awaited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(every)
+    raise SystemExit(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def timed(fn) -> float:

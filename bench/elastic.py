@@ -37,8 +37,8 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from bench.cluster import sim_cluster_toml
-from bench.common import ROOT, cli, report, scratch_dir, sim_driver, sim_with_hosts
+from bench.common import ROOT, cli, report, scratch_dir, sim_driver, sim_with_hosts, wait_for
+from cloud.sim.local import cluster_toml
 
 PAST_SSH = ("syncing-files", "setting-up", "up-to-date")
 
@@ -169,14 +169,6 @@ def run_workload(env: dict[str, str], name: str, a: argparse.Namespace) -> dict:
     return json.loads(lines[-1].split(" ", 1)[1])
 
 
-def wait_for(what: str, ok, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while not ok():
-        if time.time() > deadline:
-            raise SystemExit(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(2)
-
-
 def worker_phases(lives: dict[str, Life], result: dict) -> list[dict]:
     """Per worker: seconds from the burst queueing to each phase's end (None where not seen)."""
     out = []
@@ -223,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
     env = {**os.environ, **sim.client_env(work / "state"), "RAY_USAGE_STATS_ENABLED": "0", "TMPDIR": str(work)}
     tag = uuid.uuid4().hex[:4]
     static, elastic = f"bst{tag}", f"bel{tag}"
-    configs = {n: sim_cluster_toml(work / f"{n}.toml", n) for n in (static, elastic)}
+    configs = {n: cluster_toml(work / f"{n}.toml", n) for n in (static, elastic)}
     live: list[str] = []
     poller = Poller(sim_driver(sim))
     try:
@@ -246,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
         def no_workers() -> bool:
             return all(x.gone or x.role != "worker" for x in poller.lives.get(elastic, {}).values())
 
-        wait_for("the elastic cluster's idle workers to be removed", no_workers, 300)
+        wait_for("the elastic cluster's idle workers to be removed", no_workers, 300, every=2)
         cli(env, "--config", str(configs[elastic]), "down", "--yes")
         live.remove(elastic)
         time.sleep(2 * poller.every)  # the last deletion seen by a poll

@@ -179,16 +179,14 @@ def pytest_sessionfinish(session, exitstatus):
 def sim_cluster_toml(path, name, wheelhouse, **extra):
     """cluster.toml for a sim cluster whose nodes install from the offered wheelhouse and uv (copied beside
     the wheels: the hosts see this machine's files except /tmp, /home and /dev/shm, their own)."""
+    from cloud.sim.local import cluster_toml
+
     uv = uv_for_hosts(wheelhouse)
-    lines = [
-        f'name = "{name}"',
+    return cluster_toml(
+        path,
+        name,
         f'uv_path = "{uv}"',
         f'install_options = "--no-index --find-links {wheelhouse}"',
         f'install_env = {{ UV_CACHE_DIR = "{hosts_uv_cache()}", UV_LINK_MODE = "copy" }}',
-        "ray_cpus = 1",
-        'ssh_cidr = "0.0.0.0/0"',
-        'ray_env = { RAY_health_check_period_ms = "1000", RAY_health_check_failure_threshold = "3" }',
-    ]
-    lines += [f"{k} = {v}" for k, v in extra.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+        **extra,
+    )

@@ -83,15 +83,13 @@ def elastic(tmp_path_factory):
 
 
 def _cluster(local, tmp_path_factory):
+    from cloud.sim.local import cluster_toml
+
     app, model = local.app, local.model
     recorder = KeyRecorder(app)
     state = tmp_path_factory.mktemp("elastic")
     name = f"el{uuid.uuid4().hex[:6]}"
-    toml = state / "cluster.toml"
-    toml.write_text(
-        f'name = "{name}"\nray_cpus = 1\nssh_cidr = "0.0.0.0/0"\n'
-        'ray_env = { RAY_health_check_period_ms = "1000", RAY_health_check_failure_threshold = "3" }\n'
-    )
+    toml = cluster_toml(state / "cluster.toml", name)
     env = {
         **local.client_env(state / "clusters"),
         "RAY_USAGE_STATS_ENABLED": "0",

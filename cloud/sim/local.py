@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cloud.sim.model import Faults, Model
@@ -32,6 +33,23 @@ def client_env(endpoint: str, key: str, secret: str, state_dir: str | os.PathLik
     if state_dir is not None:
         env["RAYSWEEP_STATE_DIR"] = os.fspath(state_dir)
     return env
+
+
+def cluster_toml(path: Path, name: str, *settings: str, **extra: object) -> Path:
+    """Write a cluster.toml for a cluster on the local Exoscale's hosts, as the tests and the benchmarks run
+    one: one Ray CPU a node (the hosts share this machine's cores), SSH from anywhere (this machine reaches the
+    hosts from the bridge's gateway, not from a public address), Ray's health checks within seconds (a host
+    stopped is noticed at once). `settings`: more lines, verbatim; `extra`: `KEY = VALUE` lines (VALUE in TOML)."""
+    lines = [
+        f'name = "{name}"',
+        *settings,
+        "ray_cpus = 1",
+        'ssh_cidr = "0.0.0.0/0"',
+        'ray_env = { RAY_health_check_period_ms = "1000", RAY_health_check_failure_threshold = "3" }',
+    ]
+    lines += [f"{k} = {v}" for k, v in extra.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 @dataclass
