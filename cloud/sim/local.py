@@ -37,9 +37,10 @@ def client_env(endpoint: str, key: str, secret: str, state_dir: str | os.PathLik
 
 def cluster_toml(path: Path, name: str, *settings: str, **extra: object) -> Path:
     """Write a cluster.toml for a cluster on the local Exoscale's hosts, as the tests and the benchmarks run
-    one: one Ray CPU a node (the hosts share this machine's cores), SSH from anywhere (this machine reaches the
-    hosts from the bridge's gateway, not from a public address), Ray's health checks within seconds (a host
-    stopped is noticed at once). `settings`: more lines, verbatim; `extra`: `KEY = VALUE` lines (VALUE in TOML)."""
+    one: one Ray CPU a node (the hosts share this machine's cores), SSH open to 0.0.0.0/0 said explicitly (the
+    default, of which `up` warns otherwise; the hosts see this machine as the bridge's gateway), Ray's health
+    checks within seconds (a stopped host is noticed at once). `settings`: more lines, verbatim; `extra`:
+    `KEY = VALUE` lines (VALUE in TOML)."""
     lines = [
         f'name = "{name}"',
         *settings,
