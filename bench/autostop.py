@@ -19,17 +19,16 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from bench.cluster import KEY, SECRET, cli, sim_cluster_toml
-from bench.common import report, scratch_dir
+from bench.common import ROOT, cli, report, scratch_dir, sim_driver, sim_with_hosts, wait_for
 from cloud import autostop
-from cloud.exoscale_driver import ExoscaleV2NodeDriver
 from cloud.remote import Remote
-from cloud.sim.hosts import missing_requirements
-from cloud.sim.model import Faults
+from cloud.sim.local import cluster_toml
 from cloud.state import StateStore
 
-ROOT = Path(__file__).resolve().parent.parent
+if TYPE_CHECKING:
+    from cloud.sim.local import LocalExoscale
 
 
 def _status(state_dir: Path) -> autostop.HeadStatus | None:
@@ -41,20 +40,10 @@ def _status(state_dir: Path) -> autostop.HeadStatus | None:
         return None
 
 
-def _wait(what: str, check, timeout: float, every: float = 0.3):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(every)
-    raise SystemExit(f"waited {timeout:g} s for {what}")
-
-
-def one_cluster(server, env: dict, work: Path, n: int, unit: float) -> tuple[float, float]:
+def one_cluster(sim: LocalExoscale, env: dict, work: Path, n: int, unit: float) -> tuple[float, float]:
     """(detection delay, teardown seconds) for a cluster of n nodes."""
     name = f"bench-as{n}-{uuid.uuid4().hex[:4]}"
-    config = str(sim_cluster_toml(work / f"{name}.toml", name))
+    config = str(cluster_toml(work / f"{name}.toml", name))
     state_dir = work / "state" / name
     cli(env, "--config", config, "up", "-n", str(n), "--autostop", "0")
     try:
@@ -68,14 +57,18 @@ def one_cluster(server, env: dict, work: Path, n: int, unit: float) -> tuple[flo
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        _wait("the session to count", lambda: "SSH connection" in (((s := _status(state_dir)) and s.reason) or ""), 60)
+        wait_for(
+            "the session to count", lambda: "SSH connection" in (((s := _status(state_dir)) and s.reason) or ""), 60
+        )
         cli(env, "--name", name, "autostop", "--minutes", "1")
-        _wait("a busy sample under the new setting", lambda: (s := _status(state_dir)) and s.action == "busy", 60)
+        wait_for("a busy sample under the new setting", lambda: (s := _status(state_dir)) and s.action == "busy", 60)
         ssh.terminate()
         ssh.wait(10)
         closed = time.time()
-        stop = _wait("the decision to stop", lambda: (s := _status(state_dir)) and s.action == "stop" and s, 10 * unit)
-        driver = ExoscaleV2NodeDriver(KEY, SECRET, host=server.host, port=server.port, secure=False)
+        stop = wait_for(
+            "the decision to stop", lambda: (s := _status(state_dir)) and s.action == "stop" and s, 10 * unit
+        )
+        driver = sim_driver(sim)
         store = StateStore(state_dir)
         remote, head = Remote(store.key_path, store.known_hosts), store.load().head()
         steps = [""]
@@ -90,7 +83,7 @@ def one_cluster(server, env: dict, work: Path, n: int, unit: float) -> tuple[flo
 
         reader = threading.Thread(target=follow, daemon=True)
         reader.start()
-        _wait("no instances", lambda: not driver.list_nodes(ex_labels={"cluster": name}), 600, every=0.1)
+        wait_for("no instances", lambda: not driver.list_nodes(ex_labels={"cluster": name}), 600, every=0.1)
         gone = time.time()
         done.set()
         print(
@@ -105,23 +98,13 @@ def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--unit", type=float, default=10.0, help="seconds per autostop minute")
     a = p.parse_args(argv)
-    if missing_requirements():
-        raise SystemExit(f"needs {', '.join(missing_requirements())}")
-    from cloud.sim.local import start
-
     work = scratch_dir("bench-autostop-")
     # the hosts are offered uv and a package index as the internet would: install needs no cluster.toml setting
-    with start(KEY, SECRET, faults=Faults(op_delay_s=0.5), hosts=True, offer_packages=True) as local:
-        env = {
-            **os.environ,
-            "EXOSCALE_API_KEY": KEY,
-            "EXOSCALE_API_SECRET": SECRET,
-            "EXOSCALE_API_ENDPOINT": local.endpoint,  # the hosts' gateway: the heads reach it too
-            "RAYSWEEP_STATE_DIR": str(work / "state"),
-            autostop.UNIT_ENV: str(a.unit),
-        }
-        d1, t1 = one_cluster(local.server, env, work, 1, a.unit)
-        d4, t4 = one_cluster(local.server, env, work, 4, a.unit)
+    with sim_with_hosts() as local:
+        # the endpoint is the hosts' gateway: the heads reach it too
+        env = {**os.environ, **local.client_env(work / "state"), autostop.UNIT_ENV: str(a.unit)}
+        d1, t1 = one_cluster(local, env, work, 1, a.unit)
+        d4, t4 = one_cluster(local, env, work, 4, a.unit)
     return report(
         "autostop",
         unit_s=a.unit,

@@ -19,41 +19,14 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
-from bench.common import report, scratch_dir
+from bench.common import ROOT, cli, report, scratch_dir, sim_with_hosts
 from cloud.remote import Remote
-from cloud.sim.hosts import missing_requirements
-from cloud.sim.local import start
-from cloud.sim.model import Faults
+from cloud.sim.local import cluster_toml
 from cloud.state import StateStore
 
-ROOT = Path(__file__).resolve().parent.parent
-KEY, SECRET = "EXObench", "bench-secret-" + uuid.uuid4().hex
 QUICK_PROGRAM = "import sys; print(0.5)\n"
-
-
-def cli(env, *args, timeout=1800):
-    r = subprocess.run(
-        [sys.executable, "exoscale.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    if r.returncode != 0:
-        raise SystemExit(f"exoscale.py {' '.join(args)} failed:\n{r.stderr[-2000:]}")
-    return r
-
-
-def sim_cluster_toml(path, name, **extra):
-    """cluster.toml for a cluster on the local Exoscale: nothing about packages (the hosts are offered them)."""
-    lines = [
-        f'name = "{name}"',
-        "ray_cpus = 1",
-        'ssh_cidr = "0.0.0.0/0"',
-        'ray_env = { RAY_health_check_period_ms = "1000", RAY_health_check_failure_threshold = "3" }',
-    ]
-    lines += [f"{k} = {v}" for k, v in extra.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def nodes_cpu_seconds(state_root: Path, name: str) -> float:
@@ -125,28 +98,19 @@ def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--trials", type=int, default=24)
     a = p.parse_args(argv)
-    if missing_requirements():
-        raise SystemExit(f"needs {', '.join(missing_requirements())}")
     # the hosts are offered uv and a package index as the internet would: install needs no cluster.toml setting
-    sim = start(KEY, SECRET, faults=Faults(op_delay_s=0.5), hosts=True, offer_packages=True)
-    server = sim.server
+    sim = sim_with_hosts()
     work = scratch_dir("bench-cluster-")
-    env = {
-        **os.environ,
-        "EXOSCALE_API_KEY": KEY,
-        "EXOSCALE_API_SECRET": SECRET,
-        "EXOSCALE_API_ENDPOINT": server.endpoint,
-        "RAYSWEEP_STATE_DIR": str(work / "state"),
-    }
+    env = {**os.environ, **sim.client_env(work / "state")}
     try:
-        c1 = sim_cluster_toml(work / "one.toml", "bench-one")
-        c4 = sim_cluster_toml(work / "four.toml", "bench-four")
+        c1 = cluster_toml(work / "one.toml", "bench-one")
+        c4 = cluster_toml(work / "four.toml", "bench-four")
         t1 = cluster_up(env, c1, "bench-one", 1)
         cli(env, "--config", str(c1), "down", "--yes")
         t4 = cluster_up(env, c4, "bench-four", 4)
         cli(env, "--config", str(c4), "down", "--yes")
 
-        c3 = sim_cluster_toml(work / "three.toml", "bench-three")
+        c3 = cluster_toml(work / "three.toml", "bench-three")
         cluster_up(env, c3, "bench-three", 3)
         # the quick program, already present on every node and here (--program PATH)
         prog = work / "quick.py"

@@ -36,14 +36,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
-from urllib.parse import urlparse
 
-from bench.cluster import cli, sim_cluster_toml
-from bench.common import report, scratch_dir
+from bench.common import ROOT, cli, report, scratch_dir, sim_driver, sim_with_hosts, wait_for
+from cloud.sim.local import cluster_toml
 
-ROOT = Path(__file__).resolve().parent.parent
-KEY, SECRET = "EXObench", "bench-secret-" + uuid.uuid4().hex
 PAST_SSH = ("syncing-files", "setting-up", "up-to-date")
 
 
@@ -173,14 +169,6 @@ def run_workload(env: dict[str, str], name: str, a: argparse.Namespace) -> dict:
     return json.loads(lines[-1].split(" ", 1)[1])
 
 
-def wait_for(what: str, ok, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while not ok():
-        if time.time() > deadline:
-            raise SystemExit(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(2)
-
-
 def worker_phases(lives: dict[str, Life], result: dict) -> list[dict]:
     """Per worker: seconds from the burst queueing to each phase's end (None where not seen)."""
     out = []
@@ -217,35 +205,19 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     if a.quick:
         a.burst, a.tail, a.seconds = 6, 3, 5.0
-    from cloud.exoscale_driver import ExoscaleV2NodeDriver
-    from cloud.sim.hosts import missing_requirements
-    from cloud.sim.local import start
-    from cloud.sim.model import Faults
-
-    if missing_requirements():
-        raise SystemExit(f"needs {', '.join(missing_requirements())}")
     workload = (
         f"burst of {a.burst} x {a.seconds:g} s tasks (1 CPU each, 3 slots), then {a.tail} x {a.seconds:g} s "
         f"one after the other on the head; elastic: 0-2 workers, idle 0.5 min"
     )
     print(workload, file=sys.stderr)
-    sim = start(KEY, SECRET, faults=Faults(op_delay_s=0.5), hosts=True, offer_packages=True)
+    sim = sim_with_hosts()
     work = scratch_dir("bench-elastic-")
-    env = {
-        **os.environ,
-        "EXOSCALE_API_KEY": KEY,
-        "EXOSCALE_API_SECRET": SECRET,
-        "EXOSCALE_API_ENDPOINT": sim.endpoint,
-        "RAYSWEEP_STATE_DIR": str(work / "state"),
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "TMPDIR": str(work),
-    }
+    env = {**os.environ, **sim.client_env(work / "state"), "RAY_USAGE_STATS_ENABLED": "0", "TMPDIR": str(work)}
     tag = uuid.uuid4().hex[:4]
     static, elastic = f"bst{tag}", f"bel{tag}"
-    configs = {n: sim_cluster_toml(work / f"{n}.toml", n) for n in (static, elastic)}
+    configs = {n: cluster_toml(work / f"{n}.toml", n) for n in (static, elastic)}
     live: list[str] = []
-    u = urlparse(sim.endpoint)
-    poller = Poller(ExoscaleV2NodeDriver(KEY, SECRET, secure=False, host=u.hostname, port=u.port))
+    poller = Poller(sim_driver(sim))
     try:
         poller.start()
         t0 = time.time()
@@ -266,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
         def no_workers() -> bool:
             return all(x.gone or x.role != "worker" for x in poller.lives.get(elastic, {}).values())
 
-        wait_for("the elastic cluster's idle workers to be removed", no_workers, 300)
+        wait_for("the elastic cluster's idle workers to be removed", no_workers, 300, every=2)
         cli(env, "--config", str(configs[elastic]), "down", "--yes")
         live.remove(elastic)
         time.sleep(2 * poller.every)  # the last deletion seen by a poll

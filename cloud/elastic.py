@@ -32,12 +32,11 @@ def config_path(cfg: ClusterConfig) -> Path:
 def is_autoscaling(cfg: ClusterConfig, nodes=()) -> bool:
     """Made by `up --max-workers` (its YAML is in the state) or by `ray up` on a `ray-config` YAML (the head's
     key was made here), or, with no local state, its nodes say so."""
-    from cloud import head_credentials
+    from cloud.iam import key_copy_path
 
-    key_copy = cfg.state_dir / "head" / Path(head_credentials.HEAD_PATH).name
     return (
         config_path(cfg).exists()
-        or key_copy.exists()
+        or key_copy_path(cfg.state_dir).exists()
         or any(RAY_KIND_LABEL in n.extra.get("labels", {}) for n in nodes)
     )
 
@@ -158,19 +157,18 @@ def revoke_key(driver, cfg: ClusterConfig, progress: Progress) -> None:
     """Delete the cluster's restricted key(s): from now on the autoscaler cannot create anything."""
     from cloud import iam
 
-    for k in iam.find_keys(driver, cfg.name):
-        iam.delete_key(driver, k.key)
-        progress(cfg.name, f"API key {k.key} of the autoscaler revoked")
+    for what in iam.delete_keys(driver, cfg.name):
+        progress(cfg.name, f"{what} of the autoscaler revoked")
 
 
 def after_down(driver, cfg: ClusterConfig, progress: Progress) -> list[str]:
-    """Once the instances are gone: the key's role, the local copy of the key and the cluster's YAML."""
-    from cloud import head_credentials, iam
+    """Once the instances are gone: the key's role (and any key made since `revoke_key`), the local copy of the
+    key and the cluster's YAML."""
+    from cloud import iam
 
-    removed = iam.delete_cluster_iam(driver, cfg.name)
+    removed = iam.delete_cluster_iam(driver, cfg.name, cfg.state_dir)
     for what in removed:
         progress(cfg.name, f"{what} deleted")
-    (cfg.state_dir / "head" / Path(head_credentials.HEAD_PATH).name).unlink(missing_ok=True)
     config_path(cfg).unlink(missing_ok=True)
     return removed
 

@@ -1,9 +1,10 @@
 """The per-cluster restricted API key: an IAM role allowing only the compute operations a cluster's head
 needs (the autoscaler's node provider and autostop), and an API key with that role.
 
-Made on the user's machine (with the user's key) when a cluster's head is prepared, removed by `down`;
-the head gets only this key, in its own 0600 file (cloud.head_credentials). Both are named
-`raysweep-<cluster>`, so they are found by name even when local state is lost.
+Made on the user's machine (with the user's key) when a cluster's head is prepared, removed by `down`
+(`exoscale.py down` and Ray's `ray down`, both through `delete_cluster_iam`); the head gets only this key,
+in its own 0600 file (cloud.head_credentials), of which the user's machine keeps a copy in the cluster's state
+(`key_copy_path`). Both are named `raysweep-<cluster>`, so they are found by name even when local state is lost.
 
 The role's policy: every service denied by default; in `compute` only the operations in
 COMPUTE_OPERATIONS; in `general` only `get-operation` (polling the asynchronous operations those start).
@@ -129,6 +130,18 @@ def delete_key(driver, key: str) -> bool:
         raise
 
 
+def key_copy_path(state_dir: Path) -> Path:
+    """The user's machine's copy of the cluster's restricted key (in `state_dir/head/`, which is mounted on an
+    autoscaling cluster's head as `~/.raysweep/`); its existence marks a cluster whose head has the key."""
+    return state_dir / "head" / Path(head_credentials.HEAD_PATH).name
+
+
+def delete_keys(driver, cluster: str) -> list[str]:
+    """Delete the cluster's API key(s): whoever holds one can do nothing from now on. Returns those this call
+    deleted, as "API key KEY" (one gone meanwhile is not counted, so each is reported exactly once)."""
+    return [f"API key {k.key}" for k in find_keys(driver, cluster) if delete_key(driver, k.key)]
+
+
 def exists(driver, cluster: str) -> list[str]:
     """The cluster's API key(s) and role that exist, described; [] too when the caller's key may not read IAM
     (such a key cannot have made them either)."""
@@ -141,12 +154,12 @@ def exists(driver, cluster: str) -> list[str]:
         raise
 
 
-def delete_cluster_iam(driver, cluster: str) -> list[str]:
-    """Delete the cluster's API key(s), then its role; idempotent. Returns what was removed."""
-    removed = []
-    for k in find_keys(driver, cluster):
-        if delete_key(driver, k.key):
-            removed.append(f"API key {k.key}")
+def delete_cluster_iam(driver, cluster: str, state_dir: Path | None = None) -> list[str]:
+    """The cluster's restricted key gone for good: its API key(s), then its role, then (given the cluster's
+    `state_dir`) the local copy of the key. Idempotent: what is gone already (404) is skipped, so each is
+    deleted and reported exactly once however often this runs; other API errors propagate (after the driver's
+    retries). Returns what was removed from the API."""
+    removed = delete_keys(driver, cluster)
     role_id = find_role(driver, cluster)
     if role_id is not None:
         try:
@@ -155,4 +168,6 @@ def delete_cluster_iam(driver, cluster: str) -> list[str]:
         except ExoscaleAPIError as e:
             if e.code != 404:
                 raise
+    if state_dir is not None:
+        key_copy_path(state_dir).unlink(missing_ok=True)
     return removed

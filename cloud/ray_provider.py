@@ -367,7 +367,7 @@ class ExoscaleNodeProvider(NodeProvider):
 
         if self._store is None:
             raise ValueError("provider.state_dir is not set: write the config with `exoscale.py ray-config`")
-        path = self._store.dir / "head" / Path(head_credentials.HEAD_PATH).name
+        path = iam.key_copy_path(self._store.dir)
         iam.ensure_key_file(
             self.driver, self.cluster_name, self.provider_config["zone"], self.provider_config.get("endpoint"), path
         )
@@ -385,7 +385,8 @@ class ExoscaleNodeProvider(NodeProvider):
             return  # on the head: nothing to clean with a key that may only touch instances
         from cloud import iam, provision
 
-        removed = iam.delete_cluster_iam(self.driver, self.cluster_name)
+        state_dir = self._store.dir if self._store is not None else None
+        removed = iam.delete_cluster_iam(self.driver, self.cluster_name, state_dir)
         if self._store is not None:
             # provision.down finds the (no longer existing) instances, the group and the SSH key by label and
             # name; with ssh_key set it keeps the cluster's key pair, which the YAML's auth section names
@@ -400,7 +401,6 @@ class ExoscaleNodeProvider(NodeProvider):
             if res.failed:
                 raise RuntimeError("could not remove: " + "; ".join(f"{k}: {v}" for k, v in res.failed.items()))
             removed += res.removed
-            (self._store.dir / "head" / Path(head_credentials.HEAD_PATH).name).unlink(missing_ok=True)
         cache = self.provider_config.get("_config_cache_path")
         if cache:
             Path(cache).unlink(missing_ok=True)

@@ -1,15 +1,14 @@
 """What the sweep CLIs share: Ray options and their checks, reaching Ray (local, an address, or a
 cluster through cloud.connect), running the trials with one-line endings, and the closing summary.
 
-Printing happens here and in the CLIs only; Ray is imported once the run is set up (a cluster run
-sets Ray's authentication mode first, which Ray reads when first imported).
+Printing happens here and in the CLIs only; Ray is imported once the run is set up (for a cluster run,
+`cloud.connect.connect_cluster` sets Ray's authentication mode first, which Ray reads when first imported).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -112,9 +111,8 @@ def main_flow(
     validate: Callable[[argparse.Namespace], Any],
     run: Callable[[Session, Any], int],
 ) -> int:
-    """Validate (one line, exit 2, before any work), reach Ray, run, close the connection."""
-    if args.cluster:
-        os.environ["RAY_AUTH_MODE"] = "token"  # the cluster requires its token; read by Ray at import
+    """Validate (one line, exit 2, before any work), reach Ray, run, close the connection. Ray is not imported
+    before `connect_cluster`, which sets the cluster's token authentication (Ray reads its mode at import)."""
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -161,6 +159,12 @@ def start_ray(session: Session, note: str, runtime_env: dict[str, Any] | None = 
     )
 
 
+def failed_task_line(e: tasks.ExecuteError) -> str:
+    """One line for the user about a task that failed: the last line of its stderr, else the error."""
+    tail = e.stderr_tail.strip().splitlines()
+    return tail[-1] if tail else str(e)
+
+
 def adopt_earlier(session: Session, store: ResultStore, previous: Previous | None) -> bool:
     """Take the earlier run's finished trials; False (after one line) when they belong to another sweep."""
     if previous is not None and previous.note:
@@ -175,17 +179,22 @@ def adopt_earlier(session: Session, store: ResultStore, previous: Previous | Non
     return True
 
 
-def execute(
+def run_and_report(
     session: Session,
     store: ResultStore,
     trials: Sequence[Trial],
     submit: Callable[[Trial], tasks.Execute],
     cpus: float,
+    draw: Callable[[list[TrialResult]], Path],
+    best_line: Callable[[TrialResult], str],
+    *,
     read: ReadMetric = read_last_float,
     retries: int = 0,
     files: TrialFiles | None = None,
-) -> list[TrialResult] | int:
-    """Run the trials with a progress line; the results, or an exit code after one line saying why it stopped."""
+    goal: str = "max",
+) -> int:
+    """Run the trials with a progress line, then `finish` with the picture `draw` makes of their results; the
+    exit code (after one line saying why, when the sweep stopped early)."""
     import ray
 
     def count_slots() -> int | None:
@@ -227,7 +236,7 @@ def execute(
         return 1
     store.meta["wall_seconds"] = round(time.monotonic() - session.started, 2)
     store.meta["grid_seconds"] = round(time.monotonic() - start, 2)  # first submission to last result
-    return results
+    return finish(session, store, results, lambda: draw(results), best_line, goal)
 
 
 def finish(

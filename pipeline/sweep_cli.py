@@ -23,13 +23,13 @@ from pipeline.cli_common import (
     UsageError,
     add_ray_options,
     adopt_earlier,
-    execute,
-    finish,
+    failed_task_line,
     main_flow,
     read_earlier,
+    run_and_report,
     start_ray,
 )
-from pipeline.sweep import Previous, ReadMetric, ResultStore, SettingsMismatch, TrialFiles
+from pipeline.sweep import Previous, ReadMetric, ResultStore, SettingsMismatch, TrialFiles, TrialResult
 
 if TYPE_CHECKING:
     from pipeline import tasks
@@ -100,8 +100,7 @@ def produce_data(spec: specmod.SweepSpec) -> tuple[dict[str, tasks.DataObject], 
         try:
             t.wait()
         except tasks.ExecuteError as e:
-            tail = e.stderr_tail.strip().splitlines()
-            raise UsageError(f"data.{name}: {tail[-1] if tail else e}") from None
+            raise UsageError(f"data.{name}: {failed_task_line(e)}") from None
         objects[name] = t.outputs["file"]
         digests[name] = json.loads(t.outputs["stdout"].fetch().get_str().strip().splitlines()[-1])["sha256"]
     return objects, digests
@@ -171,14 +170,11 @@ def _run(session: Session, checked: Checked) -> int:
         session.say(f"warning: no node offers {res.gpus:g} GPU(s) now; trials wait until one joins")
     submit, read = submitter(spec, objects), reader(spec)
     files = TrialFiles(session.args.out, spec.outputs)
-    results = execute(session, store, trials, submit, res.cpus, read=read, retries=res.retries, files=files)
-    if isinstance(results, int):
-        return results
     values: dict[str, Sequence[Any]] | None = None
     if spec.kind == "grid":
         values = {p.name: p.values for p in spec.params}
 
-    def draw() -> Path:
+    def draw(results: list[TrialResult]) -> Path:
         title = f"{spec.path.name}: {spec.metric.describe()} ({spec.goal}), {len(results)} trials"
         out = Path(session.args.out) / "plot.png"
         return report.plot(results, spec.param_names, spec.kind, out, title, spec.metric.name, spec.log_params, values)
@@ -187,7 +183,19 @@ def _run(session: Session, checked: Checked) -> int:
         params = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in b.params.items())
         return f"best ({spec.goal} {spec.metric.name}): trial {b.id} {params} {spec.metric.name}={b.value:.6g}"
 
-    return finish(session, store, results, draw, best_line, spec.goal)
+    return run_and_report(
+        session,
+        store,
+        trials,
+        submit,
+        res.cpus,
+        draw,
+        best_line,
+        read=read,
+        retries=res.retries,
+        files=files,
+        goal=spec.goal,
+    )
 
 
 if __name__ == "__main__":

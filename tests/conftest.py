@@ -95,14 +95,11 @@ class ClusterCLI:
     """Runs `python exoscale.py --name NAME ...` as a user would, against the sim."""
 
     def __init__(self, sim, state_dir, name=None):
+        from cloud.sim.local import client_env
+
         self.sim, self.state_dir = sim, state_dir
         self.name = name or f"t{uuid.uuid4().hex[:8]}"
-        self.env = {
-            "EXOSCALE_API_KEY": SIM_KEY,
-            "EXOSCALE_API_SECRET": SIM_SECRET,
-            "EXOSCALE_API_ENDPOINT": sim.endpoint,
-            "RAYSWEEP_STATE_DIR": str(state_dir),
-        }
+        self.env = client_env(sim.endpoint, SIM_KEY, SIM_SECRET, state_dir)
 
     def __call__(self, *args, timeout=300, check=None):
         r = run_cli("exoscale.py", "--name", self.name, *args, timeout=timeout, env=self.env)
@@ -182,16 +179,14 @@ def pytest_sessionfinish(session, exitstatus):
 def sim_cluster_toml(path, name, wheelhouse, **extra):
     """cluster.toml for a sim cluster whose nodes install from the offered wheelhouse and uv (copied beside
     the wheels: the hosts see this machine's files except /tmp, /home and /dev/shm, their own)."""
+    from cloud.sim.local import cluster_toml
+
     uv = uv_for_hosts(wheelhouse)
-    lines = [
-        f'name = "{name}"',
+    return cluster_toml(
+        path,
+        name,
         f'uv_path = "{uv}"',
         f'install_options = "--no-index --find-links {wheelhouse}"',
         f'install_env = {{ UV_CACHE_DIR = "{hosts_uv_cache()}", UV_LINK_MODE = "copy" }}',
-        "ray_cpus = 1",
-        'ssh_cidr = "0.0.0.0/0"',
-        'ray_env = { RAY_health_check_period_ms = "1000", RAY_health_check_failure_threshold = "3" }',
-    ]
-    lines += [f"{k} = {v}" for k, v in extra.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+        **extra,
+    )

@@ -13,7 +13,8 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from cloud import head_credentials, iam
+from cloud import iam
+from cloud.sim.local import client_env
 from tests.conftest import ROOT, SIM_KEY, SIM_SECRET, run_cli
 from tests.test_ray_provider import Cluster, env  # noqa: F401  (the env fixture)
 
@@ -25,12 +26,7 @@ SECTIONS = (
 
 
 def cli_env(sim, tmp_path, endpoint=None):
-    return {
-        "EXOSCALE_API_KEY": SIM_KEY,
-        "EXOSCALE_API_SECRET": SIM_SECRET,
-        "EXOSCALE_API_ENDPOINT": endpoint or sim.endpoint,
-        "RAYSWEEP_STATE_DIR": str(tmp_path / "state"),
-    }
+    return client_env(endpoint or sim.endpoint, SIM_KEY, SIM_SECRET, tmp_path / "state")
 
 
 def test_ray_config_writes_only_a_complete_yaml(sim, tmp_path):
@@ -87,7 +83,7 @@ def autoscaling(sim, env, tmp_path):  # noqa: F811
     laptop = c.provider()
     laptop.prepare_for_head_node(copy.deepcopy(c.config))
     laptop.create_node(c.node_config, c.tags(**{"ray-node-type": "head", "ray-user-node-type": "ray.head.default"}), 1)
-    head_cfg = dict(c.config["provider"], credentials_file=str(laptop._store.dir / "head" / "head-credentials.json"))
+    head_cfg = dict(c.config["provider"], credentials_file=str(iam.key_copy_path(laptop._store.dir)))
     return c, ExoscaleNodeProvider(head_cfg, c.name)
 
 
@@ -110,6 +106,8 @@ def test_down_removes_everything_while_the_autoscaler_keeps_creating(sim, tmp_pa
                 return
             time.sleep(0.05)
 
+    key_copy = iam.key_copy_path(tmp_path / "state" / "asc")
+    assert key_copy.exists()
     t = threading.Thread(target=autoscaler, daemon=True)
     t.start()
     time.sleep(1)
@@ -122,5 +120,5 @@ def test_down_removes_everything_while_the_autoscaler_keeps_creating(sim, tmp_pa
         assert list(sim.app.model.security_groups.values()) == [] and list(sim.app.model.ssh_keys) == []
     assert sim.app.model.iam.list_api_keys() == [] and sim.app.model.iam.list_roles() == []
     assert "revoked" in r.stderr and "IAM role" in r.stderr
-    assert not (tmp_path / "state" / "asc" / "head" / head_credentials.HEAD_PATH).exists()
+    assert not key_copy.exists()
     assert iam.find_keys(c.provider().driver, "asc") == []

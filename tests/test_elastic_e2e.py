@@ -83,20 +83,15 @@ def elastic(tmp_path_factory):
 
 
 def _cluster(local, tmp_path_factory):
+    from cloud.sim.local import cluster_toml
+
     app, model = local.app, local.model
     recorder = KeyRecorder(app)
     state = tmp_path_factory.mktemp("elastic")
     name = f"el{uuid.uuid4().hex[:6]}"
-    toml = state / "cluster.toml"
-    toml.write_text(
-        f'name = "{name}"\nray_cpus = 1\nssh_cidr = "0.0.0.0/0"\n'
-        'ray_env = { RAY_health_check_period_ms = "1000", RAY_health_check_failure_threshold = "3" }\n'
-    )
+    toml = cluster_toml(state / "cluster.toml", name)
     env = {
-        "EXOSCALE_API_KEY": SIM_KEY,
-        "EXOSCALE_API_SECRET": SIM_SECRET,
-        "EXOSCALE_API_ENDPOINT": local.endpoint,
-        "RAYSWEEP_STATE_DIR": str(state / "clusters"),
+        **local.client_env(state / "clusters"),
         "RAY_USAGE_STATS_ENABLED": "0",
         "TMPDIR": str(state),  # Ray's cached bootstrap (ray-config-<hash>) stays inside this test
     }

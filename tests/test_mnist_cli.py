@@ -20,6 +20,20 @@ def npz_files(tmp_path_factory):
     return d
 
 
+def refusal(r):
+    """The one line a refused run printed: it exited 2 and printed nothing else."""
+    assert r.returncode == 2, r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
+def sweep_2x2(out, *extra):
+    """`python -m pipeline.mnist` on the 2 x 2 grid size 32, 64 x dropout 0.0, 0.4 of mnist-5k into `out`."""
+    grid = ["--sizes", "32,64", "--dropouts", "0.0,0.4"]
+    return ["-m", "pipeline.mnist", "--data", "mnist-5k", *grid, "--out", str(out), *extra]
+
+
 @pytest.mark.parametrize(
     "args, expect",
     [
@@ -43,10 +57,8 @@ def test_bad_options_one_line_before_any_work(args, expect, npz_files, tmp_path)
     args = [a.format(npz=npz_files, port=free_port()) for a in args]
     t0 = time.monotonic()
     r = run_cli("-m", "pipeline.mnist", "--out", str(tmp_path / "out"), *args, timeout=120)
-    assert r.returncode == 2, r.stderr
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1, r.stderr
-    assert lines[0].startswith("pipeline.mnist: error:") and expect in lines[0], lines[0]
+    line = refusal(r)
+    assert line.startswith("pipeline.mnist: error:") and expect in line, line
     assert not (tmp_path / "out").exists()
     assert time.monotonic() - t0 < 60  # refused before Ray or training started
 
@@ -59,20 +71,7 @@ def read_csv(path):
 @pytest.mark.tensorflow
 def test_sweep_2x2_on_mnist_5k(tmp_path):
     out = tmp_path / "res"
-    r = run_cli(
-        "-m",
-        "pipeline.mnist",
-        "--data",
-        "mnist-5k",
-        "--sizes",
-        "32,64",
-        "--dropouts",
-        "0.0,0.4",
-        "--out",
-        str(out),
-        "--seed",
-        "1",
-    )
+    r = run_cli(*sweep_2x2(out, "--seed", "1"))
     assert r.returncode == 0, r.stderr[-3000:]
     rows = read_csv(out / "results.csv")
     assert [(int(x["size"]), float(x["dropout"])) for x in rows] == [(32, 0.0), (32, 0.4), (64, 0.0), (64, 0.4)]
@@ -107,20 +106,7 @@ def test_failure_isolated_then_resume_runs_only_the_failed(tmp_path):
     prog = tmp_path / "train.py"
     prog.write_text(FLAKY_WRAPPER.format(log=str(log), flag=str(flag), real=str(ROOT / "pipeline/programs/mnist.py")))
     out = tmp_path / "res"
-    common = [
-        "-m",
-        "pipeline.mnist",
-        "--data",
-        "mnist-5k",
-        "--sizes",
-        "32,64",
-        "--dropouts",
-        "0.0,0.4",
-        "--program",
-        str(prog),
-        "--out",
-        str(out),
-    ]
+    common = sweep_2x2(out, "--program", str(prog))
     r = run_cli(*common)
     assert r.returncode == 1, r.stderr[-3000:]
     rows = {(x["size"], x["dropout"]): x for x in read_csv(out / "results.csv")}
@@ -142,16 +128,15 @@ def test_failure_isolated_then_resume_runs_only_the_failed(tmp_path):
     assert {k: rows2[k]["accuracy"] for k in first_ok} == first_ok
     assert "reusing 2 finished trial(s)" in r2.stderr
 
-    r3 = run_cli(*common[:-2], "--out", str(out), "--epochs", "2", timeout=120)
+    r3 = run_cli(*common, "--epochs", "2", timeout=120)
     assert r3.returncode == 2 and "different sweep" in r3.stderr and "--fresh" in r3.stderr
 
 
 def test_missing_data_file_is_named_once(tmp_path):
     r = run_cli("-m", "pipeline.mnist", "--out", str(tmp_path / "out"), "--data", "/no/such.npz", timeout=120)
-    assert r.returncode == 2, r.stderr
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("pipeline.mnist: error: --data '/no/such.npz': no such file;")
-    assert lines[0].count("--data") == 1, lines[0]
+    line = refusal(r)
+    assert line.startswith("pipeline.mnist: error: --data '/no/such.npz': no such file;")
+    assert line.count("--data") == 1, line
 
 
 def test_unreadable_results_are_refused_before_ray_starts(tmp_path):
@@ -161,10 +146,8 @@ def test_unreadable_results_are_refused_before_ray_starts(tmp_path):
     out.mkdir()
     (out / "results.json").write_text('{"settings": {"dataset"')  # cut short, and no results.csv
     r = run_cli("-m", "pipeline.mnist", "--out", str(out), "--data", str(data), timeout=120)
-    assert r.returncode == 2, r.stderr
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1, r.stderr  # nothing from Ray: it was never started
-    assert "results.json: it is unreadable" in lines[0] and "--fresh" in lines[0]
+    line = refusal(r)  # one line: nothing from Ray, it was never started
+    assert "results.json: it is unreadable" in line and "--fresh" in line
 
 
 @pytest.mark.tensorflow
@@ -196,3 +179,25 @@ def test_the_mnist_sweep_file_example(tmp_path):
     assert [(x["size"], x["dropout"]) for x in rows] == [("32", "0.2"), ("64", "0.2")]
     assert all(x["status"] == "ok" and 0.6 < float(x["value"]) <= 1.0 for x in rows)
     assert (out / "plot.png").exists()
+
+
+CLUSTER_RUN = """
+import os, sys
+from pipeline import {module}
+rc = {module}.main({argv!r})
+print("RESULT", rc, "ray" in sys.modules, os.environ.get("RAY_AUTH_MODE"))
+"""
+
+
+@pytest.mark.parametrize("module", ["mnist", "sweep_cli"])
+def test_a_cluster_run_sets_token_auth_before_ray_is_imported(module, tmp_path):
+    """Ray reads RAY_AUTH_MODE once, when first imported: for --cluster, connect_cluster (cloud.ray_auth) sets
+    it, so nothing before it may import Ray. Here the cluster does not exist: the run stops at connecting."""
+    sweep_file = ROOT / "examples" / "descent.toml"
+    argv = {"mnist": ["--data", "mnist-5k"], "sweep_cli": [str(sweep_file)]}[module]
+    argv += ["--cluster", "nosuch", "--out", str(tmp_path / "out")]
+    env = {"RAYSWEEP_STATE_DIR": str(tmp_path / "state"), "RAY_AUTH_MODE": ""}
+    r = run_cli("-c", CLUSTER_RUN.format(module=module, argv=argv), timeout=120, env=env)
+    assert "--cluster 'nosuch'" in r.stderr, r.stdout + r.stderr
+    [result] = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
+    assert result == "RESULT 2 False token", result

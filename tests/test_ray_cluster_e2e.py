@@ -46,22 +46,14 @@ def remote(cli):
     return Remote(store.key_path, store.known_hosts)
 
 
+def sweep_args(cli, out, *extra):
+    """`python -m pipeline.mnist` on mnist-5k on the cluster into `out`, without the interpreter."""
+    cluster = ["--cluster", cli.name, "--cluster-config", str(cli.config)]
+    return ["-m", "pipeline.mnist", *cluster, "--data", "mnist-5k", "--out", str(out), *extra]
+
+
 def sweep(cli, out, *extra, timeout=900):
-    return run_cli(
-        "-m",
-        "pipeline.mnist",
-        "--cluster",
-        cli.name,
-        "--cluster-config",
-        str(cli.config),
-        "--data",
-        "mnist-5k",
-        "--out",
-        str(out),
-        *extra,
-        timeout=timeout,
-        env=cli.env,
-    )
+    return run_cli(*sweep_args(cli, out, *extra), timeout=timeout, env=cli.env)
 
 
 def test_install_is_idempotent_and_status_shows_ray(ray_cluster):
@@ -160,23 +152,7 @@ def test_a_lost_worker_costs_no_trial(ray_cluster, sim_hosts, tmp_path):
     out = tmp_path / "res"
     victim = nodes(ray_cluster)[2]
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.mnist",
-            "--cluster",
-            ray_cluster.name,
-            "--cluster-config",
-            str(ray_cluster.config),
-            "--data",
-            "mnist-5k",
-            "--out",
-            str(out),
-            "--sizes",
-            "32,64,128",
-            "--dropouts",
-            "0.0,0.3",
-        ],
+        [sys.executable, *sweep_args(ray_cluster, out, "--sizes", "32,64,128", "--dropouts", "0.0,0.3")],
         cwd=ROOT,
         text=True,
         stdout=subprocess.PIPE,
@@ -212,23 +188,7 @@ def test_head_unreachable_mid_sweep_then_resume(ray_cluster, sim_hosts, tmp_path
     hooks = sim_hosts.app.model.hooks
     head = nodes(ray_cluster)[0]
     netns = next(h.netns for h in hooks.hosts.values() if h.ip == head.ip)
-    args = [
-        sys.executable,
-        "-m",
-        "pipeline.mnist",
-        "--cluster",
-        ray_cluster.name,
-        "--cluster-config",
-        str(ray_cluster.config),
-        "--data",
-        "mnist-5k",
-        "--out",
-        str(out),
-        "--sizes",
-        "32,64,128",
-        "--dropouts",
-        "0.0,0.3",
-    ]
+    args = [sys.executable, *sweep_args(ray_cluster, out, "--sizes", "32,64,128", "--dropouts", "0.0,0.3")]
     env = {**os.environ, **ray_cluster.env, "RAY_CLIENT_RECONNECT_GRACE_PERIOD": "5"}
     proc = subprocess.Popen(args, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + 300

@@ -9,7 +9,9 @@ endpoint is the gateway URL, so one EXOSCALE_API_ENDPOINT works from this machin
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cloud.sim.model import Faults, Model
@@ -22,6 +24,35 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def client_env(endpoint: str, key: str, secret: str, state_dir: str | os.PathLike[str] | None = None) -> dict[str, str]:
+    """The environment a client of a local Exoscale runs with (exoscale.py, make cluster-up, a sweep's
+    --cluster), as it would with Exoscale: the API endpoint, the account's key pair and, given `state_dir`,
+    where the clusters' local state goes (RAYSWEEP_STATE_DIR). Only these variables: a caller starting a
+    process adds them to its own environment."""
+    env = {"EXOSCALE_API_KEY": key, "EXOSCALE_API_SECRET": secret, "EXOSCALE_API_ENDPOINT": endpoint}
+    if state_dir is not None:
+        env["RAYSWEEP_STATE_DIR"] = os.fspath(state_dir)
+    return env
+
+
+def cluster_toml(path: Path, name: str, *settings: str, **extra: object) -> Path:
+    """Write a cluster.toml for a cluster on the local Exoscale's hosts, as the tests and the benchmarks run
+    one: one Ray CPU a node (the hosts share this machine's cores), SSH open to 0.0.0.0/0 said explicitly (the
+    default, of which `up` warns otherwise; the hosts see this machine as the bridge's gateway), Ray's health
+    checks within seconds (a stopped host is noticed at once). `settings`: more lines, verbatim; `extra`:
+    `KEY = VALUE` lines (VALUE in TOML)."""
+    lines = [
+        f'name = "{name}"',
+        *settings,
+        "ray_cpus = 1",
+        'ssh_cidr = "0.0.0.0/0"',
+        'ray_env = { RAY_health_check_period_ms = "1000", RAY_health_check_failure_threshold = "3" }',
+    ]
+    lines += [f"{k} = {v}" for k, v in extra.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 @dataclass
 class LocalExoscale:
     """A running local Exoscale; close() (or leaving the `with` block) stops it and removes its hosts."""
@@ -29,6 +60,8 @@ class LocalExoscale:
     model: Model
     app: App
     server: SimServer
+    key: str
+    secret: str = field(repr=False)
     hooks: HostHooks | None = None
     offer: HostOffer | None = None
     _closed: bool = field(default=False, repr=False)
@@ -36,6 +69,10 @@ class LocalExoscale:
     @property
     def endpoint(self) -> str:
         return self.server.endpoint
+
+    def client_env(self, state_dir: str | os.PathLike[str] | None = None) -> dict[str, str]:
+        """`client_env` for this API and its account (see there)."""
+        return client_env(self.endpoint, self.key, self.secret, state_dir)
 
     def close(self) -> None:
         if self._closed:
@@ -100,4 +137,4 @@ def start(
             hooks.close()
         raise
     server.start()
-    return LocalExoscale(model, app, server, hooks, offer)
+    return LocalExoscale(model, app, server, key, secret, hooks, offer)
