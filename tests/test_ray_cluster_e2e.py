@@ -165,7 +165,9 @@ def test_a_lost_worker_costs_no_trial(ray_cluster, sim_hosts, tmp_path):
         [r] = rem.run([victim], "pgrep -f '[-]-dropout' >/dev/null && echo busy")
         if "busy" in r.stdout:
             break
-        assert proc.poll() is None, proc.communicate()
+        if proc.poll() is not None:
+            _out, err = proc.communicate()
+            pytest.fail(f"the sweep ended (exit {proc.returncode}) before a trial ran on the victim:\n{err[-6000:]}")
         time.sleep(0.5)
     else:
         proc.kill()
