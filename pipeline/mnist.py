@@ -10,10 +10,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from pipeline.cli_common import (
     Session,
@@ -37,62 +36,38 @@ __all__ = ["UsageError", "build_parser", "main", "parse_dropouts", "parse_sizes"
 # Ray is imported only once the run is set up: it reads its authentication mode (RAY_AUTH_MODE) when
 # first imported, and for a cluster run cloud.connect sets it first.
 
-N = TypeVar("N", int, float)
 DEFAULT_SIZES = "32,64,128,256"
 DEFAULT_DROPOUTS = "0.0,0.2,0.4,0.6,0.8"
 
 
-def _parse_list(
-    option: str,
-    text: str,
-    convert: Callable[[str], N],
-    ok: Callable[[N], bool],
-    *,
-    kind: str,
-    one: str,
-    bad: str,
-    e_g: str,
-) -> list[N]:
-    """`option`'s comma-separated values, sorted; UsageError naming what is wrong: not `kind`, none given (give
-    at least `one`), some not `ok` (they are `bad`), or a value repeated."""
-    try:
-        values = [convert(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(f"{option} {text!r}: give comma-separated {kind}, e.g. {e_g}") from None
-    if not values:
-        raise UsageError(f"{option} is empty: give at least one {one}, e.g. {e_g}")
-    wrong = [v for v in values if not ok(v)]
-    if wrong:
-        raise UsageError(f"{option}: {wrong} {bad}")
-    if len(set(values)) != len(values):
-        raise UsageError(f"{option} {text!r} repeats a value")
-    return sorted(values)
-
-
 def parse_sizes(text: str) -> list[int]:
-    return _parse_list(
-        "--sizes",
-        text,
-        int,
-        lambda s: s > 0,
-        kind="whole numbers > 0",
-        one="hidden size",
-        bad="must be > 0",
-        e_g="32,64",
-    )
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--sizes {text!r}: give comma-separated whole numbers > 0, e.g. 32,64") from None
+    if not sizes:
+        raise UsageError("--sizes is empty: give at least one hidden size, e.g. 32,64")
+    bad = [s for s in sizes if s <= 0]
+    if bad:
+        raise UsageError(f"--sizes: {bad} must be > 0")
+    if len(set(sizes)) != len(sizes):
+        raise UsageError(f"--sizes {text!r} repeats a value")
+    return sorted(sizes)
 
 
 def parse_dropouts(text: str) -> list[float]:
-    return _parse_list(
-        "--dropouts",
-        text,
-        float,
-        lambda d: 0.0 <= d < 1.0,
-        kind="numbers in [0, 1)",
-        one="rate in [0, 1)",
-        bad="outside [0, 1)",
-        e_g="0.0,0.5",
-    )
+    try:
+        drops = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--dropouts {text!r}: give comma-separated numbers in [0, 1), e.g. 0.0,0.5") from None
+    if not drops:
+        raise UsageError("--dropouts is empty: give at least one rate in [0, 1), e.g. 0.0,0.5")
+    bad = [d for d in drops if not 0.0 <= d < 1.0]
+    if bad:
+        raise UsageError(f"--dropouts: {bad} outside [0, 1)")
+    if len(set(drops)) != len(drops):
+        raise UsageError(f"--dropouts {text!r} repeats a value")
+    return sorted(drops)
 
 
 def build_parser() -> argparse.ArgumentParser:
