@@ -6,9 +6,10 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-import time
 from collections.abc import Callable
 from contextlib import ExitStack
+
+import paramiko
 
 from cloud import access
 from cloud.config import ClusterConfig
@@ -73,22 +74,13 @@ class Tunnel:
                 return
 
     def forward(self, remote_host: str, remote_port: int) -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self._stack.enter_context(
-            self._conn.forward_local(
-                local_port=port, remote_port=remote_port, remote_host=remote_host, local_host="127.0.0.1"
-            )
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:  # the forwarder listens from its own thread
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return port
-            except OSError:
-                time.sleep(0.05)
-        raise RayClusterError(f"the SSH tunnel to {remote_host}:{remote_port} on {self.head.name} did not open")
+        """Forward a new local port (127.0.0.1 only) to remote_host:remote_port as the head sees it; the port."""
+        transport = self._conn.transport
+        if transport is None or not transport.is_active():
+            raise RayClusterError(f"the SSH connection to {self.head.name} ({self.head.ip}) is closed")
+        forwarder = _Forwarder(transport, remote_host, remote_port)
+        self._stack.callback(forwarder.close)
+        return forwarder.port
 
     def run(self, command: str, timeout: float) -> str | None:
         """Run a short command on the head over this tunnel's SSH connection; its stdout, or None if it failed."""
@@ -105,6 +97,90 @@ class Tunnel:
             self._stack.close()
         except Exception:
             pass
+
+
+class _Forwarder:
+    """One local listening port whose connections each become a `direct-tcpip` channel to a host and port
+    seen from the SSH server, with one thread per direction.
+
+    Not Fabric's `forward_local`: it select()s on the channels, which gives each a wake-up pipe, and
+    paramiko's `Channel.close()` closes that pipe while the transport thread may be writing to it when data
+    arrives at that moment; the transport thread then dies ("Bad file descriptor", "Broken pipe") and takes
+    every channel of the tunnel with it. Blocking `recv` on a channel needs no pipe.
+    """
+
+    CHUNK = 65536
+
+    def __init__(self, transport: paramiko.Transport, remote_host: str, remote_port: int):
+        self._transport = transport
+        self._dest = (remote_host, remote_port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._open: set[tuple[socket.socket, paramiko.Channel]] = set()
+        self._closed = False
+        threading.Thread(target=self._accept, name=f"forward-{self.port}", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, peer = self._listener.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._serve, args=(conn, peer), name=f"forward-{self.port}", daemon=True).start()
+
+    def _serve(self, conn: socket.socket, peer: tuple[str, int]) -> None:
+        try:
+            chan = self._transport.open_channel("direct-tcpip", self._dest, peer, timeout=30)
+        except Exception as e:  # the far port refused, or the transport is gone: the local client sees EOF
+            log.debug("cannot open a channel to %s:%d: %s", *self._dest, e)
+            conn.close()
+            return
+        pair = (conn, chan)
+        with self._lock:
+            if self._closed:
+                chan.close()
+                conn.close()
+                return
+            self._open.add(pair)
+        up = threading.Thread(target=self._pump, args=(conn.recv, chan.sendall, pair), daemon=True)
+        up.start()
+        self._pump(chan.recv, conn.sendall, pair)
+        up.join()
+        with self._lock:
+            self._open.discard(pair)
+        chan.close()
+        conn.close()
+
+    def _pump(self, recv: Callable[[int], bytes], send: Callable[[bytes], object], pair: tuple) -> None:
+        """Copy until either side ends, then end both, which wakes the other direction's blocked recv."""
+        try:
+            while data := recv(self.CHUNK):
+                send(data)
+        except (OSError, EOFError, paramiko.SSHException):
+            pass
+        self._end(pair)
+
+    @staticmethod
+    def _end(pair: tuple[socket.socket, paramiko.Channel]) -> None:
+        conn, chan = pair
+        try:
+            conn.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        chan.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            pairs = list(self._open)
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); close() alone does not
+        except OSError:
+            pass
+        self._listener.close()
+        for pair in pairs:
+            self._end(pair)
 
 
 def open_tunnel(cfg: ClusterConfig, remote_host: Callable[[NodeRecord], str], remote_port: int) -> tuple[Tunnel, int]:

@@ -195,7 +195,13 @@ def test_head_unreachable_mid_sweep_then_resume(ray_cluster, sim_hosts, tmp_path
     proc = subprocess.Popen(args, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + 300
     while not (out / "results.csv").exists() or len(list(csv.DictReader(open(out / "results.csv")))) < 1:
-        assert time.monotonic() < deadline and proc.poll() is None, "no trial finished"
+        if proc.poll() is not None:
+            pytest.fail(
+                f"the sweep ended (exit {proc.returncode}) before a trial finished: {proc.stderr.read()[-2000:]}"
+            )
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no trial finished within 300 s: {proc.communicate()[1][-2000:]}")
         time.sleep(0.3)
     # a network partition between this machine and the head (the cluster itself is fine)
     subprocess.run(
