@@ -10,9 +10,11 @@ zero-copy); it is mapped into a consumer's directory through the node-local cach
 
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
 import shlex
+import shutil
 import socket
 import sys
 import tempfile
@@ -67,6 +69,24 @@ def ensure_ray(
     if env:
         kwargs["runtime_env"] = env
     ray.init(address=address, **kwargs)
+    if address is None:
+        _remove_runtime_resources_at_exit()
+
+
+def _remove_runtime_resources_at_exit() -> None:
+    """The local Ray this process started keeps its session directory after it stops; Ray's logs there are
+    small, but the environments it built for the job's `pip` packages are a clone of this whole Python
+    environment each (gigabytes), which no later session uses. Stop Ray, then remove them, at exit."""
+    node = getattr(ray._private.worker, "_global_node", None)  # Ray has no public accessor for it
+    if node is None or not node.is_head():  # not started here: ray.init joined a `ray start` on this machine
+        return
+    built = Path(node.get_session_dir_path()) / "runtime_resources"
+
+    def remove() -> None:
+        ray.shutdown()
+        shutil.rmtree(built, ignore_errors=True)
+
+    atexit.register(remove)  # runs before Ray's own atexit shutdown, registered at its import
 
 
 # ----------------------------------------------------------------------------------------- data objects

@@ -2,6 +2,9 @@
 
 import csv
 import json
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -213,7 +216,9 @@ def _wheel(directory, name: str, version: str, module_source: str):
 
 def test_the_programs_own_packages_are_installed_for_its_trials(tmp_path):
     """`packages` in the sweep file: Ray installs them (runtime_env pip) where the trials run; here from a
-    local folder of wheels (PIP_NO_INDEX / PIP_FIND_LINKS reach pip through Ray's runtime-env agent)."""
+    local folder of wheels (PIP_NO_INDEX / PIP_FIND_LINKS reach pip through Ray's runtime-env agent).
+    Ray builds them into a clone of this whole environment (2.3 GB with TensorFlow) in its session
+    directory, which it keeps after the session: a local sweep removes that copy when it ends."""
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     tag = tmp_path.name[-8:]
@@ -227,11 +232,18 @@ def test_the_programs_own_packages_are_installed_for_its_trials(tmp_path):
         "[params]\nx = [1, 2]\n[resources]\ncpus = 1\ntimeout = 120\n"
     )
     out = tmp_path / "out"
-    env = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels)}
-    r = run_cli("-m", "pipeline.sweep", str(tmp_path / "sweep.toml"), "--out", str(out), "--local-cpus", "2",
-                timeout=600, env=env)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
-    got = rows(out)
-    assert [x["status"] for x in got] == ["ok", "ok"], got
-    for x in got:
-        assert f'"tag": "{tag}"' in (out / "trials" / x["trial"] / "stdout.txt").read_text()
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rs-ray-"))  # short: Ray's socket paths must fit in 107 bytes
+    try:
+        env = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels), "RAY_TMPDIR": str(ray_tmp)}
+        r = run_cli("-m", "pipeline.sweep", str(tmp_path / "sweep.toml"), "--out", str(out), "--local-cpus", "2",
+                    timeout=600, env=env)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        got = rows(out)
+        assert [x["status"] for x in got] == ["ok", "ok"], got
+        for x in got:
+            assert f'"tag": "{tag}"' in (out / "trials" / x["trial"] / "stdout.txt").read_text()
+        assert list(ray_tmp.glob("ray/session_*/logs")), "the sweep's Ray session was not under RAY_TMPDIR"
+        kept = list(ray_tmp.glob("ray/session_*/runtime_resources/pip/*"))
+        assert not kept, f"the packages' environment was left behind: {kept}"
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
