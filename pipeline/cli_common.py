@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.ray_address import RayAddressError
 from pipeline.spec import Trial
 from pipeline.sweep import (
     OutputError,
@@ -63,14 +65,15 @@ def check_ray_options(args: argparse.Namespace) -> None:
         raise UsageError(f"--out {args.out!r} is a file; give a directory")
 
 
-def check_address(address: str, timeout: float = 5.0) -> None:
-    """Fail fast, in one line, when a Ray address is not Ray (ray.init would wait a long time)."""
+def check_address(address: str, timeout: float = 5.0, source: str = "--address") -> None:
+    """Fail fast, in one line, when a Ray address is not Ray (ray.init would wait a long time); `source`
+    names where the address came from."""
     from pipeline.ray_address import RayAddressError, check_ray_address
 
     try:
         check_ray_address(address, timeout)
     except RayAddressError as e:
-        raise UsageError(f"--address {e}") from None
+        raise UsageError(f"{source} {e}") from None
 
 
 def read_earlier(args: argparse.Namespace, param_names: Sequence[str], value_name: str) -> Previous | None:
@@ -122,6 +125,8 @@ def main_flow(
         checked = validate(args)
         if args.address:
             check_address(args.address)
+        elif not args.cluster and os.environ.get("RAY_ADDRESS"):  # Ray's own variable, which ensure_ray honours
+            check_address(os.environ["RAY_ADDRESS"], source="RAY_ADDRESS")
     except UsageError as e:
         session.error(str(e))
         return 2
@@ -136,6 +141,10 @@ def main_flow(
         session.address = session.conn.address
     try:
         return run(session, checked)
+    except RayAddressError as e:  # the tunnel's far end is not (or no longer) Ray's Client server
+        why = session.conn.lost_reason() if session.conn is not None else None
+        session.error(f"cannot connect to {session.where()}: {why or e}")
+        return 1
     except ConnectionError as e:  # ray.init refused, e.g. the head's Ray Client server did not start
         lines = [l.strip() for l in str(e).splitlines() if l.strip()]
         why = lines[0] if len(lines) < 2 else f"{lines[0]} {lines[-1]}"

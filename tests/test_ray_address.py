@@ -105,3 +105,17 @@ def test_cli_address_not_ray_one_line(http_port, tmp_path):
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and f"127.0.0.1:{http_port}" in lines[0] and "not Ray" in lines[0], r.stderr
+
+
+def test_cli_ray_address_from_the_environment_not_ray_one_line(silent_port, tmp_path):
+    """RAY_ADDRESS is Ray's own way to name a cluster (ensure_ray honours it): checked like --address, before
+    any work, in one line naming where the address came from (it was a traceback from inside ensure_ray)."""
+    r = run_cli(
+        "-m", "pipeline.mnist", "--data", "mnist-5k", "--out", str(tmp_path / "o"), timeout=90,
+        env={"RAY_ADDRESS": f"127.0.0.1:{silent_port}"},
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].count("RAY_ADDRESS") == 1, r.stderr
+    assert f"127.0.0.1:{silent_port}" in lines[0] and "not Ray" in lines[0], r.stderr
+    assert not (tmp_path / "o").exists()
