@@ -300,10 +300,28 @@ class HeadStatus:
         return cls(**d)
 
 
-def describe(settings: Settings | None, status: HeadStatus | None, head_now: float | None) -> str:
-    """The `status` line: the setting, the idle time so far and the last decision."""
+START_STATIC = "run `exoscale.py start`"
+
+
+def start_advice(cfg: ClusterConfig) -> str:
+    """How to (re)start the daemon on this kind of cluster: `start` launches it on a static cluster; on one
+    made by `ray up` (`up --max-workers`, or a `ray-config` YAML) the YAML's head start commands do."""
+    from cloud import elastic
+
+    if elastic.config_path(cfg).exists():
+        return "run `exoscale.py up --max-workers N` again: the head's start commands in its YAML start it"
+    if elastic.is_autoscaling(cfg):
+        return "run `ray up` on its YAML again: the head's start commands there start it"
+    return START_STATIC
+
+
+def describe(
+    settings: Settings | None, status: HeadStatus | None, head_now: float | None, advice: str = START_STATIC
+) -> str:
+    """The `status` line: the setting, the idle time so far and the last decision; `advice` (`start_advice`)
+    says how to start a missing daemon."""
     if settings is None:
-        return "autostop: not set up on the head (run `exoscale.py start`)"
+        return f"autostop: not set up on the head ({advice})"
     text = f"autostop: {settings.describe()}"
     if status is None:
         return text + "; the daemon has not reported yet"
@@ -313,7 +331,7 @@ def describe(settings: Settings | None, status: HeadStatus | None, head_now: flo
         text += f"; idle {_duration(status.idle_s + (age if not stale else 0))} so far"
     text += f"; last decision ({_duration(age)} ago): {status.action}: {status.reason}"
     if stale:
-        text += "; the daemon is not reporting (it restarts by itself within seconds; else run `start`)"
+        text += f"; the daemon is not reporting (it restarts by itself within seconds; else {advice})"
     return text
 
 
@@ -497,16 +515,19 @@ def read_log(remote: Remote, head: NodeRecord, lines: int = 200) -> str:
 
 
 def leftovers(driver, cluster: str) -> list[str] | None:
-    """When the cluster has no instances left but its security group or SSH key remain (what an autostop
-    leaves for `down`), their descriptions; None when instances exist or nothing is left."""
-    from cloud import provision
+    """When the cluster has no instances left but its security group, SSH key or restricted key remain (what
+    an autostop leaves for `down`), their descriptions; None when instances exist or nothing is left."""
+    from cloud import iam, provision
 
     plan = provision.plan_down(driver, cluster)
-    group = plan.group is not None and not plan.foreign_group
-    if plan.nodes or not (group or plan.has_key):
+    if plan.nodes:
         return None
+    group = plan.group is not None and not plan.foreign_group
     name = provision.resource_name(cluster)
-    return [f"security group {name}"] * group + [f"SSH key {name}"] * plan.has_key
+    rest = [f"security group {name}"] * group + [f"SSH key {name}"] * plan.has_key
+    if iam.exists(driver, cluster):
+        rest.append(f"restricted API key and IAM role {name}")
+    return rest or None
 
 
 def autostopped_message(cluster: str, rest: list[str]) -> str:

@@ -453,10 +453,11 @@ def _print_no_nodes(cfg: ClusterConfig) -> None:
 def _print_autostop(cfg: ClusterConfig) -> None:
     from cloud import autostop
 
-    acc = access.connect(cfg)
     try:
-        print(autostop.describe(*autostop.read_head(acc.remote, acc.state.head() or acc.state.ordered()[0])))
-    except autostop.AutostopError as e:
+        acc = access.connect(cfg)
+        head = acc.state.head() or acc.state.ordered()[0]
+        print(autostop.describe(*autostop.read_head(acc.remote, head), autostop.start_advice(cfg)))
+    except (autostop.AutostopError, access.AccessError) as e:
         print(f"autostop: unknown ({e})")
 
 
@@ -488,23 +489,31 @@ def cmd_autostop(args) -> int:
     if args.off:
         _autostop_set(cfg, 0)
         return 0
+    try:
+        print(_autostop_state(cfg, args.log))
+    except access.Autostopped as e:  # a question, answered: the cluster ended itself
+        print(e)
+    return 0
+
+
+def _autostop_state(cfg: ClusterConfig, log: bool) -> str:
+    """`autostop` (the state line) or `autostop --log` (the daemon's log) from the head."""
+    from cloud import autostop
+
     acc = access.connect(cfg)
     remote, head = acc.remote, acc.state.head()
     if head is None:
         raise CLIError(f"cluster {cfg.name!r} has no head node")
+    advice = autostop.start_advice(cfg)
     try:
-        if args.log:
+        if log:
             text = autostop.read_log(remote, head)
-            print(text.rstrip() if text.strip() else f"no autostop log on {head.name} yet (`start` starts the daemon)")
-        else:
-            print(autostop.describe(*autostop.read_head(remote, head)))
+            return text.rstrip() if text.strip() else f"no autostop log on {head.name} yet ({advice})"
+        return autostop.describe(*autostop.read_head(remote, head), advice)
     except autostop.AutostopError as e:
-        rest = autostop.leftovers(cfg.driver(), cfg.name) if cfg.api_secret is not None else None
-        if rest:  # the head is gone: it ended itself
-            print(autostop.autostopped_message(cfg.name, rest))
-            return 0
+        if cfg.api_secret is not None:  # the head went since it answered: it may have ended itself
+            access.refuse_autostopped(cfg)
         raise CLIError(str(e)) from None
-    return 0
 
 
 def _report(results, verb: str) -> int:

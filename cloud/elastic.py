@@ -143,6 +143,13 @@ def stop_autoscaler(cfg: ClusterConfig, progress: Progress) -> None:
     if head is None:
         progress(cfg.name, "no head known locally; its autoscaler stops when its key is revoked")
         return
+    from cloud.access import answers
+
+    if not head.ip or not answers(head.ip):  # gone (an autostop, say) or unreachable: no SSH timeout to wait for
+        progress(
+            head.name, "does not answer on SSH (gone, or unreachable); its autoscaler stops when its key is revoked"
+        )
+        return
     [r] = Remote(store.private_key(cfg.ssh_key), store.known_hosts).run(
         [head],
         f"test -x $HOME/raysweep-env/bin/ray && ({node_command('ray stop --force', cfg)}) >/dev/null 2>&1; true",

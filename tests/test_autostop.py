@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -171,6 +172,31 @@ def test_status_line_shows_setting_idle_time_and_last_decision():
     assert "not set up" in autostop.describe(*autostop.parse_head("RAYSWEEP_NOW 1\n"))
 
 
+def test_a_head_without_a_setting_gets_the_advice_that_fits_how_the_cluster_was_made(tmp_path, monkeypatch):
+    """`start` launches the daemon on a static cluster; on one made by `ray up` (from `ray-config`, or by
+    `up --max-workers`) the YAML's head start commands do, and `exoscale.py start` would be wrong there."""
+    from cloud import elastic, head_credentials
+
+    monkeypatch.setenv("RAYSWEEP_STATE_DIR", str(tmp_path))
+    cfg = config.load(env=ENV, name="kinds")
+    assert cfg.state_dir == tmp_path / "kinds"
+    cfg.state_dir.mkdir()
+
+    def line() -> str:
+        return autostop.describe(None, None, None, autostop.start_advice(cfg))
+
+    assert "not set up on the head (run `exoscale.py start`)" in line()
+    elastic.config_path(cfg).write_text("cluster_name: kinds\n")  # as `up --max-workers` leaves it
+    assert "`exoscale.py up --max-workers N` again" in line() and "exoscale.py start" not in line(), line()
+    elastic.config_path(cfg).unlink()
+    key_copy = cfg.state_dir / "head" / Path(head_credentials.HEAD_PATH).name
+    key_copy.parent.mkdir()
+    key_copy.write_text("{}")  # as the node provider leaves it for `ray up` on a `ray-config` YAML
+    assert "`ray up` on its YAML again" in line() and "exoscale.py start" not in line(), line()
+    stale = autostop.HeadStatus(1000.0, 42, S, "idle", 12.0, "idle", 988)
+    assert "exoscale.py start" not in autostop.describe(S, stale, 2000.0, autostop.start_advice(cfg))
+
+
 def test_head_start_command_writes_a_missing_setting_and_starts_a_detached_supervisor(tmp_path):
     """Run as the head would (no systemd as PID 1 here): the setting appears, a supervisor starts once."""
     home = tmp_path / "home"
@@ -311,6 +337,84 @@ def test_down_deletes_a_static_heads_restricted_key_and_role_once(sim, driver, t
     assert r.stderr.count("IAM role raysweep-as-static deleted") == 1 and "autoscaler" not in r.stderr, r.stderr
     r = run_cli("exoscale.py", "--name", "as-static", "down", "--yes", env=env)
     assert r.returncode == 0 and "nothing to remove" in r.stderr, r.stderr
+
+
+def test_a_node_answers_when_an_ssh_server_greets_not_when_a_connection_is_only_accepted():
+    """The check before a command: a deleted node's address may still accept TCP (a firewall or proxy on the
+    way does, on this machine too), so only a greeting counts."""
+    import threading
+
+    from cloud import access
+
+    def serve(greeting: bytes) -> tuple[socket.socket, int]:
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+
+        def accept() -> None:
+            conn, _ = srv.accept()
+            conn.sendall(greeting)
+            time.sleep(2)
+            conn.close()
+
+        threading.Thread(target=accept, daemon=True).start()
+        return srv, srv.getsockname()[1]
+
+    for greeting, want in ((b"SSH-2.0-OpenSSH_9.6\r\n", True), (b"", False)):
+        srv, port = serve(greeting)
+        with srv:
+            assert access.answers("127.0.0.1", timeout=1.0, port=port) is want, greeting
+    assert access.answers("127.0.0.1", timeout=1.0, port=free_port()) is False  # nothing listens
+
+
+def test_commands_on_an_autostopped_cluster_say_so_at_once(sim, driver, tmp_path):
+    """After an autostop (the instances deleted from the head; the group, SSH key and restricted key left for
+    `down`) the commands that reach the nodes from the local state say so in one line and fail, instead of
+    waiting for SSH; `autostop` (a question) says it too, and succeeds."""
+    from cloud import access, iam, provision
+    from cloud.state import ClusterState, NodeRecord, StateStore
+    from tests.test_elastic_cli import cli_env
+    from tests.test_provision import make_cluster
+
+    made = make_cluster(driver, "as-gone", 2)
+    iam.create_key(driver, "as-gone", "ch-gva-2", sim.endpoint)  # as `start` made it for the daemon
+    env = cli_env(sim, tmp_path)
+    store = StateStore(tmp_path / "state" / "as-gone")
+    store.ensure_key()
+    # the local state `up` left, with an address where no SSH server answers, as at a deleted VM's
+    if access.answers("127.0.0.1"):
+        pytest.skip("an SSH server listens on 127.0.0.1:22, the address this test needs silent")
+    records = [NodeRecord(n.name, n.extra["labels"]["role"], "127.0.0.1", n.id) for n in made]
+    store.save(ClusterState("as-gone", records))
+    for n in made:  # as the head's daemon ends the cluster
+        driver.destroy_node(n)
+    assert provision.query_instances(driver, "as-gone") == []
+    src = tmp_path / "f.txt"
+    src.write_text("x")
+    want = (
+        "cluster 'as-gone': autostopped; run down to remove the rest (security group raysweep-as-gone, "
+        "SSH key raysweep-as-gone, restricted API key and IAM role raysweep-as-gone)"
+    )
+    commands = [
+        ["cmd", "true"],
+        ["cmd", "--node", "1", "true"],
+        ["ssh", "0", "true"],
+        ["scp", str(src), "f.txt"],
+        ["fetch", "results"],
+        ["install"],
+        ["start"],
+        ["stop"],
+        ["submit", "--", "true"],
+        ["logs", "raysubmit_1"],
+        ["dashboard"],
+        ["autostop", "--minutes", "5"],
+    ]
+    for args in commands:
+        r = run_cli("exoscale.py", "--name", "as-gone", *args, env=env, timeout=120)
+        assert r.returncode != 0 and want in r.stderr, f"{args}: {r.stderr[-2000:]}"
+        assert len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr, f"{args}: {r.stderr[-2000:]}"
+    r = run_cli("exoscale.py", "--name", "as-gone", "autostop", env=env, timeout=120)
+    assert r.returncode == 0 and want in r.stdout, r.stdout + r.stderr
 
 
 def test_systemd_unit_restarts_the_supervisor():

@@ -2,7 +2,7 @@
 (RAYSWEEP_AUTOSTOP_UNIT_S): the daemon comes back when killed, `--off` keeps an idle cluster, an open `ssh`
 session and a `dashboard` tunnel keep it alive, a submitted job longer than the setting keeps it alive after
 this machine disconnects while `status` calls do not, then it tears itself down with the cluster's
-restricted key and `down` removes the rest."""
+restricted key, the commands that would reach its nodes say so at once, and `down` removes the rest."""
 
 from __future__ import annotations
 
@@ -174,6 +174,11 @@ def test_a_long_job_keeps_it_alive_then_it_ends_itself_and_down_removes_the_rest
     wait_for("the hosts to be gone", lambda: not any(i in sim_hosts.app.model.hooks.hosts for i in cluster.hosts), 30)
     r = cluster("--config", cluster.config, "status", check=0)
     assert "autostopped; run down to remove the rest" in r.stdout, r.stdout + r.stderr
+    # the commands that reach the nodes from the local state say so in one line instead of waiting for SSH
+    for args in (["cmd", "true"], ["ssh", "0", "true"], ["scp", cluster.config, "c.toml"], ["submit", "--", "true"]):
+        r = cluster("--config", cluster.config, *args, timeout=60)
+        said = f"cluster {cluster.name!r}: autostopped; run down to remove the rest (security group"
+        assert r.returncode != 0 and said in r.stderr and len(r.stderr.splitlines()) == 1, f"{args}: {r.stderr}"
     r = cluster("--config", cluster.config, "down", "--yes", check=0)
     assert all(w in r.stderr for w in ("security group", "SSH key", "API key", "IAM role")), r.stderr
     assert_nothing_left(sim_hosts, cluster.name, cluster.hosts)

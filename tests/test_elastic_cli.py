@@ -122,3 +122,17 @@ def test_down_removes_everything_while_the_autoscaler_keeps_creating(sim, tmp_pa
     assert "revoked" in r.stderr and "IAM role" in r.stderr
     assert not key_copy.exists()
     assert iam.find_keys(c.provider().driver, "asc") == []
+
+
+def test_down_does_not_try_ssh_on_a_head_that_is_gone(tmp_path, monkeypatch):
+    """An autoscaling cluster that autostopped (or whose head is unreachable): stopping its autoscaler skips
+    the SSH attempt (and its timeout) once the head does not greet; the key's revocation stops it anyway."""
+    from cloud import config, elastic
+    from cloud.state import ClusterState, NodeRecord, StateStore
+
+    monkeypatch.setenv("RAYSWEEP_STATE_DIR", str(tmp_path))
+    cfg = config.load(env={"EXOSCALE_API_KEY": SIM_KEY, "EXOSCALE_API_SECRET": SIM_SECRET}, name="gone")
+    StateStore(cfg.state_dir).save(ClusterState("gone", [NodeRecord("gone-head", "head", "127.0.0.1")]))  # no sshd
+    said: list[tuple[str, str]] = []
+    elastic.stop_autoscaler(cfg, lambda who, what: said.append((who, what)))
+    assert said == [("gone-head", said[0][1])] and "does not answer on SSH" in said[0][1], said
