@@ -14,10 +14,11 @@ def main():
     if missing_requirements():
         print(f"cluster: skipped (needs {', '.join(missing_requirements())}: root with iproute2, nftables, sshd)")
     else:
-        from bench import cluster, elastic
+        from bench import cluster, elastic, tunnel
 
         cluster.main([])
         elastic.main([])
+        tunnel.main([])
 
 
 if __name__ == "__main__":

@@ -138,18 +138,17 @@ class _Forwarder:
             return
         pair = (conn, chan)
         with self._lock:
-            if self._closed:
-                chan.close()
-                conn.close()
-                return
-            self._open.add(pair)
-        up = threading.Thread(target=self._pump, args=(conn.recv, chan.sendall, pair), daemon=True)
-        up.start()
-        self._pump(chan.recv, conn.sendall, pair)
-        up.join()
-        with self._lock:
-            self._open.discard(pair)
-        chan.close()
+            closed = self._closed
+            if not closed:
+                self._open.add(pair)
+        if not closed:
+            up = threading.Thread(target=self._pump, args=(conn.recv, chan.sendall, pair), daemon=True)
+            up.start()
+            self._pump(chan.recv, conn.sendall, pair)
+            up.join()
+            with self._lock:
+                self._open.discard(pair)
+        self._end(pair)
         conn.close()
 
     def _pump(self, recv: Callable[[int], bytes], send: Callable[[bytes], object], pair: tuple) -> None:
@@ -168,7 +167,10 @@ class _Forwarder:
             conn.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        chan.close()
+        try:
+            chan.close()
+        except (OSError, EOFError, paramiko.SSHException):  # the transport is gone already
+            pass
 
     def close(self) -> None:
         with self._lock:

@@ -88,6 +88,7 @@ def talker(sim_hosts):
     threading.Thread(target=serve, daemon=True).start()
     yield server.getsockname()
     stop.set()
+    server.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); close() alone does not
     server.close()
 
 
