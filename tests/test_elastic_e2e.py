@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import shlex
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -150,6 +152,44 @@ def test_ray_up_made_only_the_head_and_ray_exec_works(elastic):
     r = elastic.ray("exec", str(elastic.path), "ray status", timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "Active:" in r.stdout and "ray.head.default" in r.stdout
+
+
+def test_ray_attach_gives_a_shell_on_the_head(elastic):
+    """`ray attach` opens an interactive shell on the head, so it needs a terminal: it runs on a
+    pseudo-terminal here, and a line typed into it must come back evaluated by the head's shell."""
+    main, sub = os.openpty()
+    proc = subprocess.Popen(
+        [RAY, "attach", str(elastic.path)],
+        stdin=sub,
+        stdout=sub,
+        stderr=sub,
+        env={**os.environ, **elastic.env},
+        start_new_session=True,
+    )
+    os.close(sub)
+    seen, typed = b"", False
+    deadline = time.monotonic() + 120
+    try:
+        while b"ATTACHED-42" not in seen:
+            if time.monotonic() > deadline:
+                pytest.fail(f"no answer from a shell on the head within 120 s; the terminal showed: {seen[-2000:]!r}")
+            if select.select([main], [], [], 1)[0]:
+                try:
+                    chunk = os.read(main, 4096)
+                except OSError:  # EIO: the last process holding the terminal ended
+                    chunk = b""
+                if not chunk:
+                    pytest.fail(f"`ray attach` ended ({proc.wait(10)}) before the shell answered: {seen[-2000:]!r}")
+                seen += chunk
+            if not typed and re.search(rb"[$#] $", seen):  # the head's shell prompts
+                os.write(main, b"echo ATTACHED-$((6*7)); exit\n")  # the echo shows $((6*7)), the shell 42
+                typed = True
+        assert proc.wait(60) == 0, seen[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(main)
 
 
 def test_status_shows_the_autoscalers_view(elastic):
