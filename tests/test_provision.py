@@ -298,13 +298,41 @@ def test_sshd_that_never_answers_is_reported_with_progress(sim, tmp_path):
     cli("down", "--yes", check=0)
 
 
+def _why_stuck(p: subprocess.Popen) -> str:
+    """What keeps a child that was told to stop from ending (its stderr still open): its signal state and
+    Python threads if it runs (it was started with PYTHONFAULTHANDLER=1, so SIGABRT dumps them), else
+    which processes hold its stderr pipe."""
+    if p.poll() is None:
+        status = Path(f"/proc/{p.pid}/status").read_text()
+        fields = " ".join(
+            x
+            for x in status.splitlines()
+            if x.split(":")[0] in ("State", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt")
+        )
+        p.send_signal(signal.SIGABRT)
+        try:
+            dump = p.communicate(timeout=10)[1]
+        except subprocess.TimeoutExpired:
+            dump = "(no dump within 10 s)"
+        return f"it still runs ({fields}); its threads: {dump[-4000:]}"
+    pipe = f"pipe:[{os.fstat(p.stderr.fileno()).st_ino}]"
+    holders = []
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            if os.readlink(fd) == pipe and fd.parts[2] != str(os.getpid()):
+                holders.append(f"{fd.parts[2]} ({Path(f'/proc/{fd.parts[2]}/cmdline').read_bytes()[:200]!r})")
+        except OSError:
+            continue
+    return f"it exited ({p.returncode}) but its stderr is held open by: {', '.join(holders) or 'nobody found'}"
+
+
 def test_ctrl_c_during_up_says_what_was_made_and_down_removes_it(sim, tmp_path):
     cli = ClusterCLI(sim, tmp_path)
     sim.app.model.faults.op_delay_s = 1.5  # creations take long enough to be interrupted
     p = subprocess.Popen(
         [sys.executable, "exoscale.py", "--name", cli.name, "up", "-n", "2"],
         cwd=ROOT,
-        env={**os.environ, **cli.env},
+        env={**os.environ, **cli.env, "PYTHONFAULTHANDLER": "1"},  # SIGABRT dumps its threads (see _why_stuck)
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         text=True,
@@ -321,10 +349,12 @@ def test_ctrl_c_during_up_says_what_was_made_and_down_removes_it(sim, tmp_path):
         pytest.fail(f"up did not start creating within 60 s: {''.join(seen)}")
     p.send_signal(signal.SIGINT)
     try:
-        rest = p.stderr.read()
-        code = p.wait(timeout=30)
+        _, rest = p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"`up` did not end within 60 s of Ctrl-C; {_why_stuck(p)}")
     finally:
         p.kill()
+    code = p.returncode
     assert code == 130 and "Traceback" not in rest, rest
     assert (
         f"interrupted. Made: SSH key raysweep-{cli.name}, security group raysweep-{cli.name}; being created "
