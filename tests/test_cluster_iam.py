@@ -25,7 +25,7 @@ def prepared(sim, env, tmp_path):  # noqa: F811
     c = Cluster(sim, "iamtest")
     laptop = c.provider()
     remote = laptop.prepare_for_head_node(copy.deepcopy(c.config))
-    local_file = laptop._store.dir / "head" / "head-credentials.json"
+    local_file = iam.key_copy_path(laptop._store.dir)
     head_home = tmp_path / "head-home"
     (head_home / ".raysweep").mkdir(parents=True)
     head_file = head_home / head_credentials.HEAD_PATH

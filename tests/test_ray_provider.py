@@ -25,6 +25,7 @@ from ray.autoscaler.tags import (
 from cloud import config as config_mod
 from cloud import ray_config
 from cloud.ray_provider import ExoscaleNodeProvider
+from cloud.sim.local import client_env
 from tests.conftest import SIM_KEY, SIM_SECRET
 
 FAST_RETRY = {"attempts": 6, "base_s": 0.01, "cap_s": 0.05}
@@ -37,7 +38,7 @@ class Cluster:
         self.sim, self.name = sim, name
         cfg = config_mod.load(
             None,
-            env={"EXOSCALE_API_KEY": SIM_KEY, "EXOSCALE_API_SECRET": SIM_SECRET, "EXOSCALE_API_ENDPOINT": sim.endpoint},
+            env=client_env(sim.endpoint, SIM_KEY, SIM_SECRET),
             name=name,
             ray_cpus=1,
         )

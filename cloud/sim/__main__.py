@@ -18,7 +18,7 @@ import sys
 import threading
 from pathlib import Path
 
-from cloud.sim.local import LocalExoscale, start
+from cloud.sim.local import LocalExoscale, client_env, start
 from cloud.sim.model import ZONES, Faults
 from cloud.sim.server import HTTPFaults
 
@@ -62,14 +62,8 @@ def print_coverage(service: str) -> int:
 
 def write_env_file(path: Path, sim: LocalExoscale, key: str, secret: str) -> None:
     """The exports for a client of this sim, in a file only its owner can read."""
-    text = "".join(
-        f"export {name}={shlex.quote(value)}\n"
-        for name, value in (
-            ("EXOSCALE_API_ENDPOINT", sim.endpoint),
-            ("EXOSCALE_API_KEY", key),
-            ("EXOSCALE_API_SECRET", secret),
-        )
-    )
+    env = client_env(sim.endpoint, key, secret)
+    text = "".join(f"export {name}={shlex.quote(env[name])}\n" for name in sorted(env))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as f:
         os.fchmod(f.fileno(), 0o600)
