@@ -298,6 +298,15 @@ def test_sshd_that_never_answers_is_reported_with_progress(sim, tmp_path):
     cli("down", "--yes", check=0)
 
 
+#: Runs the script argv[1] with argv[2:] as a user's terminal would: Ctrl-C raising KeyboardInterrupt. A test
+#: run started in the background by a non-interactive shell (as CI may start it) has SIGINT and SIGQUIT
+#: ignored, children inherit that, and Python then leaves SIGINT ignored: `up` would not see the Ctrl-C.
+WITH_CTRL_C = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
 def _why_stuck(p: subprocess.Popen) -> str:
     """What keeps a child that was told to stop from ending (its stderr still open): its signal state and
     Python threads if it runs (it was started with PYTHONFAULTHANDLER=1, so SIGABRT dumps them), else
@@ -330,7 +339,7 @@ def test_ctrl_c_during_up_says_what_was_made_and_down_removes_it(sim, tmp_path):
     cli = ClusterCLI(sim, tmp_path)
     sim.app.model.faults.op_delay_s = 1.5  # creations take long enough to be interrupted
     p = subprocess.Popen(
-        [sys.executable, "exoscale.py", "--name", cli.name, "up", "-n", "2"],
+        [sys.executable, "-c", WITH_CTRL_C, "exoscale.py", "--name", cli.name, "up", "-n", "2"],
         cwd=ROOT,
         env={**os.environ, **cli.env, "PYTHONFAULTHANDLER": "1"},  # SIGABRT dumps its threads (see _why_stuck)
         stderr=subprocess.PIPE,
