@@ -22,7 +22,6 @@ import threading
 import time
 import uuid
 from contextlib import ExitStack
-from pathlib import Path
 
 from bench.common import cli, median, report, scratch_dir, sim_with_hosts
 from cloud.remote import Remote
@@ -178,7 +177,7 @@ def main(argv=None):
         config = str(cluster_toml(work / f"{name}.toml", name))
         cli(env, "--config", config, "up", "-n", "1", "--autostop", "0")
         try:
-            store = StateStore(Path(work / "state" / name))
+            store = StateStore(work / "state" / name)
             head = store.load().head()
             assert local.hooks is not None  # sim_with_hosts boots hosts
             far = FarEnd(local.hooks.gateway, a.mb << 20)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.ray_address import RayAddressError
+from pipeline.ray_address import RayAddressError, check_ray_address
 from pipeline.spec import Trial
 from pipeline.sweep import (
     OutputError,
@@ -68,8 +68,6 @@ def check_ray_options(args: argparse.Namespace) -> None:
 def check_address(address: str, timeout: float = 5.0, source: str = "--address") -> None:
     """Fail fast, in one line, when a Ray address is not Ray (ray.init would wait a long time); `source`
     names where the address came from."""
-    from pipeline.ray_address import RayAddressError, check_ray_address
-
     try:
         check_ray_address(address, timeout)
     except RayAddressError as e:
