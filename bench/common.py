@@ -34,12 +34,12 @@ def scratch_dir(prefix: str) -> Path:
 
 
 def start_local_ray(num_cpus: int | None = None) -> None:
-    import ray
+    """A local Ray as a sweep starts it (tasks.ensure_ray: what its workers leave is removed at exit)."""
+    from pipeline import tasks
 
     if "PIPELINE_CACHE_DIR" not in os.environ:
         os.environ["PIPELINE_CACHE_DIR"] = str(scratch_dir("bench-cache-"))
-    if not ray.is_initialized():
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
+    tasks.ensure_ray(num_cpus=num_cpus)
 
 
 def sim_with_hosts(offer_packages: bool = True) -> LocalExoscale:

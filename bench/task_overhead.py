@@ -48,8 +48,9 @@ class _OneDir:
     """Task directories that are all the same one: what Execute would cost without a fresh directory."""
 
     def __init__(self) -> None:
+        # named as TaskDirs names its parents, so it is removed like theirs when the worker is gone
         self.parent = Path(
-            tempfile.mkdtemp(prefix=f"bench-one-dir-{os.getpid()}-", dir=os.environ.get("PIPELINE_SANDBOX_DIR"))
+            tempfile.mkdtemp(prefix=f"pipeline-tasks-{os.getpid()}-one-", dir=os.environ.get("PIPELINE_SANDBOX_DIR"))
         )
 
     def make(self) -> Path:

@@ -271,6 +271,12 @@ def _devnull() -> int:
     return _devnull_fd
 
 
+def remove_orphaned_task_dirs(tmp_root: str | os.PathLike[str] | None = None) -> None:
+    """Remove the TaskDirs parents under `tmp_root` (default: the temporary directory) of processes that are
+    gone, e.g. the Ray workers of a local Ray that has stopped (they are killed, so cannot remove their own)."""
+    _remove_orphans(Path(tmp_root) if tmp_root is not None else Path(tempfile.gettempdir()), "pipeline-tasks-")
+
+
 def _remove_orphans(root: Path, prefix: str) -> None:
     """Remove `root/PREFIX<pid>-*` directories of this user whose process no longer exists."""
     try:

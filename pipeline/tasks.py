@@ -18,6 +18,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import ray
 
 from pipeline.cache import Entry, NodeCache
 from pipeline.ray_address import RayAddressError, check_ray_address
-from pipeline.sandbox import ExecuteError, ProgramRun, Sandbox, TaskDirs, check_relpath
+from pipeline.sandbox import ExecuteError, ProgramRun, Sandbox, TaskDirs, check_relpath, remove_orphaned_task_dirs
 
 __all__ = [
     "DataObject",
@@ -70,23 +71,56 @@ def ensure_ray(
         kwargs["runtime_env"] = env
     ray.init(address=address, **kwargs)
     if address is None:
-        _remove_runtime_resources_at_exit()
+        _clean_up_local_ray_at_exit()
 
 
-def _remove_runtime_resources_at_exit() -> None:
+def _clean_up_local_ray_at_exit() -> None:
     """The local Ray this process started keeps its session directory after it stops; Ray's logs there are
     small, but the environments it built for the job's `pip` packages are a clone of this whole Python
-    environment each (gigabytes), which no later session uses. Stop Ray, then remove them, at exit."""
+    environment each (gigabytes), which no later session uses. And its workers are killed when it stops,
+    leaving their task directories (some made ahead) behind. Stop Ray, then remove both, at exit."""
     node = getattr(ray._private.worker, "_global_node", None)  # Ray has no public accessor for it
     if node is None or not node.is_head():  # not started here: ray.init joined a `ray start` on this machine
         return
     built = Path(node.get_session_dir_path()) / "runtime_resources"
 
     def remove() -> None:
+        workers = _children(getattr(node, "all_processes", {}).get("raylet", []))
         ray.shutdown()
         shutil.rmtree(built, ignore_errors=True)
+        deadline = time.monotonic() + 5  # killed by the raylet's end: gone at once, or nearly
+        while workers and time.monotonic() < deadline:
+            workers = [pid for pid in workers if _alive(pid)]
+            time.sleep(0.05 if workers else 0)
+        remove_orphaned_task_dirs(os.environ.get("PIPELINE_SANDBOX_DIR"))  # where the workers made them
 
     atexit.register(remove)  # runs before Ray's own atexit shutdown, registered at its import
+
+
+def _children(processes: list) -> list[int]:
+    """The pids of the processes whose parent is one of `processes` (Ray's ProcessInfo, e.g. the raylet's)."""
+    parents = {str(p.process.pid) for p in processes if getattr(p, "process", None) is not None}
+    found = []
+    for entry in os.scandir("/proc") if parents else ():
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat") as f:
+                    ppid = f.read().rsplit(")", 1)[1].split()[1]
+            except (OSError, IndexError):
+                continue
+            if ppid in parents:
+                found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # ----------------------------------------------------------------------------------------- data objects

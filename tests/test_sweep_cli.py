@@ -247,3 +247,18 @@ def test_the_programs_own_packages_are_installed_for_its_trials(tmp_path):
         assert not kept, f"the packages' environment was left behind: {kept}"
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_a_local_sweep_leaves_no_task_directories_behind(project):
+    """The workers of the local Ray a sweep starts make their task directories (and some ahead) under
+    PIPELINE_SANDBOX_DIR; they are killed when Ray stops, before they can remove them: the sweep does."""
+    tmp, _ = project
+    sandbox = tmp / "sandbox"
+    sandbox.mkdir()
+    (tmp / "sweep.toml").write_text((tmp / "sweep.toml").read_text().replace("trials = 40", "trials = 4"))
+    r = run_cli("-m", "pipeline.sweep", str(tmp / "sweep.toml"), "--out", str(tmp / "out"), "--local-cpus", "2",
+                timeout=300, env={"PIPELINE_SANDBOX_DIR": str(sandbox)})  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(rows(tmp / "out")) == 4
+    left = sorted(p.name for p in sandbox.iterdir())
+    assert not left, f"task directories left behind: {left}"
