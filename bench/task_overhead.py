@@ -1,7 +1,7 @@
 """Per-task overhead: N trivial tasks (`true`) through tasks.Execute vs a bare Ray task calling
-subprocess.run, in one run. Rounds are paired (an Execute batch, then a bare batch, alternating which
-goes first) and the reported ratio is the median of the per-round ratios, so that the drift of a busy
-2-core machine hits both sides alike. Goal: ratio <= 1.10.
+subprocess.run, in one run. Rounds are paired (an Execute batch and a bare batch right after each other,
+alternating which goes first) and the reported ratio is the median of the per-round ratios, so that the
+drift of a busy 2-core machine hits both sides alike. Goal: ratio <= 1.10.
 Both sides are submitted alike (500 `.remote()` calls with the remote function's default options, then one
 `ray.get` of all); the bare task takes no argument and returns None, while an Execute task takes its spec
 (one bytes argument) and returns its RunInfo (a list of six fields): costs of Execute, counted against it.
@@ -10,6 +10,13 @@ same rounds and reported apart (`ratio_vs_bare_with_arg`), to show what Ray's ha
 takes of the gap; the goal's ratio is against the bare task. A fourth side, Execute's own worker code with one
 directory reused for every task instead of a fresh one (a diagnostic, not something Execute does), shows
 what the fresh directory per task costs on the filesystem under test (`ratio_reused_dir_vs_bare`).
+
+Execute removes finished task directories off the tasks' path, once they pause (sandbox.TaskDirs). So that
+this work is not paid inside the next side's timing, every side is followed by a wait until no task
+directory has been added or removed for a while; and `cpu_ratio_with_removal` compares the CPU seconds the
+whole machine spent (from /proc/stat, not idle) from the start of each side until that quiet point, so the
+removal Execute put off is counted there. `discards_per_task` is what /proc/diskstats says the disk was asked
+to discard per Execute task, over the same span.
 
     python -m bench.task_overhead [--tasks 500] [--rounds 9] [--sandbox-dir /dev/shm]
 
@@ -22,6 +29,7 @@ import os
 import pickle
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import ray
@@ -92,6 +100,48 @@ def run_bare(n):
     ray.get([bare_true.remote() for _ in range(n)])
 
 
+def _busy_cpu_s() -> float:
+    """CPU seconds this machine has spent not idle, all cores (from /proc/stat)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _discards() -> int:
+    """Discard requests completed by the disks so far (/proc/diskstats field 15; 0 where not reported)."""
+    total = 0
+    with open("/proc/diskstats") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 18 and not fields[2].startswith(("loop", "ram", "dm-")) and not fields[2][-1].isdigit():
+                total += int(fields[14])
+    return total
+
+
+def _task_dir_entries(root: Path) -> int:
+    n = 0
+    for parent in root.glob("pipeline-tasks-*"):
+        try:
+            n += sum(1 for _ in os.scandir(parent))
+        except OSError:
+            pass
+    return n
+
+
+def wait_task_dirs_quiet(root: Path, quiet_s: float = 1.0, timeout: float = 60.0) -> None:
+    """Wait until the number of task directories under `root` has not changed for `quiet_s` (Execute's
+    workers have finished removing what their tasks left), at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last, since = _task_dir_entries(root), time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"task directories under {root} still changing after {timeout:.0f} s")
+        time.sleep(0.1)
+        now = _task_dir_entries(root)
+        if now != last:
+            last, since = now, time.monotonic()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--tasks", type=int, default=500)
@@ -102,18 +152,31 @@ def main(argv=None):
         import os
 
         os.environ["PIPELINE_SANDBOX_DIR"] = a.sandbox_dir  # inherited by the workers ray.init starts
+    root = Path(a.sandbox_dir or tempfile.gettempdir())
     start_local_ray()
     run_execute(50), run_bare(50), run_bare_with_arg(50), run_reused_dir(50)  # warm the workers of all
+    wait_task_dirs_quiet(root)
     ours, bare, bare_arg, reused = [], [], [], []
+    cpu: dict[str, list[float]] = {"execute": [], "bare": []}
+    discards: list[int] = []
+
+    def side(name, run, times):
+        c, d = _busy_cpu_s(), _discards()
+        times.append(timed(lambda: run(a.tasks)))
+        wait_task_dirs_quiet(root)
+        if name in cpu:
+            cpu[name].append(_busy_cpu_s() - c)
+        if name == "execute":
+            discards.append(_discards() - d)
+
     for i in range(a.rounds):
-        sides = [
-            lambda: ours.append(timed(lambda: run_execute(a.tasks))),
-            lambda: bare.append(timed(lambda: run_bare(a.tasks))),
-            lambda: bare_arg.append(timed(lambda: run_bare_with_arg(a.tasks))),
-            lambda: reused.append(timed(lambda: run_reused_dir(a.tasks))),
+        pair = [lambda: side("execute", run_execute, ours), lambda: side("bare", run_bare, bare)]
+        diagnostics = [
+            lambda: side("bare_with_arg", run_bare_with_arg, bare_arg),
+            lambda: side("reused", run_reused_dir, reused),
         ]
-        order = sides[i % 4 :] + sides[: i % 4]  # each side goes first, second, ... last in turn
-        for step in order if i % 2 == 0 else order[::-1]:
+        # a round's Execute and bare batches run one right after the other, each first in every other round
+        for step in (pair if i % 2 == 0 else pair[::-1]) + (diagnostics if i % 2 == 0 else diagnostics[::-1]):
             step()
     o, b = median(ours), median(bare)
     ratios = sorted(x / y for x, y in zip(ours, bare))
@@ -130,6 +193,8 @@ def main(argv=None):
         ratio_bare_with_arg_vs_bare=median(arg_ratios),
         ratio_vs_bare_with_arg=median(sorted(x / y for x, y in zip(ours, bare_arg))),
         ratio_reused_dir_vs_bare=median(sorted(x / y for x, y in zip(reused, bare))),
+        cpu_ratio_with_removal=median(sorted(x / y for x, y in zip(cpu["execute"], cpu["bare"]))),
+        discards_per_task=median(discards) / a.tasks,
         execute_ms_per_task=1000 * o / a.tasks,
         bare_ms_per_task=1000 * b / a.tasks,
         goal="<= 1.10",

@@ -173,18 +173,24 @@ class TaskDirs:
     """Fresh task directories for one long-lived process (a Ray worker), cheaply.
 
     Each task gets a directory of its own, made empty (mode 0700) by one mkdir relative to the open fd of
-    a private parent directory (no path walk, no random name per task) and never reused. A background
-    thread does the directory work in batches, off the tasks' critical path: it keeps between BATCH and
-    2 * BATCH directories made ahead (so a task never makes its own while a batch is removed: a mkdir and
-    an rmdir in one parent wait for each other, and on ext4 both wait on the journal), and removes the
-    finished ones, with whatever the programs left in them, BATCH at a time or PERIOD_S after the last.
+    a private parent directory (no path walk, no random name per task) and never reused. The directory work
+    is done by a background thread while the tasks pause (no directory asked for in PAUSE_S): it makes as
+    many directories ahead as the last burst of tasks took (at least READY_MIN, at most READY_MAX; a task
+    makes its own when they run out), and removes the finished ones with whatever the programs left in
+    them; also while tasks run once MAX_PENDING wait, which bounds what a long burst leaves behind (4 KiB
+    each). Nothing of this runs beside the tasks otherwise: a thread of
+    a busy worker costs the tasks more than the work itself (its GIL hand-overs), and removing a directory
+    frees its block, which on a filesystem without a journal mounted with `discard` (as this project's
+    test VMs' disks are) is a synchronous discard request to the disk per directory.
     A Sandbox that mapped inputs or collects outputs removes its directory itself, at once.
     A process that dies leaves its parent behind: the next TaskDirs under the same root removes the
     parents (of this user) whose process is gone.
     """
 
-    BATCH = 64
-    PERIOD_S = 0.5
+    READY_MIN = 64
+    READY_MAX = 512
+    PAUSE_S = 0.5
+    MAX_PENDING = 1024
 
     def __init__(self, tmp_root: str | os.PathLike[str] | None = None, prefix: str = "pipeline-tasks-"):
         root = Path(tmp_root) if tmp_root is not None else Path(tempfile.gettempdir())
@@ -194,6 +200,8 @@ class TaskDirs:
         self._count = itertools.count()
         self._ready: collections.deque[str] = collections.deque()  # made ahead, empty, never used
         self._pending: list[str] = []  # finished, to remove
+        self._taken = 0  # directories taken since the last fill: the next fill makes as many (within bounds)
+        self._last_make = time.monotonic() - self.PAUSE_S  # a new worker has no tasks yet: fill up at once
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closed = False
@@ -212,20 +220,21 @@ class TaskDirs:
 
     def make(self) -> Path:
         """A new empty directory, mode 0700, for one task."""
-        ready = self._ready
+        self._last_make = time.monotonic()
+        self._taken += 1
         try:
-            name = ready.popleft()
+            name = self._ready.popleft()
         except IndexError:
             name = self._mkdir()
-        if len(ready) == self.BATCH:
+        if self._taken == 1:  # the first one taken since the last fill: refill at the next pause
             self._wake.set()
         return self.parent / name
 
     def remove_later(self, path: Path) -> None:
-        """`path` (made by make()) is finished: removed with the next batch, at most PERIOD_S later."""
+        """`path` (made by make()) is finished: removed at the tasks' next pause (or with MAX_PENDING)."""
         with self._lock:
             self._pending.append(path.name)
-            wake = len(self._pending) == self.BATCH
+            wake = len(self._pending) in (1, self.MAX_PENDING)  # the first starts the pause's clock
         if wake:
             self._wake.set()
 
@@ -240,13 +249,24 @@ class TaskDirs:
             except OSError:
                 _rmtree(self.parent / name)
 
+    def _paused(self) -> bool:
+        return time.monotonic() - self._last_make >= self.PAUSE_S
+
     def _background(self) -> None:
         while not self._closed:
             self._wake.clear()
-            while len(self._ready) < 2 * self.BATCH and not self._closed:  # first, what the next tasks need
-                self._ready.append(self._mkdir())
-            self._remove_pending()
-            self._wake.wait(self.PERIOD_S)
+            if len(self._pending) >= self.MAX_PENDING or (self._pending and self._paused()):
+                self._remove_pending()
+            if self._paused():
+                want = min(self.READY_MAX, max(self.READY_MIN, self._taken))  # as many as the last burst took
+                self._taken = 0
+                while len(self._ready) < want and self._paused() and not self._closed:  # stop if tasks come
+                    self._ready.append(self._mkdir())
+            quiet = time.monotonic() - self._last_make
+            if quiet < self.PAUSE_S and (self._pending or self._taken):
+                self._wake.wait(self.PAUSE_S - quiet)  # work for the pause
+            elif not self._pending and not self._taken:
+                self._wake.wait()  # nothing to do until a task takes or leaves a directory
 
     def close(self) -> None:
         """Remove everything now (also run at exit)."""

@@ -183,28 +183,81 @@ def test_task_dirs_fresh_removed_later_and_orphans_cleared(tmp_path):
     assert not dirs.parent.exists() and not other.parent.exists()
 
 
-class _BusyTaskDirs(TaskDirs):
-    PERIOD_S = 3600.0  # the periodic look never acts here: only removal by batches while tasks run is tested
-    BATCH = 3
+class _BurstTaskDirs(TaskDirs):
+    PAUSE_S = 2.0  # far longer than a burst of `true`s takes
+    READY_MIN = READY_MAX = 4
 
 
-def test_task_dirs_removed_in_batches_while_tasks_run_and_timeouts_still_hold(tmp_path):
-    dirs = _BusyTaskDirs(tmp_path)
+def test_task_dirs_left_alone_while_tasks_come_and_removed_when_they_pause(tmp_path):
+    dirs = _BurstTaskDirs(tmp_path)
+    deadline = time.monotonic() + 30
+    while len(list(dirs.parent.iterdir())) < dirs.READY_MAX and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(list(dirs.parent.iterdir())) == dirs.READY_MAX, "directories were not made ahead while idle"
+    used = []
+    for i in range(10):
+        with Sandbox(dirs=dirs) as box:
+            box.run(ProgramRun(["sh", "-c", f"echo {i} > left-behind"] if i == 0 else ["true"]))
+            used.append(box.workdir)
+    assert len(set(used)) == len(used), "a task directory was reused"
+    assert all(p.exists() for p in used), "removal ran beside the tasks of a burst"
+    while any(p.exists() for p in used) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(p.exists() for p in used), "finished task directories not removed within 30 s of the pause"
+    left = list(dirs.parent.iterdir())
+    assert len(left) <= dirs.READY_MAX and all(not any(p.iterdir()) for p in left), left  # only ones made ahead
+    with Sandbox(dirs=dirs) as box, pytest.raises(ExecuteError, match="timed out"):
+        box.run(ProgramRun(["sleep", "30"], timeout=0.5))
+    dirs.close()
+    assert not dirs.parent.exists()
+
+
+class _SizedTaskDirs(TaskDirs):
+    PAUSE_S = 1.0  # a burst of 20 `true`s takes a tenth of that
+    READY_MIN = 2
+    READY_MAX = 6
+
+
+def test_task_dirs_made_ahead_as_many_as_the_last_burst_took_within_bounds(tmp_path):
+    dirs = _SizedTaskDirs(tmp_path)
+
+    def ready_after_pause(expected: int) -> int:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            names = [p for p in dirs.parent.iterdir()]
+            if len(names) == expected:
+                time.sleep(0.3)  # and no more come (a fill makes them all in one go)
+                return len(list(dirs.parent.iterdir()))
+            time.sleep(0.02)
+        return len(list(dirs.parent.iterdir()))
+
+    assert ready_after_pause(2) == 2  # a new worker: READY_MIN
+    for burst, expected in ((5, 5), (20, 6), (1, 5)):  # (the last: 5 of the 6 are left, more than it took)
+        for _ in range(burst):
+            with Sandbox(dirs=dirs) as box:
+                box.run(ProgramRun(["true"]))
+        assert ready_after_pause(expected) == expected, f"after a burst of {burst}"
+    dirs.close()
+
+
+class _EndlessBurstTaskDirs(TaskDirs):
+    PAUSE_S = 3600.0  # the tasks never pause here: only the bound removes
+    READY_MIN = READY_MAX = 2
+    MAX_PENDING = 3
+
+
+def test_task_dirs_of_an_endless_burst_removed_once_max_pending_wait(tmp_path):
+    dirs = _EndlessBurstTaskDirs(tmp_path)
     used = []
     for i in range(10):
         with Sandbox(dirs=dirs) as box:
             box.run(ProgramRun(["sh", "-c", f"echo {i} > left-behind"] if i == 0 else ["true"]))
             used.append(box.workdir)
     deadline = time.monotonic() + 30
-    while used[0].exists() and time.monotonic() < deadline:
+    while any(p.exists() for p in used[:9]) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert not used[0].exists(), "the first task's directory (a file left in it) was not removed within 30 s"
-    assert len(set(used)) == len(used), "a task directory was reused"
-    left = sorted(p.name for p in dirs.parent.iterdir())
-    # made ahead (at most 2 batches) and finished ones waiting (a batch), never one directory per task run
-    assert len(left) <= 3 * dirs.BATCH + 1, left
-    with Sandbox(dirs=dirs) as box, pytest.raises(ExecuteError, match="timed out"):
-        box.run(ProgramRun(["sleep", "30"], timeout=0.5))
+    assert not any(p.exists() for p in used[:9]), "3 batches of MAX_PENDING not removed within 30 s"
+    assert len(list(dirs.parent.iterdir())) <= dirs.MAX_PENDING + dirs.READY_MAX
     dirs.close()
     assert not dirs.parent.exists()
 
