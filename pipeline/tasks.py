@@ -42,6 +42,7 @@ __all__ = [
     "blob",
     "ensure_ray",
     "file",
+    "stop_local_ray",
 ]
 
 
@@ -82,19 +83,30 @@ def _clean_up_local_ray_at_exit() -> None:
     node = getattr(ray._private.worker, "_global_node", None)  # Ray has no public accessor for it
     if node is None or not node.is_head():  # not started here: ray.init joined a `ray start` on this machine
         return
-    built = Path(node.get_session_dir_path()) / "runtime_resources"
+    atexit.register(_stop_and_clean_up, node)  # runs before Ray's own atexit shutdown, registered at its import
 
-    def remove() -> None:
-        workers = _children(getattr(node, "all_processes", {}).get("raylet", []))
+
+def stop_local_ray() -> None:
+    """ray.shutdown(); and if this process started that Ray (ensure_ray or ray.init without an address),
+    remove what it leaves behind: the environments built for `pip` packages, the task directories of its
+    workers (which Ray kills)."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is None or not node.is_head():
         ray.shutdown()
-        shutil.rmtree(built, ignore_errors=True)
-        deadline = time.monotonic() + 5  # killed by the raylet's end: gone at once, or nearly
-        while workers and time.monotonic() < deadline:
-            workers = [pid for pid in workers if _alive(pid)]
-            time.sleep(0.05 if workers else 0)
-        remove_orphaned_task_dirs(os.environ.get("PIPELINE_SANDBOX_DIR"))  # where the workers made them
+    else:
+        _stop_and_clean_up(node)
 
-    atexit.register(remove)  # runs before Ray's own atexit shutdown, registered at its import
+
+def _stop_and_clean_up(node: Any) -> None:
+    built = Path(node.get_session_dir_path()) / "runtime_resources"
+    workers = _children(getattr(node, "all_processes", {}).get("raylet", []))
+    ray.shutdown()
+    shutil.rmtree(built, ignore_errors=True)
+    deadline = time.monotonic() + 5  # killed by the raylet's end: gone at once, or nearly
+    while workers and time.monotonic() < deadline:
+        workers = [pid for pid in workers if _alive(pid)]
+        time.sleep(0.05 if workers else 0)
+    remove_orphaned_task_dirs(os.environ.get("PIPELINE_SANDBOX_DIR"))  # where the workers made them
 
 
 def _children(processes: list) -> list[int]:

@@ -21,7 +21,9 @@ def ray_local(tmp_path_factory):
         ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", namespace=f"test-{uuid.uuid4().hex[:8]}")
     yield cache
-    ray.shutdown()
+    from pipeline import tasks
+
+    tasks.stop_local_ray()  # and remove the task directories its workers leave (Ray kills them)
 
 
 def free_port() -> int:
