@@ -36,6 +36,7 @@ import ray
 
 from bench.common import median, report, start_local_ray, timed
 from pipeline import tasks
+from pipeline.sandbox import TASK_DIRS_PREFIX, task_dirs_root
 
 
 @ray.remote
@@ -58,7 +59,7 @@ class _OneDir:
     def __init__(self) -> None:
         # named as TaskDirs names its parents, so it is removed like theirs when the worker is gone
         self.parent = Path(
-            tempfile.mkdtemp(prefix=f"pipeline-tasks-{os.getpid()}-one-", dir=os.environ.get("PIPELINE_SANDBOX_DIR"))
+            tempfile.mkdtemp(prefix=f"{TASK_DIRS_PREFIX}{os.getpid()}-one-", dir=os.environ.get("PIPELINE_SANDBOX_DIR"))
         )
 
     def make(self) -> Path:
@@ -120,7 +121,7 @@ def _discards() -> int:
 
 def _task_dir_entries(root: Path) -> int:
     n = 0
-    for parent in root.glob("pipeline-tasks-*"):
+    for parent in root.glob(f"{TASK_DIRS_PREFIX}*"):
         try:
             n += sum(1 for _ in os.scandir(parent))
         except OSError:
@@ -149,10 +150,8 @@ def main(argv=None):
     p.add_argument("--sandbox-dir", default=None)
     a = p.parse_args(argv)
     if a.sandbox_dir:
-        import os
-
         os.environ["PIPELINE_SANDBOX_DIR"] = a.sandbox_dir  # inherited by the workers ray.init starts
-    root = Path(a.sandbox_dir or tempfile.gettempdir())
+    root = task_dirs_root(a.sandbox_dir or None)
     start_local_ray()
     run_execute(50), run_bare(50), run_bare_with_arg(50), run_reused_dir(50)  # warm the workers of all
     wait_task_dirs_quiet(root)

@@ -169,6 +169,15 @@ def _rmtree(path: Path) -> None:
     shutil.rmtree(path, onerror=onerror)
 
 
+#: The name of each worker's parent directory of task directories starts with this, then its pid and "-".
+TASK_DIRS_PREFIX = "pipeline-tasks-"
+
+
+def task_dirs_root(tmp_root: str | os.PathLike[str] | None = None) -> Path:
+    """Where the task directories' parents are made: `tmp_root`, by default the temporary directory."""
+    return Path(tmp_root) if tmp_root is not None else Path(tempfile.gettempdir())
+
+
 class TaskDirs:
     """Fresh task directories for one long-lived process (a Ray worker), cheaply.
 
@@ -192,8 +201,8 @@ class TaskDirs:
     PAUSE_S = 0.5
     MAX_PENDING = 1024
 
-    def __init__(self, tmp_root: str | os.PathLike[str] | None = None, prefix: str = "pipeline-tasks-"):
-        root = Path(tmp_root) if tmp_root is not None else Path(tempfile.gettempdir())
+    def __init__(self, tmp_root: str | os.PathLike[str] | None = None, prefix: str = TASK_DIRS_PREFIX):
+        root = task_dirs_root(tmp_root)
         _remove_orphans(root, prefix)
         self.parent = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=root))
         self._fd = os.open(self.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -294,7 +303,7 @@ def _devnull() -> int:
 def remove_orphaned_task_dirs(tmp_root: str | os.PathLike[str] | None = None) -> None:
     """Remove the TaskDirs parents under `tmp_root` (default: the temporary directory) of processes that are
     gone, e.g. the Ray workers of a local Ray that has stopped (they are killed, so cannot remove their own)."""
-    _remove_orphans(Path(tmp_root) if tmp_root is not None else Path(tempfile.gettempdir()), "pipeline-tasks-")
+    _remove_orphans(task_dirs_root(tmp_root), TASK_DIRS_PREFIX)
 
 
 def _remove_orphans(root: Path, prefix: str) -> None:

@@ -94,6 +94,7 @@ def stop_local_ray() -> None:
     if node is None or not node.is_head():
         ray.shutdown()
     else:
+        atexit.unregister(_stop_and_clean_up)  # done now: not again at exit
         _stop_and_clean_up(node)
 
 
@@ -103,9 +104,8 @@ def _stop_and_clean_up(node: Any) -> None:
     ray.shutdown()
     shutil.rmtree(built, ignore_errors=True)
     deadline = time.monotonic() + 5  # killed by the raylet's end: gone at once, or nearly
-    while workers and time.monotonic() < deadline:
-        workers = [pid for pid in workers if _alive(pid)]
-        time.sleep(0.05 if workers else 0)
+    while (workers := [pid for pid in workers if _alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
     remove_orphaned_task_dirs(os.environ.get("PIPELINE_SANDBOX_DIR"))  # where the workers made them
 
 
