@@ -1,10 +1,11 @@
 """Run every benchmark in turn: python -m bench.all (make bench)."""
 
-from bench import parallel_create, shared_input, sim_scale, sweep_efficiency, task_overhead
+from bench import parallel_create, ray_arg_cost, shared_input, sim_scale, sweep_efficiency, task_overhead
 
 
 def main():
     task_overhead.main([])
+    ray_arg_cost.main([])
     shared_input.main([])
     parallel_create.main([])
     sim_scale.main([])
