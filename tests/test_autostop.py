@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -459,7 +460,9 @@ def test_the_daemon_sees_tasks_actors_and_drivers_through_the_dashboard(tmp_path
     from cloud.autostop_daemon import RayView
 
     port = free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # the dashboard's forkserver makes its socket directory (pymp-*) in TMPDIR and is killed with Ray, so that
+    # directory stays: here, in the test's own directory; Ray's session directory stays where Ray puts it
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TMPDIR": str(tmp_path), "RAY_TMPDIR": tempfile.gettempdir()}
     env.pop("RAY_ADDRESS", None)
     p = subprocess.Popen(
         [sys.executable, "-c", DRIVER, str(port)],
