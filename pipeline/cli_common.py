@@ -63,6 +63,24 @@ def check_ray_options(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {args.out!r} is a file; give a directory")
+    other = _not_results(out)
+    if other is not None:
+        raise UsageError(
+            f"--out {args.out!r} holds files that are not the results of a sweep (e.g. {other!r}), which it would "
+            f"replace; give a new or empty directory"
+        )
+
+
+def _not_results(out: Path) -> str | None:
+    """The name of an entry in the existing directory `out` when it is not a sweep's output (a sweep writes
+    results.json and results.csv before its first trial starts); None when it is, or is empty or new."""
+    try:
+        names = sorted(os.listdir(out))
+    except OSError:  # missing (made by the sweep), or unreadable (the first write says so)
+        return None
+    if not names or "results.json" in names or "results.csv" in names:
+        return None
+    return names[0]
 
 
 def check_address(address: str, timeout: float = 5.0, source: str = "--address") -> None:
@@ -222,6 +240,7 @@ def run_and_report(
     progress = Progress(len(trials), slots=slots, note=session.conn.note if session.conn is not None else None)
     start = time.monotonic()
     try:
+        store.write()  # the results files first: --out is a sweep's from now on (see check_ray_options)
         results = run_trials(trials, submit, store, progress, read=read, retries=retries, files=files)
     except KeyboardInterrupt:
         session.say(f"\ninterrupted; finished trials are in {store.csv_path}")

@@ -9,6 +9,7 @@ Nothing here needs Ray: everything is checked before any work starts.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import json
@@ -33,6 +34,10 @@ else:  # pragma: no cover
 MAX_TRIALS = 100_000
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 BUILTINS = ("trial.id", "trial.seed")
+#: results.csv's columns besides the parameters and the metric: a parameter cannot have one of these names
+RESULT_COLUMNS = ("trial", "status", "seconds", "node", "attempts", "retries", "error")
+#: files a trial's directory under --out/trials holds besides its outputs, and where its data appear
+RESERVED_OUTPUTS = ("stdout", "stdout.txt", "stderr.txt")
 TOP_KEYS = (
     "program",
     "interpreter",
@@ -60,7 +65,7 @@ class Param:
     name: str
     kind: str  # "values" (a list or a range) or "uniform" / "log-uniform" / "int-uniform"
     values: tuple[Any, ...] = ()
-    low: float = 0.0
+    low: float = 0.0  # an int for int-uniform (exact beyond 2**53)
     high: float = 0.0
 
     @property
@@ -73,7 +78,7 @@ class Param:
         if self.kind == "uniform":
             return rng.uniform(self.low, self.high)
         if self.kind == "int-uniform":
-            return rng.randint(int(self.low), int(self.high))
+            return rng.randint(int(self.low), int(self.high))  # ints as written
         return math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
 
 
@@ -163,8 +168,12 @@ def _json_line_value(text: str, key: str) -> float:
 
 
 def _finite(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{what} is {value!r}, not a finite number")
+    try:
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(float(value))
+    except OverflowError:  # a whole number too large for a float
+        ok = False
+    if not ok:
+        raise ValueError(f"{what} is {str(value)[:40]!r}, not a finite number")
     return float(value)
 
 
@@ -218,10 +227,13 @@ class SweepSpec:
         values to a list keeps earlier ids); random ones are numbered, and sample i is the same
         whatever `trials` is (one draw per trial from the seeded generator, in order)."""
         if self.kind == "grid":
+            combos = [dict(zip(self.param_names, c)) for c in itertools.product(*(p.values for p in self.params))]
+            ids = [grid_id(params) for params in combos]
+            clash = {tid for tid, n in collections.Counter(ids).items() if n > 1}
             out = []
-            for combo in itertools.product(*(p.values for p in self.params)):
-                params = dict(zip(self.param_names, combo))
-                tid = grid_id(params)
+            for params, tid in zip(combos, ids):
+                if tid in clash:  # values that read alike in a name (1 and 1.0, a/b and a_b): told apart
+                    tid = _hashed_id(tid, json.dumps(list(params.items())))
                 out.append(Trial(tid, params, _trial_seed(self.seed, tid)))
             return out
         rng = random.Random(self.seed)
@@ -264,11 +276,17 @@ class _Namespace:
 
 
 def grid_id(params: Mapping[str, Any]) -> str:
+    """A grid trial's directory name, naming its values. Values that read alike here (1 and 1.0, or
+    characters a file name cannot hold) can share one: SweepSpec.trials tells those apart."""
     text = ",".join(f"{k}={_fmt_value(v)}" for k, v in params.items())
     safe = re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)
     if len(safe) > 80 or safe.startswith("."):
-        safe = safe[:60] + "-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+        safe = _hashed_id(safe, text)
     return safe
+
+
+def _hashed_id(readable: str, exact: str) -> str:
+    return readable[:60] + "-" + hashlib.sha256(exact.encode()).hexdigest()[:12]
 
 
 def _fmt_value(v: Any) -> str:
@@ -315,7 +333,7 @@ def parse(doc: Mapping[str, Any], base: Path, path: Path | None = None) -> Sweep
         raise SpecError(f'goal: {goal!r} is not valid; give "max" or "min"')
     data = _data(doc.get("data", {}), base)
     kind, trials_wanted, seed = _search(doc.get("search", {}))
-    params = _params(doc.get("params"), kind)
+    params = _params(doc.get("params"), kind, metric.name)
     args = _args(doc, params, data)
     resources = _resources(doc.get("resources", {}))
     packages = _packages(doc.get("packages", []))
@@ -399,10 +417,14 @@ def _outputs(doc: Mapping[str, Any]) -> tuple[str, ...]:
         raise SpecError(str(e)) from None
     if len(set(checked)) != len(checked):
         raise SpecError(f"outputs: {outputs!r} names a file twice")
-    reserved = [o for o in checked if o in ("stdout", "stdout.txt", "stderr.txt") or o.startswith("data/")]
+    reserved = [o for o in checked if _reserved(o)]
     if reserved:
         raise SpecError(f"outputs: {reserved[0]!r} is reserved (stdout.txt, stderr.txt, data/); rename the file")
     return checked
+
+
+def _reserved(path: str) -> bool:
+    return path in RESERVED_OUTPUTS or path.startswith("data/")
 
 
 def _metric(doc: Mapping[str, Any]) -> Metric:
@@ -428,6 +450,8 @@ def _metric(doc: Mapping[str, Any]) -> Metric:
             path = check_relpath(m["file"], "metric.file:")
         except ValueError as e:
             raise SpecError(str(e)) from None
+        if _reserved(path):
+            raise SpecError(f"metric.file: {path!r} is reserved (stdout.txt, stderr.txt, data/); rename the file")
         return Metric("file", key=m["key"], path=path)
     raise SpecError(f"metric: {m!r} is not valid; give {valid}")
 
@@ -488,7 +512,7 @@ def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _params(table: Any, kind: str) -> tuple[Param, ...]:
+def _params(table: Any, kind: str, metric_name: str) -> tuple[Param, ...]:
     if not isinstance(table, dict) or not table:
         raise SpecError("params: missing or empty; give at least one, e.g. lr = [0.01, 0.1]")
     out = []
@@ -496,6 +520,11 @@ def _params(table: Any, kind: str) -> tuple[Param, ...]:
         where = f"params.{name}"
         if not NAME_RE.match(name) or name in ("data", "trial"):
             raise SpecError(f"{where}: the name must be letters, digits and _ (and not data or trial)")
+        if name in RESULT_COLUMNS or name == metric_name:
+            raise SpecError(
+                f"{where}: {name!r} is a column of results.csv ({', '.join(RESULT_COLUMNS)} and the metric "
+                f"{metric_name!r}); rename the parameter"
+            )
         out.append(_param(name, value, kind, where))
     return tuple(out)
 
@@ -521,8 +550,12 @@ def _param(name: str, value: Any, kind: str, where: str) -> Param:
         raise SpecError(f"{where}.log-uniform: {arg!r}: LOW must be > 0")
     if how == "int-uniform" and not all(isinstance(x, int) for x in arg):
         raise SpecError(f"{where}.int-uniform: {arg!r}: give whole numbers")
+    if how == "uniform" and not math.isfinite(arg[1] - arg[0]):
+        raise SpecError(f"{where}.uniform: {arg!r}: HIGH - LOW is too large for a float; give a narrower range")
     if kind == "grid":
         raise SpecError(f'{where}: {how} is sampled; use search.kind = "random", or a list or range for a grid')
+    if how == "int-uniform":
+        return Param(name, how, low=arg[0], high=arg[1])
     return Param(name, how, low=float(arg[0]), high=float(arg[1]))
 
 
@@ -543,12 +576,16 @@ def _range(arg: Any, where: str) -> tuple[Any, ...]:
     start, stop, step = arg
     if step <= 0 or stop < start:
         raise SpecError(f"{where}: {arg!r}: give START <= STOP and STEP > 0")
-    n = math.floor((stop - start) / step + 1e-9) + 1
-    if n > MAX_TRIALS:
-        raise SpecError(f"{where}: {arg!r} has {n} values, more than {MAX_TRIALS}")
+    steps = (stop - start) / step
+    if not math.isfinite(steps) or steps >= MAX_TRIALS:
+        raise SpecError(f"{where}: {arg!r} has more than {MAX_TRIALS} values; give a larger STEP")
+    n = math.floor(steps + 1e-9) + 1
     if all(isinstance(x, int) for x in arg):
         return tuple(start + i * step for i in range(n))
-    return tuple(round(start + i * step, 12) for i in range(n))
+    values = tuple(round(start + i * step, 12) for i in range(n))
+    if len(set(values)) != n:
+        raise SpecError(f"{where}: {arg!r}: values rounded to 12 decimals repeat; give a STEP of at least 1e-12")
+    return values
 
 
 def _args(doc: Mapping[str, Any], params: Sequence[Param], data: Sequence[DataItem]) -> tuple[str, ...]:
@@ -560,11 +597,11 @@ def _args(doc: Mapping[str, Any], params: Sequence[Param], data: Sequence[DataIt
     except ValueError as e:
         raise SpecError(f"args: {text!r} cannot be split as a shell would ({e})") from None
     known = {p.name for p in params} | {f"data.{d.name}" for d in data} | set(BUILTINS)
-    sample = {
-        **{p.name: p.values[0] if p.values else p.low for p in params},
-        "data": _Namespace({d.name: d.relpath for d in data}),
-        "trial": _Namespace({"id": "0000", "seed": 1}),
-    }
+    first = {p.name: p.values[0] if p.values else p.low for p in params}
+    samples = [first]  # each value of each parameter once (with the others' first): what a trial can be given
+    for p in params:
+        samples += [{**first, p.name: v} for v in (p.values[1:] if p.values else (p.high,))]
+    builtins = {"data": _Namespace({d.name: d.relpath for d in data}), "trial": _Namespace({"id": "0000", "seed": 1})}
     for word in words:
         try:
             fields = [f for _, f, _, _ in string.Formatter().parse(word) if f is not None]
@@ -576,10 +613,12 @@ def _args(doc: Mapping[str, Any], params: Sequence[Param], data: Sequence[DataIt
                     f"args: {{{f}}} names no parameter, data item or built-in; valid: "
                     + ", ".join("{" + k + "}" for k in sorted(known))
                 )
-        try:
-            word.format_map(sample)
-        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
-            raise SpecError(f"args: {word!r} cannot be filled in ({e})") from None
+        for sample in samples if fields else ():
+            try:
+                word.format_map({**sample, **builtins})
+            except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
+                given = ", ".join(f"{k}={sample[k]!r}" for k in fields if k in sample)
+                raise SpecError(f"args: {word!r} cannot be filled in with {given} ({e})") from None
     return tuple(words)
 
 
@@ -588,11 +627,15 @@ def _resources(table: Any) -> Resources:
         raise SpecError("resources: give a table, e.g. { cpus = 1, timeout = 600 }")
     _no_unknown(table, ("cpus", "gpus", "timeout", "retries"), "resources")
     cpus = table.get("cpus", 1)
-    if not _number(cpus) or cpus <= 0:
-        raise SpecError(f"resources.cpus: {cpus!r} is not valid; give a number > 0")
+    if not _number(cpus) or cpus <= 0 or not _ray_amount(cpus):
+        raise SpecError(
+            f"resources.cpus: {cpus!r} is not valid; give a number > 0 (whole above 1, in steps of 0.0001 below)"
+        )
     gpus = table.get("gpus", 0)
-    if not _number(gpus) or gpus < 0:
-        raise SpecError(f"resources.gpus: {gpus!r} is not valid; give a number >= 0")
+    if not _number(gpus) or gpus < 0 or not _ray_amount(gpus):
+        raise SpecError(
+            f"resources.gpus: {gpus!r} is not valid; give a number >= 0 (whole above 1, in steps of 0.0001 below)"
+        )
     timeout = table.get("timeout")
     if timeout is not None and (not _number(timeout) or timeout <= 0):
         raise SpecError(f"resources.timeout: {timeout!r} is not valid; give seconds > 0")
@@ -600,6 +643,13 @@ def _resources(table: Any) -> Resources:
     if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
         raise SpecError(f"resources.retries: {retries!r} is not valid; give a whole number from 0 to 10")
     return Resources(float(cpus), float(gpus), float(timeout) if timeout is not None else None, retries)
+
+
+def _ray_amount(x: float) -> bool:
+    """What Ray accepts as a task's amount of a resource: whole above 1, a multiple of 0.0001 below."""
+    if x > 1:
+        return x == int(x)
+    return abs(x * 10_000 - round(x * 10_000)) < 1e-6
 
 
 def _packages(value: Any) -> tuple[str, ...]:

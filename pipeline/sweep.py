@@ -205,11 +205,14 @@ class ResultStore:
         return n
 
     def check(self, previous: Previous) -> None:
-        """Raise SettingsMismatch when `previous` was run with other settings (unknown ones pass)."""
+        """Raise SettingsMismatch when `previous` was run with other settings (a field there and not here, or
+        here and not there, is a difference too)."""
         if previous.settings is None:
             return
-        old = previous.settings
-        diff = {k: (old.get(k), v) for k, v in self.settings.items() if old.get(k) != v}
+        old, new = previous.settings, self.settings
+        diff = {
+            k: (old.get(k), new.get(k)) for k in [*new, *(k for k in old if k not in new)] if old.get(k) != new.get(k)
+        }
         if diff:
             what = ", ".join(f"{k} {a!r} there vs {b!r} now" for k, (a, b) in diff.items())
             raise SettingsMismatch(

@@ -107,6 +107,8 @@ def test_grid_is_the_product_and_ids_name_the_values(folder):
         ({"packages": '"numpy"'}, "packages:"),
         ({"packages": '["--index-url=x"]'}, "packages:"),
         ({"env": "{ A = 1 }"}, "env.A:"),
+        ({"metric": '{ file = "stdout", key = "v" }'}, "metric.file:"),
+        ({"metric": '{ file = "data/m.json", key = "v" }'}, "metric.file:"),
     ],
 )
 def test_top_level_fields_are_checked_in_one_line(folder, patch, field):
@@ -139,12 +141,21 @@ def test_top_level_fields_are_checked_in_one_line(folder, patch, field):
         ("params", {"lr": {"range": [0, 1]}}, "params.lr.range:"),
         ("params", {"lr": {"choice": 3}}, "params.lr.choice:"),
         ("params", {"trial": [1]}, "params.trial:"),
+        ("params", {"status": [1, 2]}, "params.status:"),  # a column of results.csv
+        ("params", {"val_acc": [1, 2]}, "params.val_acc:"),  # the metric's column
+        ("params", {"lr": {"range": [0, 5e-13, 1e-13]}}, "params.lr.range:"),  # equal once rounded
+        ("params", {"lr": {"range": [0, 1e308, 1e-10]}}, "params.lr.range:"),
+        ("params", {"lr": {"range": [0, 1, 1e-320]}}, "params.lr.range:"),
+        ("params", {"lr": {"uniform": [-1.7e308, 1.7e308]}}, "params.lr.uniform:"),
         ("search", {"kind": "bayes"}, "search.kind:"),
         ("search", {"trials": 0}, "search.trials:"),
         ("search", {"seed": -1}, "search.seed:"),
         ("search", {"budget": 3}, "search.budget: unknown field"),
         ("resources", {"cpus": 0}, "resources.cpus:"),
         ("resources", {"gpus": -1}, "resources.gpus:"),
+        ("resources", {"cpus": 1.5}, "resources.cpus:"),  # Ray's rule: whole above 1
+        ("resources", {"gpus": 2.5}, "resources.gpus:"),
+        ("resources", {"cpus": 0.00001}, "resources.cpus:"),  # Ray's precision: 0.0001
         ("resources", {"timeout": 0}, "resources.timeout:"),
         ("resources", {"retries": 1.5}, "resources.retries:"),
         ("resources", {"memory": 3}, "resources.memory: unknown field"),
@@ -157,6 +168,34 @@ def test_table_fields_are_checked_in_one_line(folder, section, entries, field):
         S.parse(doc, folder)
     msg = str(e.value)
     assert "\n" not in msg and field in msg, msg
+
+
+def test_distinct_grid_values_get_distinct_trial_ids(folder):
+    for values in ('["α", "β"]', '["a/b", "a_b"]', "[1, 1.0]", '[true, "True"]'):
+        s = load(folder, f'program = "train.py"\nargs = "{{x}}"\n[params]\nx = {values}\n')
+        ids = [t.id for t in s.trials()]
+        assert len(set(ids)) == 2 and all("/" not in i and not i.startswith(".") for i in ids), (values, ids)
+    plain = load(folder, 'program = "train.py"\nargs = "{x}"\n[params]\nx = [1, 2]\n')
+    assert [t.id for t in plain.trials()] == ["x=1", "x=2"]  # ids without a clash stay as they were
+
+
+def test_args_are_filled_in_with_every_value_before_the_run(folder):
+    with pytest.raises(S.SpecError, match=r"args: '\{x:d\}' cannot be filled in .*2\.5"):
+        load(folder, 'program = "train.py"\nargs = "{x:d}"\n[params]\nx = [1, 2.5]\n')
+    s = load(
+        folder,
+        'program = "train.py"\nargs = "{n:d}"\n[params]\nn = { int-uniform = [1, 10] }\n[search]\nkind = "random"\ntrials = 5\n',
+    )
+    assert all(1 <= int(s.render_args(t)[0]) <= 10 for t in s.trials())
+
+
+def test_int_uniform_keeps_whole_numbers_exact(folder):
+    big = 9007199254740993  # 2**53 + 1: not a float
+    s = load(
+        folder,
+        f'program = "train.py"\nargs = "{{n}}"\n[params]\nn = {{ int-uniform = [{big}, {big + 2}] }}\n[search]\nkind = "random"\ntrials = 30\n',
+    )
+    assert {t.params["n"] for t in s.trials()} <= {big, big + 1, big + 2}
 
 
 def test_grid_refuses_sampled_params_and_a_trial_count(folder):
@@ -221,6 +260,8 @@ def test_metric_readers():
         (S.Metric("json-line", key="val_acc"), '{"other": 1}\n{broken\n', None, "no JSON line"),
         (S.Metric("json-line", key="val_acc"), '{"val_acc": "high"}\n', None, "not a finite number"),
         (S.Metric("json-line", key="val_acc"), '{"val_acc": true}\n', None, "not a finite number"),
+        (S.Metric("json-line", key="val_acc"), '{"val_acc": 1%s}\n' % ("0" * 400), None, "not a finite number"),
+        (S.Metric("file", key="acc", path="m.json"), "", '{"acc": -1%s}' % ("0" * 400), "not a finite number"),
         (S.Metric("file", key="acc", path="m.json"), "", None, "did not write m.json"),
         (S.Metric("file", key="acc", path="m.json"), "", "{", "not JSON"),
         (S.Metric("file", key="acc", path="m.json"), "", "[1]", "no key 'acc'"),

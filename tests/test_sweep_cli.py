@@ -86,6 +86,24 @@ def test_a_bad_sweep_file_is_one_line_before_any_work(project, text, expect):
     assert not (tmp / "out").exists()
 
 
+def test_an_out_directory_of_other_files_is_refused_before_any_work(project):
+    """--out names a directory the sweep did not write: its files (a plot.png, a trials/ of the user's) would
+    be replaced, so it is refused in one line, with or without --fresh, and nothing in it changes."""
+    tmp, _ = project
+    out = tmp / "mine"
+    (out / "trials" / "x=1").mkdir(parents=True)
+    (out / "plot.png").write_text("my picture")
+    (out / "trials" / "x=1" / "stdout.txt").write_text("my notes")
+    for extra in ([], ["--fresh"]):
+        r = sweep(str(tmp / "sweep.toml"), "--out", str(out), *extra, timeout=60)
+        got = lines(r.stderr)
+        assert r.returncode == 2 and len(got) == 1 and "not the results of a sweep" in got[0], r.stderr
+        assert "Ray" not in r.stderr  # refused before Ray started
+    assert (out / "plot.png").read_text() == "my picture"
+    assert (out / "trials" / "x=1" / "stdout.txt").read_text() == "my notes"
+    assert sorted(p.name for p in out.rglob("*")) == ["plot.png", "stdout.txt", "trials", "x=1"]
+
+
 def test_the_plain_python_example_runs(tmp_path):
     out = tmp_path / "descent"
     r = sweep(str(ROOT / "examples" / "descent.toml"), "--out", str(out))

@@ -110,6 +110,9 @@ def test_failure_is_isolated_recorded_and_resume_runs_only_it(ray_local, state, 
     other = ResultStore(out, ["x", "y"], "score", {"v": 2}, [])
     with pytest.raises(SettingsMismatch, match=r"different sweep \(v 1 there vs 2 now\); use --fresh"):
         other.load_previous()
+    gone = ResultStore(out, ["x", "y"], "score", {}, [])  # a field removed from the sweep file is a change too
+    with pytest.raises(SettingsMismatch, match=r"different sweep \(v 1 there vs None now\)"):
+        gone.load_previous()
 
 
 def test_retries_rerun_program_failures_and_bad_output_fails(ray_local, state, tmp_path):
