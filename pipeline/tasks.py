@@ -532,7 +532,20 @@ class Execute:
 
     def wait(self, timeout: float | None = None) -> RunInfo:
         """Block until the task ends; return its RunInfo or raise its ExecuteError."""
-        return RunInfo(*get(self.info_ref, timeout=timeout))
+        try:
+            return RunInfo(*get(self.info_ref, timeout=timeout))
+        except (ExecuteError, ray.exceptions.RayTaskError):
+            self._errors_seen()
+            raise
+
+    def _errors_seen(self) -> None:
+        """The task failed, so each of its outputs holds the error just raised: read them (at once, they are
+        there), so that Ray does not report each as an unhandled error, traceback and all, when it goes."""
+        for d in self.outputs.values():
+            try:
+                ray.get(d.ref, timeout=0)
+            except Exception:
+                pass
 
     def __repr__(self) -> str:
         return f"Execute(name={self.name!r}, outputs={list(self.outputs)})"

@@ -156,3 +156,28 @@ def test_fetch_write_to_local_file(tmp_path):
     t = Execute("printf abc", stdout=True)
     p = t.output.fetch().write(tmp_path / "x.txt")
     assert p.read_bytes() == b"abc"
+
+
+FAILING_WITH_OUTPUTS = """
+import gc, time
+from pipeline import tasks
+t = tasks.Execute(["sh", "-c", "echo out; echo boom >&2; exit 3"], stdout=True, output_paths=["o.txt"])
+try:
+    t.wait()
+except tasks.ExecuteError as e:
+    print("caught:", str(e).splitlines()[0], flush=True)
+del t
+gc.collect()
+time.sleep(2)  # Ray reports an unfetched error when the last reference to its object goes
+tasks.stop_local_ray()
+"""
+
+
+def test_a_failed_task_whose_error_was_caught_does_not_report_its_outputs_unhandled():
+    """wait() raised the task's error, so its outputs (holding the same error) are not Ray's 'unhandled
+    errors' too: Ray would print the traceback again for each, when the task object goes."""
+    from tests.conftest import run_cli
+
+    r = run_cli("-c", FAILING_WITH_OUTPUTS, timeout=120, env={"RAY_ADDRESS": "", "PIPELINE_SANDBOX_DIR": ""})
+    assert r.returncode == 0 and "caught: task 'sh -c" in r.stdout, r.stdout + r.stderr[-3000:]
+    assert "Unhandled error" not in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
