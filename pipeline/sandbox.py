@@ -12,6 +12,7 @@ import collections
 import errno
 import fcntl
 import itertools
+import logging
 import os
 import shutil
 import signal
@@ -23,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
+
+log = logging.getLogger(__name__)
 
 STDERR_TAIL_BYTES = 4096
 STDERR_TAIL_LINES = 20
@@ -150,23 +153,40 @@ def _link_open_file(src_fd: int, src: Path, dst: Path) -> bool:
 
 
 def _rmtree(path: Path) -> None:
+    """Remove a task directory and whatever the program left in it, also directories it made read-only or
+    closed (mode 000). Only directories of that tree are opened up, never through a symlink: a program's
+    link to a file elsewhere does not make that file the toolkit's to change."""
+    top = os.fspath(path)
     try:
-        os.rmdir(path)  # the common case: the program left nothing behind
+        os.rmdir(top)  # the common case: the program left nothing behind
         return
     except FileNotFoundError:
         return
     except OSError:
         pass
+    tried: set[str] = set()
 
-    def onerror(func, p, exc_info):  # a program may leave read-only directories behind
+    def open_up(d: str) -> None:
+        if (d == top or d.startswith(top + os.sep)) and not os.path.islink(d):
+            try:
+                os.chmod(d, 0o700)
+            except OSError:
+                pass
+
+    def onerror(func, p, exc_info):
+        open_up(os.path.dirname(p))  # a read-only directory's entries cannot be removed
         try:
-            os.chmod(os.path.dirname(p), 0o700)
-            os.chmod(p, 0o700)
-            func(p)
+            if func in (os.open, os.scandir, os.listdir):  # a closed directory: open it, then empty it
+                if p not in tried:
+                    tried.add(p)
+                    open_up(p)
+                    shutil.rmtree(p, onerror=onerror)
+            else:
+                func(p)
         except OSError:
             pass
 
-    shutil.rmtree(path, onerror=onerror)
+    shutil.rmtree(top, onerror=onerror)
 
 
 #: The name of each worker's parent directory of task directories starts with this, then its pid and "-".
@@ -256,7 +276,10 @@ class TaskDirs:
             except FileNotFoundError:
                 pass
             except OSError:
-                _rmtree(self.parent / name)
+                try:
+                    _rmtree(self.parent / name)
+                except Exception:  # whatever a program left, the thread goes on with the other directories
+                    log.warning("could not remove the task directory %s", self.parent / name, exc_info=True)
 
     def _paused(self) -> bool:
         return time.monotonic() - self._last_make >= self.PAUSE_S

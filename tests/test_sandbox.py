@@ -279,3 +279,56 @@ def test_program_name_found_once_still_follows_path_when_the_file_goes(tmp_path)
     assert run() == "first"
     (first / "say-which").unlink()
     assert run() == "second"
+
+
+UNPRIVILEGED_CLEANUP = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+from pipeline.sandbox import ProgramRun, Sandbox, TaskDirs
+root = sys.argv[2]
+victim = os.path.join(root, "victim")
+with open(victim, "w") as f:
+    f.write("mine")
+os.chmod(victim, 0o644)
+leftovers = f"ln -s {victim} link; mkdir closed; touch closed/f; chmod 000 closed; chmod 555 ."
+with Sandbox(tmp_root=root) as box:
+    box.map_input("in.txt", b"x")  # a directory with inputs: removed at once, on close
+    box.run(ProgramRun(["sh", "-c", leftovers]))
+dirs = TaskDirs(root)
+with Sandbox(dirs=dirs) as box:  # without inputs: removed by the worker's thread, at the next pause
+    box.run(ProgramRun(["sh", "-c", leftovers]))
+deadline = time.monotonic() + 10
+while box.workdir.exists() and time.monotonic() < deadline:
+    time.sleep(0.1)
+print(oct(os.stat(victim).st_mode & 0o777), sorted(os.listdir(root)), box.workdir.exists(), dirs._thread.is_alive(), sep="|")
+"""
+
+
+def test_leftovers_a_program_locked_are_removed_without_touching_files_outside(tmp_path):
+    """As a user who is not root (root's override of file permissions dropped): a program that leaves a
+    directory it closed (mode 000), its own directory read-only and a symlink to a file outside has its
+    directory removed all the same, the linked file's mode unchanged, and the worker's thread still alive."""
+    import shutil
+    import subprocess
+    import sys
+
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("needs setpriv (util-linux) to drop root's permission override")
+        drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--inh-caps=-all"]
+    else:
+        drop = []
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run(
+        [*drop, sys.executable, "-c", UNPRIVILEGED_CLEANUP, str(root), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    mode, left, used_dir_there, alive = r.stdout.strip().split("|")
+    assert mode == "0o644", r.stdout  # the symlink's target: not the toolkit's to change
+    assert left.startswith("['pipeline-tasks-") and "pipeline-task-" not in left.replace("pipeline-tasks-", ""), (
+        r.stdout
+    )
+    assert used_dir_there == "False" and alive == "True", r.stdout
