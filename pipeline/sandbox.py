@@ -81,7 +81,7 @@ class ProgramRun:
     argv: Sequence[str] | str
     name: str = "task"
     shell: bool = False
-    env: Mapping[str, str] | None = None
+    env: Mapping[str, str] | None = field(default=None, repr=False)  # values may be secrets
     timeout: float | None = None
     capture_stdout: bool = False
     output_paths: tuple[str, ...] = ()

@@ -11,8 +11,10 @@ zero-copy); it is mapped into a consumer's directory through the node-local cach
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import pickle
+import re
 import shlex
 import shutil
 import socket
@@ -153,10 +155,15 @@ class FetchedData:
     def write(self, path: str | os.PathLike) -> Path:
         """Write to a local file (atomically: a reader never sees half a file); return its path."""
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
-            f.write(self._array.data)
-        os.replace(tmp, path)
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")  # new: never an existing file or link
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        try:
+            with open(fd, "wb") as f:
+                f.write(self._array.data)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return path
 
     def __len__(self) -> int:
@@ -236,8 +243,14 @@ class RunInfo:
 
 
 def _random_name(data: DataObject) -> str:
-    suffix = "".join(PurePosixPath(data.name).suffixes[-2:]) if data.name else ""
+    """A new file name for a data object in a task's directory, keeping its name's suffix when that is plain
+    (`.npz`, `.tar.gz`): the name is pasted into a shell command unquoted (shell=True)."""
+    suffixes = PurePosixPath(data.name).suffixes[-2:] if data.name else []
+    suffix = "".join(x for x in suffixes if _PLAIN_SUFFIX.fullmatch(x))
     return f"d{uuid.uuid4().hex[:12]}{suffix}"
+
+
+_PLAIN_SUFFIX = re.compile(r"\.[A-Za-z0-9_-]{1,16}")
 
 
 @dataclass(frozen=True)
@@ -418,7 +431,9 @@ class Execute:
 
     Submitted when constructed. `outputs` maps each declared output path (and "stdout" when captured)
     to a data object; `output` is the single one; `wait()` returns the RunInfo or raises ExecuteError.
-    `info_ref` is the task's own Ray object (for ray.wait or ray.cancel; `wait()` reads it).
+    `info_ref` is the task's own Ray object (for ray.wait or ray.cancel; `wait()` reads it). A running program
+    is stopped by `ray.cancel(info_ref, force=True)`; without force, Ray's cancel reaches the task only once
+    its program has ended (the worker waits for it in one call that Ray's interrupt does not break).
     """
 
     def __init__(
@@ -436,8 +451,7 @@ class Execute:
         gpus: float = 0,
     ):
         argv, datas, names = self._parse_args(args, shell)
-        pairs = input_paths.items() if isinstance(input_paths, Mapping) else input_paths
-        for rel, item in pairs:
+        for rel, item in _pairs(input_paths):
             rel = check_relpath(rel, "input path")
             if rel in names:
                 raise ValueError(f"input path {rel!r} is given twice; each input needs its own path")
@@ -450,6 +464,8 @@ class Execute:
             stdin_index = len(datas) - 1
         if isinstance(output_paths, str):
             raise TypeError(f"output_paths must be a list of paths, not the string {output_paths!r}")
+        if not isinstance(output_paths, Iterable):
+            raise TypeError(f"output_paths must be a list of relative file paths, got {output_paths!r}")
         outs = tuple(check_relpath(p, "output path") for p in output_paths)
         if len(set(outs)) != len(outs):
             raise ValueError(f"output_paths has duplicates: {list(outs)}")
@@ -458,14 +474,15 @@ class Execute:
             raise ValueError(f"output path(s) {sorted(clash)} are also inputs; an output must be a new file")
         if stdout and "stdout" in outs:
             raise ValueError("output path 'stdout' clashes with stdout=True; rename the file")
+        _no_file_is_a_directory([*names, *outs])
         cpus = _check_amount(cpus, "cpus")
         gpus = _check_amount(gpus, "gpus")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf
+        ):
             raise ValueError(f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
         if env is not None:
-            bad = [k for k, v in env.items() if not isinstance(k, str) or not isinstance(v, str)]
-            if bad:
-                raise TypeError(f"env must map str to str; bad entries for {bad!r}")
+            _check_env(env)
         out_names = list(outs) + (["stdout"] if stdout else [])
         self.name = name or _default_name(argv, names)
         output_keys = tuple(uuid.uuid4().hex for _ in out_names)
@@ -559,6 +576,44 @@ def get(refs, timeout: float | None = None):
         if isinstance(e.cause, ExecuteError):
             raise e.cause from None
         raise
+
+
+def _pairs(input_paths: Any) -> list[tuple[Any, Any]]:
+    if isinstance(input_paths, Mapping):
+        return list(input_paths.items())
+    what = "input_paths must map relative paths to data objects (a dict, or (path, data) pairs)"
+    if isinstance(input_paths, (str, bytes)) or not isinstance(input_paths, Iterable):
+        raise TypeError(f"{what}, got {input_paths!r}")
+    pairs = list(input_paths)
+    for item in pairs:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise TypeError(f"{what}; {item!r} is not a (path, data) pair")
+    return pairs
+
+
+def _no_file_is_a_directory(paths: list[str]) -> None:
+    """Refuse a path that is also a directory of another (an input "a" and an output "a/b"): both cannot be."""
+    given = set(paths)
+    for p in paths:
+        for parent in PurePosixPath(p).parents:
+            if str(parent) in given:
+                raise ValueError(
+                    f"{str(parent)!r} is a directory of {p!r} and also a file (an input or output path); "
+                    f"a path cannot be both"
+                )
+
+
+def _check_env(env: Any) -> None:
+    if not isinstance(env, Mapping):
+        raise TypeError(f"env must map str to str (a dict), got {type(env).__name__}: {env!r}"[:200])
+    bad = [k for k, v in env.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"env must map str to str; bad entries for {bad!r}")
+    for k, v in env.items():
+        if not k or "=" in k or "\0" in k or "\0" in v:
+            raise ValueError(
+                f"env: {k!r} cannot be set: a name must be non-empty without '=' or NUL, a value without NUL"
+            )
 
 
 def _default_name(argv: list, names: list[str]) -> str:

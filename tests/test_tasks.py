@@ -125,11 +125,49 @@ def test_python3_is_the_workers_interpreter():
         ({"args": "true", "timeout": 0}, "timeout must be"),
         ({"args": "true", "stdout": True, "output_paths": ["stdout"]}, "clashes"),
         ({"args": "true", "env": {"A": 1}}, "env must map"),
+        ({"args": "true", "env": [("A", "B")]}, "env must map"),
+        ({"args": "true", "env": {"A=B": "v"}}, "env: 'A=B'"),
+        ({"args": "true", "env": {"": "v"}}, "env: ''"),
+        ({"args": "true", "env": {"K": "a\0b"}}, "env: 'K'"),
+        ({"args": "true", "timeout": float("nan")}, "timeout must be"),
+        ({"args": "true", "timeout": float("inf")}, "timeout must be"),
+        ({"args": "true", "output_paths": None}, "output_paths must be a list"),
+        ({"args": "true", "input_paths": ["x"]}, "input_paths must"),
+        ({"args": "true", "output_paths": ["o", "o/y"]}, "'o' is a directory of 'o/y'"),
     ],
 )
 def test_bad_input_refused_before_running(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         Execute(**kwargs)
+
+
+def test_paths_that_are_both_file_and_directory_refused_before_running(ray_local):
+    b = tasks.blob("x")
+    for kwargs in (
+        {"input_paths": {"a": b, "a/b": b}},
+        {"input_paths": {"a": b}, "output_paths": ["a/b"]},
+        {"input_paths": {"in/x": b}, "output_paths": ["in"]},
+    ):
+        with pytest.raises(ValueError, match="is a directory of"):
+            Execute("true", **kwargs)
+
+
+def test_a_data_objects_name_gives_its_file_a_suffix_not_shell_text(ray_local):
+    """With shell=True a data object's file name is pasted into the command unquoted: only a plain
+    suffix of its name may reach it."""
+    evil = tasks.blob("hi\n", name="x.a;echo INJECTED;#")
+    spaced = tasks.blob("ho\n", name="report.v1 final.txt")
+    t = Execute(["cat", evil, spaced, "; echo $0"], shell=True, stdout=True)
+    text = out(t)
+    assert text.startswith("hi\nho\n") and "INJECTED" not in text, text
+    named = Execute(["sh", "-c", 'echo "$1"', "sh", spaced], stdout=True)
+    assert out(named).strip().endswith(".txt")  # the suffix a program may look at is kept
+
+
+def test_program_run_repr_hides_the_environment():
+    from pipeline.sandbox import ProgramRun
+
+    assert "S3CRET" not in repr(ProgramRun(["true"], env={"TOKEN": "S3CRET"}))
 
 
 def test_shared_input_materialised_once_per_node(ray_local):
@@ -156,6 +194,16 @@ def test_fetch_write_to_local_file(tmp_path):
     t = Execute("printf abc", stdout=True)
     p = t.output.fetch().write(tmp_path / "x.txt")
     assert p.read_bytes() == b"abc"
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(IsADirectoryError):
+        t.output.fetch().write(tmp_path / "adir")
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["adir", "x.txt"]  # no temporary file left
+    target = tmp_path / "target"
+    target.write_text("keep")
+    for pid in (os.getpid(), os.getpid() + 1):  # a link where a predictable temporary name would be
+        (tmp_path / f".y.txt.tmp-{pid}").symlink_to(target)
+    t.output.fetch().write(tmp_path / "y.txt")
+    assert target.read_text() == "keep" and (tmp_path / "y.txt").read_bytes() == b"abc"
 
 
 FAILING_WITH_OUTPUTS = """
