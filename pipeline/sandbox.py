@@ -222,12 +222,15 @@ class TaskDirs:
     MAX_PENDING = 1024
 
     def __init__(self, tmp_root: str | os.PathLike[str] | None = None, prefix: str = TASK_DIRS_PREFIX):
-        root = task_dirs_root(tmp_root)
-        _remove_orphans(root, prefix)
-        self.parent = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=root))
+        self._root, self._prefix = task_dirs_root(tmp_root), prefix
+        _remove_orphans(self._root, prefix)
+        self.parent = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=self._root))
         self._fd = os.open(self.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._old_fds: list[int] = []  # of parents a program removed (closed with this object)
+        self._parent_lock = threading.Lock()
         self._count = itertools.count()
-        self._ready: collections.deque[str] = collections.deque()  # made ahead, empty, never used
+        # made ahead, never used: each name with the inode and change time it was made with
+        self._ready: collections.deque[tuple[str, int, int]] = collections.deque()
         self._pending: list[str] = []  # finished, to remove
         self._taken = 0  # directories taken since the last fill: the next fill makes as many (within bounds)
         self._last_make = time.monotonic() - self.PAUSE_S  # a new worker has no tasks yet: fill up at once
@@ -244,17 +247,51 @@ class TaskDirs:
             try:
                 os.mkdir(name, 0o700, dir_fd=self._fd)
                 return name
-            except FileExistsError:
+            except FileExistsError:  # e.g. made by a program that guessed the name: not ours, skipped
                 continue
+            except FileNotFoundError:  # the parent is gone (a program removed it): a new one, then go on
+                self._renew_parent()
+
+    def _make_ahead(self) -> None:
+        name = self._mkdir()
+        st = os.stat(name, dir_fd=self._fd, follow_symlinks=False)
+        self._ready.append((name, st.st_ino, st.st_ctime_ns))
+
+    def _untouched(self, name: str, ino: int, ctime_ns: int) -> bool:
+        """Whether a directory made ahead is still as it was made: a program next to it (same user) may have
+        put something in it or put a link in its place, which changes its change time or its inode."""
+        try:
+            st = os.stat(name, dir_fd=self._fd, follow_symlinks=False)
+        except OSError:
+            return False
+        return st.st_ino == ino and st.st_ctime_ns == ctime_ns
+
+    def _renew_parent(self) -> None:
+        with self._parent_lock:
+            if os.fstat(self._fd).st_nlink:  # still there (renewed meanwhile by the other thread)
+                return
+            parent = Path(tempfile.mkdtemp(prefix=f"{self._prefix}{os.getpid()}-", dir=self._root))
+            fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            self._old_fds.append(self._fd)  # not closed now: the other thread may be using it
+            self._fd, self.parent = fd, parent
+            self._ready.clear()  # all in the removed parent
+            with self._lock:
+                self._pending = []
 
     def make(self) -> Path:
         """A new empty directory, mode 0700, for one task."""
         self._last_make = time.monotonic()
         self._taken += 1
-        try:
-            name = self._ready.popleft()
-        except IndexError:
-            name = self._mkdir()
+        while True:
+            try:
+                name, ino, ctime_ns = self._ready.popleft()
+            except IndexError:
+                name = self._mkdir()
+                break
+            if self._untouched(name, ino, ctime_ns):
+                break
+            with self._lock:  # not fresh any more: removed with the finished ones
+                self._pending.append(name)
         if self._taken == 1:  # the first one taken since the last fill: refill at the next pause
             self._wake.set()
         return self.parent / name
@@ -275,6 +312,11 @@ class TaskDirs:
                 os.rmdir(name, dir_fd=self._fd)  # the common case: the program left nothing behind
             except FileNotFoundError:
                 pass
+            except NotADirectoryError:  # a link or file a program put in place of a directory made ahead
+                try:
+                    os.unlink(name, dir_fd=self._fd)
+                except OSError:
+                    pass
             except OSError:
                 try:
                     _rmtree(self.parent / name)
@@ -293,7 +335,7 @@ class TaskDirs:
                 want = min(self.READY_MAX, max(self.READY_MIN, self._taken))  # as many as the last burst took
                 self._taken = 0
                 while len(self._ready) < want and self._paused() and not self._closed:  # stop if tasks come
-                    self._ready.append(self._mkdir())
+                    self._make_ahead()
             quiet = time.monotonic() - self._last_make
             if quiet < self.PAUSE_S and (self._pending or self._taken):
                 self._wake.wait(self.PAUSE_S - quiet)  # work for the pause
@@ -308,7 +350,8 @@ class TaskDirs:
         self._wake.set()
         self._thread.join(timeout=30)
         self._remove_pending()
-        os.close(self._fd)
+        for fd in (self._fd, *self._old_fds):
+            os.close(fd)
         _rmtree(self.parent)
 
 

@@ -332,3 +332,44 @@ def test_leftovers_a_program_locked_are_removed_without_touching_files_outside(t
         r.stdout
     )
     assert used_dir_there == "False" and alive == "True", r.stdout
+
+
+class _FourAheadTaskDirs(TaskDirs):
+    PAUSE_S = 1.0
+    READY_MIN = READY_MAX = 4
+
+
+def test_a_task_directory_made_ahead_and_touched_since_is_not_handed_out(tmp_path):
+    """A program can reach the directories made ahead for later tasks (same user, next to its own). One it
+    put a file in, or swapped for a link, is not given to a task as its fresh directory; a fresh one is."""
+    dirs = _FourAheadTaskDirs(tmp_path)
+    deadline = time.monotonic() + 30
+    while len(dirs._ready) < 4 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    own, forged, linked = [name for name, *_ in list(dirs._ready)[:3]]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    plant = f"mkdir -p ../{forged}/o && echo FORGED > ../{forged}/o/y; rmdir ../{linked}; ln -s {outside} ../{linked}"
+    with Sandbox(dirs=dirs) as box:
+        assert box.workdir.name == own
+        box.run(ProgramRun(["sh", "-c", plant]))
+    assert (dirs.parent / forged / "o" / "y").exists() and (dirs.parent / linked).is_symlink()
+    for _ in range(3):
+        with Sandbox(dirs=dirs) as box:
+            assert box.workdir.is_dir() and not box.workdir.is_symlink() and not any(box.workdir.iterdir())
+            box.map_input("o/y", b"mine")  # written in the task's own directory, nowhere else
+            box.run(ProgramRun(["true"]))
+    assert not any(outside.iterdir())
+    dirs.close()
+
+
+def test_task_dirs_recover_when_a_program_removed_their_parent(tmp_path):
+    dirs = _SizedTaskDirs(tmp_path)
+    with Sandbox(dirs=dirs) as box:
+        box.run(ProgramRun(["sh", "-c", 'rm -rf "$(dirname "$PWD")"']))
+    for _ in range(3):  # the next tasks get fresh directories all the same
+        with Sandbox(dirs=dirs) as box:
+            box.map_input("x", b"1")
+            box.run(ProgramRun(["cat", "x"]))
+    dirs.close()
+    assert not list(tmp_path.glob("pipeline-tasks-*"))
