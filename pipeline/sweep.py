@@ -277,7 +277,8 @@ def atomic_write(path: Path, data: str | bytes) -> None:
 
 
 class TrialFiles:
-    """OUT/trials/<id>/: the stdout tail, the stderr tail (when the program wrote any), and the declared outputs."""
+    """OUT/trials/<id>/: the stdout tail, the stderr tail (when the program wrote any), and the declared outputs,
+    of the trial's last attempt."""
 
     def __init__(self, out_dir: str | os.PathLike, outputs: Sequence[str] = ()):
         self.dir = Path(out_dir) / "trials"
@@ -296,6 +297,15 @@ class TrialFiles:
         for rel, data in outputs.items():
             (d / rel).parent.mkdir(parents=True, exist_ok=True)
             atomic_write(d / rel, data)
+        # what an earlier attempt of this trial left and this one did not write: the files this class writes
+        stale = ([] if stdout is not None else ["stdout.txt"]) + ([] if stderr else ["stderr.txt"])
+        for rel in stale + [o for o in self.outputs if o not in outputs]:
+            try:
+                (d / rel).unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise OutputError(e.errno or errno.EIO, f"cannot remove {d / rel} ({e.strerror or e})") from None
         return d
 
 

@@ -254,3 +254,16 @@ def test_url_data_file_metric_and_outputs_kept(ray_local, served, tmp_path):
     (tmp_path / "s.toml").write_text(text.replace(sha, "0" * 64))
     with pytest.raises(UsageError, match="data.train: .*has sha256 .*expected 0000"):
         produce_data(S.load(tmp_path / "s.toml"))
+
+
+def test_trial_files_hold_the_last_attempt_only(tmp_path):
+    """A trial run again (a retry, or a resume of a failed one) leaves no file of the attempt before: no
+    stale stderr.txt beside a success, no earlier output beside a failure; other files are not touched."""
+    files = TrialFiles(tmp_path, outputs=["m.json", "sub/o.txt"])
+    d = files.keep("x=1", b"first\n", {"m.json": b"1", "sub/o.txt": b"o"}, stderr="boom")
+    (d / "notes.txt").write_text("mine")
+    files.keep("x=1", None, {}, stderr="failed again")  # a failure: no stdout, no outputs
+    assert sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file()) == ["notes.txt", "stderr.txt"]
+    files.keep("x=1", b"second\n", {"m.json": b"2"})  # a success that wrote nothing on stderr
+    assert (d / "stdout.txt").read_text() == "second\n" and (d / "m.json").read_text() == "2"
+    assert not (d / "stderr.txt").exists() and (d / "notes.txt").read_text() == "mine"
