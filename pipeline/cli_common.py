@@ -58,6 +58,8 @@ def add_ray_options(p: argparse.ArgumentParser) -> None:
 def check_ray_options(args: argparse.Namespace) -> None:
     if args.address and args.cluster:
         raise UsageError("give --address or --cluster, not both")
+    if args.cluster_config and not args.cluster:
+        raise UsageError("--cluster-config applies only with --cluster NAME (the cluster it describes)")
     if args.local_cpus is not None and (args.local_cpus < 1 or args.address or args.cluster):
         raise UsageError("--local-cpus takes a number >= 1 and applies only to a local Ray")
     out = Path(args.out)
@@ -151,12 +153,18 @@ def main_flow(
 
         try:
             session.conn = connect_cluster(args.cluster, args.cluster_config)
+        except KeyboardInterrupt:
+            session.say("\ninterrupted while connecting to the cluster")
+            return 130
         except Exception as e:
             session.error(f"--cluster {args.cluster!r}: {e}")
             return 2
         session.address = session.conn.address
     try:
         return run(session, checked)
+    except KeyboardInterrupt:  # before the trials ran (e.g. while Ray starts); run_and_report says its own
+        session.say("\ninterrupted before any trial ran")
+        return 130
     except RayAddressError as e:  # the tunnel's far end is not (or no longer) Ray's Client server
         why = session.conn.lost_reason() if session.conn is not None else None
         session.error(f"cannot connect to {session.where()}: {why or e}")

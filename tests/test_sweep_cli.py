@@ -2,8 +2,13 @@
 
 import csv
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -280,3 +285,58 @@ def test_a_local_sweep_leaves_no_task_directories_behind(project):
     assert len(rows(tmp / "out")) == 4
     left = sorted(p.name for p in sandbox.iterdir())
     assert not left, f"task directories left behind: {left}"
+
+
+def test_cluster_config_without_a_cluster_is_refused(project):
+    tmp, _ = project
+    r = sweep(str(tmp / "sweep.toml"), "--out", str(tmp / "out"), "--cluster-config", "cluster.toml", timeout=60)
+    got = lines(r.stderr)
+    assert r.returncode == 2 and len(got) == 1 and "--cluster-config applies only with --cluster" in got[0], r.stderr
+
+
+def _children_named(pid: int, names: tuple[str, ...]) -> bool:
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(f"/proc/{entry.name}/stat").read_text()
+            except OSError:
+                continue
+            comm, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+            if int(rest[1]) == pid and comm.startswith(names):
+                return True
+    return False
+
+
+def test_ctrl_c_while_ray_starts_is_one_line_and_exit_130(project):
+    """Ctrl-C as the local Ray is starting (its raylet is up, ray.init is not done or just done) ends the
+    sweep with exit 130 and no traceback."""
+    tmp, _ = project
+    (tmp / "slow.toml").write_text('program = "/bin/sleep"\nargs = "{x}"\n[params]\nx = [30]\n')
+    code = "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    code += "sys.argv = ['pipeline.sweep', *sys.argv[1:]]; runpy.run_module('pipeline.sweep', run_name='__main__')"
+    p = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp / "slow.toml"), "--out", str(tmp / "out"), "--local-cpus", "1"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _children_named(p.pid, ("raylet", "gcs_server")):
+            assert p.poll() is None and time.monotonic() < deadline, "the sweep never started a local Ray"
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 130 and "Traceback" not in err and "interrupted" in err, err[-3000:]
+
+
+def test_trials_bigger_than_the_local_ray_are_refused_instead_of_waiting_forever(project):
+    tmp, _ = project
+    (tmp / "big.toml").write_text('program = "/bin/true"\n[params]\nx = [1]\n[resources]\ncpus = 4\n')
+    r = sweep(str(tmp / "big.toml"), "--out", str(tmp / "out"), timeout=120)  # --local-cpus 2
+    got = [l for l in lines(r.stderr) if not l.startswith("Ray ")]
+    assert r.returncode == 2 and len(got) == 1, r.stderr[-3000:]
+    assert "resources.cpus = 4" in got[0] and "2 CPUs" in got[0], got
