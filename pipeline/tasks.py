@@ -521,11 +521,15 @@ class Execute:
             raise TypeError(f"args must be a string or a list, got {type(args).__name__}")
         if not items:
             raise ValueError("args is empty; give the program to run, e.g. 'python3 prog.py'")
+        if isinstance(items[0], str) and not items[0].strip():
+            raise ValueError(f"args: the program to run is empty ({items[0]!r}); give it first, e.g. 'python3 prog.py'")
         argv: list[str | int] = []
         datas: list[DataObject] = []
         names: list[str] = []
         for i, item in enumerate(items):
             if isinstance(item, str):
+                if "\0" in item:  # no program can be given it
+                    raise ValueError(f"args[{i}] contains a NUL byte: {item[:60]!r}")
                 argv.append(item)
             elif isinstance(item, (DataObject, Execute)):
                 d = _as_data(item, f"args[{i}]")

@@ -134,6 +134,10 @@ def test_python3_is_the_workers_interpreter():
         ({"args": "true", "output_paths": None}, "output_paths must be a list"),
         ({"args": "true", "input_paths": ["x"]}, "input_paths must"),
         ({"args": "true", "output_paths": ["o", "o/y"]}, "'o' is a directory of 'o/y'"),
+        ({"args": [""]}, "the program to run is empty"),
+        ({"args": ["", "x"]}, "the program to run is empty"),
+        ({"args": "  ", "shell": True}, "the program to run is empty"),
+        ({"args": ["a\0b"]}, r"args\[0\] contains a NUL byte"),
     ],
 )
 def test_bad_input_refused_before_running(kwargs, match):
