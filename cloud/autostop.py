@@ -442,11 +442,7 @@ def ensure_head_key(cfg: ClusterConfig, remote: Remote, head: NodeRecord) -> str
     creds = iam.create_key(cfg.driver(), cfg.name, cfg.zone, cfg.endpoint)
     with tempfile.TemporaryDirectory() as tmp:  # 0700; the file itself is written 0600
         local = head_credentials.write(Path(tmp) / Path(head_credentials.HEAD_PATH).name, creds)
-        [r] = remote.run([head], f"mkdir -p -m 700 $HOME/{DIR} && rm -f $HOME/{head_credentials.HEAD_PATH}", timeout=30)
-        if r.ok:
-            [r] = remote.put([head], local, head_credentials.HEAD_PATH)
-    if r.ok:
-        [r] = remote.run([head], f"chmod 600 $HOME/{head_credentials.HEAD_PATH}", timeout=30)
+        [r] = remote.put([head], local, head_credentials.HEAD_PATH, private=True)
     if not r.ok:
         raise AutostopError(f"could not copy the restricted key to {head.name}: {r.error}")
     return f"restricted key {iam.resource_name(cfg.name)} made for it"

@@ -49,10 +49,7 @@ def _put_token(remote: Remote, nodes: Sequence[NodeRecord], token: str) -> list[
         os.chmod(f.name, 0o600)
         f.write(token)
     try:
-        remote.run(nodes, script("mkdir -p -m 700 .ray"))
-        res = remote.put(nodes, f.name, ".ray/auth_token")
-        remote.run(nodes, script("chmod 600 .ray/auth_token"))
-        return res
+        return remote.put(nodes, f.name, ".ray/auth_token", private=True)
     finally:
         os.unlink(f.name)
 

@@ -293,8 +293,12 @@ class Remote:
             return False
         return r.exited == 0
 
-    def put(self, nodes: Sequence[NodeRecord], src: str | os.PathLike, dst: str) -> list[NodeResult]:
-        """Copy a file or a directory (recursively) to every node; `dst` is relative to the login home."""
+    def put(
+        self, nodes: Sequence[NodeRecord], src: str | os.PathLike, dst: str, private: bool = False
+    ) -> list[NodeResult]:
+        """Copy a file or a directory (recursively) to every node; `dst` is relative to the login home.
+        `private` (a file holding a secret): its directory is made 0700 (also when it was there) and the file
+        is created 0600 before any byte is written; `src` should be 0600 too (its mode is copied)."""
         src = Path(src)
         if not src.exists():
             raise FileNotFoundError(f"{src}: no such file or directory")
@@ -317,10 +321,14 @@ class Remote:
                             return _failed(node, r, f"cannot unpack into {dst}")
                     else:
                         parent = os.path.dirname(dst.rstrip("/"))
-                        if parent:
-                            r = run_script(c, f"mkdir -p {shlex.quote(parent)}")
+                        prepare = f"mkdir -p {shlex.quote(parent)}" if parent else ""
+                        if private:
+                            d, q = shlex.quote(parent or "."), shlex.quote(dst)
+                            prepare = f"umask 077 && mkdir -p {d} && chmod 700 {d} && rm -f {q} && : > {q}"
+                        if prepare:
+                            r = run_script(c, prepare)
                             if r.exited != 0:
-                                return _failed(node, r, f"cannot create {parent}")
+                                return _failed(node, r, f"cannot create {dst if private else parent}")
                         c.put(str(src), dst)
                 except OSError as e:
                     if c.transport is None or not c.transport.is_active():

@@ -164,3 +164,19 @@ def test_commands_find_the_nodes_through_the_api_without_local_state(one_node):
     r = one_node("stop", timeout=120)
     assert r.returncode == 0, r.stderr
     assert "Ray stopped" in r.stderr
+
+
+def test_the_ray_token_is_private_on_the_node_even_where_its_directory_was_not(one_node):
+    """A node whose ~/.ray exists readable by all (0755, and a stale 0644 token in it): the token copied
+    there ends in a 0700 directory, 0600, created so before any byte of it was written."""
+    from cloud import ray_runtime
+
+    node, remote = node_and_remote(one_node)
+    [r] = remote.run(
+        [node], "rm -rf .ray && mkdir -m 755 .ray && echo old > .ray/auth_token && chmod 644 .ray/auth_token"
+    )
+    assert r.ok, r.error
+    [res] = ray_runtime._put_token(remote, [node], "token-" + "x" * 20)
+    assert res.ok, res.error
+    [r] = remote.run([node], "stat -c %a .ray .ray/auth_token && cat .ray/auth_token")
+    assert r.stdout.split() == ["700", "600", "token-" + "x" * 20], r.stdout
