@@ -80,10 +80,15 @@ def prepare_files(cfg: ClusterConfig, packages: Sequence[str] = ()) -> dict[str,
     scripts, the directory for the head's key); returned by role. `packages`: the nodes' extra packages
     when cluster.toml names none (as for `install`)."""
     store = StateStore(cfg.state_dir)
-    store.ensure_dir()
     key = store.private_key(cfg.ssh_key)
-    if key == store.key_path:
-        store.ensure_key()
+    if key != store.key_path:  # Ray copies the key the YAML names to the head, for its autoscaler
+        raise ConfigError(
+            f"ssh_key {str(key)!r} is your own key (from cluster.toml, or import-terraform --ssh-key), and an "
+            f"autoscaling cluster's head gets the private key it reaches new workers with, while a node never gets "
+            f"your own key: leave ssh_key out and raysweep makes a key pair for this cluster"
+        )
+    store.ensure_dir()
+    store.ensure_key()
     store.ensure_ray_token()
     extra = list(cfg.packages if cfg.packages is not None else packages)
     setup = store.dir / "ray-setup"

@@ -136,3 +136,15 @@ def test_down_does_not_try_ssh_on_a_head_that_is_gone(tmp_path, monkeypatch):
     said: list[tuple[str, str]] = []
     elastic.stop_autoscaler(cfg, lambda who, what: said.append((who, what)))
     assert said == [("gone-head", said[0][1])] and "does not answer on SSH" in said[0][1], said
+
+
+def test_an_autoscaling_cluster_refuses_the_users_own_ssh_key(sim, tmp_path):
+    """The head of an autoscaling cluster holds the private key its autoscaler reaches new workers with (Ray
+    copies it there), and a node never gets the user's own key: ssh_key in cluster.toml is refused."""
+    own = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(own)], check=True)
+    toml = tmp_path / "cluster.toml"
+    toml.write_text(f'name = "rc3"\nssh_key = "{own}"\n')
+    r = run_cli("exoscale.py", "--config", str(toml), "ray-config", "--max-workers", "2", env=cli_env(sim, tmp_path))
+    assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
+    assert "ssh_key" in r.stderr and "own key" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
