@@ -76,6 +76,7 @@ def test_bad_options_are_one_line_each():
         (["--error-rate", "2"], "--error-rate must be within [0, 1]"),
         (["--subnet", "10.0.0.0/24"], "--subnet needs --hosts"),
         (["--key", "EXOonly"], "give both"),
+        (["--secret", "on-the-command-line"], "--secret is not taken on the command line"),  # ps would show it
     ):
         env = {k: v for k, v in os.environ.items() if not k.startswith("EXOSCALE_")}
         r = subprocess.run(

@@ -71,9 +71,9 @@ class Exchange:
     method: str
     path: str
     query: dict[str, list[str]]
-    body: bytes
+    body: bytes = field(repr=False)  # bodies may hold secrets (a new API key's, in its answer)
     status: int
-    response: bytes
+    response: bytes = field(repr=False)
 
 
 class App:
