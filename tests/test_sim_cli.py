@@ -16,7 +16,7 @@ def test_serves_until_stopped():
     port = free_port()
     env = {**os.environ, "EXOSCALE_API_KEY": "EXOcli", "EXOSCALE_API_SECRET": "cli-secret"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cloud.sim", "api", "--port", str(port), "--op-delay", "0.05"],
+        [sys.executable, "-m", "cloud.sim", "api", "--port", str(port), "--op-delay", "0.05", "--key", "EXOcli"],
         cwd=ROOT,
         env=env,
         stderr=subprocess.PIPE,
@@ -41,8 +41,9 @@ def test_serves_until_stopped():
     assert "cli-secret" not in proc.stderr.read()
 
 
-def test_without_credentials_a_fresh_pair_goes_to_a_private_env_file(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EXOSCALE_")}
+def test_without_key_a_fresh_pair_goes_to_a_private_env_file(tmp_path):
+    """Credentials the shell exports (perhaps the user's real pair) are not adopted nor copied anywhere."""
+    env = {**os.environ, "EXOSCALE_API_KEY": "EXO" + "1" * 24, "EXOSCALE_API_SECRET": "real-looking-secret"}
     env_file = tmp_path / "sim.env"
     proc = subprocess.Popen(
         [sys.executable, "-m", "cloud.sim", "api", "--port", "0", "--op-delay", "0", "--env-file", str(env_file)],
@@ -60,6 +61,7 @@ def test_without_credentials_a_fresh_pair_goes_to_a_private_env_file(tmp_path):
         assert env_file.stat().st_mode & 0o777 == 0o600
         exports = dict(line.removeprefix("export ").split("=", 1) for line in env_file.read_text().splitlines() if line)
         assert set(exports) == {"EXOSCALE_API_ENDPOINT", "EXOSCALE_API_KEY", "EXOSCALE_API_SECRET"}
+        assert exports["EXOSCALE_API_KEY"] != "EXO" + "1" * 24 and "real-looking-secret" not in env_file.read_text()
         sdk = client(exports["EXOSCALE_API_KEY"], exports["EXOSCALE_API_SECRET"], exports["EXOSCALE_API_ENDPOINT"])
         assert sdk.list_instances() == {"instances": []}
     finally:

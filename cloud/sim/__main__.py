@@ -1,7 +1,8 @@
 """python -m cloud.sim api [--port N] [--hosts [--subnet CIDR]]: serve a local Exoscale API v2 until stopped.
 
-The account's key pair comes from EXOSCALE_API_KEY / EXOSCALE_API_SECRET (or --key for the key; the secret only
-from the environment, never a command line, where `ps` shows it); without them a
+The account's key pair is a fresh one, or with --KEY the key given and the secret from EXOSCALE_API_SECRET (never a
+command line, where `ps` shows it). Credentials merely exported in the shell are not adopted: they may be the
+user's real Exoscale pair, which would then be copied into the env file; without --key a
 fresh pair is made. Everything a client needs (endpoint, key, secret) goes into a 0600 env file; the line
 that sources it is printed, never the secret. With --hosts the endpoint is on the hosts' bridge gateway, so the
 same URL works from this machine and from the hosts, which are also offered uv and a package index.
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--host", default="127.0.0.1", help="address to serve on (with --hosts: also the gateway)")
     a.add_argument("--port", type=int, default=8080)
     a.add_argument("--zone", default="ch-gva-2", choices=ZONES)
-    a.add_argument("--key", default=os.environ.get("EXOSCALE_API_KEY"))
+    a.add_argument("--key", default=None, help="the account's key (its secret from $EXOSCALE_API_SECRET)")
     a.add_argument("--secret", default=None, help=argparse.SUPPRESS)  # refused: a command line is public
     a.add_argument("--hosts", action="store_true", help="boot each instance as a local host (root)")
     a.add_argument("--subnet", default=None, help="with --hosts: the hosts' network, e.g. 10.77.5.0/24")
@@ -97,13 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         return fail("--secret is not taken on the command line, where ps shows it; set EXOSCALE_API_SECRET instead")
     key = args.key
     secret = os.environ.get("EXOSCALE_API_SECRET")
-    if bool(key) != bool(secret):
-        return fail(
-            "give both EXOSCALE_API_KEY (or --key) and EXOSCALE_API_SECRET (in the environment), or neither for a "
-            "fresh pair"
-        )
-    if not key or not secret:
+    if not key:  # a fresh pair, whatever the shell exports (perhaps the user's real one)
         key, secret = "EXO" + secrets.token_hex(12), secrets.token_urlsafe(32)
+    elif not secret:
+        return fail("give both --key and EXOSCALE_API_SECRET (in the environment), or neither for a fresh pair")
     try:
         sim = start(
             key,
