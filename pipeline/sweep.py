@@ -437,7 +437,7 @@ def run_trials(
             if progress:
                 progress.update(done, failed, len(running))
     except BaseException as e:
-        for r in running.values():
+        for r in running.values() if ray.is_initialized() else ():  # not connected: a cancel would start a Ray
             try:
                 ray.cancel(r.task.info_ref, force=True)
             except Exception:

@@ -340,3 +340,37 @@ def test_trials_bigger_than_the_local_ray_are_refused_instead_of_waiting_forever
     got = [l for l in lines(r.stderr) if not l.startswith("Ray ")]
     assert r.returncode == 2 and len(got) == 1, r.stderr[-3000:]
     assert "resources.cpus = 4" in got[0] and "2 CPUs" in got[0], got
+
+
+NO_AUTO_INIT = """
+import sys
+import ray
+from pipeline import sweep, tasks
+from pipeline.spec import Trial
+
+tasks.ensure_ray(num_cpus=1)
+trials = [Trial("a", {"x": 1}), Trial("b", {"x": 2})]
+
+def submit(trial):
+    return tasks.Execute(["true"] if trial.id == "a" else ["sleep", "30"], stdout=True)
+
+def read(stdout, outputs):  # the connection is lost as the first trial ends, the other still running
+    ray.shutdown()
+    raise ConnectionError("lost")
+
+store = sweep.ResultStore(sys.argv[1], ["x"], "value", {})
+try:
+    sweep.run_trials(trials, submit, store, read=read, poll_s=0.2)
+except ConnectionError:
+    print("lost")
+print("started a Ray:", ray.is_initialized())
+"""
+
+
+def test_a_ray_call_after_the_connection_is_gone_does_not_start_a_local_ray(project):
+    """Ray starts a whole local Ray (dashboard and all) for some calls made while not connected: in the CLIs,
+    cancelling the running trials after the cluster's connection was lost did so, on the user's machine, at
+    the end of a sweep that had already failed."""
+    tmp, _ = project
+    r = run_cli("-c", NO_AUTO_INIT, str(tmp / "out"), timeout=120)
+    assert r.returncode == 0 and "started a Ray: False" in r.stdout, r.stdout + r.stderr[-2000:]
