@@ -224,8 +224,7 @@ class TaskDirs:
     def __init__(self, tmp_root: str | os.PathLike[str] | None = None, prefix: str = TASK_DIRS_PREFIX):
         self._root, self._prefix = task_dirs_root(tmp_root), prefix
         _remove_orphans(self._root, prefix)
-        self.parent = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=self._root))
-        self._fd = os.open(self.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.parent, self._fd = self._new_parent()
         self._old_fds: list[int] = []  # of parents a program removed (closed with this object)
         self._parent_lock = threading.Lock()
         self._count = itertools.count()
@@ -266,14 +265,16 @@ class TaskDirs:
             return False
         return st.st_ino == ino and st.st_ctime_ns == ctime_ns
 
+    def _new_parent(self) -> tuple[Path, int]:
+        parent = Path(tempfile.mkdtemp(prefix=f"{self._prefix}{os.getpid()}-", dir=self._root))
+        return parent, os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
     def _renew_parent(self) -> None:
         with self._parent_lock:
             if os.fstat(self._fd).st_nlink:  # still there (renewed meanwhile by the other thread)
                 return
-            parent = Path(tempfile.mkdtemp(prefix=f"{self._prefix}{os.getpid()}-", dir=self._root))
-            fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             self._old_fds.append(self._fd)  # not closed now: the other thread may be using it
-            self._fd, self.parent = fd, parent
+            self.parent, self._fd = self._new_parent()
             self._ready.clear()  # all in the removed parent
             with self._lock:
                 self._pending = []

@@ -168,17 +168,17 @@ def _run(session: Session, checked: Checked) -> int:
     }
     res = spec.resources
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-    for what, need in (("cpus", res.cpus), ("gpus", res.gpus)):
-        most = max((n.get(what[:-1].upper(), 0) for n in nodes), default=0)
+    local = not (session.address or session.args.cluster or os.environ.get("RAY_ADDRESS"))  # as ensure_ray decides
+    for field, resource, need in (("cpus", "CPU", res.cpus), ("gpus", "GPU", res.gpus)):
+        most = max((n.get(resource, 0) for n in nodes), default=0)
         if need and most < need:
-            local = not (session.address or session.args.cluster or os.environ.get("RAY_ADDRESS"))
             if local:  # a Ray this command started on this machine: no node joins it
                 session.error(
-                    f"resources.{what} = {need:g} per trial, but the local Ray has {most:g} "
-                    f"{what[:-1].upper()}s; ask for at most that, or use --local-cpus / --cluster"
+                    f"resources.{field} = {need:g} per trial, but the local Ray has {most:g} "
+                    f"{resource}s; ask for at most that, or use --local-cpus / --cluster"
                 )
                 return 2
-            session.say(f"warning: no node offers {need:g} {what[:-1].upper()}(s) now; trials wait until one joins")
+            session.say(f"warning: no node offers {need:g} {resource}(s) now; trials wait until one joins")
     submit, read = submitter(spec, objects), reader(spec)
     files = TrialFiles(session.args.out, spec.outputs)
     values: dict[str, Sequence[Any]] | None = None

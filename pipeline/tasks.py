@@ -609,7 +609,7 @@ def _no_file_is_a_directory(paths: list[str]) -> None:
 
 def _check_env(env: Any) -> None:
     if not isinstance(env, Mapping):
-        raise TypeError(f"env must map str to str (a dict), got {type(env).__name__}: {env!r}"[:200])
+        raise TypeError(f"env must map str to str (a dict), got a {type(env).__name__}")  # not its values: secrets
     bad = [k for k, v in env.items() if not isinstance(k, str) or not isinstance(v, str)]
     if bad:
         raise TypeError(f"env must map str to str; bad entries for {bad!r}")

@@ -1,6 +1,6 @@
 """python -m cloud.sim api [--port N] [--hosts [--subnet CIDR]]: serve a local Exoscale API v2 until stopped.
 
-The account's key pair is a fresh one, or with --KEY the key given and the secret from EXOSCALE_API_SECRET (never a
+The account's key pair is a fresh one, or with --key the key given and the secret from EXOSCALE_API_SECRET (never a
 command line, where `ps` shows it). Credentials merely exported in the shell are not adopted: they may be the
 user's real Exoscale pair, which would then be copied into the env file; without --key a
 fresh pair is made. Everything a client needs (endpoint, key, secret) goes into a 0600 env file; the line
