@@ -110,36 +110,26 @@ class ClusterCLI:
         return r
 
 
-WHEELHOUSE = Path("/var/tmp/raysweep-wheelhouse")  # outside the hosts' private /tmp and /home
-
-
 @pytest.fixture(scope="session")
 def node_wheelhouse():
-    """What the sim offers its hosts instead of the internet: the nodes' packages as local wheels
-    (downloaded once per machine from the package index; hosts have no route out)."""
-    from cloud.node_install import node_packages
-    from pipeline.requirements import NODE_PACKAGES
+    """What the sim offers its hosts instead of the internet: every package a node may install, as local wheels
+    (downloaded once per machine from the package index; hosts have no route out). The same directory, package
+    set and stamp as the local Exoscale's own offer (cloud.sim.offer), so neither can leave a partial one that
+    the other trusts."""
+    from cloud.sim.offer import fill_wheelhouse
 
-    WHEELHOUSE.mkdir(parents=True, exist_ok=True)
-    stamp = WHEELHOUSE / ".complete"
-    want = " ".join(node_packages(NODE_PACKAGES))
-    if not stamp.exists() or stamp.read_text() != want:
-        r = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "-d", str(WHEELHOUSE), *node_packages(NODE_PACKAGES)],
-            capture_output=True,
-            text=True,
-            timeout=1800,
-        )
-        if r.returncode != 0:
-            pytest.skip(f"cannot fetch the nodes' wheels: {r.stderr.strip()[-300:]}")
-        stamp.write_text(want)
-    return WHEELHOUSE
+    try:
+        return fill_wheelhouse()
+    except RuntimeError as e:
+        pytest.skip(str(e))
 
 
-def uv_for_hosts(directory=WHEELHOUSE) -> Path:
+def uv_for_hosts(directory=None) -> Path:
     """This venv's uv, copied where the sim's hosts can run it: they see this machine's files except /tmp,
     /home and /dev/shm (their own), and a checkout or its venv may well live under /tmp."""
-    directory = Path(directory)
+    from cloud.sim.offer import wheelhouse_dir
+
+    directory = Path(directory) if directory is not None else wheelhouse_dir()
     directory.mkdir(parents=True, exist_ok=True)
     uv = directory / "uv"
     src = Path(sys.executable).parent / "uv"

@@ -3,7 +3,7 @@
 - uv on the hosts' PATH: this machine's uv (the one beside the running Python, as the venv installs it),
   laid over /usr/local/bin in each host's own mount namespace (an overlay: nothing changes on this machine).
 - A package index: the packages nodes install (and the head's node provider needs), fetched once on this machine (`pip download` into
-  WHEELHOUSE) and served as a PEP 503 simple index over HTTP on the hosts' bridge gateway.
+  wheelhouse_dir()) and served as a PEP 503 simple index over HTTP on the hosts' bridge gateway.
 - uv configured system-wide on the host (a private /etc/uv/uv.toml, overlaid likewise): that index as the
   only one, `link-mode = "copy"`, a cache directory shared by the hosts of this run and removed with the run
   (uv keys its cache by index URL, and each run's index has its own port: a cache kept across runs would grow
@@ -26,51 +26,66 @@ import sys
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
+
+from cloud.node_install import head_packages, node_packages
+from pipeline.requirements import NODE_PACKAGES
 
 if TYPE_CHECKING:
     from cloud.sim.hosts import HostHooks
 
 log = logging.getLogger(__name__)
 
-WHEELHOUSE = Path("/var/tmp/raysweep-wheelhouse")  # outside the hosts' private /tmp and /home
+#: The directory of wheels offered to the hosts; RAYSWEEP_WHEELHOUSE names another (e.g. an empty one, to see
+#: what a new machine goes through). Outside the hosts' private /tmp and /home, so they can read it.
+WHEELHOUSE_ENV = "RAYSWEEP_WHEELHOUSE"
+DEFAULT_WHEELHOUSE = Path("/var/tmp/raysweep-wheelhouse")
 # Where versions before the per-run cache kept the hosts' uv cache for good; removed when found.
 OLD_UV_CACHE = Path("/var/tmp/raysweep-uv-cache")
-# What the head needs beyond the nodes' packages to run the project's Ray node provider.
-HEAD_PACKAGES = ("apache-libcloud", "requests-exoscale-auth")
+STAMP = ".offered"  # the set of packages a complete wheelhouse holds, one per line
+OLD_STAMPS = (".complete",)  # written by earlier versions for a part of that set; removed when found
 
 
-def _pinned(name: str) -> str:
-    try:
-        return f"{name}=={metadata.version(name)}"
-    except metadata.PackageNotFoundError:
-        return name
+def wheelhouse_dir() -> Path:
+    """Where the offered wheels are kept: $RAYSWEEP_WHEELHOUSE, else DEFAULT_WHEELHOUSE."""
+    return Path(os.environ.get(WHEELHOUSE_ENV) or DEFAULT_WHEELHOUSE)
 
 
 def offered_packages() -> list[str]:
-    """What nodes install by default (Ray and the training program's packages, as `install` pins them) and
-    what the head needs for the node provider, pinned to this machine's versions. The sim stands in for the
-    internet, so it has to know what will be asked of it."""
-    from cloud.node_install import node_packages
-    from pipeline.requirements import NODE_PACKAGES
-
-    return [*node_packages(NODE_PACKAGES), *(_pinned(n) for n in HEAD_PACKAGES)]
+    """Every package a node of this project may install, pinned to this machine's versions: Ray and the
+    training program's packages (what `install` puts on every node) and the head's (the node provider's and
+    the autostop daemon's). The head's set holds the workers', so this one list serves both. The sim stands
+    in for the internet, so it has to know what will be asked of it."""
+    return node_packages([*NODE_PACKAGES, *head_packages()])
 
 
-def fill_wheelhouse(packages: list[str], wheelhouse: Path = WHEELHOUSE, timeout: float = 1800) -> Path:
-    """`pip download` the packages (with their dependencies) once per machine; a stamp records the set.
-    RuntimeError with pip's last words when the package index cannot be reached."""
+def _failed_requirements(pip_stderr: str) -> list[str]:
+    """The requirements pip names as the ones it could not get."""
+    found = re.findall(r"No matching distribution found for (\S+)", pip_stderr)
+    return list(dict.fromkeys(found))
+
+
+def fill_wheelhouse(packages: list[str] | None = None, wheelhouse: Path | None = None, timeout: float = 1800) -> Path:
+    """Make `wheelhouse` (default: wheelhouse_dir()) hold `packages` (default: offered_packages()) and their
+    dependencies, downloading what is missing with `pip download`. One stamp records the set a complete
+    wheelhouse holds; a wheelhouse whose stamp is missing or names another set is completed, under a lock
+    (test sessions and `make sim` may fill it at once). RuntimeError naming the package pip could not get, and
+    pip's reason, when the download fails."""
+    packages = offered_packages() if packages is None else packages
+    wheelhouse = wheelhouse_dir() if wheelhouse is None else wheelhouse
     wheelhouse.mkdir(parents=True, exist_ok=True)
-    stamp = wheelhouse / ".offered"
+    stamp = wheelhouse / STAMP
     want = "\n".join(sorted(packages))
     with open(wheelhouse / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        for old in OLD_STAMPS:
+            (wheelhouse / old).unlink(missing_ok=True)
         if stamp.exists() and stamp.read_text() == want:
             return wheelhouse
         log.info("fetching the hosts' packages into %s (once per machine)", wheelhouse)
+        stamp.unlink(missing_ok=True)  # not complete until the download is
         r = subprocess.run(
             [sys.executable, "-m", "pip", "download", "-q", "-d", str(wheelhouse), *packages],
             capture_output=True,
@@ -78,11 +93,16 @@ def fill_wheelhouse(packages: list[str], wheelhouse: Path = WHEELHOUSE, timeout:
             timeout=timeout,
         )
         if r.returncode != 0:
+            failed = _failed_requirements(r.stderr)
+            what = f"no {', '.join(failed)} on the package index" if failed else "pip download failed"
+            reason = " ".join(r.stderr.strip().splitlines()[-2:])[-400:]
             raise RuntimeError(
-                f"cannot fetch the hosts' packages into {wheelhouse} (python -m cloud.sim api --hosts --no-packages "
-                f"starts without them): {r.stderr.strip()[-400:]}"
+                f"cannot fetch the hosts' packages into {wheelhouse}: {what} ({reason}); "
+                "python -m cloud.sim api --hosts --no-packages starts without them"
             )
-        stamp.write_text(want)
+        tmp = stamp.with_name(f"{STAMP}.{os.getpid()}")
+        tmp.write_text(want)
+        os.replace(tmp, stamp)
     return wheelhouse
 
 
@@ -252,7 +272,7 @@ class HostOffer:
 
     @classmethod
     def start(cls, hooks: HostHooks, packages: list[str] | None = None) -> HostOffer:
-        wheelhouse = fill_wheelhouse(packages if packages is not None else offered_packages())
+        wheelhouse = fill_wheelhouse(packages)
         shutil.rmtree(OLD_UV_CACHE, ignore_errors=True)
         cache = hooks.run_dir / "uv-cache"  # removed with the run's directory, also by a later run if this one dies
         cache.mkdir(exist_ok=True)
