@@ -1,5 +1,6 @@
 # make run    the MNIST sweep on a local Ray (ARGS="--data mnist-5k" etc. to pass options)
-# make test   the whole test suite
+# make test   the whole test suite (as CI runs it; prints the 25 slowest tests)
+# make test-fast   the edit loop: no root, no local hosts, no TensorFlow training, no large downloads
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +12,7 @@ MIN_WORKERS ?= 0
 CONFIG ?=
 CLUSTER_ARGS := $(if $(CONFIG),--config $(CONFIG),)
 
-.PHONY: run test lint bench system-deps cluster-args cluster-up cluster-down cluster-status clean sim
+.PHONY: run test test-fast lint bench system-deps cluster-args cluster-up cluster-down cluster-status clean sim
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,7 +47,11 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 test: $(STAMP) lint system-deps
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra --durations=25 $(PYTEST_ARGS)
+
+FAST := not root and not tensorflow and not slow
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -ra -m "$(FAST)" --durations=10 $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m bench.all $(ARGS)

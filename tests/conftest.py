@@ -10,6 +10,17 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+#: Fixtures that put a test out of `make test-fast`'s tier: namespace hosts need root; the wheelhouse is ~0.5 GB
+#: of downloads on a new machine. A test using one gets the marker even where its module forgot it.
+TIER_MARKERS = {"sim_hosts": "root", "node_wheelhouse": "slow"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for fixture in set(getattr(item, "fixturenames", ())) & TIER_MARKERS.keys():
+            item.add_marker(TIER_MARKERS[fixture])
+
+
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
     """One local Ray for the session, with its own node cache directory (workers inherit the env)."""

@@ -237,6 +237,7 @@ def _wheel(directory, name: str, version: str, module_source: str):
     return path
 
 
+@pytest.mark.slow  # Ray clones the whole Python environment (2.3 GB) for the trials' packages
 def test_the_programs_own_packages_are_installed_for_its_trials(tmp_path):
     """`packages` in the sweep file: Ray installs them (runtime_env pip) where the trials run; here from a
     local folder of wheels (PIP_NO_INDEX / PIP_FIND_LINKS reach pip through Ray's runtime-env agent).
