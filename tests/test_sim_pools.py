@@ -1,6 +1,6 @@
 """Instance pools of the local Exoscale, driven by Exoscale's own SDK: create, get, list, scale, evict, update
 and delete; members are instances carrying the pool as their manager; every answer checked against the
-spec; and one pool whose member boots as a local host."""
+spec. Then a key confined by CEL rules to one pool; and one pool whose member boots as a local host."""
 
 from __future__ import annotations
 
@@ -167,6 +167,42 @@ def test_pool_requests_refused(c, local):
     with pytest.raises(Client, match="409.*destroying"):
         c.scale_instance_pool(id=pool, size=3)
     validate_answers(local)
+
+
+def test_a_key_confined_to_one_pool(c, local):
+    """A role allowing scale-instance-pool only on one pool id, up to a size, and reads of that pool: scaling
+    another pool, or this one past the cap, is refused and changes nothing."""
+    mine, theirs = make_pool(c, "mine", 1), make_pool(c, "theirs", 1)
+    rules = [
+        {"action": "allow", "expression": f"operation == 'scale-instance-pool' && parameters.id == '{mine}' "
+                                          "&& parameters.size <= 3"},
+        {"action": "allow", "expression": f"operation == 'get-instance-pool' && parameters.id == '{mine}'"},
+    ]  # fmt: skip
+    policy = {
+        "default-service-strategy": "deny",
+        "services": {"compute": {"type": "rules", "rules": rules}, "general": {"type": "allow"}},
+    }
+    role = done(c, c.create_iam_role(name="pool-only", policy=policy))
+    key = c.create_api_key(name="head", role_id=role)
+    head = client(key["key"], key["secret"], local.endpoint)
+
+    done(head, head.scale_instance_pool(id=mine, size=3))
+    assert head.get_instance_pool(id=mine)["size"] == 3
+    Auth = exceptions().ExoscaleAPIAuthException
+    theirs_before = c.get_instance_pool(id=theirs)
+    for refused in (
+        lambda: head.scale_instance_pool(id=theirs, size=2),  # another pool
+        lambda: head.scale_instance_pool(id=mine, size=4),  # past the cap
+        lambda: head.get_instance_pool(id=theirs),
+        lambda: head.delete_instance_pool(id=theirs),
+        lambda: head.evict_instance_pool_members(id=theirs, instances=members(c, theirs)),
+        lambda: head.delete_instance(id=members(c, theirs)[0]),
+        lambda: head.create_instance(name="x", instance_type={"id": catalogue(c)[0]},
+                                     template={"id": catalogue(c)[1]}, disk_size=10),
+    ):  # fmt: skip
+        with pytest.raises(Auth, match="403"):
+            refused()
+    assert c.get_instance_pool(id=theirs) == theirs_before and c.get_instance_pool(id=mine)["size"] == 3
 
 
 @pytest.mark.root
