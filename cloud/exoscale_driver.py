@@ -407,30 +407,48 @@ class ExoscaleV2NodeDriver(NodeDriver):
             raise ValueError(
                 f"this driver serves zone {self.zone}; make another for {getattr(location, 'id', location)}"
             )
-        if ex_public_ip not in ("inet4", "dual", "none"):
-            raise ValueError(f"ex_public_ip must be inet4, dual or none, got {ex_public_ip!r}")
+        fields = self._instance_fields(
+            size, image, ex_disk_size, ex_ssh_keys, ex_security_groups, ex_userdata, ex_labels, ex_public_ip, auth
+        )
+        body = {"name": name, **fields}
+        op = self._operate("POST", "/instance", f"create instance {name!r}", body)
+        return self.ex_get_node(_required_ref(op))
+
+    def _instance_fields(
+        self,
+        size: NodeSize | str,
+        image: NodeImage | str,
+        disk_size: int,
+        ssh_keys: Iterable[str | KeyPair] | None,
+        security_groups: Iterable[str | ExoscaleSecurityGroup] | None,
+        userdata: str | None,
+        labels: dict[str, str] | None,
+        public_ip: str,
+        auth: NodeAuthSSHKey | NodeAuthPassword | None = None,
+    ) -> dict[str, Any]:
+        """An instance's settings (create_node's, and a pool's for its members) as the API's request fields."""
+        if public_ip not in ("inet4", "dual", "none"):
+            raise ValueError(f"ex_public_ip must be inet4, dual or none, got {public_ip!r}")
         size_id = size.id if isinstance(size, NodeSize) else self.ex_get_size(size).id
         image_id = image.id if isinstance(image, NodeImage) else self.ex_get_image(image).id
         body: dict[str, Any] = {
-            "name": name,
             "instance-type": {"id": size_id},
             "template": {"id": image_id},
-            "disk-size": int(ex_disk_size),
-            "public-ip-assignment": ex_public_ip,
+            "disk-size": int(disk_size),
+            "public-ip-assignment": public_ip,
         }
-        keys = [k.name if isinstance(k, KeyPair) else k for k in ex_ssh_keys or ()]
+        keys = [k.name if isinstance(k, KeyPair) else k for k in ssh_keys or ()]
         if auth is not None and isinstance(self._get_and_check_auth(auth), NodeAuthSSHKey):
             keys.append(self._registered_key_name(cast(NodeAuthSSHKey, auth).pubkey))
         if keys:
             body["ssh-keys"] = [{"name": k} for k in dict.fromkeys(keys)]
-        if ex_security_groups:
-            body["security-groups"] = [{"id": g} for g in self._security_group_ids(ex_security_groups)]
-        if ex_userdata:
-            body["user-data"] = base64.b64encode(ex_userdata.encode("utf-8")).decode("ascii")
-        if ex_labels:
-            body["labels"] = dict(ex_labels)
-        op = self._operate("POST", "/instance", f"create instance {name!r}", body)
-        return self.ex_get_node(_required_ref(op))
+        if security_groups:
+            body["security-groups"] = [{"id": g} for g in self._security_group_ids(security_groups)]
+        if userdata:
+            body["user-data"] = base64.b64encode(userdata.encode("utf-8")).decode("ascii")
+        if labels:
+            body["labels"] = dict(labels)
+        return body
 
     def ex_get_node(self, node_id: str) -> Node:
         return self._to_node(self._request("GET", f"/instance/{node_id}"))
@@ -600,27 +618,10 @@ class ExoscaleV2NodeDriver(NodeDriver):
         creation ends. Its members may still be starting: wait for them with ex_get_node."""
         if count < 1:
             raise ValueError(f"a new instance pool needs count >= 1 (scale it to 0 afterwards), got {count}")
-        if ex_public_ip not in ("inet4", "dual", "none"):
-            raise ValueError(f"ex_public_ip must be inet4, dual or none, got {ex_public_ip!r}")
-        size_id = size.id if isinstance(size, NodeSize) else self.ex_get_size(size).id
-        image_id = image.id if isinstance(image, NodeImage) else self.ex_get_image(image).id
-        body: dict[str, Any] = {
-            "name": name,
-            "size": int(count),
-            "instance-type": {"id": size_id},
-            "template": {"id": image_id},
-            "disk-size": int(ex_disk_size),
-            "public-ip-assignment": ex_public_ip,
-        }
-        keys = [k.name if isinstance(k, KeyPair) else k for k in ex_ssh_keys or ()]
-        if keys:
-            body["ssh-keys"] = [{"name": k} for k in dict.fromkeys(keys)]
-        if ex_security_groups:
-            body["security-groups"] = [{"id": g} for g in self._security_group_ids(ex_security_groups)]
-        if ex_userdata:
-            body["user-data"] = base64.b64encode(ex_userdata.encode("utf-8")).decode("ascii")
-        if ex_labels:
-            body["labels"] = dict(ex_labels)
+        fields = self._instance_fields(
+            size, image, ex_disk_size, ex_ssh_keys, ex_security_groups, ex_userdata, ex_labels, ex_public_ip
+        )
+        body = {"name": name, "size": int(count), **fields}
         if ex_instance_prefix:
             body["instance-prefix"] = ex_instance_prefix
         if ex_description:

@@ -16,6 +16,7 @@ from cloud.sim.model import Faults
 from cloud.sim.spec import SpecValidator
 from tests.conftest import SIM_KEY, SIM_SECRET
 from tests.exoscale_sdk import client, exceptions, sdk
+from tests.test_sdk import done
 
 UBUNTU = "Linux Ubuntu 24.04 LTS 64-bit"
 
@@ -31,12 +32,6 @@ def local(monkeypatch):
 @pytest.fixture
 def c(local):
     return client(SIM_KEY, SIM_SECRET, local.endpoint)
-
-
-def done(c, operation) -> str:
-    result = c.wait(operation["id"], max_wait_time=30)
-    assert result["state"] == "success", result
-    return result.get("reference", {}).get("id", "")
 
 
 def catalogue(c, size="micro") -> tuple[str, str]:
