@@ -170,6 +170,27 @@ class ExoscaleSecurityGroup:
 
 
 @dataclass
+class ExoscaleInstancePool:
+    """An instance pool: Exoscale keeps `size` identical instances (its members, `node_ids`) running in one
+    zone. The member settings are those new members get; existing members keep what they were made with."""
+
+    id: str
+    name: str
+    size: int
+    state: str  # creating, running, scaling-up, scaling-down, updating, destroying, suspended
+    node_ids: list[str] = field(default_factory=list)
+    instance_type_id: str | None = None
+    template_id: str | None = None
+    disk_size: int | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    security_group_ids: list[str] = field(default_factory=list)
+    ssh_keys: list[str] = field(default_factory=list)
+    instance_prefix: str | None = None
+    description: str = ""
+    driver: Any = field(default=None, repr=False, compare=False)
+
+
+@dataclass
 class RetryPolicy:
     attempts: int = 6
     base_s: float = 0.5
@@ -386,30 +407,48 @@ class ExoscaleV2NodeDriver(NodeDriver):
             raise ValueError(
                 f"this driver serves zone {self.zone}; make another for {getattr(location, 'id', location)}"
             )
-        if ex_public_ip not in ("inet4", "dual", "none"):
-            raise ValueError(f"ex_public_ip must be inet4, dual or none, got {ex_public_ip!r}")
+        fields = self._instance_fields(
+            size, image, ex_disk_size, ex_ssh_keys, ex_security_groups, ex_userdata, ex_labels, ex_public_ip, auth
+        )
+        body = {"name": name, **fields}
+        op = self._operate("POST", "/instance", f"create instance {name!r}", body)
+        return self.ex_get_node(_required_ref(op))
+
+    def _instance_fields(
+        self,
+        size: NodeSize | str,
+        image: NodeImage | str,
+        disk_size: int,
+        ssh_keys: Iterable[str | KeyPair] | None,
+        security_groups: Iterable[str | ExoscaleSecurityGroup] | None,
+        userdata: str | None,
+        labels: dict[str, str] | None,
+        public_ip: str,
+        auth: NodeAuthSSHKey | NodeAuthPassword | None = None,
+    ) -> dict[str, Any]:
+        """An instance's settings (create_node's, and a pool's for its members) as the API's request fields."""
+        if public_ip not in ("inet4", "dual", "none"):
+            raise ValueError(f"ex_public_ip must be inet4, dual or none, got {public_ip!r}")
         size_id = size.id if isinstance(size, NodeSize) else self.ex_get_size(size).id
         image_id = image.id if isinstance(image, NodeImage) else self.ex_get_image(image).id
         body: dict[str, Any] = {
-            "name": name,
             "instance-type": {"id": size_id},
             "template": {"id": image_id},
-            "disk-size": int(ex_disk_size),
-            "public-ip-assignment": ex_public_ip,
+            "disk-size": int(disk_size),
+            "public-ip-assignment": public_ip,
         }
-        keys = [k.name if isinstance(k, KeyPair) else k for k in ex_ssh_keys or ()]
+        keys = [k.name if isinstance(k, KeyPair) else k for k in ssh_keys or ()]
         if auth is not None and isinstance(self._get_and_check_auth(auth), NodeAuthSSHKey):
             keys.append(self._registered_key_name(cast(NodeAuthSSHKey, auth).pubkey))
         if keys:
             body["ssh-keys"] = [{"name": k} for k in dict.fromkeys(keys)]
-        if ex_security_groups:
-            body["security-groups"] = [{"id": g} for g in self._security_group_ids(ex_security_groups)]
-        if ex_userdata:
-            body["user-data"] = base64.b64encode(ex_userdata.encode("utf-8")).decode("ascii")
-        if ex_labels:
-            body["labels"] = dict(ex_labels)
-        op = self._operate("POST", "/instance", f"create instance {name!r}", body)
-        return self.ex_get_node(_required_ref(op))
+        if security_groups:
+            body["security-groups"] = [{"id": g} for g in self._security_group_ids(security_groups)]
+        if userdata:
+            body["user-data"] = base64.b64encode(userdata.encode("utf-8")).decode("ascii")
+        if labels:
+            body["labels"] = dict(labels)
+        return body
 
     def ex_get_node(self, node_id: str) -> Node:
         return self._to_node(self._request("GET", f"/instance/{node_id}"))
@@ -557,6 +596,78 @@ class ExoscaleV2NodeDriver(NodeDriver):
                 ids.append(names[g])
         return ids
 
+    # ---------------------------------------------------------------------------- instance pools
+
+    def ex_create_instance_pool(
+        self,
+        name: str,
+        size: NodeSize | str,
+        image: NodeImage | str,
+        count: int,
+        ex_disk_size: int = 50,
+        ex_ssh_keys: Iterable[str | KeyPair] | None = None,
+        ex_security_groups: Iterable[str | ExoscaleSecurityGroup] | None = None,
+        ex_userdata: str | None = None,
+        ex_labels: dict[str, str] | None = None,
+        ex_public_ip: str = "inet4",
+        ex_instance_prefix: str | None = None,
+        ex_description: str | None = None,
+    ) -> ExoscaleInstancePool:
+        """Create an instance pool of `count` members (at least 1: the API refuses an empty new pool) of
+        instance type `size` from template `image`, with create_node's member settings; wait until its
+        creation ends. Its members may still be starting: wait for them with ex_get_node."""
+        if count < 1:
+            raise ValueError(f"a new instance pool needs count >= 1 (scale it to 0 afterwards), got {count}")
+        fields = self._instance_fields(
+            size, image, ex_disk_size, ex_ssh_keys, ex_security_groups, ex_userdata, ex_labels, ex_public_ip
+        )
+        body = {"name": name, "size": int(count), **fields}
+        if ex_instance_prefix:
+            body["instance-prefix"] = ex_instance_prefix
+        if ex_description:
+            body["description"] = ex_description
+        op = self._operate("POST", "/instance-pool", f"create instance pool {name!r}", body)
+        return self.ex_get_instance_pool(_required_ref(op))
+
+    def ex_get_instance_pool(self, pool_id: str) -> ExoscaleInstancePool:
+        return self._to_instance_pool(self._request("GET", f"/instance-pool/{pool_id}"))
+
+    def ex_list_instance_pools(self) -> list[ExoscaleInstancePool]:
+        return [self._to_instance_pool(p) for p in self._request("GET", "/instance-pool").get("instance-pools", [])]
+
+    def ex_scale_instance_pool(self, pool: ExoscaleInstancePool | str, count: int) -> ExoscaleInstancePool:
+        """Set the number of members: new ones are made, or Exoscale removes the ones it chooses (to choose,
+        evict them with ex_evict_instance_pool_members)."""
+        if count < 0:
+            raise ValueError(f"an instance pool's count must be >= 0, got {count}")
+        pid = _pool_id(pool)
+        self._operate(
+            "PUT", f"/instance-pool/{pid}:scale", f"scale instance pool {pid} to {count}", {"size": int(count)}
+        )
+        return self.ex_get_instance_pool(pid)
+
+    def ex_evict_instance_pool_members(
+        self, pool: ExoscaleInstancePool | str, nodes: Iterable[Node | str]
+    ) -> ExoscaleInstancePool:
+        """Remove these members (destroyed) and lower the pool's size by as many."""
+        ids = list(dict.fromkeys(n.id if isinstance(n, Node) else n for n in nodes))
+        if not ids:
+            raise ValueError("ex_evict_instance_pool_members: name at least one member")
+        pid = _pool_id(pool)
+        self._operate(
+            "PUT",
+            f"/instance-pool/{pid}:evict",
+            f"evict {len(ids)} member(s) of instance pool {pid}",
+            {"instances": ids},
+        )
+        return self.ex_get_instance_pool(pid)
+
+    def ex_delete_instance_pool(self, pool: ExoscaleInstancePool | str) -> bool:
+        """Delete the pool and its members."""
+        pid = _pool_id(pool)
+        self._operate("DELETE", f"/instance-pool/{pid}", f"delete instance pool {pid}")
+        return True
+
     # -------------------------------------------------------------------------------- converters
 
     def _to_location(self, z: dict) -> NodeLocation:
@@ -606,6 +717,7 @@ class ExoscaleV2NodeDriver(NodeDriver):
         )
 
     def _to_node(self, i: dict) -> Node:
+        manager = i.get("manager") or {}
         public = [i["public-ip"]] if i.get("public-ip") else []
         if i.get("ipv6-address"):
             public.append(i["ipv6-address"])
@@ -626,7 +738,26 @@ class ExoscaleV2NodeDriver(NodeDriver):
                 "security_group_ids": [g.get("id") for g in i.get("security-groups") or []],
                 "ssh_keys": [k.get("name") for k in i.get("ssh-keys") or []],
                 "disk_size": i.get("disk-size"),
+                "instance_pool_id": manager.get("id") if manager.get("type") == "instance-pool" else None,
             },
+        )
+
+    def _to_instance_pool(self, p: dict) -> ExoscaleInstancePool:
+        return ExoscaleInstancePool(
+            id=p["id"],
+            name=p.get("name", ""),
+            size=int(p.get("size") or 0),
+            state=p.get("state", ""),
+            node_ids=[i["id"] for i in p.get("instances") or []],
+            instance_type_id=(p.get("instance-type") or {}).get("id"),
+            template_id=(p.get("template") or {}).get("id"),
+            disk_size=p.get("disk-size"),
+            labels=dict(p.get("labels") or {}),
+            security_group_ids=[g.get("id") for g in p.get("security-groups") or []],
+            ssh_keys=[k.get("name") for k in p.get("ssh-keys") or []],
+            instance_prefix=p.get("instance-prefix"),
+            description=p.get("description") or "",
+            driver=self,
         )
 
     def _to_key_pair(self, k: dict) -> KeyPair:
@@ -699,6 +830,10 @@ def _required_ref(op: dict) -> str:
             f"operation {op.get('id')} succeeded but names no resource", "no-reference", op.get("id")
         )
     return ref
+
+
+def _pool_id(pool: ExoscaleInstancePool | str) -> str:
+    return pool.id if isinstance(pool, ExoscaleInstancePool) else pool
 
 
 def _ref_id(op: dict) -> str | None:

@@ -1,15 +1,17 @@
 """IAM of the local Exoscale, driven by Exoscale's own SDK: roles with policies, API keys bound to them (the
-secret shown once), the policy enforced on every request signed with such a key, deletion; and
-update-instance's label replacement, and the labels-filter fault."""
+secret shown once), the policy enforced on every request signed with such a key, deletion; the CEL rules
+(order, invalid expressions skipped, each binding, `source_ip`); and update-instance's label replacement,
+and the labels-filter fault."""
 
 from __future__ import annotations
 
 import base64
+from datetime import datetime, timezone
 
 import pytest
 
 from cloud.sim.api import App, HTTPFaults, SimServer, SpecValidator
-from cloud.sim.iam import operation_services, parse_expression
+from cloud.sim.iam import Policy, RequestContext, operation_services, request_parameters
 from cloud.sim.model import Faults, Model, ModelError
 from tests.conftest import SIM_KEY, SIM_SECRET
 from tests.exoscale_sdk import client, exceptions
@@ -105,31 +107,113 @@ def test_default_allow_with_a_denied_service(owner, sim_fast):
         limited.create_api_key(name="more", role_id=role_id)
 
 
-@pytest.mark.parametrize(
-    "expression",
-    ["resource.instance.name == 'x'", "operation != 'get-instance'", "operation in ['a', b]", "true || false"],
-)
-def test_unsupported_expressions_refused_with_400_naming_the_deviation(owner, expression):
-    policy = {
-        "default-service-strategy": "deny",
-        "services": {"compute": {"type": "rules", "rules": [{"action": "allow", "expression": expression}]}},
+def deny_all_but(service: str, *rules: tuple[str, str], strategy: str = "deny") -> dict:
+    """A policy whose `service` has these (action, expression) rules and whose `general` service (get-operation,
+    for the SDK's wait) is allowed."""
+    return {
+        "default-service-strategy": strategy,
+        "services": {
+            service: {"type": "rules", "rules": [{"action": a, "expression": e} for a, e in rules]},
+            "general": {"type": "allow"},
+        },
     }
-    with pytest.raises(exceptions().ExoscaleAPIClientException, match="400.*not supported by this local Exoscale"):
-        owner.create_iam_role(name="bad", policy=policy)
-    assert owner.list_iam_roles()["iam-roles"] == []
 
 
-def test_expression_subset_and_service_table():
-    assert parse_expression("true").matches("anything")
-    e = parse_expression("operation in ['create-instance', \"delete-instance\"]")
-    assert e.matches("delete-instance") and not e.matches("get-instance")
-    assert parse_expression("operation == 'get-operation'").matches("get-operation")
-    with pytest.raises(ModelError):
-        parse_expression("false")
+def test_invalid_expressions_are_skipped_and_no_decision_refuses(owner, sim_fast):
+    """Exoscale's guide: an invalid expression concludes nothing, the next rule is evaluated; when no rule
+    decides, the request is refused whatever the default strategy."""
+    policy = deny_all_but(
+        "compute",
+        ("allow", "operation =="),  # does not parse
+        ("deny", "parameters.no_such_field == 'x'"),  # fails to evaluate: skipped, even as a deny
+        ("allow", "1 + 1"),  # not a boolean
+        ("allow", "operation in ['a', b]"),  # an undeclared name
+        ("allow", "operation == 'list-instances'"),
+        strategy="allow",
+    )
+    _, limited = restricted(owner, sim_fast, make_role(owner, "skips", policy))
+    assert limited.list_instances() == {"instances": []}  # the first valid rule decided
+    with pytest.raises(exceptions().ExoscaleAPIAuthException, match="403.*list-security-groups"):
+        limited.list_security_groups()  # no rule decided: refused although the default strategy is allow
+    assert limited.list_iam_roles()["iam-roles"]  # a service the policy does not name: the default, allow
+
+
+def test_source_ip_conditions(owner, sim_fast):
+    """The sim's clients here come from 127.0.0.1: a rule on another address refuses them."""
+    here = deny_all_but("compute", ("allow", "source_ip == '127.0.0.1' && operation == 'list-instances'"))
+    elsewhere = deny_all_but("compute", ("allow", "source_ip == '192.0.2.10'"))
+    in_range = deny_all_but("compute", ("allow", "source_ip.inIpRange('127.0.0.0/8')"))
+    _, from_here = restricted(owner, sim_fast, make_role(owner, "here", here), "k1")
+    _, from_elsewhere = restricted(owner, sim_fast, make_role(owner, "elsewhere", elsewhere), "k2")
+    _, from_range = restricted(owner, sim_fast, make_role(owner, "range", in_range), "k3")
+    assert from_here.list_instances() == {"instances": []}
+    assert from_range.list_instances() == {"instances": []}
+    with pytest.raises(exceptions().ExoscaleAPIAuthException, match="403"):
+        from_elsewhere.list_instances()
+
+
+def test_operation_only_rules_of_today_still_work():
+    request = RequestContext("get-instance", "EXOk", "127.0.0.1", "ch-gva-2")
+    allow = Policy.parse(deny_all_but("compute", ("allow", "operation in ['get-instance', 'list-instances']")))
+    assert allow.allows(request)
+    assert not allow.allows(RequestContext("delete-instance", "EXOk", "127.0.0.1", "ch-gva-2"))
+    assert Policy.parse(deny_all_but("compute", ("allow", "operation == 'get-instance'"))).allows(request)
+
+
+@pytest.mark.parametrize(
+    "expression, allowed",
+    [
+        ("service == 'compute' && zone == 'ch-gva-2'", True),
+        ("zone == 'de-fra-1'", False),
+        ("api_key == 'EXOk'", True),
+        ("timestamp(now) > timestamp('2026-01-01T00:00:00Z')", True),
+        ("timestamp(now) < timestamp('2026-01-01T00:00:00Z')", False),
+        ("parameters.id == 'p1' && parameters.size <= 3", True),
+        ("parameters.size > 3", False),
+        ("parameters.public_ip_assignment == 'none'", True),  # sent as public-ip-assignment
+        ("parameters.has('size') && !parameters.has('labels')", True),
+        ("parameters.instance_type.id == 't1'", True),  # nested names as sent
+        ("resource.instance_pool.name == 'workers'", True),
+        ("resource.instance.name == 'workers'", False),  # no such resource: invalid, skipped
+        ("source_ip.inIpRange('10.0.0.0/8')", True),
+        ("source_ip.inIpRange('192.168.0.0/16')", False),
+        ("source_ip.inIpRange('not a network')", False),  # an error: skipped
+    ],
+)
+def test_bindings(expression, allowed):
+    request = RequestContext(
+        "scale-instance-pool",
+        "EXOk",
+        "10.1.2.3",
+        "ch-gva-2",
+        request_parameters(
+            {"id": "p1"}, {}, {"size": 3, "public-ip-assignment": "none", "instance-type": {"id": "t1"}, "id": "x"}
+        ),
+        {"instance_pool": {"id": "p1", "name": "workers"}},
+        now=datetime(2026, 12, 6, 20, 0, tzinfo=timezone.utc),
+    )
+    assert request.bindings()["now"] == "2026-12-06T20:00:00Z"
+    assert Policy.parse(deny_all_but("compute", ("allow", expression))).allows(request) is allowed
+
+
+def test_first_deciding_rule_wins_and_rules_with_resources_are_refused():
+    request = RequestContext("delete-instance", "EXOk", "127.0.0.1", "ch-gva-2", {"id": "i1"})
+    policy = deny_all_but("compute", ("deny", "parameters.id == 'i1'"), ("allow", "true"))
+    assert not Policy.parse(policy).allows(request)
+    assert Policy.parse(policy).allows(RequestContext("delete-instance", "EXOk", "127.0.0.1", "ch-gva-2", {"id": "i2"}))
+    with pytest.raises(ModelError, match="resources are not supported"):
+        Policy.parse(
+            {"default-service-strategy": "deny", "services": {"compute": {"type": "rules", "rules": [
+                {"action": "allow", "expression": "true", "resources": ["x"]}]}}}
+        )  # fmt: skip
+
+
+def test_service_table():
     services = operation_services()
     assert services["create-instance"] == "compute" and services["create-api-key"] == "iam"
     assert services["get-operation"] == "general" and services["list-zones"] == "general"
     assert services["add-rule-to-security-group"] == "compute"
+    assert services["scale-instance-pool"] == "compute"
 
 
 def test_update_instance_replaces_labels_and_renames(owner):

@@ -2,14 +2,41 @@
 each request signed with such a key. Knows nothing of HTTP.
 
 A policy (`default-service-strategy` allow|deny, `services` by service class: `allow`, `deny` or `rules`) is
-evaluated as Exoscale documents it (community.exoscale.com, "Write IAM Policies"): a service the policy does
-not name gets the default strategy; a `rules` service takes the action of the first rule whose expression is
-true, and denies when none is.
+evaluated as Exoscale documents it in "Write IAM Policies"
+(https://community.exoscale.com/product/iam/how-to/policy-guide/):
+- a service the policy does not name gets the default strategy;
+- a `rules` service evaluates its rules in order; each rule's expression is CEL (Common Expression
+  Language, evaluated here by cel-python); the first rule whose expression is true decides, by its action
+  (allow or deny);
+- a rule whose expression is invalid concludes nothing: the next rule is evaluated;
+- when no rule decides, the request is refused, whatever the default strategy.
+
+The bindings of an expression, as that guide lists them (`service`, `zone`, `now`, `source_ip`, `api_key`,
+`operation`), plus `parameters` and `resource` (see RequestContext for what each holds here). Functions
+beyond standard CEL: `source_ip.inIpRange('CIDR')`, from Exoscale's bucket-policy guide
+(https://community.exoscale.com/documentation/storage/bucketpolicy/), and `parameters.has('name')`, from
+Exoscale's own IAM example in its Terraform provider (`examples/iam-priv-instance`).
+
+Where the documentation leaves a behaviour open, the narrowest reading is taken, and said here:
+- "Invalid" covers an expression that does not parse, one whose evaluation fails (e.g. a parameter or
+  resource field the request does not have, a type mismatch) and one whose value is not a boolean. Such a
+  rule is skipped, deny rules included: a policy should allow on conditions rather than deny on fields a
+  request may lack.
+- `parameters`: the operation's path parameters (`id`), its query parameters and the top-level fields of its
+  JSON body, each name with `-` written `_` (Exoscale's example writes `parameters.public_ip_assignment` for
+  the body's `public-ip-assignment`); nested values are as sent (`parameters.instance_type.id`). A path
+  parameter wins over a body field of the same name.
+- `resource`: documented only by example (`resource.sks_nodepool.name`). Here, for an operation on one
+  instance or one instance pool named by its path, `resource.instance` or `resource.instance_pool` holds
+  that resource's `id` and `name` as they are before the request (nothing else); other operations have an
+  empty `resource`.
+- `source_ip`: the address the TCP connection comes from; no forwarding header is believed.
+- `now`: an RFC 3339 string in UTC (the guide: "a CEL timestamp (string, can be coerced ... via
+  timestamp(now))").
 
 Deviations from Exoscale, on purpose:
-- Rule expressions are CEL on Exoscale; here only the forms this project writes are understood (see
-  SUPPORTED_EXPRESSIONS); any other expression, and any rule with `resources`, is refused with 400 when the
-  role is created, instead of being evaluated.
+- Rules with `resources` (in the spec, not documented in the guide) are refused with 400 when the role is
+  created, instead of being evaluated in some guessed way.
 - The service class of an operation comes from OPERATION_SERVICES below, derived from Exoscale's published
   spec, not from Exoscale's own evaluator: a policy proven here is proven against that table.
 - The organization policy is not simulated (Exoscale's default allows everything).
@@ -18,22 +45,23 @@ Deviations from Exoscale, on purpose:
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
-import re
+import logging
 import secrets
 import threading
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
+
+import celpy
+import celpy.celtypes as celtypes
 
 from cloud.sim.errors import ModelError as IAMError
 
-SUPPORTED_EXPRESSIONS = ("true", "operation == 'NAME'", "operation in ['NAME', ...]")
-
-_NAME = r"'([a-z0-9-]+)'|\"([a-z0-9-]+)\""
-_EQ_RE = re.compile(rf"^operation\s*==\s*(?:{_NAME})$")
-_IN_RE = re.compile(r"^operation\s+in\s+\[(.*)\]$")
-_ITEM_RE = re.compile(rf"^\s*(?:{_NAME})\s*$")
+log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=1)
@@ -59,46 +87,99 @@ def operation_services() -> dict[str, str]:
     return out
 
 
+def parameter_name(name: str) -> str:
+    """A request field's name as a CEL identifier: `public-ip-assignment` -> `public_ip_assignment`."""
+    return name.replace("-", "_")
+
+
 @dataclass(frozen=True)
-class Expression:
-    """A rule expression in the supported subset: always true, or true for a set of operations."""
+class RequestContext:
+    """What a rule expression sees of one request (the bindings; see the module's docstring)."""
 
-    text: str
-    operations: frozenset[str] | None  # None: `true`
+    operation: str
+    api_key: str
+    source_ip: str
+    zone: str
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    resource: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    now: datetime | None = None
 
-    def matches(self, operation: str) -> bool:
-        return self.operations is None or operation in self.operations
+    @property
+    def service(self) -> str:
+        return operation_services().get(self.operation, "general")
+
+    def bindings(self) -> dict[str, Any]:
+        now = self.now or datetime.now(timezone.utc)
+        return {
+            "service": self.service,
+            "zone": self.zone,
+            "now": now.astimezone(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
+            "source_ip": self.source_ip,
+            "api_key": self.api_key,
+            "operation": self.operation,
+            "parameters": dict(self.parameters),
+            "resource": {k: dict(v) for k, v in self.resource.items()},
+        }
 
 
-def parse_expression(text: str) -> Expression:
-    """The supported subset of CEL; IAMError(invalid) naming the deviation for anything else."""
-    t = text.strip()
-    if t == "true":
-        return Expression(text, None)
-    m = _EQ_RE.match(t)
-    if m:
-        return Expression(text, frozenset([m.group(1) or m.group(2)]))
-    m = _IN_RE.match(t)
-    if m:
-        names = []
-        for item in m.group(1).split(",") if m.group(1).strip() else []:
-            im = _ITEM_RE.match(item)
-            if not im:
-                break
-            names.append(im.group(1) or im.group(2))
-        else:
-            return Expression(text, frozenset(names))
-    raise IAMError(
-        "invalid",
-        f"IAM rule expression {text!r} is not supported by this local Exoscale (a deviation: Exoscale "
-        f"evaluates any CEL); supported forms: {', '.join(SUPPORTED_EXPRESSIONS)}",
-    )
+def request_parameters(
+    path_params: Mapping[str, str], query: Mapping[str, str], body: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """The `parameters` binding: body fields, then query, then path parameters (the path wins), top-level
+    names with `-` as `_`."""
+    out: dict[str, Any] = {}
+    for source in (body or {}, query, path_params):
+        for k, v in source.items():
+            out[parameter_name(k)] = v
+    return out
+
+
+def _in_ip_range(ip: celtypes.Value, cidr: celtypes.Value) -> celtypes.BoolType:
+    return celtypes.BoolType(ipaddress.ip_address(str(ip)) in ipaddress.ip_network(str(cidr), strict=False))
+
+
+def _has(mapping: celtypes.Value, name: celtypes.Value) -> celtypes.BoolType:
+    if not isinstance(mapping, celtypes.MapType):
+        raise TypeError(f"has() on {type(mapping).__name__}, expected a map")
+    return celtypes.BoolType(celtypes.StringType(str(name)) in mapping)
+
+
+FUNCTIONS: dict[str, Any] = {"inIpRange": _in_ip_range, "has": _has}
+
+_ENV = celpy.Environment()
 
 
 @dataclass(frozen=True)
 class Rule:
+    """One rule: its action and its CEL expression, compiled once (None when it does not compile)."""
+
     action: str  # allow | deny
-    expression: Expression
+    expression: str
+    program: Any = field(default=None, repr=False, compare=False)
+    invalid: str | None = None  # why the expression does not compile
+
+    @classmethod
+    def compile(cls, action: str, expression: str) -> Rule:
+        try:
+            program = _ENV.program(_ENV.compile(expression), functions=FUNCTIONS)
+        except Exception as e:  # celpy's parse errors and anything its compiler raises on odd input
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            return cls(action, expression, None, f"does not parse: {reason}")
+        return cls(action, expression, program)
+
+    def verdict(self, activation: Any) -> bool | None:
+        """True or False when the expression evaluates to a boolean; None when it is invalid (skipped)."""
+        if self.program is None:
+            return None
+        try:
+            value = self.program.evaluate(activation)
+        except Exception as e:  # CELEvalError, and errors of the extra functions on bad input
+            log.debug("IAM rule %r skipped: %s", self.expression, e)
+            return None
+        if not isinstance(value, celtypes.BoolType):
+            log.debug("IAM rule %r skipped: its value %r is not a boolean", self.expression, value)
+            return None
+        return bool(value)
 
 
 @dataclass(frozen=True)
@@ -106,13 +187,14 @@ class ServicePolicy:
     type: str  # allow | deny | rules
     rules: tuple[Rule, ...] = ()
 
-    def decide(self, operation: str) -> bool:
+    def decide(self, activation: Any) -> bool:
         if self.type != "rules":
             return self.type == "allow"
         for r in self.rules:
-            if r.expression.matches(operation):
+            verdict = r.verdict(activation)
+            if verdict:
                 return r.action == "allow"
-        return False  # no rule matched: denied whatever the default strategy
+        return False  # no rule decided: denied whatever the default strategy
 
 
 @dataclass(frozen=True)
@@ -132,7 +214,7 @@ class Policy:
             if kind not in ("allow", "deny", "rules"):
                 raise IAMError("invalid", f"service {name!r}: type {kind!r}: expected allow, deny or rules")
             rules = []
-            for r in sp.get("rules") or []:
+            for i, r in enumerate(sp.get("rules") or []):
                 if r.get("action") not in ("allow", "deny"):
                     raise IAMError(
                         "invalid", f"service {name!r}: rule action {r.get('action')!r}: expected allow or deny"
@@ -142,18 +224,20 @@ class Policy:
                         "invalid",
                         f"service {name!r}: rule resources are not supported by this local Exoscale (a deviation)",
                     )
-                rules.append(Rule(r["action"], parse_expression(str(r.get("expression", "")))))
+                rule = Rule.compile(r["action"], str(r.get("expression", "")))
+                if rule.invalid:
+                    log.info("IAM policy: service %s, rule %d %s; it will be skipped", name, i, rule.invalid)
+                rules.append(rule)
             if kind == "rules" and not rules:
                 raise IAMError("invalid", f"service {name!r}: type rules needs at least one rule")
             services[name] = ServicePolicy(kind, tuple(rules))
         return cls(strategy, services, doc)
 
-    def allows(self, operation: str) -> bool:
-        service = operation_services().get(operation, "general")
-        sp = self.services.get(service)
+    def allows(self, request: RequestContext) -> bool:
+        sp = self.services.get(request.service)
         if sp is None:
             return self.default_service_strategy == "allow"
-        return sp.decide(operation)
+        return sp.decide(celpy.json_to_cel(request.bindings()))
 
 
 ALLOW_ALL = Policy("allow", {}, {"default-service-strategy": "allow", "services": {}})
@@ -276,14 +360,14 @@ class IAM:
             k = self.api_keys.get(key)
             return k.secret if k else None
 
-    def authorize(self, key: str, operation: str) -> None:
-        """IAMError(forbidden) when the role of `key` does not allow `operation`."""
+    def authorize(self, key: str, request: RequestContext) -> None:
+        """IAMError(forbidden) when the role of `key` does not allow the request."""
         with self.lock:
             k = self.get_api_key(key)
             role = self.roles.get(k.role_id)
-            if role is None or not role.policy.allows(operation):
-                service = operation_services().get(operation, "general")
+            if role is None or not role.policy.allows(request):
                 raise IAMError(
                     "forbidden",
-                    f"Forbidden: the IAM role of API key {key} does not allow {operation} (service {service})",
+                    f"Forbidden: the IAM role of API key {key} does not allow {request.operation} "
+                    f"(service {request.service})",
                 )

@@ -8,6 +8,10 @@ Operations advance whenever the model is used, so the model needs no thread of i
 
 Hooks (InstanceHooks) are called, under the model's lock, when an instance is created, becomes
 running, is stopped and is destroyed: cloud.sim.hosts boots each instance as a local host there.
+
+Instance pools (Exoscale's managed groups of identical instances, one zone each) keep their members as
+ordinary instances carrying the pool as their `manager`, so a member boots, lists and is read like any
+instance. See InstancePool for what is assumed where Exoscale's documentation is silent.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from cloud.sim.errors import ModelError
 from cloud.sim.iam import IAM, APIKey, Role
 from cloud.sim.instance_types import AUTHORIZED_FAMILIES, INSTANCE_TYPES, GiB
 
-__all__ = ["IAM", "APIKey", "Faults", "Instance", "Model", "ModelError", "Operation", "Role"]
+__all__ = ["IAM", "APIKey", "Faults", "Instance", "InstancePool", "Model", "ModelError", "Operation", "Role"]
 
 ZONES = ("at-vie-1", "at-vie-2", "bg-sof-1", "ch-dk-2", "ch-gva-2", "de-fra-1", "de-muc-1", "hr-zag-1")
 
@@ -47,6 +51,11 @@ def _check_base64(user_data: str) -> None:
         base64.b64decode(user_data, validate=True)
     except ValueError:
         raise ModelError("invalid", "user-data must be base64-encoded") from None
+
+
+def _check_size(size: int) -> None:
+    if size < 0:
+        raise ModelError("invalid", f"size {size}: expected 0 or more")
 
 
 def _stable_id(kind: str, name: str) -> str:
@@ -126,6 +135,39 @@ class Instance:
     user_data: str | None = None  # base64, as given
     public_ip_assignment: str = "inet4"
     public_ip: str | None = None
+    manager_id: str | None = None  # the instance pool this instance is a member of
+
+
+@dataclass
+class InstancePool:
+    """An instance pool: the template of its members and the ids of its members, oldest first.
+
+    As Exoscale documents it: one zone; `size` members are kept; a change of the instance type (and here of
+    any member setting: template, disk, keys, groups, user data, labels) applies to new members only,
+    existing ones stay untouched; members are named with `instance-prefix` (default `pool`).
+    Assumed where the documentation is silent: members are named `PREFIX-XXXXX-YYYYY` (the first five
+    characters of the pool's id, then five random letters; the form remembered from Exoscale's listings,
+    not confirmed by its documentation, which says only that the prefix defaults to `pool`); they carry
+    the pool's labels when they are made; scaling down removes the newest members first; deleting a member
+    with delete-instance removes it from the pool and lowers its size by one, as an eviction does.
+    """
+
+    id: str
+    name: str
+    instance_type: InstanceType
+    template: Template
+    disk_size: int
+    size: int
+    state: str  # creating, running, scaling-up, scaling-down, updating, destroying, suspended
+    description: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    ssh_keys: list[str] = field(default_factory=list)
+    security_group_ids: list[str] = field(default_factory=list)
+    user_data: str | None = None
+    public_ip_assignment: str = "inet4"
+    instance_prefix: str = "pool"
+    min_available: int | None = None
+    instance_ids: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -202,6 +244,7 @@ class Model:
         self.ssh_keys: dict[str, SSHKey] = {}
         self.security_groups: dict[str, SecurityGroup] = {}
         self.instances: dict[str, Instance] = {}
+        self.instance_pools: dict[str, InstancePool] = {}
         self.operations: dict[str, Operation] = {}
         self._ips: Iterator = ipaddress.ip_network(ip_network).hosts()
         self._ips_in_use: set[str] = set()
@@ -242,10 +285,14 @@ class Model:
                         if op.on_success:
                             op.on_success()
 
-    def _operation(self, kind: str, ref: str | None, command: str, on_success=None, on_failure=None) -> Operation:
+    def _operation(
+        self, kind: str, ref: str | None, command: str, on_success=None, on_failure=None, may_fail: bool = True
+    ) -> Operation:
+        """A pending operation. `may_fail=False` for the model's own internal steps that no fault may break
+        halfway (a pool member's removal: the pool has already let it go)."""
         f = self.faults
-        fail = self.rng.random() < f.op_failure_rate
-        if f.fail_next_ops > 0 and f.fail_ops_matching in command:
+        fail = may_fail and self.rng.random() < f.op_failure_rate
+        if may_fail and f.fail_next_ops > 0 and f.fail_ops_matching in command:
             f.fail_next_ops -= 1
             fail = True
         op = Operation(
@@ -360,6 +407,11 @@ class Model:
             users = [i.name for i in self.instances.values() if group_id in i.security_group_ids]
             if users:
                 raise ModelError("conflict", f"security group {group_id} is in use by instance(s) {', '.join(users)}")
+            pools = [p.name for p in self.instance_pools.values() if group_id in p.security_group_ids]
+            if pools:
+                raise ModelError(
+                    "conflict", f"security group {group_id} is in use by instance pool(s) {', '.join(pools)}"
+                )
             referring = [
                 g.name
                 for g in self.security_groups.values()
@@ -456,53 +508,93 @@ class Model:
     ) -> Operation:
         with self.lock:
             self.tick()
-            itype = self.get_instance_type(instance_type_id)
-            if not itype.authorized:
-                raise ModelError(
-                    "forbidden",
-                    f"instance type {itype.family}.{itype.size} needs Exoscale's authorization for this account",
-                )
-            tmpl = self.get_template(template_id)
-            if self.zone not in itype.zones or self.zone not in tmpl.zones:
-                raise ModelError("invalid", f"not available in zone {self.zone}")
-            if disk_size * GiB < tmpl.size:
-                raise ModelError(
-                    "invalid", f"disk-size {disk_size} GiB is smaller than the template ({tmpl.size // GiB} GiB)"
-                )
-            for k in ssh_keys:
-                if k not in self.ssh_keys:
-                    raise ModelError("not-found", f"SSH key {k!r} not found")
-            for gid in security_group_ids:
-                self.get_security_group(gid)
-            if user_data is not None:
-                _check_base64(user_data)
-            inst = Instance(
-                str(uuid.uuid4()),
-                name,
-                itype,
-                tmpl,
-                disk_size,
-                "starting",
-                _now_iso(),
-                dict(labels or {}),
-                list(ssh_keys),
-                list(security_group_ids),
-                user_data,
-                public_ip_assignment,
+            itype, tmpl = self._check_instance_spec(
+                instance_type_id, template_id, disk_size, ssh_keys, security_group_ids, user_data
             )
-            if public_ip_assignment != "none":
-                inst.public_ip = self.hooks.allocate_ip(inst) or self._next_ip()
-                self._ips_in_use.add(inst.public_ip)
-            self.instances[inst.id] = inst
+            inst = self._add_instance(
+                name, itype, tmpl, disk_size, ssh_keys, security_group_ids, labels, user_data, public_ip_assignment
+            )
+            return self._boot(inst)
 
-            def running():
+    def _check_instance_spec(
+        self,
+        instance_type_id: str,
+        template_id: str,
+        disk_size: int,
+        ssh_keys: Sequence[str],
+        security_group_ids: Sequence[str],
+        user_data: str | None,
+    ) -> tuple[InstanceType, Template]:
+        """What an instance (or a pool's member) is made of, checked: its type and template."""
+        itype = self.get_instance_type(instance_type_id)
+        if not itype.authorized:
+            raise ModelError(
+                "forbidden",
+                f"instance type {itype.family}.{itype.size} needs Exoscale's authorization for this account",
+            )
+        tmpl = self.get_template(template_id)
+        if self.zone not in itype.zones or self.zone not in tmpl.zones:
+            raise ModelError("invalid", f"not available in zone {self.zone}")
+        if disk_size * GiB < tmpl.size:
+            raise ModelError(
+                "invalid", f"disk-size {disk_size} GiB is smaller than the template ({tmpl.size // GiB} GiB)"
+            )
+        for k in ssh_keys:
+            if k not in self.ssh_keys:
+                raise ModelError("not-found", f"SSH key {k!r} not found")
+        for gid in security_group_ids:
+            self.get_security_group(gid)
+        if user_data is not None:
+            _check_base64(user_data)
+        return itype, tmpl
+
+    def _add_instance(
+        self,
+        name: str,
+        itype: InstanceType,
+        tmpl: Template,
+        disk_size: int,
+        ssh_keys: Sequence[str],
+        security_group_ids: Sequence[str],
+        labels: dict[str, str] | None,
+        user_data: str | None,
+        public_ip_assignment: str,
+        manager_id: str | None = None,
+    ) -> Instance:
+        inst = Instance(
+            str(uuid.uuid4()),
+            name,
+            itype,
+            tmpl,
+            disk_size,
+            "starting",
+            _now_iso(),
+            dict(labels or {}),
+            list(ssh_keys),
+            list(security_group_ids),
+            user_data,
+            public_ip_assignment,
+            manager_id=manager_id,
+        )
+        if public_ip_assignment != "none":
+            inst.public_ip = self.hooks.allocate_ip(inst) or self._next_ip()
+            self._ips_in_use.add(inst.public_ip)
+        self.instances[inst.id] = inst
+        return inst
+
+    def _boot(self, inst: Instance) -> Operation:
+        """The operation that makes a new instance running (or `error`, when it fails)."""
+
+        def running():
+            if inst.state == "starting":
                 inst.state = "running"
                 self.hooks.on_running(inst)
 
-            def failed():
+        def failed():
+            if inst.state == "starting":
                 inst.state = "error"
 
-            return self._operation("instance", inst.id, "create-instance", running, failed)
+        return self._operation("instance", inst.id, "create-instance", running, failed)
 
     def _next_ip(self) -> str:
         for ip in self._ips:
@@ -562,24 +654,39 @@ class Model:
             return inst
 
     def delete_instance(self, instance_id: str) -> Operation:
+        """A pool's member leaves its pool at once, the pool's size lowered by one (see InstancePool)."""
         with self.lock:
             inst = self.get_instance(instance_id)
             if inst.state == "destroying":
                 raise ModelError("conflict", f"instance {instance_id} is already being destroyed")
             previous = inst.state
-            inst.state = "destroying"
-
-            def gone():
-                self.instances.pop(instance_id, None)
-                if inst.public_ip:
-                    self._ips_in_use.discard(inst.public_ip)
-                inst.state = "destroyed"
-                self.hooks.on_destroyed(inst)
+            pool = self.instance_pools.get(inst.manager_id or "")
+            if pool is not None and instance_id in pool.instance_ids:
+                pool.instance_ids.remove(instance_id)
+                pool.size -= 1
+            else:
+                pool = None
 
             def failed():
                 inst.state = previous
+                if pool is not None and pool.id in self.instance_pools:
+                    pool.instance_ids.append(instance_id)
+                    pool.size += 1
 
-            return self._operation("instance", instance_id, "delete-instance", gone, failed)
+            return self._destroy(inst, "delete-instance", failed)
+
+    def _destroy(self, inst: Instance, command: str, on_failure: Callable[[], None] | None = None) -> Operation:
+        """Mark an instance destroying; the operation that removes it (it cannot fail without on_failure)."""
+        inst.state = "destroying"
+
+        def gone():
+            self.instances.pop(inst.id, None)
+            if inst.public_ip:
+                self._ips_in_use.discard(inst.public_ip)
+            inst.state = "destroyed"
+            self.hooks.on_destroyed(inst)
+
+        return self._operation("instance", inst.id, command, gone, on_failure, may_fail=on_failure is not None)
 
     def _transition(
         self,
@@ -625,7 +732,227 @@ class Model:
 
         return self._transition(instance_id, ("running",), "starting", "running", "reboot-instance", reboot)
 
-    # ------------------------------------------------------------------------------------- IAM
+    # -------------------------------------------------------------------------- instance pools
+    def create_instance_pool(
+        self,
+        name: str,
+        instance_type_id: str,
+        template_id: str,
+        disk_size: int,
+        size: int,
+        description: str | None = None,
+        labels: dict[str, str] | None = None,
+        ssh_keys: Sequence[str] = (),
+        security_group_ids: Sequence[str] = (),
+        user_data: str | None = None,
+        public_ip_assignment: str = "inet4",
+        instance_prefix: str | None = None,
+        min_available: int | None = None,
+    ) -> Operation:
+        with self.lock:
+            self.tick()
+            itype, tmpl = self._check_instance_spec(
+                instance_type_id, template_id, disk_size, ssh_keys, security_group_ids, user_data
+            )
+            _check_size(size)
+            pool = InstancePool(
+                str(uuid.uuid4()),
+                name,
+                itype,
+                tmpl,
+                disk_size,
+                size,
+                "creating",
+                description,
+                dict(labels or {}),
+                list(ssh_keys),
+                list(security_group_ids),
+                user_data,
+                public_ip_assignment,
+                instance_prefix or "pool",
+                min_available,
+            )
+            self.instance_pools[pool.id] = pool
+            for _ in range(size):
+                self._add_member(pool)
+
+            def failed():
+                pool.state = "suspended"
+
+            return self._operation(
+                "instance-pool", pool.id, "create-instance-pool", lambda: self._settled(pool), failed
+            )
+
+    def _settled(self, pool: InstancePool) -> None:
+        if pool.state != "destroying":
+            pool.state = "running"
+
+    def _add_member(self, pool: InstancePool) -> Instance:
+        suffix = "".join(self.rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(5))
+        inst = self._add_instance(
+            f"{pool.instance_prefix}-{pool.id[:5]}-{suffix}",
+            pool.instance_type,
+            pool.template,
+            pool.disk_size,
+            pool.ssh_keys,
+            pool.security_group_ids,
+            pool.labels,
+            pool.user_data,
+            pool.public_ip_assignment,
+            manager_id=pool.id,
+        )
+        pool.instance_ids.append(inst.id)
+        self._boot(inst)
+        return inst
+
+    def _remove_member(self, pool: InstancePool, instance_id: str) -> None:
+        pool.instance_ids.remove(instance_id)
+        inst = self.instances.get(instance_id)
+        if inst is not None and inst.state != "destroying":
+            self._destroy(inst, "delete-instance")
+
+    def list_instance_pools(self) -> list[InstancePool]:
+        with self.lock:
+            self.tick()
+            return list(self.instance_pools.values())
+
+    def get_instance_pool(self, pool_id: str) -> InstancePool:
+        with self.lock:
+            self.tick()
+            pool = self.instance_pools.get(pool_id)
+            if pool is None:
+                raise ModelError("not-found", f"instance pool {pool_id} not found")
+            return pool
+
+    def _changeable_pool(self, pool_id: str, command: str) -> InstancePool:
+        pool = self.get_instance_pool(pool_id)
+        if pool.state == "destroying":
+            raise ModelError("conflict", f"instance pool {pool_id} is destroying; {command} is refused")
+        return pool
+
+    def scale_instance_pool(self, pool_id: str, size: int) -> Operation:
+        """New members for a larger size; for a smaller one, the newest members are removed."""
+        with self.lock:
+            pool = self._changeable_pool(pool_id, "scale-instance-pool")
+            _check_size(size)
+            members = len(pool.instance_ids)
+            if size > members:
+                pool.state = "scaling-up"
+                for _ in range(size - members):
+                    self._add_member(pool)
+            elif size < members:
+                pool.state = "scaling-down"
+                for iid in pool.instance_ids[size:]:
+                    self._remove_member(pool, iid)
+            pool.size = size
+            return self._operation("instance-pool", pool.id, "scale-instance-pool", lambda: self._settled(pool))
+
+    def evict_instance_pool_members(self, pool_id: str, instance_ids: Sequence[str]) -> Operation:
+        """Remove the members named, the pool's size lowered by as many."""
+        with self.lock:
+            pool = self._changeable_pool(pool_id, "evict-instance-pool-members")
+            if not instance_ids:
+                raise ModelError("invalid", "instances: name at least one member of the pool to evict")
+            strangers = [i for i in instance_ids if i not in pool.instance_ids]
+            if strangers:
+                raise ModelError(
+                    "invalid", f"instance(s) {', '.join(strangers)} are not members of instance pool {pool_id}"
+                )
+            pool.state = "scaling-down"
+            for iid in dict.fromkeys(instance_ids):
+                self._remove_member(pool, iid)
+            pool.size = len(pool.instance_ids)
+            return self._operation("instance-pool", pool.id, "evict-instance-pool-members", lambda: self._settled(pool))
+
+    def update_instance_pool(
+        self,
+        pool_id: str,
+        name: str | None = None,
+        description: str | None = None,
+        labels: dict[str, str] | _Unset | None = UNSET,
+        instance_type_id: str | None = None,
+        template_id: str | None = None,
+        disk_size: int | None = None,
+        ssh_keys: Sequence[str] | None = None,
+        security_group_ids: Sequence[str] | None = None,
+        user_data: str | None = None,
+        public_ip_assignment: str | None = None,
+        instance_prefix: str | None = None,
+        min_available: int | None = None,
+    ) -> Operation:
+        """Change the pool; its member settings apply to members made from now on (see InstancePool).
+        `labels` replaces the whole map, as update-instance does; left out, the labels stay."""
+        with self.lock:
+            pool = self._changeable_pool(pool_id, "update-instance-pool")
+            itype, tmpl = self._check_instance_spec(
+                instance_type_id or pool.instance_type.id,
+                template_id or pool.template.id,
+                pool.disk_size if disk_size is None else disk_size,
+                pool.ssh_keys if ssh_keys is None else ssh_keys,
+                pool.security_group_ids if security_group_ids is None else security_group_ids,
+                user_data,
+            )
+            previous = pool.state
+            pool.state = "updating"
+
+            def apply() -> None:
+                pool.instance_type, pool.template = itype, tmpl
+                for attr, value in (
+                    ("name", name),
+                    ("description", description),
+                    ("disk_size", disk_size),
+                    ("user_data", user_data),
+                    ("public_ip_assignment", public_ip_assignment),
+                    ("instance_prefix", instance_prefix),
+                    ("min_available", min_available),
+                ):
+                    if value is not None:
+                        setattr(pool, attr, value)
+                if ssh_keys is not None:
+                    pool.ssh_keys = list(ssh_keys)
+                if security_group_ids is not None:
+                    pool.security_group_ids = list(security_group_ids)
+                if not isinstance(labels, _Unset):
+                    pool.labels = dict(labels or {})
+                self._settled(pool)
+
+            def failed() -> None:
+                pool.state = previous
+
+            return self._operation("instance-pool", pool.id, "update-instance-pool", apply, failed)
+
+    def delete_instance_pool(self, pool_id: str) -> Operation:
+        """The pool and all its members."""
+        with self.lock:
+            pool = self._changeable_pool(pool_id, "delete-instance-pool")
+            pool.state = "destroying"
+            for iid in list(pool.instance_ids):
+                self._remove_member(pool, iid)
+            pool.size = 0
+            return self._operation(
+                "instance-pool",
+                pool.id,
+                "delete-instance-pool",
+                lambda: self.instance_pools.pop(pool.id, None),
+                may_fail=False,
+            )
+
+    # ------------------------------------------------------------------------------- IAM
+    def policy_resource(self, tag: str, resource_id: str | None) -> dict[str, dict[str, str]]:
+        """The `resource` an IAM rule sees for an operation of the spec's `tag` on `resource_id` (see
+        cloud.sim.iam): an instance's or a pool's id and name; empty for anything else."""
+        with self.lock:
+            if resource_id is None:
+                return {}
+            if tag == "instance" and resource_id in self.instances:
+                inst = self.instances[resource_id]
+                return {"instance": {"id": inst.id, "name": inst.name}}
+            if tag == "instance-pool" and resource_id in self.instance_pools:
+                pool = self.instance_pools[resource_id]
+                return {"instance_pool": {"id": pool.id, "name": pool.name}}
+            return {}
+
+    # -------------------------------------------------------------------------------- IAM roles
     def create_iam_role(self, name: str, policy: dict[str, Any] | None = None, **options: Any) -> Operation:
         with self.lock:
             self.tick()

@@ -16,6 +16,7 @@ from cloud.sim.model import (
     UNSET,
     ZONES,
     Instance,
+    InstancePool,
     InstanceType,
     Model,
     ModelError,
@@ -131,6 +132,36 @@ def render_instance(i: Instance, model: Model) -> dict:
         d["ssh-key"] = render_ssh_key(keys[0])
     if i.public_ip:
         d["public-ip"] = i.public_ip
+    if i.manager_id:
+        d["manager"] = {"id": i.manager_id, "type": "instance-pool"}
+    return d
+
+
+def render_instance_pool(p: InstancePool, model: Model) -> dict:
+    groups = [g for g in p.security_group_ids if g in model.security_groups]
+    keys = [{"name": k} for k in p.ssh_keys if k in model.ssh_keys]
+    d = {
+        "id": p.id,
+        "name": p.name,
+        "state": p.state,
+        "size": p.size,
+        "instance-type": {"id": p.instance_type.id},
+        "template": {"id": p.template.id},
+        "disk-size": p.disk_size,
+        "labels": dict(p.labels),
+        "ssh-keys": keys,
+        "security-groups": [{"id": g} for g in groups],
+        "public-ip-assignment": p.public_ip_assignment,
+        "instance-prefix": p.instance_prefix,
+        "instances": [{"id": i} for i in p.instance_ids],
+    }
+    if keys:
+        d["ssh-key"] = keys[0]
+    for name, value in (("description", p.description), ("user-data", p.user_data)):
+        if value:
+            d[name] = value
+    if p.min_available is not None:
+        d["min-available"] = p.min_available
     return d
 
 
@@ -373,3 +404,95 @@ def get_api_key(model: Model, request: Request) -> dict:
 
 def delete_api_key(model: Model, request: Request) -> dict:
     return render_operation(model.delete_api_key(request.path_params["id"]))
+
+
+def _ssh_key_names(body: dict) -> list[str]:
+    """`ssh-keys` and the older single `ssh-key`, as names."""
+    names = [k["name"] for k in body.get("ssh-keys") or []]
+    if body.get("ssh-key"):
+        names.append(body["ssh-key"]["name"])
+    return list(dict.fromkeys(names))
+
+
+# Fields of the spec's instance pools that this sim does not model: refused rather than ignored.
+UNSIMULATED_POOL_FIELDS = ("anti-affinity-groups", "elastic-ips", "private-networks", "deploy-target")
+
+
+def _refuse_unsimulated(body: dict) -> None:
+    given = [f for f in UNSIMULATED_POOL_FIELDS if body.get(f)]
+    if given:
+        raise ModelError(
+            "invalid", f"instance pool field(s) {', '.join(given)} are not simulated by this local Exoscale"
+        )
+
+
+def create_instance_pool(model: Model, request: Request) -> dict:
+    body = request.body
+    _refuse_unsimulated(body)
+    return render_operation(
+        model.create_instance_pool(
+            body["name"],
+            body["instance-type"]["id"],
+            body["template"]["id"],
+            body["disk-size"],
+            body["size"],
+            description=body.get("description"),
+            labels=body.get("labels"),
+            ssh_keys=_ssh_key_names(body),
+            security_group_ids=[g["id"] for g in body.get("security-groups") or []],
+            user_data=body.get("user-data"),
+            public_ip_assignment=body.get("public-ip-assignment", "inet4"),
+            instance_prefix=body.get("instance-prefix"),
+            min_available=body.get("min-available"),
+        )
+    )
+
+
+def list_instance_pools(model: Model, request: Request) -> dict:
+    pools = model.list_instance_pools()
+    with model.lock:
+        return {"instance-pools": [render_instance_pool(p, model) for p in pools]}
+
+
+def get_instance_pool(model: Model, request: Request) -> dict:
+    pool = model.get_instance_pool(request.path_params["id"])
+    with model.lock:
+        return render_instance_pool(pool, model)
+
+
+def scale_instance_pool(model: Model, request: Request) -> dict:
+    return render_operation(model.scale_instance_pool(request.path_params["id"], request.body["size"]))
+
+
+def evict_instance_pool_members(model: Model, request: Request) -> dict:
+    return render_operation(
+        model.evict_instance_pool_members(request.path_params["id"], request.body.get("instances") or [])
+    )
+
+
+def update_instance_pool(model: Model, request: Request) -> dict:
+    body = request.body
+    _refuse_unsimulated(body)
+    return render_operation(
+        model.update_instance_pool(
+            request.path_params["id"],
+            name=body.get("name"),
+            description=body.get("description"),
+            labels=body["labels"] if "labels" in body else UNSET,
+            instance_type_id=(body.get("instance-type") or {}).get("id"),
+            template_id=(body.get("template") or {}).get("id"),
+            disk_size=body.get("disk-size"),
+            ssh_keys=_ssh_key_names(body) if "ssh-keys" in body or "ssh-key" in body else None,
+            security_group_ids=[g["id"] for g in body.get("security-groups") or []]
+            if "security-groups" in body
+            else None,
+            user_data=body.get("user-data"),
+            public_ip_assignment=body.get("public-ip-assignment"),
+            instance_prefix=body.get("instance-prefix"),
+            min_available=body.get("min-available"),
+        )
+    )
+
+
+def delete_instance_pool(model: Model, request: Request) -> dict:
+    return render_operation(model.delete_instance_pool(request.path_params["id"]))

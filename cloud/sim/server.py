@@ -2,7 +2,8 @@
 
 Every request goes through, in order: injected latency and faults (429/503); the spec's operation for its
 method and path; the EXO2-HMAC-SHA256 signature (403 when missing, malformed, wrong or expired; public
-operations such as list-zones may come unsigned); the IAM policy of a restricted key (403); validation
+operations such as list-zones may come unsigned); the IAM policy of a restricted key (403; its CEL rules see
+the request as cloud.sim.iam.RequestContext says); validation
 against Exoscale's published OpenAPI spec (400 with the reason); then the operation's handler
 (cloud.sim.urls), which calls the state model. An operation of the spec that is not served answers 501.
 """
@@ -20,9 +21,10 @@ from typing import Any
 from urllib.parse import parse_qs, unquote
 
 from cloud.sim.auth import AuthError, verify_request
+from cloud.sim.iam import RequestContext, request_parameters
 from cloud.sim.model import Model, ModelError
 from cloud.sim.responses import Request
-from cloud.sim.spec import API_PREFIX, SpecError, SpecValidator
+from cloud.sim.spec import API_PREFIX, SpecError, SpecOperation, SpecValidator
 from cloud.sim.urls import HANDLERS, PUBLIC_OPERATIONS
 
 log = logging.getLogger(__name__)
@@ -101,9 +103,12 @@ class App:
     def __repr__(self) -> str:
         return f"<sim App key={self.key}>"
 
-    def handle(self, method: str, target: str, headers: dict[str, str], body: bytes) -> tuple[int, dict, bytes]:
+    def handle(
+        self, method: str, target: str, headers: dict[str, str], body: bytes, source_ip: str = "127.0.0.1"
+    ) -> tuple[int, dict, bytes]:
+        """One request; `source_ip` is the address it came from (the `source_ip` of IAM rules)."""
         raw_path, _, raw_query = target.partition("?")
-        status, payload = self._handle(method, raw_path, raw_query, headers, body)
+        status, payload = self._handle(method, raw_path, raw_query, headers, body, source_ip)
         data = json.dumps(payload).encode() if payload is not None else b""
         if self.record:
             with self._record_lock:
@@ -115,8 +120,28 @@ class App:
     def _secret_of(self, key: str) -> str | None:
         return self._secret if key == self.key else self.model.iam.secret_of(key)
 
+    def _policy_request(
+        self, caller: str, operation: SpecOperation, sub: str, raw_query: str, body: bytes, source_ip: str
+    ) -> RequestContext:
+        """What the IAM rules of a restricted key see of this request (cloud.sim.iam.RequestContext). The
+        body is read leniently here: a body the spec refuses is refused after this check, as on Exoscale."""
+        query = {k: v[0] for k, v in parse_qs(raw_query, keep_blank_values=True).items()}
+        try:
+            parsed = json.loads(body) if body else {}
+        except ValueError:
+            parsed = {}
+        path_params = operation.path_params(sub)
+        return RequestContext(
+            operation.operation_id,
+            caller,
+            source_ip,
+            self.model.zone,
+            request_parameters(path_params, query, parsed if isinstance(parsed, dict) else {}),
+            self.model.policy_resource(operation.tags[0] if operation.tags else "", path_params.get("id")),
+        )
+
     def _handle(
-        self, method: str, raw_path: str, raw_query: str, headers: dict[str, str], body: bytes
+        self, method: str, raw_path: str, raw_query: str, headers: dict[str, str], body: bytes, source_ip: str
     ) -> tuple[int, Any]:
         if self.faults.latency_s:
             time.sleep(self.faults.latency_s)
@@ -131,7 +156,9 @@ class App:
             try:
                 caller = verify_request(method, raw_path, raw_query, body, authorization, self._secret_of)
                 if operation is not None and caller != self.key:
-                    self.model.iam.authorize(caller, operation.operation_id)
+                    self.model.iam.authorize(
+                        caller, self._policy_request(caller, operation, sub, raw_query, body, source_ip)
+                    )
             except AuthError as e:
                 return 403, {"message": str(e)}
             except ModelError as e:
@@ -165,7 +192,7 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         status, headers, data = self.server.app.handle(
-            self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body
+            self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body, self.client_address[0]
         )
         self.send_response(status)
         for k, v in headers.items():

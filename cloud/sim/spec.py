@@ -62,6 +62,9 @@ KNOWN_RESPONSE_DEVIATIONS = {
     # The spec marks security-group.rules writeOnly, yet GET /security-group/{id} returns the rules:
     # Exoscale's own Terraform provider imports a rule by reading them back.
     ("security-group", "rules"): "writeOnly",
+    # The spec's instance-pool.size is exclusiveMinimum 0, yet scale-instance-pool accepts size 0 (minimum 0,
+    # not exclusive), so a pool scaled to nothing is answered with size 0.
+    ("instance-pool", "size"): "exclusiveMinimum",
 }
 
 
