@@ -5,18 +5,29 @@ the driver, to Exoscale's own SDK and to raw HTTP; every success checked against
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 import uuid
+from urllib.parse import urlsplit
 
 import pytest
 import requests
 from exoscale_auth import ExoscaleV2Auth
 
-from cloud.exoscale_driver import ExoscaleCapacityError, ExoscaleQuotaError, ExoscaleV2NodeDriver, RetryPolicy
+from cloud.exoscale_driver import (
+    ExoscaleCapacityError,
+    ExoscaleQuota,
+    ExoscaleQuotaError,
+    ExoscaleV2NodeDriver,
+    RetryPolicy,
+)
 from cloud.sim.instance_types import ALL_ZONES, FAMILY_ZONES, INSTANCE_TYPES
 from cloud.sim.local import start
 from cloud.sim.model import Faults, Model, ModelError
 from cloud.sim.spec import SpecValidator, spec_path
-from tests.conftest import SIM_KEY, SIM_SECRET, run_cli
+from tests.conftest import ROOT, SIM_KEY, SIM_SECRET, run_cli
 from tests.exoscale_sdk import client, exceptions
 
 UBUNTU = "Linux Ubuntu 24.04 LTS 64-bit"
@@ -273,3 +284,38 @@ def test_model_error_kinds_for_capacity_and_quota():
     with pytest.raises(ModelError) as e:
         model.in_zone("at-vie-1").create_instance("y", micro.id, tmpl, 10)
     assert e.value.kind == "quota"
+
+
+def test_sim_cli_capacity_and_quota_apply(tmp_path):
+    """`python -m cloud.sim api --capacity ... --quota ...`, as a user starts it, answers creates accordingly."""
+    env_file = tmp_path / "sim.env"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cloud.sim", "api", "--port", "0", "--op-delay", "0", "--env-file", str(env_file),
+         "--capacity", "standard.small@ch-gva-2=0", "--capacity", "standard.small@at-vie-2=1", "--quota", "instance=2"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not (env_file.exists() and env_file.read_text().count("export ") == 3):
+            assert proc.poll() is None, f"the sim exited: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, f"the sim wrote no env file {env_file} within 60 s"
+            time.sleep(0.1)
+        exports = dict(line.removeprefix("export ").split("=", 1) for line in env_file.read_text().splitlines() if line)
+        url = urlsplit(exports["EXOSCALE_API_ENDPOINT"])
+        d = ExoscaleV2NodeDriver(
+            exports["EXOSCALE_API_KEY"], exports["EXOSCALE_API_SECRET"], host=url.hostname, port=url.port, secure=False
+        )
+        with pytest.raises(ExoscaleCapacityError):
+            d.create_node("a", "standard.small", UBUNTU)
+        vienna = d.ex_zone_driver("at-vie-2")
+        vienna.create_node("a", "standard.small", UBUNTU)
+        with pytest.raises(ExoscaleCapacityError):
+            vienna.create_node("b", "standard.small", UBUNTU)
+        d.create_node("b", "standard.micro", UBUNTU)
+        with pytest.raises(ExoscaleQuotaError):
+            d.create_node("c", "standard.micro", UBUNTU)
+        assert d.ex_get_quota("instance") == ExoscaleQuota("instance", 2, 2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert proc.returncode == 0, proc.stderr.read()

@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         hosts = f", hosts on {sim.hooks.subnet}" if sim.hooks is not None else ""
         print(
             f"# local Exoscale API on {sim.endpoint} (zone {args.zone}, key {key}{hosts}); Ctrl-C stops it.\n"
+            f"# Every zone is served at {sim.endpoint.removesuffix('/v2')}/ZONE/v2 (list-zones gives them).\n"
             f"# In another shell, then use exoscale.py / make cluster-up as with Exoscale:\n"
             f"source {shlex.quote(str(env_file))}",
             flush=True,
