@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 import threading
 import time
 from collections.abc import Iterable
@@ -90,15 +91,23 @@ class ExoscaleQuotaError(ExoscaleAPIError):
     """The request would pass a quota of the organization (instances, GPUs of a family, ...)."""
 
 
+# How a refusal for a quota or for capacity reads: the quota or capacity said to be exceeded or lacking, not
+# merely named (an IAM refusal of the operation get-quota names the service "quotas").
+_QUOTA_REFUSAL = re.compile(r"quota[^.;]*\b(exceeded|reached)|\bexceed\w*[^.;]*\bquota|\blimit (exceeded|reached)")
+_CAPACITY_REFUSAL = re.compile(
+    r"\b(insufficient|no|not enough|out of|lack of)( \w+)? capacity|capacity[^.;]*\b(exhausted|unavailable)"
+)
+
+
 def _api_error(status: int, message: str, headers=None) -> ExoscaleAPIError:
     """The error for an API refusal: capacity and quota refusals get their own classes, so a caller can try
     another zone. Exoscale documents neither answer; they are recognised by status and message: a quota by a
-    4xx naming a quota ("Quota exceeded ..."), capacity by a 4xx/5xx naming capacity ("Insufficient
-    capacity ...")."""
+    4xx saying a quota is exceeded ("Quota exceeded ..."), capacity by a 4xx/5xx saying capacity lacks
+    ("Insufficient capacity ...")."""
     text = message.lower()
-    if 400 <= status < 500 and "quota" in text:
+    if 400 <= status < 500 and _QUOTA_REFUSAL.search(text):
         return ExoscaleQuotaError(status, message, headers=headers)
-    if status >= 400 and "capacity" in text and status not in _ALWAYS_RETRY:
+    if status >= 400 and status not in _ALWAYS_RETRY and _CAPACITY_REFUSAL.search(text):
         return ExoscaleCapacityError(status, message, headers=headers)
     return ExoscaleAPIError(status, message, headers=headers)
 

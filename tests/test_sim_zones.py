@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 from exoscale_auth import ExoscaleV2Auth
+from libcloud.common.types import InvalidCredsError
 
 from cloud.exoscale_driver import (
     ExoscaleCapacityError,
@@ -319,3 +320,34 @@ def test_sim_cli_capacity_and_quota_apply(tmp_path):
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
     assert proc.returncode == 0, proc.stderr.read()
+
+
+def test_an_iam_refusal_naming_quotas_is_not_a_quota_refusal(sim):
+    """A restricted key refused get-quota by its role is a credentials error, not "quota exceeded" (the
+    refusal names the operation get-quota and the service quotas)."""
+    role = sim.app.model.iam.create_role("no-quotas", {"default-service-strategy": "deny", "services": {}})
+    key = sim.app.model.iam.create_api_key("k", role.id)
+    limited = ExoscaleV2NodeDriver(key.key, key.secret, host=sim.host, port=sim.port, secure=False)
+    with pytest.raises(InvalidCredsError, match="does not allow get-quota"):
+        limited.ex_get_quota("instance")
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "kind"),
+    [
+        (403, "Quota exceeded for resource instance: limit 1, in use 1, requested 1 more", ExoscaleQuotaError),
+        (422, "instance limit reached", ExoscaleQuotaError),
+        (400, "this would exceed your GPU quota", ExoscaleQuotaError),
+        (500, "Insufficient capacity: zone de-fra-1 cannot provide 1 more gpu3.small", ExoscaleCapacityError),
+        (409, "no GPU capacity left in this zone", ExoscaleCapacityError),
+        (500, "capacity exhausted for gpu3", ExoscaleCapacityError),
+        (403, "Forbidden: the IAM role of API key EXOx does not allow get-quota (service quotas)", None),
+        (400, "capacity must be a number", None),
+        (503, "no capacity", None),  # 503 is retried as a transient refusal, never a zone's answer
+    ],
+)
+def test_which_refusals_the_driver_reads_as_quota_or_capacity(status, message, kind):
+    from cloud.exoscale_driver import ExoscaleAPIError, _api_error
+
+    error = _api_error(status, message)
+    assert type(error) is (kind or ExoscaleAPIError)
