@@ -10,6 +10,15 @@ from cloud.exoscale_driver import ExoscaleInstanceType
 from cloud.pricing import PRICES_TAKEN, PriceTable
 
 HEADER = ("TYPE", "CPUS", "MEMORY", "GPUS", "PRICE/H", "ZONES")
+NEEDS_AUTHORIZATION = " *"
+EVERY_ZONE = "every zone"
+
+
+def all_zones(types: Iterable[ExoscaleInstanceType]) -> list[str]:
+    """The zones that offer at least one of `types`, sorted."""
+    return sorted({z for t in types for z in t.zones})
+
+
 GiB = 1024**3
 
 
@@ -28,10 +37,20 @@ def types_rows(
     types: Iterable[ExoscaleInstanceType], prices: PriceTable | None = None, zone: str | None = None
 ) -> list[tuple[str, ...]]:
     """One row of text per type (HEADER's columns), in the order given; only the types `zone` offers if it
-    is given."""
+    is given. A type the organization may not use yet (Exoscale's authorization, e.g. for GPU families) has
+    its name marked with NEEDS_AUTHORIZATION; a type offered in all the zones of the listing says EVERY_ZONE."""
     prices = prices or PriceTable()
+    types = list(types)
+    every = all_zones(types)
     return [
-        (t.name, str(t.cpus), memory_text(t.memory), str(t.gpus), price_text(t.name, prices), ", ".join(t.zones))
+        (
+            t.name + ("" if t.authorized else NEEDS_AUTHORIZATION),
+            str(t.cpus),
+            memory_text(t.memory),
+            str(t.gpus),
+            price_text(t.name, prices),
+            EVERY_ZONE if len(every) > 1 and set(t.zones) == set(every) else ", ".join(t.zones),
+        )
         for t in types
         if zone is None or zone in t.zones
     ]
@@ -43,6 +62,7 @@ def render_types(
     """The table as text, columns aligned (numbers to the right), with a last line saying where the prices
     come from. `zone`: only the types that zone offers."""
     prices = prices or PriceTable()
+    types = list(types)
     rows = types_rows(types, prices, zone)
     lines = _aligned([HEADER, *rows], right={1, 2, 3})
     source = f"prices per hour in {prices.currency}, Exoscale's price list of {PRICES_TAKEN}"
@@ -50,7 +70,12 @@ def render_types(
         source += f" (overridden: {', '.join(sorted(prices.overridden))})"
     if not rows:
         lines.append(f"no instance type is offered in {zone}" if zone else "no instance types")
-    return "\n".join([*lines, source])
+    notes = [source]
+    if any(r[5] == EVERY_ZONE for r in rows):
+        notes.append(f"{EVERY_ZONE}: {', '.join(all_zones(types))}")
+    if any(r[0].endswith(NEEDS_AUTHORIZATION) for r in rows):
+        notes.append("* needs Exoscale's authorization for this organization")
+    return "\n".join([*lines, *notes])
 
 
 def _aligned(rows: Sequence[Sequence[str]], right: set[int]) -> list[str]:

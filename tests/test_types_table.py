@@ -15,9 +15,9 @@ GiB = 1024**3
 
 def test_rows_from_the_api(driver):
     rows = {r[0]: r for r in types_rows(driver.ex_list_instance_types())}
-    assert rows["standard.medium"] == ("standard.medium", "2", "4 GiB", "0", "0.04666 EUR", ", ".join(ALL_ZONES))
+    assert rows["standard.medium"] == ("standard.medium", "2", "4 GiB", "0", "0.04666 EUR", "every zone")
     assert rows["standard.micro"][2] == "0.5 GiB"
-    assert rows["gpu3.small"] == ("gpu3.small", "12", "56 GiB", "1", "2.13333 EUR", "de-fra-1")
+    assert rows["gpu3.small *"] == ("gpu3.small *", "12", "56 GiB", "1", "2.13333 EUR", "de-fra-1")  # not authorized
 
 
 def test_a_type_the_price_list_lacks_is_price_unknown():
@@ -27,6 +27,7 @@ def test_a_type_the_price_list_lacks_is_price_unknown():
     ]
     rows = types_rows(types)
     assert rows[0][4] == "price unknown" and rows[1][4] == "0.02333 EUR"
+    assert (rows[0][5], rows[1][5]) == ("ch-gva-2", "every zone")  # every zone of the listing
     overridden, _ = PriceTable().with_overrides({"standard.small": "0.02"})
     assert types_rows(types, overridden)[1][4] == "0.02 EUR"
     assert [r[0] for r in types_rows(types, zone="de-fra-1")] == ["standard.small"]
@@ -36,13 +37,17 @@ def test_rendered_table_is_aligned_and_says_where_prices_come_from(driver):
     text = render_types(driver.ex_list_instance_types(), zone="de-fra-1")
     lines = text.splitlines()
     assert lines[0].split() == list(HEADER)
-    assert lines[-1] == f"prices per hour in EUR, Exoscale's price list of {PRICES_TAKEN}"
-    body = lines[1:-1]
-    assert any(line.startswith("gpu3.small ") for line in body)
+    assert lines[-3] == f"prices per hour in EUR, Exoscale's price list of {PRICES_TAKEN}"
+    assert lines[-2] == "every zone: " + ", ".join(ALL_ZONES)
+    assert lines[-1] == "* needs Exoscale's authorization for this organization"
+    body = lines[1:-3]
+    assert any(line.startswith("gpu3.small * ") for line in body)
     assert not any(line.startswith("gpu.small ") for line in body)  # gpu: not in de-fra-1
     cpus_end = lines[0].index("CPUS") + len("CPUS")
     assert all(line[cpus_end - 1].isdigit() for line in body)  # numbers right-aligned under their header
     assert render_types([], zone="de-fra-1").splitlines()[1] == "no instance type is offered in de-fra-1"
+    standard = [t for t in driver.ex_list_instance_types() if t.authorized]
+    assert render_types(standard).splitlines()[-1].startswith("every zone: ")  # no footnote without a mark
 
 
 def test_memory_text():
