@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import requests
 from exoscale_auth import ExoscaleV2Auth
@@ -443,7 +443,7 @@ class ExoscaleV2NodeDriver(NodeDriver):
 
     def ex_get_quota(self, resource: str) -> ExoscaleQuota:
         """One quota, e.g. "instance" (what the Kubernetes cluster-autoscaler reads) or "gpu3"."""
-        return self._to_quota(self._request("GET", f"/quota/{resource}"))
+        return self._to_quota(self._request("GET", f"/quota/{quote(resource, safe='')}"))
 
     def ex_zone_driver(self, zone: str) -> ExoscaleV2NodeDriver:
         """A driver for `zone`, with this one's credentials and settings, at the API endpoint list-zones

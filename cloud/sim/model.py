@@ -12,6 +12,11 @@ running, is stopped and is destroyed: cloud.sim.hosts boots each instance as a l
 Instance pools (Exoscale's managed groups of identical instances, one zone each) keep their members as
 ordinary instances carrying the pool as their `manager`, so a member boots, lists and is read like any
 instance. See InstancePool for what is assumed where Exoscale's documentation is silent.
+
+One organization, seen per zone (Model.in_zone): SSH keys, security groups, IAM, quotas and the type table
+are the organization's; instances and pools belong to the zone they were made in and are found only
+there. Which types a zone offers is the type table's (cloud.sim.instance_types); how many more instances of
+a type a zone can give is Faults.capacity; the organization's limits are Model.quotas (check_room).
 """
 
 from __future__ import annotations
