@@ -132,6 +132,11 @@ class ExoscaleOperationError(LibcloudError):
         return str(self.value)
 
 
+class ExoscaleOperationCapacityError(ExoscaleOperationError):
+    """A create accepted, whose operation then failed for lack of capacity in the zone (the other way a
+    zone may say it, besides ExoscaleCapacityError for the request): another zone, or later, may."""
+
+
 class ExoscaleV2Response(JsonResponse):
     def success(self) -> bool:
         return 200 <= self.status < 300
@@ -398,7 +403,11 @@ class ExoscaleV2NodeDriver(NodeDriver):
             delay = min(delay * 1.5, 2.0)
             op = self._request("GET", f"/operation/{op['id']}")
         if op.get("state") != "success":
-            raise ExoscaleOperationError(
+            message = str(op.get("message") or "")
+            failed = ExoscaleOperationError
+            if _CAPACITY_REFUSAL.search(message.lower()):
+                failed = ExoscaleOperationCapacityError
+            raise failed(
                 f"{what} failed: {op.get('reason', op.get('state'))}: {op.get('message', 'no message')}",
                 op.get("reason") or op.get("state"),
                 op.get("id"),

@@ -2,8 +2,8 @@
 capacity for it or a quota is reached (SkyPilot's failover across regions, for Exoscale's zones).
 
 Pure of any cluster logic: `create(zone)` does the work (a driver's create_node, a pool's creation, `up`'s
-whole first node) and raises the driver's ExoscaleCapacityError or ExoscaleQuotaError when the zone refuses
-for those reasons. Any other error is not a zone's answer (bad credentials, a bad template, a network
+whole first node) and raises the driver's ExoscaleCapacityError (or ExoscaleOperationCapacityError, when the
+zone says it in the create's operation) or ExoscaleQuotaError when the zone refuses for those reasons. Any other error is not a zone's answer (bad credentials, a bad template, a network
 failure) and ends the search at once, as trying the next zone would only repeat it. What `create` left
 behind in a refused zone is its own to clean up: a refused create makes nothing on Exoscale.
 """
@@ -15,14 +15,24 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from cloud.exoscale_driver import ExoscaleAPIError, ExoscaleCapacityError, ExoscaleInstanceType, ExoscaleQuotaError
+from cloud.exoscale_driver import (
+    ExoscaleAPIError,
+    ExoscaleCapacityError,
+    ExoscaleInstanceType,
+    ExoscaleOperationCapacityError,
+    ExoscaleQuotaError,
+)
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 #: The refusals after which the next zone is tried.
-FAILOVER_ERRORS: tuple[type[Exception], ...] = (ExoscaleCapacityError, ExoscaleQuotaError)
+FAILOVER_ERRORS: tuple[type[Exception], ...] = (
+    ExoscaleCapacityError,
+    ExoscaleOperationCapacityError,
+    ExoscaleQuotaError,
+)
 
 
 @dataclass(frozen=True)
@@ -47,7 +57,11 @@ class NoZoneError(Exception):
 
 def answer_of(error: Exception) -> str:
     """A zone's refusal in a few words and the API's own message (one line)."""
-    kinds: dict[type[Exception], str] = {ExoscaleCapacityError: "no capacity", ExoscaleQuotaError: "quota exceeded"}
+    kinds: dict[type[Exception], str] = {
+        ExoscaleCapacityError: "no capacity",
+        ExoscaleOperationCapacityError: "no capacity",
+        ExoscaleQuotaError: "quota exceeded",
+    }
     kind = kinds.get(type(error), "refused")
     message = error.message if isinstance(error, ExoscaleAPIError) else str(error)
     code = f"HTTP {error.code}: " if isinstance(error, ExoscaleAPIError) else ""

@@ -191,6 +191,8 @@ def test_capacity_is_checked_at_construction():
         Faults(capacity={"gpu3.small": 0})
     with pytest.raises(ValueError, match=">= 0"):
         Faults(capacity={"gpu3.small@de-fra-1": -1})
+    with pytest.raises(ValueError, match="expected one of request, operation"):
+        Faults(capacity_answer="later")
 
 
 def test_sim_cli_refuses_bad_capacity_and_quota_in_one_line():

@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from cloud.exoscale_driver import ExoscaleAPIError, ExoscaleCapacityError, ExoscaleInstanceType
+from cloud.exoscale_driver import (
+    ExoscaleAPIError,
+    ExoscaleCapacityError,
+    ExoscaleInstanceType,
+    ExoscaleOperationCapacityError,
+)
+from cloud.sim.spec import SpecValidator
 from cloud.zone_failover import NoZoneError, first_zone, zones_offering
 
 UBUNTU = "Linux Ubuntu 24.04 LTS 64-bit"
@@ -93,3 +99,24 @@ def test_zones_offering_a_type(driver):
     assert zones_offering(
         [ExoscaleInstanceType("i", "gpua5000.small", 1, 1, 1, ("at-vie-2",))], "GPUA5000.small", ["at-vie-2"]
     )[0] == ["at-vie-2"]
+
+
+def test_capacity_said_by_the_create_operation_passes_to_the_next_zone_too(sim, driver):
+    """Exoscale does not document whether a zone without capacity refuses the request or fails the create's
+    operation: the failover copes with both, and the refused zone keeps nothing."""
+    sim.app.model.faults.capacity_answer = "operation"
+    sim.app.model.faults.capacity["standard.small@ch-gva-2"] = 0
+    with pytest.raises(ExoscaleOperationCapacityError, match="unavailable: Insufficient capacity") as e:
+        driver.create_node("lone", "standard.small", UBUNTU)
+    assert e.value.reason == "unavailable" and e.value.reference_id
+    zones = ["ch-gva-2", "at-vie-2"]
+    zone, node = first_zone(zones, create_in(driver, "op"), "create op")
+    assert zone == "at-vie-2" and node.name == "op"
+    assert nodes_named(driver, zones, "op") == {"ch-gva-2": [], "at-vie-2": ["op"]}
+    assert driver.list_nodes() == []  # the instance whose operation failed is gone
+    sim.app.model.faults.capacity["standard.small@at-vie-2"] = 1
+    with pytest.raises(NoZoneError, match=r"ch-gva-2: no capacity \(create instance 'x' failed: unavailable: "):
+        first_zone(zones, create_in(driver, "x"), "create x")
+    for x in sim.app.exchanges:
+        if x.status == 200 and x.path.startswith("/v2/operation/"):
+            SpecValidator.shared().validate_response(x.method, x.path, x.query, x.body, x.status, x.response)

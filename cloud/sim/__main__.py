@@ -25,7 +25,7 @@ import threading
 from pathlib import Path
 
 from cloud.sim.local import LocalExoscale, client_env, start
-from cloud.sim.model import QUOTA_RESOURCES, ZONES, Faults, parse_capacity_key
+from cloud.sim.model import CAPACITY_ANSWERS, QUOTA_RESOURCES, ZONES, Faults, parse_capacity_key
 from cloud.sim.server import HTTPFaults
 
 
@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="TYPE@ZONE=N",
         help="at most N instances of TYPE in ZONE (0: none), e.g. gpu3.small@de-fra-1=0; repeatable",
+    )
+    a.add_argument(
+        "--capacity-answer",
+        choices=CAPACITY_ANSWERS,
+        default="request",
+        help="how a create past --capacity is refused: at once (request, 500) or by its operation failing",
     )
     a.add_argument(
         "--quota",
@@ -159,7 +165,12 @@ def main(argv: list[str] | None = None) -> int:
             key,
             secret,
             zone=args.zone,
-            faults=Faults(op_delay_s=args.op_delay, op_failure_rate=args.op_failure_rate, capacity=capacity),
+            faults=Faults(
+                op_delay_s=args.op_delay,
+                op_failure_rate=args.op_failure_rate,
+                capacity=capacity,
+                capacity_answer=args.capacity_answer,
+            ),
             quotas=quotas,
             http_faults=HTTPFaults(error_rate=args.error_rate, latency_s=args.latency, seed=args.seed),
             hosts=args.hosts,

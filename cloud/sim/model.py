@@ -195,6 +195,8 @@ class Operation:
     reason: str | None = None
     message: str | None = None
     fail: bool = False
+    fail_reason: str = "fault"  # the reason and message a failure gives (an injected fault's by default)
+    fail_message: str | None = None
 
 
 class InstanceHooks:
@@ -211,6 +213,7 @@ class InstanceHooks:
 
 
 LABELS_FILTER_MODES = ("exact", "ignore", "any")
+CAPACITY_ANSWERS = ("request", "operation")
 
 
 @dataclass
@@ -230,10 +233,17 @@ class Faults:
     # once (0: none at all). A type and zone not named have room without limit. A create, or a pool's
     # growth, past it is refused as out of capacity (see Model.check_room).
     capacity: dict[str, int] = field(default_factory=dict)
+    # How create-instance says a zone lacks capacity, which Exoscale does not document: "request" (the
+    # request is refused, 500) or "operation" (accepted, then its operation fails with reason
+    # `unavailable` and the instance is gone). For clients that must cope with either. Pools: always
+    # "request".
+    capacity_answer: str = "request"
 
     def __post_init__(self) -> None:
         if self.labels_filter not in LABELS_FILTER_MODES:
             raise ValueError(f"labels_filter {self.labels_filter!r}: expected one of {', '.join(LABELS_FILTER_MODES)}")
+        if self.capacity_answer not in CAPACITY_ANSWERS:
+            raise ValueError(f"capacity_answer {self.capacity_answer!r}: expected one of {', '.join(CAPACITY_ANSWERS)}")
         for key, count in self.capacity.items():
             parse_capacity_key(key)
             if count < 0:
@@ -346,8 +356,8 @@ class Model:
             for op in list(self.operations.values()):
                 if op.state == "pending" and op.ready_at <= now:
                     if op.fail:
-                        op.state, op.reason = "failure", "fault"
-                        op.message = f"{op.command} failed (injected fault)"
+                        op.state, op.reason = "failure", op.fail_reason
+                        op.message = op.fail_message or f"{op.command} failed (injected fault)"
                         if op.on_failure:
                             op.on_failure()
                     else:
@@ -421,20 +431,25 @@ class Model:
             self.tick()
             return resource, self.quota_usage(resource), self.quotas[resource]
 
-    def check_room(self, itype: InstanceType, count: int, zone: str) -> None:
+    def capacity_shortfall(self, itype: InstanceType, count: int, zone: str) -> str | None:
+        """Why `zone` cannot give `count` more instances of `itype` now (Faults.capacity), or None."""
+        capacity = self.faults.capacity.get(f"{itype.name}@{zone}")
+        if capacity is None or count <= 0:
+            return None
+        used = sum(1 for i in self.instances.values() if i.zone == zone and i.instance_type.id == itype.id)
+        if used + count <= capacity:
+            return None
+        return f"Insufficient capacity: zone {zone} cannot provide {count} more {itype.name} instance(s) at the moment"
+
+    def check_room(self, itype: InstanceType, count: int, zone: str, capacity: bool = True) -> None:
         """Refuse `count` more instances of `itype` in `zone` past the zone's capacity (Faults.capacity:
-        ModelError kind "capacity") or past a quota of the organization (kind "quota")."""
+        ModelError kind "capacity"; not checked with capacity=False) or past a quota of the organization
+        (kind "quota")."""
         if count <= 0:
             return
-        capacity = self.faults.capacity.get(f"{itype.name}@{zone}")
-        if capacity is not None:
-            used = sum(1 for i in self.instances.values() if i.zone == zone and i.instance_type.id == itype.id)
-            if used + count > capacity:
-                raise ModelError(
-                    "capacity",
-                    f"Insufficient capacity: zone {zone} cannot provide {count} more {itype.name} "
-                    f"instance(s) at the moment",
-                )
+        shortfall = self.capacity_shortfall(itype, count, zone) if capacity else None
+        if shortfall:
+            raise ModelError("capacity", shortfall)
         needs = {"instance": count}
         if itype.gpus:
             needs["gpu"] = needs[itype.family] = itype.gpus * count
@@ -633,11 +648,25 @@ class Model:
             itype, tmpl = self._check_instance_spec(
                 instance_type_id, template_id, disk_size, ssh_keys, security_group_ids, user_data
             )
-            self.check_room(itype, 1, self.zone)
+            late = self.faults.capacity_answer == "operation"
+            shortfall = self.capacity_shortfall(itype, 1, self.zone) if late else None
+            self.check_room(itype, 1, self.zone, capacity=not late)
             inst = self._add_instance(
                 name, itype, tmpl, disk_size, ssh_keys, security_group_ids, labels, user_data, public_ip_assignment
             )
+            if shortfall:
+                return self._unplaced(inst, shortfall)
             return self._boot(inst)
+
+    def _unplaced(self, inst: Instance, shortfall: str) -> Operation:
+        """The create operation of an instance the zone has no room for: it fails (reason `unavailable`) and
+        the instance is gone (Faults.capacity_answer "operation")."""
+
+        op = self._operation(
+            "instance", inst.id, "create-instance", on_failure=lambda: self._forget(inst), may_fail=False
+        )
+        op.fail, op.fail_reason, op.fail_message = True, "unavailable", shortfall
+        return op
 
     def _check_instance_spec(
         self,
@@ -808,15 +837,17 @@ class Model:
     def _destroy(self, inst: Instance, command: str, on_failure: Callable[[], None] | None = None) -> Operation:
         """Mark an instance destroying; the operation that removes it (it cannot fail without on_failure)."""
         inst.state = "destroying"
+        return self._operation(
+            "instance", inst.id, command, lambda: self._forget(inst), on_failure, may_fail=on_failure is not None
+        )
 
-        def gone():
-            self.instances.pop(inst.id, None)
-            if inst.public_ip:
-                self._ips_in_use.discard(inst.public_ip)
-            inst.state = "destroyed"
-            self.hooks.on_destroyed(inst)
-
-        return self._operation("instance", inst.id, command, gone, on_failure, may_fail=on_failure is not None)
+    def _forget(self, inst: Instance) -> None:
+        """An instance is gone: out of the model, its address free, its host (if any) removed."""
+        self.instances.pop(inst.id, None)
+        if inst.public_ip:
+            self._ips_in_use.discard(inst.public_ip)
+        inst.state = "destroyed"
+        self.hooks.on_destroyed(inst)
 
     def _transition(
         self,
