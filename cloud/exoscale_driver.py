@@ -23,11 +23,13 @@ import hashlib
 import json
 import logging
 import random
+import re
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
+from urllib.parse import quote, urlsplit
 
 import requests
 from exoscale_auth import ExoscaleV2Auth
@@ -81,6 +83,35 @@ class ExoscaleAPIError(BaseHTTPError):
     """The API refused a request (HTTP status `code`), with its message."""
 
 
+class ExoscaleCapacityError(ExoscaleAPIError):
+    """The zone cannot give the instance type now (no capacity): another zone, or later, may."""
+
+
+class ExoscaleQuotaError(ExoscaleAPIError):
+    """The request would pass a quota of the organization (instances, GPUs of a family, ...)."""
+
+
+# How a refusal for a quota or for capacity reads: the quota or capacity said to be exceeded or lacking, not
+# merely named (an IAM refusal of the operation get-quota names the service "quotas").
+_QUOTA_REFUSAL = re.compile(r"quota[^.;]*\b(exceeded|reached)|\bexceed\w*[^.;]*\bquota|\blimit (exceeded|reached)")
+_CAPACITY_REFUSAL = re.compile(
+    r"\b(insufficient|no|not enough|out of|lack of)( \w+)? capacity|capacity[^.;]*\b(exhausted|unavailable)"
+)
+
+
+def _api_error(status: int, message: str, headers=None) -> ExoscaleAPIError:
+    """The error for an API refusal: capacity and quota refusals get their own classes, so a caller can try
+    another zone. Exoscale documents neither answer; they are recognised by status and message: a quota by a
+    4xx saying a quota is exceeded ("Quota exceeded ..."), capacity by a 4xx/5xx saying capacity lacks
+    ("Insufficient capacity ...")."""
+    text = message.lower()
+    if 400 <= status < 500 and _QUOTA_REFUSAL.search(text):
+        return ExoscaleQuotaError(status, message, headers=headers)
+    if status >= 400 and status not in _ALWAYS_RETRY and _CAPACITY_REFUSAL.search(text):
+        return ExoscaleCapacityError(status, message, headers=headers)
+    return ExoscaleAPIError(status, message, headers=headers)
+
+
 class ExoscaleOperationError(LibcloudError):
     """An asynchronous operation ended in failure or timed out."""
 
@@ -101,6 +132,11 @@ class ExoscaleOperationError(LibcloudError):
         return str(self.value)
 
 
+class ExoscaleOperationCapacityError(ExoscaleOperationError):
+    """A create accepted, whose operation then failed for lack of capacity in the zone (the other way a
+    zone may say it, besides ExoscaleCapacityError for the request): another zone, or later, may."""
+
+
 class ExoscaleV2Response(JsonResponse):
     def success(self) -> bool:
         return 200 <= self.status < 300
@@ -112,9 +148,10 @@ class ExoscaleV2Response(JsonResponse):
         except ValueError:
             message = self.body or self.error
         message = str(message)[:500]
-        if self.status in (401, 403):
+        error = _api_error(self.status, message, self.headers)
+        if self.status in (401, 403) and type(error) is ExoscaleAPIError:
             raise InvalidCredsError(f"HTTP {self.status}: {message}")
-        raise ExoscaleAPIError(self.status, message, headers=self.headers)
+        raise error
 
 
 class ExoscaleV2Connection(ConnectionUserAndKey):
@@ -190,6 +227,36 @@ class ExoscaleInstancePool:
     driver: Any = field(default=None, repr=False, compare=False)
 
 
+@dataclass(frozen=True)
+class ExoscaleInstanceType:
+    """An instance type and the zones that offer it (list-instance-types answers every zone's types)."""
+
+    id: str
+    name: str  # family.size, e.g. standard.medium
+    cpus: int
+    memory: int  # bytes
+    gpus: int
+    zones: tuple[str, ...]
+    authorized: bool = True  # False: the organization needs Exoscale's authorization for the family
+
+    @property
+    def family(self) -> str:
+        return self.name.partition(".")[0]
+
+
+@dataclass(frozen=True)
+class ExoscaleQuota:
+    """One quota of the organization: `limit` -1 is unlimited."""
+
+    resource: str
+    usage: int
+    limit: int
+
+    @property
+    def unlimited(self) -> bool:
+        return self.limit < 0
+
+
 @dataclass
 class RetryPolicy:
     attempts: int = 6
@@ -238,11 +305,15 @@ class ExoscaleV2NodeDriver(NodeDriver):
         timeout: float | None = 60,
         retry: RetryPolicy | None = None,
         operation_timeout_s: float = 900.0,
+        api_path: str = API_PATH,
         **kwargs,
     ):
+        """`host`/`port`/`secure`/`api_path`: another endpoint than https://api-ZONE.exoscale.com/v2 (a
+        local Exoscale); ex_zone_driver() finds another zone's endpoint as Exoscale lists it."""
         if host is None and zone not in ZONES:
             raise ValueError(f"unknown Exoscale zone {zone!r}; valid zones: {', '.join(ZONES)}")
         self.zone = zone
+        self.api_path = "/" + api_path.strip("/")
         self.retry = retry or RetryPolicy()
         self.operation_timeout_s = operation_timeout_s
         self._local = threading.local()
@@ -290,11 +361,11 @@ class ExoscaleV2NodeDriver(NodeDriver):
         attempt = 0
         while True:
             try:
-                return self.connection.request(API_PATH + path, params=params, data=data, method=method).object
+                return self.connection.request(self.api_path + path, params=params, data=data, method=method).object
             except ExoscaleAPIError as e:
                 retryable = e.code in _ALWAYS_RETRY or (e.code in _RETRY_IF_IDEMPOTENT and method in _IDEMPOTENT)
                 if not retryable or attempt + 1 >= self.retry.attempts:
-                    raise ExoscaleAPIError(e.code, f"{method} {path}: {e.message}", headers=e.headers) from None
+                    raise type(e)(e.code, f"{method} {path}: {e.message}", headers=e.headers) from None
                 wait = self.retry.delay(attempt)
                 after = (e.headers or {}).get("retry-after")
                 if after:
@@ -332,7 +403,11 @@ class ExoscaleV2NodeDriver(NodeDriver):
             delay = min(delay * 1.5, 2.0)
             op = self._request("GET", f"/operation/{op['id']}")
         if op.get("state") != "success":
-            raise ExoscaleOperationError(
+            message = str(op.get("message") or "")
+            failed = ExoscaleOperationError
+            if _CAPACITY_REFUSAL.search(message.lower()):
+                failed = ExoscaleOperationCapacityError
+            raise failed(
                 f"{what} failed: {op.get('reason', op.get('state'))}: {op.get('message', 'no message')}",
                 op.get("reason") or op.get("state"),
                 op.get("id"),
@@ -366,6 +441,44 @@ class ExoscaleV2NodeDriver(NodeDriver):
                 params["family"] = ex_family
             images += [self._to_image(t) for t in self._request("GET", "/template", params=params).get("templates", [])]
         return images
+
+    def ex_list_instance_types(self) -> list[ExoscaleInstanceType]:
+        """Every instance type of Exoscale with the zones that offer it (list_sizes gives this zone's)."""
+        types = self._request("GET", "/instance-type").get("instance-types", [])
+        return sorted((self._to_instance_type(t) for t in types), key=lambda t: (t.family, t.memory, t.cpus))
+
+    def ex_list_quotas(self) -> list[ExoscaleQuota]:
+        return [self._to_quota(q) for q in self._request("GET", "/quota").get("quotas", [])]
+
+    def ex_get_quota(self, resource: str) -> ExoscaleQuota:
+        """One quota, e.g. "instance" (what the Kubernetes cluster-autoscaler reads) or "gpu3"."""
+        return self._to_quota(self._request("GET", f"/quota/{quote(resource, safe='')}"))
+
+    def ex_zone_driver(self, zone: str) -> ExoscaleV2NodeDriver:
+        """A driver for `zone`, with this one's credentials and settings, at the API endpoint list-zones
+        gives for it (as Exoscale's Go SDK switches zones): https://api-ZONE.exoscale.com/v2 on Exoscale."""
+        if zone == self.zone:
+            return self
+        endpoints = {loc.id: loc.extra.get("api_endpoint") for loc in self.list_locations()}
+        if zone not in endpoints:
+            raise ValueError(f"unknown Exoscale zone {zone!r}; valid zones: {', '.join(sorted(endpoints))}")
+        url = urlsplit(endpoints[zone] or f"https://api-{zone}.exoscale.com/v2")
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise LibcloudError(f"zone {zone}: the API lists an unusable endpoint {endpoints[zone]!r}", driver=self)
+        secure = url.scheme == "https"
+        key, secret, _, _, _, timeout = self._conn_params
+        return type(self)(
+            key,
+            secret,
+            zone=zone,
+            secure=secure,
+            host=url.hostname,
+            port=url.port or (443 if secure else 80),
+            timeout=timeout,
+            retry=self.retry,
+            operation_timeout_s=self.operation_timeout_s,
+            api_path=url.path or API_PATH,
+        )
 
     def ex_get_size(self, name_or_id: str) -> NodeSize:
         return self._find(self.list_sizes(), name_or_id, "instance type")
@@ -697,6 +810,23 @@ class ExoscaleV2NodeDriver(NodeDriver):
                 "authorized": t.get("authorized", True),
                 "zones": t.get("zones", []),
             },
+        )
+
+    def _to_instance_type(self, t: dict) -> ExoscaleInstanceType:
+        return ExoscaleInstanceType(
+            id=t["id"],
+            name=f"{t['family']}.{t['size']}",
+            cpus=int(t.get("cpus") or 0),
+            memory=int(t.get("memory") or 0),
+            gpus=int(t.get("gpus") or 0),
+            zones=tuple(t.get("zones") or ()),
+            authorized=bool(t.get("authorized", True)),
+        )
+
+    @staticmethod
+    def _to_quota(q: dict) -> ExoscaleQuota:
+        return ExoscaleQuota(
+            resource=q.get("resource", ""), usage=int(q.get("usage") or 0), limit=int(q.get("limit", -1))
         )
 
     def _to_image(self, t: dict) -> NodeImage:

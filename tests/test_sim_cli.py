@@ -56,8 +56,10 @@ def test_without_key_a_fresh_pair_goes_to_a_private_env_file(tmp_path):
     try:
         first = proc.stdout.readline()  # the banner, then the line to run
         assert first.startswith("# local Exoscale API on http://127.0.0.1:"), first
-        proc.stdout.readline()
-        assert proc.stdout.readline().strip() == f"source {env_file}"
+        line = proc.stdout.readline()
+        while line.startswith("# "):
+            line = proc.stdout.readline()
+        assert line.strip() == f"source {env_file}"
         assert env_file.stat().st_mode & 0o777 == 0o600
         exports = dict(line.removeprefix("export ").split("=", 1) for line in env_file.read_text().splitlines() if line)
         assert set(exports) == {"EXOSCALE_API_ENDPOINT", "EXOSCALE_API_KEY", "EXOSCALE_API_SECRET"}

@@ -35,7 +35,7 @@ def test_gpu_types_need_an_authorization():
     with pytest.raises(ModelError, match="authorization") as e:
         model.create_instance("g", t.id, tmpl, 100)
     assert e.value.kind == "forbidden"
-    allowed = Model(faults=Faults(op_delay_s=0), authorized_families={"gpu3"})
+    allowed = Model("de-fra-1", Faults(op_delay_s=0), authorized_families={"gpu3"})  # gpu3: de-fra-1 only
     assert gpu3_small(allowed).authorized
     allowed.create_instance("g", gpu3_small(allowed).id, tmpl, 100)
     assert [i.name for i in allowed.list_instances()] == ["g"]

@@ -1,5 +1,9 @@
 """python -m cloud.sim api [--port N] [--hosts [--subnet CIDR]]: serve a local Exoscale API v2 until stopped.
 
+Every zone is served: --zone's at the endpoint printed, each zone at ENDPOINT-BASE/ZONE/v2, as its list-zones
+gives them. `--capacity gpu3.small@de-fra-1=0` leaves a zone without room for a type (creates refused as out
+of capacity), `--quota instance=5` sets a quota of the organization (list-quotas names the resources).
+
 The account's key pair is a fresh one, or with --key the key given and the secret from EXOSCALE_API_SECRET (never a
 command line, where `ps` shows it). Credentials merely exported in the shell are not adopted: they may be the
 user's real Exoscale pair, which would then be copied into the env file; without --key a
@@ -21,7 +25,7 @@ import threading
 from pathlib import Path
 
 from cloud.sim.local import LocalExoscale, client_env, start
-from cloud.sim.model import ZONES, Faults
+from cloud.sim.model import CAPACITY_ANSWERS, QUOTA_RESOURCES, ZONES, Faults, parse_capacity_key
 from cloud.sim.server import HTTPFaults
 
 
@@ -45,10 +49,59 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--error-rate", type=float, default=0.0, help="share of requests answered 429/503")
     a.add_argument("--latency", type=float, default=0.0, help="seconds added to every request")
     a.add_argument("--seed", type=int, default=None)
+    a.add_argument(
+        "--capacity",
+        action="append",
+        default=[],
+        metavar="TYPE@ZONE=N",
+        help="at most N instances of TYPE in ZONE (0: none), e.g. gpu3.small@de-fra-1=0; repeatable",
+    )
+    a.add_argument(
+        "--capacity-answer",
+        choices=CAPACITY_ANSWERS,
+        default="request",
+        help="how a create past --capacity is refused: at once (request, 500) or by its operation failing",
+    )
+    a.add_argument(
+        "--quota",
+        action="append",
+        default=[],
+        metavar="RESOURCE=N",
+        help=f"the organization's limit for RESOURCE ({', '.join(QUOTA_RESOURCES)}), -1 unlimited; repeatable",
+    )
     a.add_argument("-v", "--verbose", action="store_true")
     c = sub.add_parser("coverage", help="which operations of the spec are served (501 for the others)")
     c.add_argument("--service", default="compute", help="IAM service class, e.g. compute, iam (default compute)")
     return p
+
+
+def parse_counts(option: str, items: list[str], check_key) -> dict[str, int]:
+    """`--option KEY=N` values as {KEY: N}; ValueError in one line naming the bad one and the form expected."""
+    out: dict[str, int] = {}
+    for item in items:
+        key, eq, count = item.rpartition("=")
+        try:
+            n = int(count)
+        except ValueError:
+            n = None
+        if not eq or not key or n is None:
+            raise ValueError(f"--{option} {item!r}: expected KEY=N with N a whole number")
+        check_key(key, n)
+        out[key] = n
+    return out
+
+
+def _check_capacity(key: str, n: int) -> None:
+    parse_capacity_key(key)
+    if n < 0:
+        raise ValueError(f"--capacity {key}={n}: give a number of instances >= 0")
+
+
+def _check_quota(key: str, n: int) -> None:
+    if key not in QUOTA_RESOURCES:
+        raise ValueError(f"--quota {key}={n}: unknown resource {key!r}; valid: {', '.join(QUOTA_RESOURCES)}")
+    if n < -1:
+        raise ValueError(f"--quota {key}={n}: give a limit >= 0, or -1 for unlimited")
 
 
 def print_coverage(service: str) -> int:
@@ -94,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
             parse_subnet(args.subnet)
         except ValueError as e:
             return fail(str(e))
+    try:
+        capacity = parse_counts("capacity", args.capacity, _check_capacity)
+        quotas = parse_counts("quota", args.quota, _check_quota)
+    except ValueError as e:
+        return fail(str(e))
     if args.secret is not None:
         return fail("--secret is not taken on the command line, where ps shows it; set EXOSCALE_API_SECRET instead")
     key = args.key
@@ -107,7 +165,13 @@ def main(argv: list[str] | None = None) -> int:
             key,
             secret,
             zone=args.zone,
-            faults=Faults(op_delay_s=args.op_delay, op_failure_rate=args.op_failure_rate),
+            faults=Faults(
+                op_delay_s=args.op_delay,
+                op_failure_rate=args.op_failure_rate,
+                capacity=capacity,
+                capacity_answer=args.capacity_answer,
+            ),
+            quotas=quotas,
             http_faults=HTTPFaults(error_rate=args.error_rate, latency_s=args.latency, seed=args.seed),
             hosts=args.hosts,
             subnet=args.subnet,
@@ -124,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         hosts = f", hosts on {sim.hooks.subnet}" if sim.hooks is not None else ""
         print(
             f"# local Exoscale API on {sim.endpoint} (zone {args.zone}, key {key}{hosts}); Ctrl-C stops it.\n"
+            f"# Every zone is served at {sim.endpoint.removesuffix('/v2')}/ZONE/v2 (list-zones gives them).\n"
             f"# In another shell, then use exoscale.py / make cluster-up as with Exoscale:\n"
             f"source {shlex.quote(str(env_file))}",
             flush=True,

@@ -2,10 +2,18 @@
 
 Source: Exoscale's pricing page (https://www.exoscale.com/pricing/), as transcribed in coder/modules
 `exoscale-instance-type/main.tf` (commit 03c9df6), read 2026-11-29; family and size names checked against
-the enums of Exoscale's OpenAPI spec (tests/test_sim_types.py). Exoscale's zones and prices are not
-modelled: every type is offered in every zone. GPU families need Exoscale's authorization (`authorized`
-false for a new account; a Model can be given authorized families). The spec also names GPU families this
-table lacks (gpu3080ti, gpua30, gpua5000, gpurtx6000pro, gpub300): their sizes are not published there.
+the enums of Exoscale's OpenAPI spec (tests/test_sim_types.py). Prices are not modelled here (see
+cloud.pricing). GPU families need Exoscale's authorization (`authorized` false for a new account; a Model
+can be given authorized families). The spec also names GPU families this table lacks (gpu3080ti, gpua30,
+gpua5000, gpurtx6000pro, gpub300): their sizes are not published there.
+
+Zones (FAMILY_ZONES): the zone names are the spec's `zone-name` enum. The CPU families are offered in every
+zone. For the GPU families Exoscale publishes no compute availability table; the one statement found is in
+its Dedicated Inference documentation ("Limits and Quotas", community.exoscale.com, read 2026-12-06), whose
+`exo dedicated-inference deployment instance-type` example lists gpu3 in de-fra-1, gpua5000 and gpu3080ti
+in at-vie-2, gpurtx6000pro in ch-dk-2, de-fra-1 and hr-zag-1. gpu3 in de-fra-1 is taken from there. The
+older gpu and gpu2 families are not listed anywhere found: ch-gva-2 (and at-vie-1 for gpu2) is an
+assumption of this emulator, not a documented fact.
 """
 
 from __future__ import annotations
@@ -52,6 +60,19 @@ INSTANCE_TYPES: tuple[tuple[str, str, int, int, int], ...] = (
     ("gpu3", "large", 48, 224 * GiB, 4),
     ("gpu3", "huge", 96, 448 * GiB, 8),
 )
+
+ALL_ZONES = ("at-vie-1", "at-vie-2", "bg-sof-1", "ch-dk-2", "ch-gva-2", "de-fra-1", "de-muc-1", "hr-zag-1")
+
+# The zones offering each family (see the module's docstring for what is documented and what is assumed).
+FAMILY_ZONES: dict[str, tuple[str, ...]] = {
+    "standard": ALL_ZONES,
+    "cpu": ALL_ZONES,
+    "memory": ALL_ZONES,
+    "storage": ALL_ZONES,
+    "gpu": ("ch-gva-2",),  # assumed
+    "gpu2": ("at-vie-1", "ch-gva-2"),  # assumed
+    "gpu3": ("de-fra-1",),  # Exoscale's Dedicated Inference documentation
+}
 
 # Families a new account may use without asking Exoscale (the GPU families need an authorization).
 AUTHORIZED_FAMILIES = frozenset({"standard", "cpu", "memory", "storage"})

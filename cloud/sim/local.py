@@ -105,11 +105,16 @@ def start(
     port: int = 0,
     record: bool = False,
     seed: int | None = None,
+    quotas: dict[str, int] | None = None,
+    authorized_families: tuple[str, ...] = (),
 ) -> LocalExoscale:
     """Start a local Exoscale API (and, with `hosts`, namespace hosts for its instances; needs root).
 
     `offer_packages` (with hosts) gives the hosts uv on their PATH and a package index on the gateway, as the
-    internet would give a real VM (cloud.sim.offer). Raises RuntimeError saying what is missing."""
+    internet would give a real VM (cloud.sim.offer). `quotas`, `authorized_families`: the organization's limits and the GPU
+    families it may use (Model's). Every zone
+    is served: `zone`'s at /v2, each zone's at /ZONE/v2, as list-zones gives them. Raises RuntimeError saying
+    what is missing."""
     hooks = None
     offer = None
     if hosts:
@@ -117,7 +122,7 @@ def start(
 
         hooks = HostHooks.create(subnet)
     try:
-        model = Model(zone, faults or Faults(), seed=seed)
+        model = Model(zone, faults or Faults(), seed=seed, quotas=quotas, authorized_families=authorized_families)
         if hooks is not None:
             hooks.attach(model)
         app = App(model, key, secret, http_faults or HTTPFaults(seed=seed), record=record)

@@ -12,11 +12,17 @@ running, is stopped and is destroyed: cloud.sim.hosts boots each instance as a l
 Instance pools (Exoscale's managed groups of identical instances, one zone each) keep their members as
 ordinary instances carrying the pool as their `manager`, so a member boots, lists and is read like any
 instance. See InstancePool for what is assumed where Exoscale's documentation is silent.
+
+One organization, seen per zone (Model.in_zone): SSH keys, security groups, IAM, quotas and the type table
+are the organization's; instances and pools belong to the zone they were made in and are found only
+there. Which types a zone offers is the type table's (cloud.sim.instance_types); how many more instances of
+a type a zone can give is Faults.capacity; the organization's limits are Model.quotas (check_room).
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import ipaddress
 import random
@@ -30,11 +36,11 @@ from typing import Any
 
 from cloud.sim.errors import ModelError
 from cloud.sim.iam import IAM, APIKey, Role
-from cloud.sim.instance_types import AUTHORIZED_FAMILIES, INSTANCE_TYPES, GiB
+from cloud.sim.instance_types import ALL_ZONES, AUTHORIZED_FAMILIES, FAMILY_ZONES, INSTANCE_TYPES, GiB
 
 __all__ = ["IAM", "APIKey", "Faults", "Instance", "InstancePool", "Model", "ModelError", "Operation", "Role"]
 
-ZONES = ("at-vie-1", "at-vie-2", "bg-sof-1", "ch-dk-2", "ch-gva-2", "de-fra-1", "de-muc-1", "hr-zag-1")
+ZONES = ALL_ZONES
 
 _NS = uuid.UUID("7b0c6bde-4f3e-4c59-9c1e-4d8f2f0a5e11")
 
@@ -76,6 +82,10 @@ class InstanceType:
     zones: tuple[str, ...] = ZONES
     authorized: bool = True
     gpus: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.family}.{self.size}"
 
 
 @dataclass(frozen=True)
@@ -136,6 +146,7 @@ class Instance:
     public_ip_assignment: str = "inet4"
     public_ip: str | None = None
     manager_id: str | None = None  # the instance pool this instance is a member of
+    zone: str = "ch-gva-2"
 
 
 @dataclass
@@ -168,6 +179,7 @@ class InstancePool:
     instance_prefix: str = "pool"
     min_available: int | None = None
     instance_ids: list[str] = field(default_factory=list)
+    zone: str = "ch-gva-2"
 
 
 @dataclass
@@ -183,6 +195,8 @@ class Operation:
     reason: str | None = None
     message: str | None = None
     fail: bool = False
+    fail_reason: str = "fault"  # the reason and message a failure gives (an injected fault's by default)
+    fail_message: str | None = None
 
 
 class InstanceHooks:
@@ -199,6 +213,7 @@ class InstanceHooks:
 
 
 LABELS_FILTER_MODES = ("exact", "ignore", "any")
+CAPACITY_ANSWERS = ("request", "operation")
 
 
 @dataclass
@@ -214,10 +229,52 @@ class Faults:
     # dropped: every instance is listed), "any" (an instance matching any one pair is listed). For testing
     # clients that must not depend on the server's reading of the filter.
     labels_filter: str = "exact"
+    # What a zone can still give: "family.size@zone" -> how many instances of that type may exist there at
+    # once (0: none at all). A type and zone not named have room without limit. A create, or a pool's
+    # growth, past it is refused as out of capacity (see Model.check_room).
+    capacity: dict[str, int] = field(default_factory=dict)
+    # How create-instance says a zone lacks capacity, which Exoscale does not document: "request" (the
+    # request is refused, 500) or "operation" (accepted, then its operation fails with reason
+    # `unavailable` and the instance is gone). For clients that must cope with either. Pools: always
+    # "request".
+    capacity_answer: str = "request"
 
     def __post_init__(self) -> None:
         if self.labels_filter not in LABELS_FILTER_MODES:
             raise ValueError(f"labels_filter {self.labels_filter!r}: expected one of {', '.join(LABELS_FILTER_MODES)}")
+        if self.capacity_answer not in CAPACITY_ANSWERS:
+            raise ValueError(f"capacity_answer {self.capacity_answer!r}: expected one of {', '.join(CAPACITY_ANSWERS)}")
+        for key, count in self.capacity.items():
+            parse_capacity_key(key)
+            if count < 0:
+                raise ValueError(f"capacity {key}={count}: give a number of instances >= 0")
+
+
+# The organization's quotas the sim keeps, as Exoscale names them in list-quotas (the `exo limits` command's
+# resource names): instances in all zones, GPUs of all families, and GPUs per GPU family.
+QUOTA_RESOURCES = ("instance", "gpu", "gpu2", "gpu3", "gpu3080ti", "gpua30", "gpua5000", "gpurtx6000pro")
+UNLIMITED = -1  # the spec's "limit": -1 for unlimited
+
+
+def parse_capacity_key(key: str) -> tuple[str, str]:
+    """("family.size", "zone") of a capacity key "family.size@zone"; ValueError naming what is valid."""
+    type_name, at, zone = key.partition("@")
+    if not at:
+        raise ValueError(f"capacity {key!r}: expected TYPE@ZONE, e.g. gpu3.small@de-fra-1")
+    zones_of = {f"{family}.{size}": FAMILY_ZONES[family] for family, size, *_ in INSTANCE_TYPES}
+    if type_name not in zones_of:
+        families = sorted({name.partition(".")[0] for name in zones_of})
+        raise ValueError(
+            f"capacity {key!r}: unknown instance type {type_name!r}; types are FAMILY.SIZE, families: "
+            f"{', '.join(families)}"
+        )
+    if zone not in ZONES:
+        raise ValueError(f"capacity {key!r}: unknown zone {zone!r}; valid: {', '.join(ZONES)}")
+    if zone not in zones_of[type_name]:
+        raise ValueError(
+            f"capacity {key!r}: {type_name} is not offered in {zone}, only in {', '.join(zones_of[type_name])}"
+        )
+    return type_name, zone
 
 
 class Model:
@@ -229,9 +286,20 @@ class Model:
         seed: int | None = None,
         ip_network: str = "10.77.0.0/16",
         authorized_families: Iterable[str] = (),
+        quotas: dict[str, int] | None = None,
     ):
         """`authorized_families`: instance type families this account may use beyond the public ones (the
-        GPU families need Exoscale's authorization)."""
+        GPU families need Exoscale's authorization). `quotas`: limits of the organization by resource (see
+        QUOTA_RESOURCES); the others are unlimited, as Exoscale's own defaults are not published.
+
+        `zone` is the zone this Model object serves; in_zone() gives the same account seen from another."""
+        quotas = dict(quotas or {})
+        for resource, limit in quotas.items():
+            if resource not in QUOTA_RESOURCES:
+                raise ValueError(f"quota {resource!r}: unknown resource; valid: {', '.join(QUOTA_RESOURCES)}")
+            if limit < UNLIMITED:
+                raise ValueError(f"quota {resource}={limit}: give a limit >= 0, or -1 for unlimited")
+        self.quotas = {r: quotas.get(r, UNLIMITED) for r in QUOTA_RESOURCES}
         if zone not in ZONES:
             raise ValueError(f"unknown zone {zone!r}; valid: {', '.join(ZONES)}")
         self.zone = zone
@@ -250,12 +318,24 @@ class Model:
         self._ips_in_use: set[str] = set()
         self.iam = IAM()
 
+    def in_zone(self, zone: str) -> Model:
+        """The same account as the API of `zone` serves it: SSH keys, security groups, IAM, quotas and the
+        type table are the organization's (shared), instances and instance pools are listed and found only
+        in their own zone. A view: it shares every piece of state with this Model."""
+        if zone == self.zone:
+            return self
+        if zone not in ZONES:
+            raise ValueError(f"unknown zone {zone!r}; valid: {', '.join(ZONES)}")
+        view = copy.copy(self)
+        view.zone = zone
+        return view
+
     # ------------------------------------------------------------------------------- catalogue
     @staticmethod
     def _catalogue_types(authorized_families: frozenset[str]) -> list[InstanceType]:
         return [
             InstanceType(_stable_id("type", f"{family}.{size}"), family, size, cpus, memory,
-                         authorized=family in authorized_families, gpus=gpus)
+                         zones=FAMILY_ZONES[family], authorized=family in authorized_families, gpus=gpus)
             for family, size, cpus, memory, gpus in INSTANCE_TYPES
         ]  # fmt: skip
 
@@ -276,8 +356,8 @@ class Model:
             for op in list(self.operations.values()):
                 if op.state == "pending" and op.ready_at <= now:
                     if op.fail:
-                        op.state, op.reason = "failure", "fault"
-                        op.message = f"{op.command} failed (injected fault)"
+                        op.state, op.reason = "failure", op.fail_reason
+                        op.message = op.fail_message or f"{op.command} failed (injected fault)"
                         if op.on_failure:
                             op.on_failure()
                     else:
@@ -326,6 +406,63 @@ class Model:
         if t is None:
             raise ModelError("not-found", f"instance type {type_id} not found")
         return t
+
+    # ---------------------------------------------------------------------- quotas and capacity
+    def quota_usage(self, resource: str) -> int:
+        """How much of `resource` the organization uses now, in every zone."""
+        with self.lock:
+            if resource not in QUOTA_RESOURCES:
+                raise ModelError("not-found", f"quota {resource!r} not found; known: {', '.join(QUOTA_RESOURCES)}")
+            instances = list(self.instances.values())
+            if resource == "instance":
+                return len(instances)
+            return sum(
+                i.instance_type.gpus for i in instances if resource == "gpu" or i.instance_type.family == resource
+            )
+
+    def list_quotas(self) -> list[tuple[str, int, int]]:
+        """(resource, usage, limit) of every quota; limit -1 is unlimited."""
+        with self.lock:
+            self.tick()
+            return [(r, self.quota_usage(r), self.quotas[r]) for r in QUOTA_RESOURCES]
+
+    def get_quota(self, resource: str) -> tuple[str, int, int]:
+        with self.lock:
+            self.tick()
+            return resource, self.quota_usage(resource), self.quotas[resource]
+
+    def capacity_shortfall(self, itype: InstanceType, count: int, zone: str) -> str | None:
+        """Why `zone` cannot give `count` more instances of `itype` now (Faults.capacity), or None."""
+        capacity = self.faults.capacity.get(f"{itype.name}@{zone}")
+        if capacity is None or count <= 0:
+            return None
+        used = sum(1 for i in self.instances.values() if i.zone == zone and i.instance_type.id == itype.id)
+        if used + count <= capacity:
+            return None
+        return f"Insufficient capacity: zone {zone} cannot provide {count} more {itype.name} instance(s) at the moment"
+
+    def check_room(self, itype: InstanceType, count: int, zone: str, capacity: bool = True) -> None:
+        """Refuse `count` more instances of `itype` in `zone` past the zone's capacity (Faults.capacity:
+        ModelError kind "capacity"; not checked with capacity=False) or past a quota of the organization
+        (kind "quota")."""
+        if count <= 0:
+            return
+        shortfall = self.capacity_shortfall(itype, count, zone) if capacity else None
+        if shortfall:
+            raise ModelError("capacity", shortfall)
+        needs = {"instance": count}
+        if itype.gpus:
+            needs["gpu"] = needs[itype.family] = itype.gpus * count
+        for resource, need in needs.items():
+            limit = self.quotas.get(resource, UNLIMITED)
+            if limit == UNLIMITED:
+                continue
+            usage = self.quota_usage(resource)
+            if usage + need > limit:
+                raise ModelError(
+                    "quota",
+                    f"Quota exceeded for resource {resource}: limit {limit}, in use {usage}, requested {need} more",
+                )
 
     def list_templates(self, visibility: str | None = None, family: str | None = None) -> list[Template]:
         return [
@@ -511,10 +648,25 @@ class Model:
             itype, tmpl = self._check_instance_spec(
                 instance_type_id, template_id, disk_size, ssh_keys, security_group_ids, user_data
             )
+            late = self.faults.capacity_answer == "operation"
+            shortfall = self.capacity_shortfall(itype, 1, self.zone) if late else None
+            self.check_room(itype, 1, self.zone, capacity=not late)
             inst = self._add_instance(
                 name, itype, tmpl, disk_size, ssh_keys, security_group_ids, labels, user_data, public_ip_assignment
             )
+            if shortfall:
+                return self._unplaced(inst, shortfall)
             return self._boot(inst)
+
+    def _unplaced(self, inst: Instance, shortfall: str) -> Operation:
+        """The create operation of an instance the zone has no room for: it fails (reason `unavailable`) and
+        the instance is gone (Faults.capacity_answer "operation")."""
+
+        op = self._operation(
+            "instance", inst.id, "create-instance", on_failure=lambda: self._forget(inst), may_fail=False
+        )
+        op.fail, op.fail_reason, op.fail_message = True, "unavailable", shortfall
+        return op
 
     def _check_instance_spec(
         self,
@@ -533,8 +685,13 @@ class Model:
                 f"instance type {itype.family}.{itype.size} needs Exoscale's authorization for this account",
             )
         tmpl = self.get_template(template_id)
-        if self.zone not in itype.zones or self.zone not in tmpl.zones:
-            raise ModelError("invalid", f"not available in zone {self.zone}")
+        if self.zone not in itype.zones:
+            raise ModelError(
+                "invalid",
+                f"instance type {itype.name} is not available in zone {self.zone} (offered in {', '.join(itype.zones)})",
+            )
+        if self.zone not in tmpl.zones:
+            raise ModelError("invalid", f"template {tmpl.name!r} is not available in zone {self.zone}")
         if disk_size * GiB < tmpl.size:
             raise ModelError(
                 "invalid", f"disk-size {disk_size} GiB is smaller than the template ({tmpl.size // GiB} GiB)"
@@ -560,6 +717,7 @@ class Model:
         user_data: str | None,
         public_ip_assignment: str,
         manager_id: str | None = None,
+        zone: str | None = None,
     ) -> Instance:
         inst = Instance(
             str(uuid.uuid4()),
@@ -575,6 +733,7 @@ class Model:
             user_data,
             public_ip_assignment,
             manager_id=manager_id,
+            zone=zone or self.zone,
         )
         if public_ip_assignment != "none":
             inst.public_ip = self.hooks.allocate_ip(inst) or self._next_ip()
@@ -608,7 +767,7 @@ class Model:
             return [
                 i
                 for i in self.instances.values()
-                if self._labels_match(i.labels, labels) and ip_address in (None, i.public_ip)
+                if i.zone == self.zone and self._labels_match(i.labels, labels) and ip_address in (None, i.public_ip)
             ]
 
     def _labels_match(self, have: dict[str, str], wanted: dict[str, str] | None) -> bool:
@@ -649,7 +808,7 @@ class Model:
         with self.lock:
             self.tick()
             inst = self.instances.get(instance_id)
-            if inst is None:
+            if inst is None or inst.zone != self.zone:
                 raise ModelError("not-found", f"instance {instance_id} not found")
             return inst
 
@@ -678,15 +837,17 @@ class Model:
     def _destroy(self, inst: Instance, command: str, on_failure: Callable[[], None] | None = None) -> Operation:
         """Mark an instance destroying; the operation that removes it (it cannot fail without on_failure)."""
         inst.state = "destroying"
+        return self._operation(
+            "instance", inst.id, command, lambda: self._forget(inst), on_failure, may_fail=on_failure is not None
+        )
 
-        def gone():
-            self.instances.pop(inst.id, None)
-            if inst.public_ip:
-                self._ips_in_use.discard(inst.public_ip)
-            inst.state = "destroyed"
-            self.hooks.on_destroyed(inst)
-
-        return self._operation("instance", inst.id, command, gone, on_failure, may_fail=on_failure is not None)
+    def _forget(self, inst: Instance) -> None:
+        """An instance is gone: out of the model, its address free, its host (if any) removed."""
+        self.instances.pop(inst.id, None)
+        if inst.public_ip:
+            self._ips_in_use.discard(inst.public_ip)
+        inst.state = "destroyed"
+        self.hooks.on_destroyed(inst)
 
     def _transition(
         self,
@@ -755,6 +916,7 @@ class Model:
                 instance_type_id, template_id, disk_size, ssh_keys, security_group_ids, user_data
             )
             _check_size(size)
+            self.check_room(itype, size, self.zone)
             pool = InstancePool(
                 str(uuid.uuid4()),
                 name,
@@ -771,6 +933,7 @@ class Model:
                 public_ip_assignment,
                 instance_prefix or "pool",
                 min_available,
+                zone=self.zone,
             )
             self.instance_pools[pool.id] = pool
             for _ in range(size):
@@ -800,6 +963,7 @@ class Model:
             pool.user_data,
             pool.public_ip_assignment,
             manager_id=pool.id,
+            zone=pool.zone,
         )
         pool.instance_ids.append(inst.id)
         self._boot(inst)
@@ -814,13 +978,13 @@ class Model:
     def list_instance_pools(self) -> list[InstancePool]:
         with self.lock:
             self.tick()
-            return list(self.instance_pools.values())
+            return [p for p in self.instance_pools.values() if p.zone == self.zone]
 
     def get_instance_pool(self, pool_id: str) -> InstancePool:
         with self.lock:
             self.tick()
             pool = self.instance_pools.get(pool_id)
-            if pool is None:
+            if pool is None or pool.zone != self.zone:
                 raise ModelError("not-found", f"instance pool {pool_id} not found")
             return pool
 
@@ -837,6 +1001,7 @@ class Model:
             _check_size(size)
             members = len(pool.instance_ids)
             if size > members:
+                self.check_room(pool.instance_type, size - members, pool.zone)
                 pool.state = "scaling-up"
                 for _ in range(size - members):
                     self._add_member(pool)

@@ -35,17 +35,24 @@ class Request:
     path_params: dict[str, str] = field(default_factory=dict)
     query: dict[str, str] = field(default_factory=dict)
     body: dict[str, Any] = field(default_factory=dict)
+    base_url: str | None = None  # scheme and address the client called, e.g. http://127.0.0.1:8080
 
 
 # --------------------------------------------------------------------------------------- renderers
 
 
-def render_zone(zone: str) -> dict:
+def render_zone(zone: str, base_url: str | None = None) -> dict:
+    """A zone; its `api-endpoint` is where this sim serves that zone (BASE/ZONE/v2) when the address the
+    client called is known, else Exoscale's own."""
     return {
         "name": zone,
-        "api-endpoint": f"https://api-{zone}.exoscale.com/v2",
+        "api-endpoint": f"{base_url}/{zone}/v2" if base_url else f"https://api-{zone}.exoscale.com/v2",
         "sos-endpoint": f"https://sos-{zone}.exo.io",
     }
+
+
+def render_quota(resource: str, usage: int, limit: int) -> dict:
+    return {"resource": resource, "usage": usage, "limit": limit}
 
 
 def _without_none(d: dict) -> dict:
@@ -218,7 +225,15 @@ def labels_filter(text: str) -> dict[str, str]:
 
 
 def list_zones(model: Model, request: Request) -> dict:
-    return {"zones": [render_zone(z) for z in ZONES]}
+    return {"zones": [render_zone(z, request.base_url) for z in ZONES]}
+
+
+def list_quotas(model: Model, request: Request) -> dict:
+    return {"quotas": [render_quota(*q) for q in model.list_quotas()]}
+
+
+def get_quota(model: Model, request: Request) -> dict:
+    return render_quota(*model.get_quota(request.path_params["entity"]))
 
 
 def list_instance_types(model: Model, request: Request) -> dict:

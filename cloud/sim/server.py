@@ -22,14 +22,21 @@ from urllib.parse import parse_qs, unquote
 
 from cloud.sim.auth import AuthError, verify_request
 from cloud.sim.iam import RequestContext, request_parameters
-from cloud.sim.model import Model, ModelError
+from cloud.sim.model import ZONES, Model, ModelError
 from cloud.sim.responses import Request
 from cloud.sim.spec import API_PREFIX, SpecError, SpecOperation, SpecValidator
 from cloud.sim.urls import HANDLERS, PUBLIC_OPERATIONS
 
 log = logging.getLogger(__name__)
 
-STATUS_OF_ERROR_KIND = {"not-found": 404, "conflict": 409, "invalid": 400, "forbidden": 403}
+STATUS_OF_ERROR_KIND = {
+    "not-found": 404,
+    "conflict": 409,
+    "invalid": 400,
+    "forbidden": 403,
+    "quota": 403,
+    "capacity": 500,
+}
 
 
 @dataclass
@@ -71,11 +78,21 @@ class Exchange:
     """One request and its answer, as recorded for tests."""
 
     method: str
-    path: str
+    path: str  # the API's path (/v2/...), without the zone prefix of a zone's endpoint
     query: dict[str, list[str]]
     body: bytes = field(repr=False)  # bodies may hold secrets (a new API key's, in its answer)
     status: int
     response: bytes = field(repr=False)
+    zone: str = ""  # the zone whose endpoint was called
+
+
+def split_zone(raw_path: str, default: str) -> tuple[str, str]:
+    """(zone, API path) of a request path: /ZONE/v2/... is zone ZONE's endpoint (the `api-endpoint` that
+    list-zones gives for it, as Exoscale gives https://api-ZONE.exoscale.com/v2), /v2/... the default zone's."""
+    head, sep, rest = raw_path.lstrip("/").partition("/")
+    if head in ZONES and sep and ("/" + rest).startswith(API_PREFIX):
+        return head, "/" + rest
+    return default, raw_path
 
 
 class App:
@@ -108,20 +125,28 @@ class App:
     ) -> tuple[int, dict, bytes]:
         """One request; `source_ip` is the address it came from (the `source_ip` of IAM rules)."""
         raw_path, _, raw_query = target.partition("?")
-        status, payload = self._handle(method, raw_path, raw_query, headers, body, source_ip)
+        zone, api_path = split_zone(raw_path, self.model.zone)
+        model = self.model.in_zone(zone)
+        status, payload = self._handle(model, method, raw_path, api_path, raw_query, headers, body, source_ip)
         data = json.dumps(payload).encode() if payload is not None else b""
         if self.record:
             with self._record_lock:
-                self.exchanges.append(
-                    Exchange(method, unquote(raw_path), parse_qs(raw_query, keep_blank_values=True), body, status, data)
-                )
+                query = parse_qs(raw_query, keep_blank_values=True)
+                self.exchanges.append(Exchange(method, unquote(api_path), query, body, status, data, zone))
         return status, {"Content-Type": "application/json"}, data
 
     def _secret_of(self, key: str) -> str | None:
         return self._secret if key == self.key else self.model.iam.secret_of(key)
 
     def _policy_request(
-        self, caller: str, operation: SpecOperation, sub: str, raw_query: str, body: bytes, source_ip: str
+        self,
+        model: Model,
+        caller: str,
+        operation: SpecOperation,
+        sub: str,
+        raw_query: str,
+        body: bytes,
+        source_ip: str,
     ) -> RequestContext:
         """What the IAM rules of a restricted key see of this request (cloud.sim.iam.RequestContext). The
         body is read leniently here: a body the spec refuses is refused after this check, as on Exoscale."""
@@ -135,17 +160,26 @@ class App:
             operation.operation_id,
             caller,
             source_ip,
-            self.model.zone,
+            model.zone,
             request_parameters(path_params, query, parsed if isinstance(parsed, dict) else {}),
-            self.model.policy_resource(operation.tags[0] if operation.tags else "", path_params.get("id")),
+            model.policy_resource(operation.tags[0] if operation.tags else "", path_params.get("id")),
         )
 
     def _handle(
-        self, method: str, raw_path: str, raw_query: str, headers: dict[str, str], body: bytes, source_ip: str
+        self,
+        model: Model,
+        method: str,
+        raw_path: str,
+        api_path: str,
+        raw_query: str,
+        headers: dict[str, str],
+        body: bytes,
+        source_ip: str,
     ) -> tuple[int, Any]:
+        """`raw_path` as sent (and signed); `api_path` the same without a zone endpoint's prefix."""
         if self.faults.latency_s:
             time.sleep(self.faults.latency_s)
-        path = unquote(raw_path)
+        path = unquote(api_path)
         sub = path.removeprefix(API_PREFIX)
         fault = self.faults.pick(method, sub)
         if fault:
@@ -156,8 +190,8 @@ class App:
             try:
                 caller = verify_request(method, raw_path, raw_query, body, authorization, self._secret_of)
                 if operation is not None and caller != self.key:
-                    self.model.iam.authorize(
-                        caller, self._policy_request(caller, operation, sub, raw_query, body, source_ip)
+                    model.iam.authorize(
+                        caller, self._policy_request(model, caller, operation, sub, raw_query, body, source_ip)
                     )
             except AuthError as e:
                 return 403, {"message": str(e)}
@@ -176,11 +210,20 @@ class App:
             return 501, {"message": f"{operation.operation_id} ({method} {sub}) is valid but not simulated"}
         try:
             request = Request(
-                operation.path_params(sub), {k: v[0] for k, v in query.items()}, json.loads(body) if body else {}
+                operation.path_params(sub),
+                {k: v[0] for k, v in query.items()},
+                json.loads(body) if body else {},
+                base_url=_base_url(headers),
             )
-            return 200, handler(self.model, request)
+            return 200, handler(model, request)
         except ModelError as e:
             return STATUS_OF_ERROR_KIND.get(e.kind, 400), {"message": e.message}
+
+
+def _base_url(headers: dict[str, str]) -> str | None:
+    """The scheme and address the client used (its Host header), for the endpoints list-zones gives."""
+    host = headers.get("host")
+    return f"http://{host}" if host else None
 
 
 class _Handler(BaseHTTPRequestHandler):

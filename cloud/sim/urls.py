@@ -46,6 +46,8 @@ HANDLERS: dict[str, Handler] = {
     "update-instance-pool": responses.update_instance_pool,
     "delete-instance-pool": responses.delete_instance_pool,
     "get-operation": responses.get_operation,
+    "list-quotas": responses.list_quotas,
+    "get-quota": responses.get_quota,
     "create-iam-role": responses.create_iam_role,
     "list-iam-roles": responses.list_iam_roles,
     "get-iam-role": responses.get_iam_role,
