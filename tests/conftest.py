@@ -110,7 +110,7 @@ class ClusterCLI:
         return r
 
 
-WHEELHOUSE = Path("/var/tmp/raysweep-wheelhouse")  # outside the hosts' private /tmp and /home
+WHEELHOUSE = Path("/var/tmp/raysweep-wheelhouse")  # the hosts see it, read-only (hosts.MACHINE_PATHS)
 
 
 @pytest.fixture(scope="session")
@@ -137,8 +137,8 @@ def node_wheelhouse():
 
 
 def uv_for_hosts(directory=WHEELHOUSE) -> Path:
-    """This venv's uv, copied where the sim's hosts can run it: they see this machine's files except /tmp,
-    /home and /dev/shm (their own), and a checkout or its venv may well live under /tmp."""
+    """This venv's uv, copied where the sim's hosts can run it: of this machine's files they see only the OS and
+    the few paths of cloud.sim.hosts.MACHINE_PATHS (the wheelhouse among them), not a checkout or its venv."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     uv = directory / "uv"
@@ -155,7 +155,7 @@ HOSTS_UV_CACHE = Path(f"/var/tmp/raysweep-test-uv-{os.getpid()}")
 
 def hosts_uv_cache() -> Path:
     """uv's cache for the sim hosts' installs in this test session: shared by its hosts (the nodes' packages
-    are unpacked once, not once per host), outside their private /tmp and /home, and removed when the session
+    are unpacked once, not once per host), where they see it (cloud.sim.hosts.MACHINE_PATHS), and removed when the session
     ends (pytest_sessionfinish), or by the next session if this one was killed. Kept for good, it would grow
     by GBs a run."""
     if not HOSTS_UV_CACHE.exists():
@@ -180,7 +180,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 def sim_cluster_toml(path, name, wheelhouse, **extra):
     """cluster.toml for a sim cluster whose nodes install from the offered wheelhouse and uv (copied beside
-    the wheels: the hosts see this machine's files except /tmp, /home and /dev/shm, their own)."""
+    the wheels: the hosts see only the OS and cloud.sim.hosts.MACHINE_PATHS of this machine's files)."""
     from cloud.sim.local import cluster_toml
 
     uv = uv_for_hosts(wheelhouse)
