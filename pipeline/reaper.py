@@ -6,15 +6,16 @@ subreaper (`prctl(PR_SET_CHILD_SUBREAPER)`, Linux 3.4): an orphan of anything it
 to it, not to init, and stays findable. When a run ends, the children of this process that started at or
 after the run began (the program's orphans; read from `/proc/self/task/<tid>/children`, one `pread` of a
 kept file per thread when nothing was left, the common case) are killed with all their descendants and
-reaped. Children of this process that were there before the run are left alone.
+reaped. Children of this process that were there before the run are left alone. A Ray worker stays a
+subreaper all its life; another process is one from its Sandbox's creation until its programs have ended.
 
 One program at a time is the normal case (a Ray worker runs one task at a time). When runs overlap in one
 process, the orphans cannot be told apart, so they are ended when the last of the overlapping runs ends.
 
 When the process itself is killed (Ray's `cancel(force=True)` ends the worker), nothing of it runs any more.
 For that, `guard_this_process()` (once per Ray worker) marks the environment its programs inherit with a
-token of its own and starts a small guard process (its own session, so a kill of the worker's process group
-spares it) that waits for the worker's end, seen as the end of a pipe, then kills every process still
+token of its own and starts a small guard process (no child of the worker and in a session of its own, so
+neither Ray's kill of the worker's children nor of its process group takes it) that waits for the worker's end, seen as the end of a pipe, then kills every process still
 carrying the token, until none is left. Ray's worker also kills its direct children as it exits (the program
 and, with this process a subreaper, every orphan it left); the guard ends the rest: a program's children
 still under it, which the kernel hands to init once the worker is gone. A process that removed the token
@@ -39,6 +40,8 @@ PR_SET_CHILD_SUBREAPER = 36
 PR_GET_CHILD_SUBREAPER = 37
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _subreaper_pid = 0  # the process that made itself a subreaper (not a child forked from it since)
+_for_good_pid = 0  # the process that stays one (become_subreaper(for_good=True))
+_failed_pid = 0  # the process where prctl failed
 _lock = threading.Lock()
 _running: set[int] = set()  # programs of this process running now (their pids)
 _since: float | None = None  # start of the earliest run that ended while others still ran (monotonic s)
@@ -80,13 +83,19 @@ for _ in range(200):
 """
 
 
-def become_subreaper() -> bool:
-    """Make this process a child subreaper (once per process); False where Linux does not offer it."""
-    global _subreaper_pid
+def become_subreaper(for_good: bool = False) -> bool:
+    """Make this process a child subreaper; False where Linux does not offer it. `for_good` (a Ray worker, which
+    runs programs all its life): it stays one; otherwise only until its programs running now have ended (a
+    subreaper adopts the orphans of all its descendants, e.g. a local Ray's workers as it stops, which nobody
+    else of such a process would wait for)."""
+    global _subreaper_pid, _for_good_pid, _failed_pid
     pid = os.getpid()
+    if for_good:
+        _for_good_pid = pid
     if _subreaper_pid == pid:
         return True
-    if not _prctl(PR_SET_CHILD_SUBREAPER, 1):
+    if _failed_pid == pid or not _prctl(PR_SET_CHILD_SUBREAPER, 1):
+        _failed_pid = pid  # said once (a warning), not tried again
         return False
     _subreaper_pid = pid
     return True
@@ -179,6 +188,15 @@ def ended(pid: int, since: float) -> None:
             return
         _since = None
         kill_started_since(since, pid)
+        _stop_being_subreaper()
+
+
+def _stop_being_subreaper() -> None:
+    """No program runs: a process that is not one for good stops being a subreaper (see become_subreaper)."""
+    global _subreaper_pid
+    pid = os.getpid()
+    if _subreaper_pid == pid and _for_good_pid != pid and _prctl(PR_SET_CHILD_SUBREAPER, 0):
+        _subreaper_pid = 0
 
 
 def kill_started_since(since: float, first_pid: int = 0) -> None:
@@ -240,9 +258,20 @@ def _children() -> list[int]:
     for tid in {threading.get_native_id(), os.getpid()}:
         try:
             out += [int(x) for x in os.pread(_children_fd(tid), 1 << 16, 0).split()]
-        except OSError:  # that thread is gone
+        except OSError as e:  # that thread is gone, or no such file (a kernel without CONFIG_PROC_CHILDREN)
             _children_fds.pop(tid, None)
+            if tid == os.getpid():
+                _warn_once(e)
     return out
+
+
+_warned: list[bool] = []
+
+
+def _warn_once(e: OSError) -> None:
+    if not _warned:
+        _warned.append(True)
+        log.warning("cannot list this process's children (%s): what programs leave running is not ended", e)
 
 
 def _descendants(pid: int) -> list[int]:

@@ -279,6 +279,7 @@ def _worker_setup() -> _Worker:
         ip = ray.util.get_node_ip_address() if ray.is_initialized() else ""
         dirs = TaskDirs(os.environ.get("PIPELINE_SANDBOX_DIR"))
         reaper.guard_this_process()  # what a task's program leaves is killed also when this worker is killed
+        reaper.become_subreaper(for_good=True)  # and, while it lives, when the program ends
         _worker = _Worker(NodeCache(), ip, socket.gethostname(), tempfile.TemporaryFile(), dirs)
     return _worker
 

@@ -134,6 +134,24 @@ def test_sandbox_leaves_alone_children_of_this_process_it_did_not_start(tmp_path
         other.wait()
 
 
+def test_a_process_that_is_no_worker_adopts_no_orphans_once_its_programs_ended(tmp_path):
+    """Only while it runs programs: else it would adopt, and never wait for, the orphans of all its descendants."""
+    import subprocess
+
+    with Sandbox(tmp_root=tmp_path) as box:
+        box.run(ProgramRun(["true"]))
+    orphan = subprocess.run(["sh", "-c", "sleep 30 >/dev/null & echo $!"], capture_output=True, text=True)
+    pid = int(orphan.stdout)
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        assert ppid != os.getpid(), "this process adopted an orphan after its program had ended"
+    finally:
+        os.kill(pid, 9)
+        if ppid == os.getpid():
+            os.waitpid(pid, 0)
+
+
 @pytest.mark.parametrize("mode", ["ok", "fail", "timeout"])
 def test_execute_ends_a_programs_daemon_and_children(ray_local, tmp_path, mode):
     record = _record(tmp_path)
