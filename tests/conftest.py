@@ -88,6 +88,7 @@ def sim_hosts():
     missing = missing_requirements()
     if missing:
         pytest.skip(f"local VM hosts need {', '.join(missing)}")
+    hosts_uv_cache()  # made before any host boots: a host sees only what was there then (hosts.MACHINE_PATHS)
     # also cleans stale hosts of crashed runs; the endpoint is the hosts' gateway, reachable from both sides
     with start(SIM_KEY, SIM_SECRET, faults=Faults(op_delay_s=0.2), hosts=True, record=True, seed=7) as local:
         yield local.server

@@ -117,7 +117,7 @@ def test_sandbox_ends_a_programs_daemon_and_children_on_timeout(tmp_path):
     record = _record(tmp_path)
     with Sandbox(tmp_root=tmp_path) as box:
         with pytest.raises(ExecuteError, match="timed out"):
-            box.run(ProgramRun([sys.executable, "-c", PROGRAM, str(record), "hang"], timeout=3))
+            box.run(ProgramRun([sys.executable, "-c", PROGRAM, str(record), "hang"], timeout=10))
     _assert_ended(_wait_for(record), 5, "the program's run timed out")
 
 
@@ -156,7 +156,7 @@ def test_a_process_that_is_no_worker_adopts_no_orphans_once_its_programs_ended(t
 def test_execute_ends_a_programs_daemon_and_children(ray_local, tmp_path, mode):
     record = _record(tmp_path)
     argv = ["python3", "-c", PROGRAM, str(record), "hang" if mode == "timeout" else mode]
-    t = Execute(argv, timeout=5 if mode == "timeout" else None, name=f"daemon-{mode}")
+    t = Execute(argv, timeout=10 if mode == "timeout" else None, name=f"daemon-{mode}")
     if mode == "ok":
         t.wait(timeout=60)
     else:

@@ -142,8 +142,9 @@ class Host:
 #: What a host sees of this machine besides its OS (/usr and /etc read-only, the /bin, /sbin and /lib* links,
 #: /dev, /sys): paths or glob patterns, each with whether the host may write there. The package offer
 #: (the wheels and the uv that tests give nodes) read-only, and the uv caches that the hosts of a test session
-#: share, read-write. Also, per run, its own uv cache (cloud.sim.offer), read-write. Nothing else: the host's
-#: /root, /home, /tmp, /var, /run, /dev/shm, /mnt, /media, /srv and /opt are its own, empty at boot.
+#: share, read-write; those there when a host boots. Also, per run, its own uv cache (cloud.sim.offer),
+#: read-write. Nothing else: the host's /root, /home, /tmp, /var, /run, /dev/shm, /mnt, /media, /srv and
+#: /opt are its own, empty at boot.
 MACHINE_PATHS: tuple[tuple[str, bool], ...] = (
     ("/var/tmp/raysweep-wheelhouse", False),
     ("/var/tmp/raysweep-test-uv-*", True),
