@@ -9,7 +9,10 @@ A third side, the bare task given a bytes argument of the spec's size (and ignor
 same rounds and reported apart (`ratio_vs_bare_with_arg`), to show what Ray's handling of one argument
 takes of the gap; the goal's ratio is against the bare task. A fourth side, Execute's own worker code with one
 directory reused for every task instead of a fresh one (a diagnostic, not something Execute does), shows
-what the fresh directory per task costs on the filesystem under test (`ratio_reused_dir_vs_bare`).
+what the fresh directory per task costs on the filesystem under test (`ratio_reused_dir_vs_bare`). A last pair
+of sides runs Execute's worker code on the spec with and without the end of a program's leftovers
+(pipeline.reaper: the lookup of the worker's children after each program), right after each other:
+`ratio_reaper` is what that costs a task.
 
 Execute removes finished task directories off the tasks' path, once they pause (sandbox.TaskDirs). So that
 this work is not paid inside the next side's timing, every side is followed by a wait until no task
@@ -35,7 +38,7 @@ from pathlib import Path
 import ray
 
 from bench.common import median, report, start_local_ray, timed
-from pipeline import tasks
+from pipeline import reaper, tasks
 from pipeline.sandbox import TASK_DIRS_PREFIX, task_dirs_root
 
 
@@ -83,6 +86,36 @@ def execute_reused_dir(spec):
         return tasks._run_spec(tasks._Spec(*pickle.loads(spec)), ())[0]
     finally:
         tasks._worker = own
+
+
+def _execute_spec(spec, with_reaper: bool):
+    """Execute's worker side (tasks._run_spec) on a spec, with or without pipeline.reaper's calls."""
+    if with_reaper:
+        return tasks._run_spec(tasks._Spec(*pickle.loads(spec)), ())[0]
+    calls = reaper.started, reaper.ended
+    reaper.started = reaper.ended = lambda *a: None  # type: ignore[assignment]
+    try:
+        return tasks._run_spec(tasks._Spec(*pickle.loads(spec)), ())[0]
+    finally:
+        reaper.started, reaper.ended = calls
+
+
+@ray.remote
+def execute_spec(spec):
+    return _execute_spec(spec, True)
+
+
+@ray.remote
+def execute_spec_without_reaper(spec):
+    return _execute_spec(spec, False)
+
+
+def run_with_reaper(n):
+    ray.get([execute_spec.remote(SPEC_LIKE) for _ in range(n)])
+
+
+def run_without_reaper(n):
+    ray.get([execute_spec_without_reaper.remote(SPEC_LIKE) for _ in range(n)])
 
 
 def run_reused_dir(n):
@@ -154,8 +187,9 @@ def main(argv=None):
     root = task_dirs_root(a.sandbox_dir or None)
     start_local_ray()
     run_execute(50), run_bare(50), run_bare_with_arg(50), run_reused_dir(50)  # warm the workers of all
+    run_with_reaper(50), run_without_reaper(50)
     wait_task_dirs_quiet(root)
-    ours, bare, bare_arg, reused = [], [], [], []
+    ours, bare, bare_arg, reused, with_reaper, without_reaper = [], [], [], [], [], []
     cpu: dict[str, list[float]] = {"execute": [], "bare": []}
     discards: list[int] = []
 
@@ -174,9 +208,14 @@ def main(argv=None):
             lambda: side("bare_with_arg", run_bare_with_arg, bare_arg),
             lambda: side("reused", run_reused_dir, reused),
         ]
+        reaper_pair = [
+            lambda: side("with_reaper", run_with_reaper, with_reaper),
+            lambda: side("without_reaper", run_without_reaper, without_reaper),
+        ]
         # a round's Execute and bare batches run one right after the other, each first in every other round
-        for step in (pair if i % 2 == 0 else pair[::-1]) + (diagnostics if i % 2 == 0 else diagnostics[::-1]):
-            step()
+        for step in [*(p if i % 2 == 0 else p[::-1] for p in (pair, diagnostics, reaper_pair))]:
+            for one in step:
+                one()
     o, b = median(ours), median(bare)
     ratios = sorted(x / y for x, y in zip(ours, bare))
     arg_ratios = sorted(x / y for x, y in zip(bare_arg, bare))
@@ -192,6 +231,7 @@ def main(argv=None):
         ratio_bare_with_arg_vs_bare=median(arg_ratios),
         ratio_vs_bare_with_arg=median(sorted(x / y for x, y in zip(ours, bare_arg))),
         ratio_reused_dir_vs_bare=median(sorted(x / y for x, y in zip(reused, bare))),
+        ratio_reaper=median(sorted(x / y for x, y in zip(with_reaper, without_reaper))),
         cpu_ratio_with_removal=median(sorted(x / y for x, y in zip(cpu["execute"], cpu["bare"]))),
         discards_per_task=median(discards) / a.tasks,
         execute_ms_per_task=1000 * o / a.tasks,

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from pipeline import reaper
+
 log = logging.getLogger(__name__)
 
 STDERR_TAIL_BYTES = 4096
@@ -415,6 +417,7 @@ class Sandbox:
         self._files: list[BinaryIO] = []
         self._stderr_file = stderr_file
         self._holds_files = False  # inputs mapped or outputs declared: the directory is removed at once
+        reaper.become_subreaper()  # what the programs leave running is re-parented here, to be ended
 
     def __enter__(self) -> Sandbox:
         return self
@@ -510,6 +513,7 @@ class Sandbox:
                 raise ExecuteError(
                     f"task {program.name!r} could not start {_argv0(program)!r}: {e.strerror}", name=program.name
                 ) from None
+        reaper.started(proc.pid)
         timed_out = False
         try:
             returncode = proc.wait(timeout=program.timeout)
@@ -519,6 +523,7 @@ class Sandbox:
             returncode = proc.wait()
         finally:
             _killpg(proc.pid)  # whatever the program left running in its session
+            reaper.ended(proc.pid, start)  # and what it left outside it (daemons)
         seconds = time.monotonic() - start
         if timed_out or returncode != 0:
             tail = _tail(err)

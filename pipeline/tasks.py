@@ -30,6 +30,7 @@ from typing import Any, Union
 import numpy as np
 import ray
 
+from pipeline import reaper
 from pipeline.cache import Entry, NodeCache
 from pipeline.ray_address import RayAddressError, check_ray_address
 from pipeline.sandbox import ExecuteError, ProgramRun, Sandbox, TaskDirs, check_relpath, remove_orphaned_task_dirs
@@ -267,7 +268,8 @@ _worker: _Worker | None = None
 
 def _worker_setup() -> _Worker:
     """Once per worker process: `python3` in a task means this worker's interpreter (its environment
-    has what tasks need); the node cache is opened; the node's address is looked up."""
+    has what tasks need); the node cache is opened; the node's address is looked up; a guard is started
+    that ends what the tasks' programs leave running if this worker is killed (pipeline.reaper)."""
     global _worker
     if _worker is None:
         bindir = os.path.dirname(sys.executable)
@@ -276,6 +278,8 @@ def _worker_setup() -> _Worker:
             os.environ["PATH"] = bindir + os.pathsep + path
         ip = ray.util.get_node_ip_address() if ray.is_initialized() else ""
         dirs = TaskDirs(os.environ.get("PIPELINE_SANDBOX_DIR"))
+        reaper.guard_this_process()  # what a task's program leaves is killed also when this worker is killed
+        reaper.become_subreaper(for_good=True)  # and, while it lives, when the program ends
         _worker = _Worker(NodeCache(), ip, socket.gethostname(), tempfile.TemporaryFile(), dirs)
     return _worker
 

@@ -99,6 +99,7 @@ def sim_hosts():
     missing = missing_requirements()
     if missing:
         pytest.skip(f"local VM hosts need {', '.join(missing)}")
+    hosts_uv_cache()  # made before any host boots: a host sees only what was there then (hosts.machine_paths)
     # also cleans stale hosts of crashed runs; the endpoint is the hosts' gateway, reachable from both sides
     with start(SIM_KEY, SIM_SECRET, faults=Faults(op_delay_s=0.2), hosts=True, record=True, seed=7) as local:
         yield local.server
@@ -136,9 +137,9 @@ def node_wheelhouse():
 
 
 def uv_for_hosts(directory=None) -> Path:
-    """This venv's uv, copied where the sim's hosts can run it: they see this machine's files except /tmp,
-    /home and /dev/shm (their own), and a checkout or its venv may well live under /tmp."""
-    from cloud.sim.offer import wheelhouse_dir
+    """This venv's uv, copied where the sim's hosts can run it: of this machine's files they see only the OS and
+    the few paths of cloud.sim.hosts.machine_paths (the wheelhouse among them), not a checkout or its venv."""
+    from cloud.sim.paths import wheelhouse_dir
 
     directory = Path(directory) if directory is not None else wheelhouse_dir()
     directory.mkdir(parents=True, exist_ok=True)
@@ -156,7 +157,7 @@ HOSTS_UV_CACHE = Path(f"/var/tmp/raysweep-test-uv-{os.getpid()}")
 
 def hosts_uv_cache() -> Path:
     """uv's cache for the sim hosts' installs in this test session: shared by its hosts (the nodes' packages
-    are unpacked once, not once per host), outside their private /tmp and /home, and removed when the session
+    are unpacked once, not once per host), where they see it (cloud.sim.hosts.machine_paths), and removed when the session
     ends (pytest_sessionfinish), or by the next session if this one was killed. Kept for good, it would grow
     by GBs a run."""
     if not HOSTS_UV_CACHE.exists():
@@ -181,7 +182,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 def sim_cluster_toml(path, name, wheelhouse, **extra):
     """cluster.toml for a sim cluster whose nodes install from the offered wheelhouse and uv (copied beside
-    the wheels: the hosts see this machine's files except /tmp, /home and /dev/shm, their own)."""
+    the wheels: the hosts see only the OS and cloud.sim.hosts.machine_paths of this machine's files)."""
     from cloud.sim.local import cluster_toml
 
     uv = uv_for_hosts(wheelhouse)

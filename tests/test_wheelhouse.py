@@ -47,7 +47,8 @@ def test_wheelhouse_holds_what_every_node_installs(node_wheelhouse, role):
 
 def test_the_tests_and_the_local_exoscale_offer_one_wheelhouse(node_wheelhouse, monkeypatch, tmp_path):
     """One directory, one package set, one stamp: what the fixture made is what the sim's offer finds complete."""
-    from cloud.sim.offer import STAMP, offered_packages, wheelhouse_dir
+    from cloud.sim.offer import STAMP, offered_packages
+    from cloud.sim.paths import wheelhouse_dir
 
     assert node_wheelhouse == wheelhouse_dir()
     assert (node_wheelhouse / STAMP).read_text().split("\n") == sorted(offered_packages())

@@ -3,9 +3,13 @@
 Each running instance gets:
 - a network namespace with a veth on a bridge private to this sim run; the instance's public IP is
   its address there, and this machine reaches it through the bridge (nothing else can);
-- its own PID, mount and UTS namespaces (so `ray stop` on one host sees only that host), with
-  private tmpfs over /home, /tmp and /dev/shm, and private copies of /etc/passwd, shadow, group and
-  sudoers.d bound over the originals;
+- its own PID, mount and UTS namespaces (so `ray stop` on one host sees only that host), and a root
+  of its own: of this machine only the OS (/usr and /etc read-only, /dev, /sys) and the few paths of
+  MACHINE_PATHS (the package offer; uv caches), with private, empty /root, /home, /tmp, /var, /run,
+  /dev/shm and its own terminals (devpts), and private copies of /etc/passwd, shadow, group and
+  sudoers.d bound over the originals. The host's root is this machine's root (no user namespace): this
+  keeps the machine's and other clusters' files (keys, API credentials under /root) out of a host's view
+  and reach, not out of the hands of a root on the host who goes for the disk through /dev;
 - a login user `ubuntu` (the template's default user) with passwordless sudo, whose
   authorized_keys are the instance's registered SSH keys, and sshd with host keys of its own;
 - an nftables input policy built from its security groups' ingress rules (default drop, as on
@@ -20,6 +24,7 @@ is gone are cleaned when the next one starts. Needs root, iproute2, nftables, op
 
 from __future__ import annotations
 
+import glob
 import ipaddress
 import json
 import logging
@@ -35,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cloud.sim.model import Instance, InstanceHooks, Model
+from cloud.sim.paths import wheelhouse_dir
 
 log = logging.getLogger(__name__)
 
@@ -134,21 +140,64 @@ class Host:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-# The host's pid 1: private mounts and users, host keys, sshd; then it waits, reaping orphans.
+#: MACHINE_PATHS, what a host sees of this machine besides its OS (/usr and /etc read-only, the /bin, /sbin and /lib* links,
+#: /dev, /sys): paths or glob patterns, each with whether the host may write there. The package offer
+#: (the wheels and the uv that tests give nodes) read-only, and the uv caches that the hosts of a test session
+#: share, read-write; those there when a host boots. Also, per run, its own uv cache (cloud.sim.offer),
+#: read-write. Nothing else: the host's /root, /home, /tmp, /var, /run, /dev/shm, /mnt, /media, /srv and
+#: /opt are its own, empty at boot.
+def machine_paths() -> tuple[tuple[str, bool], ...]:
+    """MACHINE_PATHS: the offered wheelhouse (wherever RAYSWEEP_WHEELHOUSE puts it) and the test sessions'
+    uv caches."""
+    return ((str(wheelhouse_dir()), False), ("/var/tmp/raysweep-test-uv-*", True))
+
+
+# The host's pid 1: a root of its own (the OS and MACHINE_PATHS of this machine, the rest private), users,
+# host keys, sshd; then it waits, reaping orphans.
 BOOT_SCRIPT = r"""
 set -e
 hostname "$HOST_NAME"
-mount -t tmpfs -o mode=755 tmpfs /home
-mount -t tmpfs -o mode=1777 tmpfs /tmp
-mount -t tmpfs -o mode=1777 tmpfs /dev/shm
+R=$NEW_ROOT
+mount -t tmpfs -o mode=755 tmpfs "$R"
+bind() { mkdir -p "$R$1"; mount --rbind "$1" "$R$1"; if [ "$2" = ro ]; then mount -o remount,bind,ro "$R$1"; fi; }
+private() { mkdir -p -m "$2" "$R$1"; mount -t tmpfs -o "mode=$2" tmpfs "$R$1"; }
+bind /usr ro
+bind /etc ro
+for d in /bin /sbin /lib /lib32 /lib64 /libx32; do
+  if [ -L $d ]; then cp -P $d "$R$d"; elif [ -d $d ]; then bind $d ro; fi
+done
+if [ -n "$OFFER_DIR" ]; then
+  # what the internet gives a real VM: uv on PATH, uv configured for the sim's package index (read-only overlays)
+  mount -t overlay overlay -o "lowerdir=$OFFER_DIR/bin:/usr/local/bin" "$R/usr/local/bin"
+  mount -t overlay overlay -o "lowerdir=$OFFER_DIR/etc:/etc" "$R/etc"
+fi
+bind /dev rw
+mount -t devpts -o newinstance,ptmxmode=0666,mode=620 devpts "$R/dev/pts"  # its own terminals, not the machine's
+mount --bind "$R/dev/pts/ptmx" "$R/dev/ptmx"
+bind /sys ro
+mkdir "$R/proc"
+mount -t proc proc "$R/proc"
+private /dev/shm 1777
+private /tmp 1777
+private /root 700
+private /home 755
+private /run 755
+private /var 755
+mkdir -m 1777 "$R/run/lock" "$R/var/tmp"
+mkdir "$R/var/lib" "$R/var/log" "$R/var/cache" "$R/var/spool" "$R/mnt" "$R/media" "$R/srv" "$R/opt"
+ln -s /run "$R/var/run"
+ln -s /run/lock "$R/var/lock"
+for p in $SHARE_RO; do bind "$p" ro; done
+for p in $SHARE_RW; do bind "$p" rw; done
+cd "$R"
+mkdir .machine
+pivot_root . .machine
+cd /
+umount -l /.machine
+rmdir /.machine
 P=/home/.host
 mkdir -m 700 $P
 cp /etc/passwd /etc/shadow /etc/group /etc/hosts $P/
-if [ -n "$OFFER_DIR" ]; then
-  # what the internet gives a real VM: uv on PATH, uv configured for the sim's package index (read-only overlays)
-  mount -t overlay overlay -o "lowerdir=$OFFER_DIR/bin:/usr/local/bin" /usr/local/bin
-  mount -t overlay overlay -o "lowerdir=$OFFER_DIR/etc:/etc" /etc
-fi
 echo "$HOST_IP $HOST_NAME" >> $P/hosts
 echo "$LOGIN_USER:x:$LOGIN_UID:$LOGIN_UID:$LOGIN_USER:/home/$LOGIN_USER:/bin/bash" >> $P/passwd
 echo "$LOGIN_USER:*:19000:0:99999:7:::" >> $P/shadow
@@ -330,7 +379,22 @@ class HostHooks(InstanceHooks):
         _run(*ns, "ip", "link", "set", "lo", "up")
         _run(*ns, "ip", "route", "add", "default", "via", self.gateway)
 
+    def _shared_paths(self) -> tuple[list[str], list[str]]:
+        """MACHINE_PATHS as they are now (read-only, read-write), and this run's uv cache when offered."""
+        ro: list[str] = []
+        rw: list[str] = []
+        for pattern, writable in machine_paths():
+            for path in sorted(glob.glob(pattern)):
+                if os.path.isdir(path) and not os.path.islink(path) and " " not in path:
+                    (rw if writable else ro).append(path)
+        if (self.run_dir / "uv-cache").is_dir():
+            rw.append(str(self.run_dir / "uv-cache"))
+        return ro, rw
+
     def _boot(self, host: Host, name: str, user: str, keys: str) -> None:
+        new_root = self.run_dir / f"host-{host.index}.root"  # an empty directory here; its mounts are the host's
+        new_root.mkdir(mode=0o700, exist_ok=True)
+        share_ro, share_rw = self._shared_paths()
         env = {
             "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "HOST_NAME": name,
@@ -339,6 +403,9 @@ class HostHooks(InstanceHooks):
             "LOGIN_UID": str(LOGIN_UID),
             "AUTHORIZED_KEYS": keys,
             "OFFER_DIR": str(self.offer_dir or ""),
+            "NEW_ROOT": str(new_root),
+            "SHARE_RO": " ".join(share_ro),
+            "SHARE_RW": " ".join(share_rw),
         }
         logf = open(self.run_dir / f"host-{host.index}.log", "ab")
         host.proc = subprocess.Popen(

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from cloud.node_install import head_packages, node_packages
+from cloud.sim.paths import wheelhouse_dir
 from pipeline.requirements import NODE_PACKAGES
 
 if TYPE_CHECKING:
@@ -38,19 +39,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: The directory of wheels offered to the hosts; RAYSWEEP_WHEELHOUSE names another (e.g. an empty one, to see
-#: what a new machine goes through). Outside the hosts' private /tmp and /home, so they can read it.
-WHEELHOUSE_ENV = "RAYSWEEP_WHEELHOUSE"
-DEFAULT_WHEELHOUSE = Path("/var/tmp/raysweep-wheelhouse")
 # Where versions before the per-run cache kept the hosts' uv cache for good; removed when found.
 OLD_UV_CACHE = Path("/var/tmp/raysweep-uv-cache")
 STAMP = ".offered"  # the set of packages a complete wheelhouse holds, one per line
 OLD_STAMPS = (".complete",)  # written by earlier versions for a part of that set; removed when found
-
-
-def wheelhouse_dir() -> Path:
-    """Where the offered wheels are kept: $RAYSWEEP_WHEELHOUSE, else DEFAULT_WHEELHOUSE."""
-    return Path(os.environ.get(WHEELHOUSE_ENV) or DEFAULT_WHEELHOUSE)
 
 
 def offered_packages() -> list[str]:
