@@ -65,8 +65,10 @@ def test_a_host_sees_the_os_and_the_package_offer_but_nothing_of_the_machines_us
     import uuid
     from pathlib import Path
 
-    from tests.conftest import ROOT, WHEELHOUSE, ClusterCLI
+    from cloud.sim.paths import wheelhouse_dir
+    from tests.conftest import ROOT, ClusterCLI
 
+    WHEELHOUSE = wheelhouse_dir()
     mark = uuid.uuid4().hex[:12]
     state = Path(f"/root/.raysweep-hosts-test-{mark}")  # a cluster's state dir where users keep theirs
     state.mkdir(mode=0o700)
