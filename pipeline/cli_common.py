@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline import report
 from pipeline.ray_address import RayAddressError, check_ray_address
-from pipeline.spec import Trial
-from pipeline.sweep import (
+from pipeline.runner import (
     OutputError,
     Previous,
     Progress,
@@ -29,8 +29,10 @@ from pipeline.sweep import (
     TrialFiles,
     TrialResult,
     read_last_float,
+    read_previous,
     run_trials,
 )
+from pipeline.spec import Trial
 
 if TYPE_CHECKING:
     from cloud.connect import ClusterConnection
@@ -98,8 +100,6 @@ def read_earlier(args: argparse.Namespace, param_names: Sequence[str], value_nam
     """The earlier results in --out (before Ray starts), unless --fresh; a damaged results.json is a usage error."""
     if args.fresh:
         return None
-    from pipeline.sweep import read_previous
-
     try:
         return read_previous(args.out, param_names, value_name)
     except SettingsMismatch as e:
@@ -282,8 +282,6 @@ def finish(
     goal: str = "max",
 ) -> int:
     """Write the final results and the picture, print the table and the best; exit 1 if a trial failed."""
-    from pipeline import report
-
     try:
         store.write()
         picture = draw()

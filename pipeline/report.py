@@ -12,7 +12,7 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.sweep import TrialResult
+from pipeline.runner import TrialResult, atomic_write
 
 if TYPE_CHECKING:
     import numpy as np
@@ -75,8 +75,6 @@ def _pyplot():
 
 
 def _save(fig, path: str | Path) -> Path:
-    from pipeline.sweep import atomic_write
-
     path = Path(path)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

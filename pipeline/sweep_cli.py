@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline import report
 from pipeline import spec as specmod
 from pipeline.cli_common import (
     Session,
@@ -30,7 +31,7 @@ from pipeline.cli_common import (
     run_and_report,
     start_ray,
 )
-from pipeline.sweep import Previous, ReadMetric, ResultStore, SettingsMismatch, TrialFiles, TrialResult
+from pipeline.runner import Previous, ReadMetric, ResultStore, SettingsMismatch, TrialFiles, TrialResult
 
 if TYPE_CHECKING:
     from pipeline import tasks
@@ -146,8 +147,6 @@ def reader(spec: specmod.SweepSpec) -> ReadMetric:
 
 def _run(session: Session, checked: Checked) -> int:
     import ray
-
-    from pipeline import report
 
     spec, trials = checked.spec, checked.trials
     start_ray(session, f"{len(trials)} trial(s) of {spec.path.name}", _runtime_env(spec))
