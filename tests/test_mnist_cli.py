@@ -86,6 +86,27 @@ def test_sweep_2x2_on_mnist_5k(tmp_path):
     assert "[4/4] done 4, failed 0" in r.stderr
 
 
+@pytest.mark.tensorflow
+def test_the_program_prints_a_validation_line_per_epoch_then_the_test_accuracy(tmp_path):
+    data = tmp_path / "mnist-5k.npz"
+    fetch = [sys.executable, str(ROOT / "pipeline/programs/fetch_data.py"), "--source", "mnist-5k", "--out", str(data)]
+    subprocess.run(fetch, check=True, capture_output=True)
+    prog = [sys.executable, str(ROOT / "pipeline/programs/mnist.py"), "--data", str(data), "--size", "32"]
+    r = subprocess.run(
+        [*prog, "--dropout", "0.2", "--epochs", "2", "--lr", "0.003", "--seed", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    *epochs, last = r.stdout.splitlines()
+    docs = [json.loads(l) for l in epochs]
+    assert [d["epoch"] for d in docs] == [1, 2] and all(0.5 < d["val_accuracy"] <= 1 for d in docs), epochs
+    assert 0.5 < float(last) <= 1
+    bad = subprocess.run([*prog, "--dropout", "0.2", "--lr", "0"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--lr: must be a number > 0" in bad.stderr
+
+
 FLAKY_WRAPPER = """
 import os, runpy, sys
 size = sys.argv[sys.argv.index("--size") + 1]
