@@ -173,7 +173,7 @@ def _submitter(args: argparse.Namespace, program: Any, data: tasks.DataObject):
             argv += ["--seed", str(args.seed)]
         return tasks.Execute(
             argv,
-            stdout=True,
+            watch=tasks.Watch(),
             cpus=args.cpus,
             timeout=args.timeout,
             name=f"mnist size={p['size']} dropout={p['dropout']}",
