@@ -62,18 +62,36 @@ class ProgressHub:
     def __init__(self, name: str, actor: Any):
         self.name = name
         self._actor = actor
+        self._unread: Any = None  # a drain call that timed out
 
     @classmethod
-    def start(cls) -> ProgressHub:
+    def start(cls, timeout: float = 120.0) -> ProgressHub:
+        """Start the hub and wait until it answers (a new actor is a new worker process: seconds on a busy
+        node), so the first trials' reports do not wait for it."""
         name = f"progress-{uuid.uuid4().hex[:12]}"
         actor = _Hub.options(name=name, namespace=NAMESPACE).remote()  # type: ignore[attr-defined]
+        try:
+            ray.get(actor.drain.remote(), timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            ray.kill(actor)
+            raise TimeoutError(f"the sweep's progress hub (a Ray actor) did not start within {timeout:g} s") from None
         return cls(name, actor)
 
     def address(self, key: str, grace_s: float = 5.0) -> ReportTo:
         return ReportTo(self.name, key, grace_s)
 
     def drain(self, timeout: float = 30.0) -> list[tuple[str, int, list[tuple[float, float]]]]:
-        return ray.get(self._actor.drain.remote(), timeout=timeout)
+        """The reports that arrived since the last call; none when the hub does not answer within `timeout`
+        (they stay there for the next call)."""
+        ref = self._unread if self._unread is not None else self._actor.drain.remote()
+        try:
+            reports = ray.get(ref, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            log.warning("the progress hub did not answer within %g s; its reports are taken at the next turn", timeout)
+            self._unread = ref  # its answer holds reports: read at the next turn, not asked again
+            return []
+        self._unread = None
+        return reports
 
     def stop(self, key: str) -> None:
         self._actor.stop.remote(key)
@@ -93,6 +111,18 @@ def watched_run(watch: Any, to: ReportTo | None, attempt: int) -> tuple[StdoutMo
     monitor = StdoutMonitor(watch, reporter.on_report, grace_s=to.grace_s)
     reporter.watch(monitor)
     return monitor, reporter
+
+
+_handles: dict[str, Any] = {}  # a worker process runs many trials of one sweep: the hub is looked up once
+
+
+def _hub_handle(name: str) -> Any:
+    handle = _handles.get(name)
+    if handle is None:
+        if len(_handles) > 16:
+            _handles.clear()
+        handle = _handles[name] = ray.get_actor(name, namespace=NAMESPACE)
+    return handle
 
 
 class Reporter:
@@ -126,7 +156,7 @@ class Reporter:
                 batch, self._pending = self._pending, []
             try:
                 if self._hub is None:
-                    self._hub = ray.get_actor(self.to.hub, namespace=NAMESPACE)
+                    self._hub = _hub_handle(self.to.hub)
                 stop = ray.get(self._hub.report.remote(self.to.key, self.attempt, batch), timeout=30)
             except Exception as e:  # the sweep is gone or unreachable: the program runs on, its reports kept
                 log.warning("cannot reach the sweep's progress hub %s: %s", self.to.hub, e)
