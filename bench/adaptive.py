@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
         gap = 100 * (ref["best"] - k["best_median"])
         print(
             f"adaptive: {kind} + ASHA: best val_accuracy {k['best_median']:.4f} vs exhaustive {ref['best']:.4f} "
-            f"({gap:+.2f} points behind), node-seconds {k['node_seconds_ratio_median']:.2f}x of "
+            f"({-gap:+.2f} points vs it), node-seconds {k['node_seconds_ratio_median']:.2f}x of "
             f"{ref['node_seconds']:.0f} (median of {seeds}; goal <= 0.5 points, <= 0.35x)"
         )
     print("JSON", json.dumps(out))

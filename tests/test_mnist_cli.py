@@ -249,7 +249,8 @@ def test_the_mnist_asha_example(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rows = read_csv(out / "results.csv")
     assert [x["trial"] for x in rows] == ["0000", "0001", "0002", "0003"]
-    assert {x["status"] for x in rows} <= {"ok", "pruned"} and rows[0]["status"] == "ok"
+    statuses = [x["status"] for x in rows]
+    assert set(statuses) <= {"ok", "pruned"} and "ok" in statuses, statuses  # which: the order trials end decides
     for x in rows:
         steps = (out / "trials" / x["trial"] / "progress.csv").read_text().splitlines()[1:]
         assert [int(s.split(",")[0]) for s in steps] == list(range(1, int(x["step"]) + 1))
