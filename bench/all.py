@@ -1,6 +1,16 @@
 """Run every benchmark in turn: python -m bench.all (make bench)."""
 
-from bench import parallel_create, ray_arg_cost, shared_input, sim_scale, sweep_efficiency, task_overhead
+from bench import (
+    adaptive,
+    parallel_create,
+    progress_latency,
+    ray_arg_cost,
+    shared_input,
+    sim_scale,
+    stdout_rss,
+    sweep_efficiency,
+    task_overhead,
+)
 
 
 def main():
@@ -10,6 +20,9 @@ def main():
     parallel_create.main([])
     sim_scale.main([])
     sweep_efficiency.main([])
+    stdout_rss.main([])
+    progress_latency.main([])
+    adaptive.main([])
     from cloud.sim.hosts import missing_requirements
 
     if missing_requirements():

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline import report
 from pipeline.ray_address import RayAddressError, check_ray_address
-from pipeline.spec import Trial
-from pipeline.sweep import (
+from pipeline.runner import (
     OutputError,
     Previous,
     Progress,
@@ -29,12 +29,16 @@ from pipeline.sweep import (
     TrialFiles,
     TrialResult,
     read_last_float,
+    read_previous,
     run_trials,
 )
+from pipeline.search import Search, StopRules
+from pipeline.spec import Trial
 
 if TYPE_CHECKING:
     from cloud.connect import ClusterConnection
     from pipeline import tasks
+    from pipeline.progress import ProgressHub
 
 
 class UsageError(ValueError):
@@ -94,14 +98,14 @@ def check_address(address: str, timeout: float = 5.0, source: str = "--address")
         raise UsageError(f"{source} {e}") from None
 
 
-def read_earlier(args: argparse.Namespace, param_names: Sequence[str], value_name: str) -> Previous | None:
+def read_earlier(
+    args: argparse.Namespace, param_names: Sequence[str], value_name: str, steps: bool = False
+) -> Previous | None:
     """The earlier results in --out (before Ray starts), unless --fresh; a damaged results.json is a usage error."""
     if args.fresh:
         return None
-    from pipeline.sweep import read_previous
-
     try:
-        return read_previous(args.out, param_names, value_name)
+        return read_previous(args.out, param_names, value_name, steps)
     except SettingsMismatch as e:
         raise UsageError(str(e)) from None
 
@@ -225,9 +229,14 @@ def run_and_report(
     retries: int = 0,
     files: TrialFiles | None = None,
     goal: str = "max",
+    search: Search | None = None,
+    rules: StopRules = StopRules(),
+    hub: ProgressHub | None = None,
+    total: int | None = None,
 ) -> int:
     """Run the trials with a progress line, then `finish` with the picture `draw` makes of their results; the
-    exit code (after one line saying why, when the sweep stopped early)."""
+    exit code (after one line saying why, when the sweep stopped early). `search`, `rules`, `hub`: see
+    runner.run_trials; `total`: the trials the progress line counts to (default: len(trials))."""
     import ray
 
     def count_slots() -> int | None:
@@ -245,11 +254,25 @@ def run_and_report(
                 pass
         return last_slots
 
-    progress = Progress(len(trials), slots=slots, note=session.conn.note if session.conn is not None else None)
+    note = session.conn.note if session.conn is not None else None
+    progress = Progress(len(trials) if total is None else total, slots=slots, note=note, show_pruned=hub is not None)
     start = time.monotonic()
     try:
         store.write()  # the results files first: --out is a sweep's from now on (see check_ray_options)
-        results = run_trials(trials, submit, store, progress, read=read, retries=retries, files=files)
+        results = run_trials(
+            trials,
+            submit,
+            store,
+            progress,
+            read=read,
+            retries=retries,
+            files=files,
+            poll_s=0.2 if hub is not None else 1.0,  # reports are taken at each turn: within about a second
+            search=search,
+            rules=rules,
+            hub=hub,
+            goal=goal,
+        )
     except KeyboardInterrupt:
         session.say(f"\ninterrupted; finished trials are in {store.csv_path}")
         return 130
@@ -282,8 +305,6 @@ def finish(
     goal: str = "max",
 ) -> int:
     """Write the final results and the picture, print the table and the best; exit 1 if a trial failed."""
-    from pipeline import report
-
     try:
         store.write()
         picture = draw()
@@ -296,7 +317,12 @@ def finish(
         print(best_line(b))
     wall = time.monotonic() - session.started
     print(f"wrote {store.csv_path}, {store.json_path}, {picture} in {wall:.1f} s")
-    failed = [r for r in results if r.status != "ok"]
+    stopped_by = store.meta.get("stopped_by")
+    if stopped_by == "target":
+        session.say("the target was reached: the sweep stopped, the trials still running were cancelled")
+    elif stopped_by == "budget":
+        session.say("the node-hour budget was spent: the sweep stopped, the trials still running were cancelled")
+    failed = [r for r in results if r.status == "failed"]
     if failed:
         session.say(
             f"{len(failed)} of {len(results)} trial(s) failed; their errors are in {store.csv_path}; "

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline import report
 from pipeline.cli_common import (
     Session,
     UsageError,
@@ -25,8 +26,8 @@ from pipeline.cli_common import (
     run_and_report,
     start_ray,
 )
+from pipeline.runner import Previous, ResultStore, TrialFiles, TrialResult
 from pipeline.spec import Trial, grid_id
-from pipeline.sweep import Previous, ResultStore, TrialFiles, TrialResult
 
 if TYPE_CHECKING:
     from pipeline import datasets, tasks
@@ -172,7 +173,7 @@ def _submitter(args: argparse.Namespace, program: Any, data: tasks.DataObject):
             argv += ["--seed", str(args.seed)]
         return tasks.Execute(
             argv,
-            stdout=True,
+            watch=tasks.Watch(),
             cpus=args.cpus,
             timeout=args.timeout,
             name=f"mnist size={p['size']} dropout={p['dropout']}",
@@ -184,8 +185,6 @@ def _submitter(args: argparse.Namespace, program: Any, data: tasks.DataObject):
 
 def _run(session: Session, checked: Checked) -> int:
     import ray
-
-    from pipeline import report
 
     args = session.args
     start_ray(session, f"preparing data ({checked.plan.source})")

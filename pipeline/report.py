@@ -2,7 +2,8 @@
 
 1 parameter: the metric against its values (a log axis where the parameter is log-uniform); 2 on a
 grid: the heatmap; 2 sampled: a scatter coloured by the metric; 3 or more: parallel coordinates beside
-a scatter of the two parameters most correlated with the metric (absolute Spearman).
+a scatter of the two parameters most correlated with the metric (absolute Spearman). A sweep with progress
+reports gets its learning curves beside that (the metric against the step; pruned and cancelled trials faded).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.sweep import TrialResult
+from pipeline.runner import TrialResult, atomic_write
 
 if TYPE_CHECKING:
     import numpy as np
@@ -40,10 +41,14 @@ def plot(
     metric: str = "value",
     log_params: Collection[str] = (),
     values: dict[str, Sequence[Any]] | None = None,
+    step_name: str | None = None,
 ) -> Path:
-    """Draw the picture `choose_plot` picks; `values` gives a grid's values per parameter (in order)."""
+    """Draw the picture `choose_plot` picks; `values` gives a grid's values per parameter (in order).
+    `step_name`: the trials reported progress at this step: their learning curves come first."""
     plt = _pyplot()
     choice = choose_plot(len(param_names), kind)
+    if step_name is not None:
+        return _with_curves(results, param_names, choice, path, title, metric, log_params, step_name)
     if choice == "heatmap":
         a, b = param_names
         vals = values or {p: _distinct(results, p) for p in param_names}
@@ -65,6 +70,60 @@ def plot(
     return _save(fig, path)
 
 
+def _with_curves(
+    results: Sequence[TrialResult],
+    param_names: Sequence[str],
+    choice: str,
+    path: str | Path,
+    title: str,
+    metric: str,
+    log_params: Collection[str],
+    step_name: str,
+) -> Path:
+    """Learning curves, then the parameters' picture (a scatter in place of a heatmap: trials pruned early
+    have no final value to fill a cell with)."""
+    plt = _pyplot()
+    n = 3 if choice == "parallel" else 2
+    fig, axes = plt.subplots(1, n, figsize=(6.5 * n, 5.5), dpi=110)
+    curves(axes[0], results, metric, step_name)
+    if choice == "line":
+        _line(axes[1], results, param_names[0], metric, param_names[0] in log_params)
+    elif choice in ("scatter", "heatmap"):
+        _scatter(fig, axes[1], results, param_names[0], param_names[1], metric, log_params)
+    else:
+        _parallel(fig, axes[1], results, param_names, metric, log_params)
+        a, b = most_correlated(results, param_names, log_params)
+        _scatter(fig, axes[2], results, a, b, metric, log_params)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def curves(ax, results: Sequence[TrialResult], metric: str, step_name: str) -> None:
+    """Each trial's reports, the metric against the step: finished trials coloured by their last report,
+    pruned and cancelled ones faded grey, failed ones red."""
+    import matplotlib
+
+    drawn = [r for r in results if r.progress]
+    finals = [r.progress[-1][1] for r in drawn if r.status == "ok"]
+    norm = matplotlib.colors.Normalize(min(finals, default=0.0), max(finals, default=1.0))
+    cmap = matplotlib.colormaps["viridis"]
+    for r in sorted(drawn, key=lambda r: r.status == "ok"):  # the finished ones on top
+        steps, values = zip(*r.progress)
+        if r.status == "ok":
+            ax.plot(steps, values, color=cmap(norm(values[-1])), linewidth=1.4, alpha=0.95)
+        elif r.status == "failed":
+            ax.plot(steps, values, color=FAILED, linewidth=0.8, alpha=0.5)
+        else:
+            ax.plot(steps, values, color="grey", linewidth=0.8, alpha=0.3)
+            ax.plot(steps[-1:], values[-1:], "x", color="grey", alpha=0.5, markersize=5)
+    counts = {s: sum(r.status == s for r in results) for s in ("ok", "pruned", "cancelled", "failed")}
+    ax.set_title(", ".join(f"{n} {s}" for s, n in counts.items() if n) + " (pruned and cancelled faded)", fontsize=9)
+    ax.set_xlabel(step_name)
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+
+
 def _pyplot():
     import matplotlib
 
@@ -75,8 +134,6 @@ def _pyplot():
 
 
 def _save(fig, path: str | Path) -> Path:
-    from pipeline.sweep import atomic_write
-
     path = Path(path)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -107,9 +164,16 @@ def _ok(results: Sequence[TrialResult]) -> list[TrialResult]:
     return [r for r in results if r.status == "ok" and r.value is not None]
 
 
+def _failed(results: Sequence[TrialResult]) -> list[TrialResult]:
+    """Trials with no value to draw because they failed (not those a scheduler or a stop rule ended)."""
+    return [
+        r for r in results if r.status not in ("ok", "pruned", "cancelled") or (r.status == "ok" and r.value is None)
+    ]
+
+
 def _line(ax, results: Sequence[TrialResult], name: str, metric: str, log: bool) -> None:
     ok = sorted(_ok(results), key=lambda r: _sort_key(r.params[name]))
-    bad = [r for r in results if r not in ok]
+    bad = _failed(results)
     xs, labels = _numeric([r.params[name] for r in ok + bad])
     n = len(ok)
     ax.plot(xs[:n], [r.value for r in ok], "o-", color="#1f77b4")
@@ -129,7 +193,7 @@ def _line(ax, results: Sequence[TrialResult], name: str, metric: str, log: bool)
 
 def _scatter(fig, ax, results: Sequence[TrialResult], a: str, b: str, metric: str, log_params: Collection[str]) -> None:
     ok = _ok(results)
-    bad = [r for r in results if r not in ok]
+    bad = _failed(results)
     xs, xl = _numeric([r.params[a] for r in ok + bad])
     ys, yl = _numeric([r.params[b] for r in ok + bad])
     n = len(ok)
@@ -179,7 +243,7 @@ def _parallel(fig, ax, results: Sequence[TrialResult], names: Sequence[str], met
     for x in range(len(names)):
         ax.axvline(x, color="grey", linewidth=0.8)
     fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=metric)
-    failed = len(results) - len(ok)
+    failed = len(_failed(results))
     ax.set_title(f"parallel coordinates ({len(ok)} ok{f', {failed} failed' if failed else ''})", fontsize=9)
 
 
@@ -263,7 +327,7 @@ def heatmap(
                 ax.add_patch(
                     plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="xx", edgecolor=FAILED, linewidth=0)
                 )
-                what = "FAILED" if r is not None else "missing"
+                what = "missing" if r is None else "FAILED" if r.status == "failed" else r.status
                 ax.text(j, i, what, ha="center", va="center", color=FAILED, fontsize=9, fontweight="bold")
     ax.set_xticks(range(len(col_values)), [_fmt(d) for d in col_values])
     ax.set_yticks(range(len(row_values)), [_fmt(s) for s in row_values])

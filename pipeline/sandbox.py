@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from pipeline import reaper
+from pipeline.lines import StdoutMonitor, Watched
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ class RunResult:
     stdout: BinaryIO | None = None  # an unnamed file at offset 0, likewise
     seconds: float = 0.0
     stderr_tail: str = ""  # the last lines the program wrote to stderr (warnings of a success, say)
+    watched: Watched | None = None  # what a StdoutMonitor kept of stdout
+    stopped: bool = False  # the monitor stopped the program (its exit status and outputs are not checked)
 
 
 def _tail(f: BinaryIO) -> str:
@@ -466,10 +469,14 @@ class Sandbox:
             return False
         return _link_open_file(fd, path, dst)
 
-    def run(self, program: ProgramRun, stdin: Source | int | None = None) -> RunResult:
+    def run(
+        self, program: ProgramRun, stdin: Source | int | None = None, monitor: StdoutMonitor | None = None
+    ) -> RunResult:
         """Run the program in the work directory; raise ExecuteError on any failure.
 
-        The program inherits this process's environment, plus `program.env` when given.
+        The program inherits this process's environment, plus `program.env` when given. With a `monitor`, its
+        stdout goes through a pipe that the monitor reads while it runs (and copies to the captured file when
+        stdout is captured too); a program the monitor stopped is a result with `stopped` set, not an error.
         """
         env = None if program.env is None else {**os.environ, **program.env}
         self._holds_files = self._holds_files or bool(program.output_paths)
@@ -489,6 +496,7 @@ class Sandbox:
             stdin_arg = self._unnamed_file()
             stdin_arg.write(stdin)
             stdin_arg.seek(0)
+        pipe = _stdout_pipe(monitor)
         start = time.monotonic()
         executable = _resolved(program.argv, env)
         while True:
@@ -500,7 +508,7 @@ class Sandbox:
                     cwd=self.workdir,
                     env=env,
                     stdin=stdin_arg,
-                    stdout=out if out is not None else _devnull(),
+                    stdout=pipe[1] if pipe is not None else out if out is not None else _devnull(),
                     stderr=err,
                     start_new_session=True,
                 )
@@ -510,10 +518,14 @@ class Sandbox:
                     _resolved_programs.clear()
                     executable = None
                     continue
+                _close_pipe(pipe)
                 raise ExecuteError(
                     f"task {program.name!r} could not start {_argv0(program)!r}: {e.strerror}", name=program.name
                 ) from None
         reaper.started(proc.pid)
+        if monitor is not None and pipe is not None:
+            os.close(pipe[1])
+            monitor.start(pipe[0], proc.pid, copy_to=out)
         timed_out = False
         try:
             returncode = proc.wait(timeout=program.timeout)
@@ -525,6 +537,10 @@ class Sandbox:
             _killpg(proc.pid)  # whatever the program left running in its session
             reaper.ended(proc.pid, start)  # and what it left outside it (daemons)
         seconds = time.monotonic() - start
+        watched = monitor.finish() if monitor is not None else None
+        if monitor is not None and monitor.stopped:
+            tail = _tail(err) if os.fstat(err.fileno()).st_size else ""
+            return RunResult(seconds=seconds, stderr_tail=tail, watched=watched, stopped=True)
         if timed_out or returncode != 0:
             tail = _tail(err)
             what = f"timed out after {program.timeout:g} s" if timed_out else _describe_exit(returncode)
@@ -534,7 +550,10 @@ class Sandbox:
         if out is not None:
             out.seek(0)
         result = RunResult(
-            stdout=out, seconds=seconds, stderr_tail=_tail(err) if os.fstat(err.fileno()).st_size else ""
+            stdout=out,
+            seconds=seconds,
+            stderr_tail=_tail(err) if os.fstat(err.fileno()).st_size else "",
+            watched=watched,
         )
         real_work = os.path.realpath(self.workdir) if program.output_paths else ""
         for rel in program.output_paths:
@@ -589,6 +608,16 @@ def _argv0(program: ProgramRun) -> str:
     if isinstance(program.argv, str):
         return program.argv.split()[0] if program.argv.split() else program.argv
     return program.argv[0] if program.argv else ""
+
+
+def _stdout_pipe(monitor: StdoutMonitor | None) -> tuple[int, int] | None:
+    """The pipe a monitored program writes its stdout to (read end, write end); None without a monitor."""
+    return os.pipe2(os.O_CLOEXEC) if monitor is not None else None
+
+
+def _close_pipe(pipe: tuple[int, int] | None) -> None:
+    for fd in pipe or ():
+        os.close(fd)
 
 
 def _killpg(pid: int) -> None:

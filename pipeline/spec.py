@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.lines import ProgressSpec
 from pipeline.sandbox import check_relpath
 
 if sys.version_info >= (3, 11):
@@ -35,9 +36,9 @@ MAX_TRIALS = 100_000
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 BUILTINS = ("trial.id", "trial.seed")
 #: results.csv's columns besides the parameters and the metric: a parameter cannot have one of these names
-RESULT_COLUMNS = ("trial", "status", "seconds", "node", "attempts", "retries", "error")
+RESULT_COLUMNS = ("trial", "status", "step", "seconds", "node", "attempts", "retries", "error")
 #: files a trial's directory under --out/trials holds besides its outputs, and where its data appear
-RESERVED_OUTPUTS = ("stdout", "stdout.txt", "stderr.txt")
+RESERVED_OUTPUTS = ("stdout", "stdout.txt", "stderr.txt", "progress.csv")
 TOP_KEYS = (
     "program",
     "interpreter",
@@ -51,7 +52,24 @@ TOP_KEYS = (
     "resources",
     "packages",
     "env",
+    "progress",
 )
+SEARCH_KEYS = (
+    "kind",
+    "trials",
+    "seed",
+    "scheduler",
+    "min_step",
+    "max_step",
+    "reduction",
+    "target",
+    "max_trials",
+    "concurrency",
+    "budget_node_hours",
+)
+#: search fields that say when to stop, not what the trials are: they may change between runs of one sweep
+STOP_KEYS = ("trials", "target", "max_trials", "concurrency", "budget_node_hours")
+SCHEDULERS = ("none", "asha", "hyperband", "median")
 
 
 class SpecError(ValueError):
@@ -195,6 +213,27 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class SearchSpec:
+    """The [search] table: the sampler (`kind`), the scheduler that stops trials early, the stop rules."""
+
+    kind: str = "grid"  # grid, random, tpe
+    trials: int = 0  # random and tpe: how many
+    seed: int = 0
+    scheduler: str = "none"  # none, asha, hyperband, median
+    min_step: int | None = None  # the scheduler's resource (the progress step): its least and most
+    max_step: int | None = None
+    reduction: int = 3
+    target: float | None = None
+    max_trials: int | None = None
+    concurrency: int | None = None
+    budget_node_hours: float | None = None
+
+    @property
+    def adaptive(self) -> bool:
+        return self.kind == "tpe" or self.scheduler != "none"
+
+
+@dataclass(frozen=True)
 class SweepSpec:
     path: Path
     program: str  # as written
@@ -213,6 +252,8 @@ class SweepSpec:
     packages: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
+    search: SearchSpec = field(default_factory=SearchSpec)
+    progress: ProgressSpec | None = None
 
     @property
     def param_names(self) -> list[str]:
@@ -225,7 +266,10 @@ class SweepSpec:
     def trials(self) -> list[Trial]:
         """Every trial of the search, in a fixed order. Grid trial ids name their values (so adding
         values to a list keeps earlier ids); random ones are numbered, and sample i is the same
-        whatever `trials` is (one draw per trial from the seeded generator, in order)."""
+        whatever `trials` is (one draw per trial from the seeded generator, in order). tpe: none here, the
+        sampler proposes them one by one (pipeline.search)."""
+        if self.kind == "tpe":
+            return []
         if self.kind == "grid":
             combos = [dict(zip(self.param_names, c)) for c in itertools.product(*(p.values for p in self.params))]
             ids = [grid_id(params) for params in combos]
@@ -234,14 +278,14 @@ class SweepSpec:
             for params, tid in zip(combos, ids):
                 if tid in clash:  # values that read alike in a name (1 and 1.0, a/b and a_b): told apart
                     tid = _hashed_id(tid, json.dumps(list(params.items())))
-                out.append(Trial(tid, params, _trial_seed(self.seed, tid)))
+                out.append(Trial(tid, params, trial_seed(self.seed, tid)))
             return out
         rng = random.Random(self.seed)
         out = []
         for i in range(self.trials_wanted):
             params = {p.name: p.sample(rng) for p in self.params}
             tid = f"{i:04d}"
-            out.append(Trial(tid, params, _trial_seed(self.seed, tid)))
+            out.append(Trial(tid, params, trial_seed(self.seed, tid)))
         return out
 
     def render_args(self, trial: Trial) -> list[str]:
@@ -257,8 +301,7 @@ class SweepSpec:
         """What makes two runs' results comparable (kept in results.json, checked on resume). Grid
         values and the random search's trial count may change: results of the other trials stay valid."""
         keep = {k: v for k, v in self.raw.items() if k not in ("resources",)}
-        search = dict(keep.get("search", {}))
-        search.pop("trials", None)
+        search = {k: v for k, v in dict(keep.get("search", {})).items() if k not in STOP_KEYS}
         keep["search"] = search
         if self.kind == "grid":
             keep.pop("params", None)
@@ -296,7 +339,7 @@ def _fmt_value(v: Any) -> str:
     return str(v)
 
 
-def _trial_seed(seed: int, tid: str) -> int:
+def trial_seed(seed: int, tid: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{tid}".encode()).digest()[:4], "big") & 0x7FFFFFFF
 
 
@@ -332,8 +375,15 @@ def parse(doc: Mapping[str, Any], base: Path, path: Path | None = None) -> Sweep
     if goal not in ("max", "min"):
         raise SpecError(f'goal: {goal!r} is not valid; give "max" or "min"')
     data = _data(doc.get("data", {}), base)
-    kind, trials_wanted, seed = _search(doc.get("search", {}))
-    params = _params(doc.get("params"), kind, metric.name)
+    search = _search(doc.get("search", {}))
+    kind, trials_wanted, seed = search.kind, search.trials, search.seed
+    progress = _progress(doc.get("progress"))
+    if search.scheduler != "none" and progress is None:
+        raise SpecError(
+            f"search.scheduler = {search.scheduler!r} needs a progress field to decide on, e.g. "
+            'progress = { json-line = "val_acc", step = "epoch" }'
+        )
+    params = _params(doc.get("params"), "random" if kind == "tpe" else kind, metric.name)
     args = _args(doc, params, data)
     resources = _resources(doc.get("resources", {}))
     packages = _packages(doc.get("packages", []))
@@ -356,8 +406,10 @@ def parse(doc: Mapping[str, Any], base: Path, path: Path | None = None) -> Sweep
         packages=packages,
         env=env,
         raw=json.loads(json.dumps(dict(doc), default=str)),
+        search=search,
+        progress=progress,
     )
-    n = trials_wanted if kind == "random" else math.prod(len(p.values) for p in params)
+    n = trials_wanted if kind != "grid" else math.prod(len(p.values) for p in params)
     if n > MAX_TRIALS:
         raise SpecError(f"params: the grid has {n} trials, more than {MAX_TRIALS}; use fewer values or a random search")
     return spec
@@ -419,7 +471,9 @@ def _outputs(doc: Mapping[str, Any]) -> tuple[str, ...]:
         raise SpecError(f"outputs: {outputs!r} names a file twice")
     reserved = [o for o in checked if _reserved(o)]
     if reserved:
-        raise SpecError(f"outputs: {reserved[0]!r} is reserved (stdout.txt, stderr.txt, data/); rename the file")
+        raise SpecError(
+            f"outputs: {reserved[0]!r} is reserved (stdout.txt, stderr.txt, progress.csv, data/); rename the file"
+        )
     return checked
 
 
@@ -451,7 +505,9 @@ def _metric(doc: Mapping[str, Any]) -> Metric:
         except ValueError as e:
             raise SpecError(str(e)) from None
         if _reserved(path):
-            raise SpecError(f"metric.file: {path!r} is reserved (stdout.txt, stderr.txt, data/); rename the file")
+            raise SpecError(
+                f"metric.file: {path!r} is reserved (stdout.txt, stderr.txt, progress.csv, data/); rename the file"
+            )
         return Metric("file", key=m["key"], path=path)
     raise SpecError(f"metric: {m!r} is not valid; give {valid}")
 
@@ -489,23 +545,91 @@ def _data(table: Any, base: Path) -> tuple[DataItem, ...]:
     return tuple(items)
 
 
-def _search(table: Any) -> tuple[str, int, int]:
+def _search(table: Any) -> SearchSpec:
     if not isinstance(table, dict):
         raise SpecError('search: give a table, e.g. { kind = "random", trials = 40, seed = 0 }')
-    _no_unknown(table, ("kind", "trials", "seed"), "search")
+    _no_unknown(table, SEARCH_KEYS, "search")
     kind = table.get("kind", "grid")
-    if kind not in ("grid", "random"):
-        raise SpecError(f'search.kind: {kind!r} is not valid; give "grid" or "random"')
+    if kind not in ("grid", "random", "tpe"):
+        raise SpecError(f'search.kind: {kind!r} is not valid; give "grid", "random" or "tpe"')
     trials = table.get("trials")
     if kind == "grid" and trials is not None:
-        raise SpecError('search.trials: a grid runs every combination; trials applies to kind = "random"')
-    if kind == "random":
+        raise SpecError('search.trials: a grid runs every combination; trials applies to kind = "random" or "tpe"')
+    if kind != "grid":
         if isinstance(trials, bool) or not isinstance(trials, int) or not 1 <= trials <= MAX_TRIALS:
             raise SpecError(f"search.trials: {trials!r} is not valid; give a whole number from 1 to {MAX_TRIALS}")
     seed = table.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise SpecError(f"search.seed: {seed!r} is not valid; give a whole number >= 0")
-    return kind, trials or 0, seed
+    scheduler = table.get("scheduler", "none")
+    if scheduler not in SCHEDULERS:
+        raise SpecError(f"search.scheduler: {scheduler!r} is not valid; give one of {', '.join(map(repr, SCHEDULERS))}")
+    lo, hi = _whole(table, "min_step", 1), _whole(table, "max_step", 1)
+    if lo is not None and hi is not None and lo > hi:
+        raise SpecError(f"search.min_step: {lo} is more than search.max_step {hi}; give min_step <= max_step")
+    reduction = _whole(table, "reduction", 2)
+    target = table.get("target")
+    if target is not None and not _number(target):
+        raise SpecError(f"search.target: {target!r} is not valid; give the metric's value that ends the sweep")
+    budget = table.get("budget_node_hours")
+    if budget is not None and (not _number(budget) or budget <= 0):
+        raise SpecError(f"search.budget_node_hours: {budget!r} is not valid; give a number of node-hours > 0")
+    return SearchSpec(
+        kind=kind,
+        trials=trials or 0,
+        seed=seed,
+        scheduler=scheduler,
+        min_step=lo,
+        max_step=hi,
+        reduction=reduction if reduction is not None else 3,
+        target=float(target) if target is not None else None,
+        max_trials=_whole(table, "max_trials", 1),
+        concurrency=_whole(table, "concurrency", 1),
+        budget_node_hours=float(budget) if budget is not None else None,
+    )
+
+
+def _whole(table: Mapping[str, Any], key: str, least: int) -> int | None:
+    value = table.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise SpecError(f"search.{key}: {value!r} is not valid; give a whole number >= {least}")
+    return value
+
+
+def _progress(value: Any) -> ProgressSpec | None:
+    """progress = { json-line = "KEY", step = "STEP_KEY" } or { regex = '...(?P<value>...)...(?P<step>...)' }."""
+    if value is None:
+        return None
+    valid = '{ json-line = "KEY", step = "STEP_KEY" } or { regex = \'epoch (?P<step>\\d+) acc (?P<value>\\S+)\' }'
+    if not isinstance(value, dict):
+        raise SpecError(f"progress: {value!r} is not valid; give {valid}")
+    if "regex" in value:
+        _no_unknown(value, ("regex",), "progress")
+        text = value["regex"]
+        if not isinstance(text, str) or not text:
+            raise SpecError(
+                f"progress.regex: {text!r} is not valid; give a regular expression with a group (?P<value>...)"
+            )
+        try:
+            rx = re.compile(text)
+        except re.error as e:
+            raise SpecError(f"progress.regex: {text!r} is not a valid regular expression ({e})") from None
+        if "value" not in rx.groupindex or not set(rx.groupindex) <= {"value", "step"}:
+            raise SpecError(
+                f"progress.regex: {text!r} needs a named group (?P<value>...) and may have (?P<step>...), nothing else"
+            )
+        return ProgressSpec(regex=text)
+    _no_unknown(value, ("json-line", "step"), "progress")
+    key, step = value.get("json-line"), value.get("step", "")
+    if not isinstance(key, str) or not key:
+        raise SpecError(f"progress.json-line: {key!r} is not valid; give the key of the value each line reports")
+    if not isinstance(step, str):
+        raise SpecError(
+            f'progress.step: {step!r} is not valid; give the key holding each line\'s step (a number), e.g. "epoch"'
+        )
+    return ProgressSpec(key=key, step=step)
 
 
 def _number(v: Any) -> bool:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline import report
 from pipeline import spec as specmod
 from pipeline.cli_common import (
     Session,
@@ -30,10 +31,11 @@ from pipeline.cli_common import (
     run_and_report,
     start_ray,
 )
-from pipeline.sweep import Previous, ReadMetric, ResultStore, SettingsMismatch, TrialFiles, TrialResult
+from pipeline.runner import Previous, ReadMetric, ResultStore, SettingsMismatch, TrialFiles, TrialResult
+from pipeline.search import STUDY_FILE, StopRules, make_search
 
 if TYPE_CHECKING:
-    from pipeline import tasks
+    from pipeline import progress, tasks
 
 PROG = "raysweep"
 
@@ -59,10 +61,11 @@ def validate(args: argparse.Namespace) -> Checked:
     except specmod.SpecError as e:
         raise UsageError(str(e) if str(e).startswith(str(args.sweep_file)) else f"{args.sweep_file}: {e}") from None
     trials = spec.trials()
-    previous = read_earlier(args, spec.param_names, spec.metric.name)
+    previous = read_earlier(args, spec.param_names, spec.metric.name, steps=spec.progress is not None)
     if previous is not None:  # all but the fetched data's digests can be compared before Ray starts
+        digests = {"data_sha256": previous.settings.get("data_sha256")} if previous.settings else {}  # later
         try:
-            ResultStore(args.out, spec.param_names, spec.metric.name, spec.settings()).check(previous)
+            ResultStore(args.out, spec.param_names, spec.metric.name, {**spec.settings(), **digests}).check(previous)
         except SettingsMismatch as e:
             raise UsageError(str(e)) from None
     return Checked(spec, trials, previous)
@@ -108,7 +111,8 @@ def produce_data(spec: specmod.SweepSpec) -> tuple[dict[str, tasks.DataObject], 
 
 
 def submitter(spec: specmod.SweepSpec, objects: Mapping[str, tasks.DataObject]):
-    """One Execute task per trial: [interpreter] program ARGS, the data at data/<name>, stdout captured."""
+    """One Execute task per trial: [interpreter] program ARGS, the data at data/<name>; stdout read on the node
+    (its last lines and a tail come back, whatever it prints), its progress reports sent to `report_to`."""
     from pipeline import tasks
 
     program: Any = spec.program
@@ -120,10 +124,13 @@ def submitter(spec: specmod.SweepSpec, objects: Mapping[str, tasks.DataObject]):
     inputs = {d.relpath: objects[d.name] for d in spec.data}
     env = {"OMP_NUM_THREADS": str(max(1, int(res.cpus))), **spec.env}
 
-    def submit(trial: specmod.Trial) -> tasks.Execute:
+    watch = tasks.Watch(json_key=spec.metric.key if spec.metric.source == "json-line" else "", progress=spec.progress)
+
+    def submit(trial: specmod.Trial, report_to: progress.ReportTo | None = None) -> tasks.Execute:
         return tasks.Execute(
             [*head, *spec.render_args(trial)],
-            stdout=True,
+            watch=watch,
+            report_to=report_to,
             input_paths=inputs,
             output_paths=spec.outputs,
             cpus=res.cpus,
@@ -147,8 +154,6 @@ def reader(spec: specmod.SweepSpec) -> ReadMetric:
 def _run(session: Session, checked: Checked) -> int:
     import ray
 
-    from pipeline import report
-
     spec, trials = checked.spec, checked.trials
     start_ray(session, f"{len(trials)} trial(s) of {spec.path.name}", _runtime_env(spec))
     try:
@@ -157,7 +162,8 @@ def _run(session: Session, checked: Checked) -> int:
         session.error(str(e))
         return 2
     settings = {**spec.settings(), "data_sha256": digests}
-    store = ResultStore(session.args.out, spec.param_names, spec.metric.name, settings, [t.id for t in trials])
+    steps = spec.progress is not None
+    store = ResultStore(session.args.out, spec.param_names, spec.metric.name, settings, [t.id for t in trials], steps)
     if not adopt_earlier(session, store, checked.previous):
         return 2
     store.meta = {
@@ -188,25 +194,54 @@ def _run(session: Session, checked: Checked) -> int:
     def draw(results: list[TrialResult]) -> Path:
         title = f"{spec.path.name}: {spec.metric.describe()} ({spec.goal}), {len(results)} trials"
         out = Path(session.args.out) / "plot.png"
-        return report.plot(results, spec.param_names, spec.kind, out, title, spec.metric.name, spec.log_params, values)
+        step_name = (spec.progress.step or "report") if spec.progress is not None else None
+        return report.plot(
+            results, spec.param_names, spec.kind, out, title, spec.metric.name, spec.log_params, values, step_name
+        )
 
     def best_line(b) -> str:
         params = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in b.params.items())
         return f"best ({spec.goal} {spec.metric.name}): trial {b.id} {params} {spec.metric.name}={b.value:.6g}"
 
-    return run_and_report(
-        session,
-        store,
-        trials,
-        submit,
-        res.cpus,
-        draw,
-        best_line,
-        read=read,
-        retries=res.retries,
-        files=files,
-        goal=spec.goal,
-    )
+    s = spec.search
+    finished = {r.id: (r.status, r.value) for r in store.results.values()}
+    try:
+        search = make_search(s, spec.params, trials, spec.goal, session.args.out, finished, fresh=session.args.fresh)
+    except Exception as e:  # e.g. a study.db that is not Optuna's, or one of another sweep
+        session.error(f"{Path(session.args.out) / STUDY_FILE}: cannot open it as the sweep's Optuna study ({e})")
+        return 2
+    concurrency = s.concurrency
+    if concurrency is None and s.kind == "tpe":  # the sampler learns from results: no more at once than fit
+        concurrency = max(1, int(sum(n.get("CPU", 0) for n in nodes) // res.cpus))
+    rules = StopRules(s.target, s.max_trials, concurrency, s.budget_node_hours)
+    total = s.trials if s.kind == "tpe" else len(trials)
+    total = min(total, s.max_trials) if s.max_trials is not None else total
+    hub = None
+    if spec.progress is not None:
+        from pipeline.progress import ProgressHub
+
+        hub = ProgressHub.start()
+    try:
+        return run_and_report(
+            session,
+            store,
+            trials,
+            submit,
+            res.cpus,
+            draw,
+            best_line,
+            read=read,
+            retries=res.retries,
+            files=files,
+            goal=spec.goal,
+            search=search,
+            rules=rules,
+            hub=hub,
+            total=total,
+        )
+    finally:
+        if hub is not None:
+            hub.close()
 
 
 if __name__ == "__main__":

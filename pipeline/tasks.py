@@ -32,6 +32,8 @@ import ray
 
 from pipeline import reaper
 from pipeline.cache import Entry, NodeCache
+from pipeline.lines import StdoutMonitor, Watch, Watched
+from pipeline.progress import Reporter, ReportTo, watched_run
 from pipeline.ray_address import RayAddressError, check_ray_address
 from pipeline.sandbox import ExecuteError, ProgramRun, Sandbox, TaskDirs, check_relpath, remove_orphaned_task_dirs
 
@@ -42,6 +44,8 @@ __all__ = [
     "FetchedData",
     "RayAddressError",
     "RunInfo",
+    "Watch",
+    "Watched",
     "blob",
     "ensure_ray",
     "file",
@@ -228,6 +232,8 @@ class _Spec:
     capture_stdout: bool
     env: tuple[tuple[str, str], ...] | None
     timeout: float | None
+    watch: Watch | None = None  # stdout read on the node while the program runs (pipeline.lines)
+    report_to: ReportTo | None = None  # where its progress reports go (pipeline.progress)
 
 
 @dataclass(frozen=True)
@@ -241,6 +247,8 @@ class RunInfo:
     input_bytes_written: int  # bytes this task wrote to map its inputs (0 on cache hits)
     attempt: int = 0  # 0 on the first run; more when Ray re-ran it (e.g. a node was lost)
     stderr_tail: str = ""  # the last lines the program wrote to stderr ("" when it wrote none)
+    watched: Watched | None = None  # what was kept of stdout, for a task given `watch`
+    stopped: bool = False  # the program was stopped on request (its outputs are empty)
 
 
 def _random_name(data: DataObject) -> str:
@@ -320,25 +328,39 @@ def _run_spec(spec: _Spec, inputs: Sequence[np.ndarray]) -> list:
                     continue
                 if spec.stdin == i:
                     stdin = entry.fd
+            monitor, reporter = _monitor(spec)
             try:
-                result = box.run(_program(spec), stdin=stdin)
+                result = box.run(_program(spec), stdin=stdin, monitor=monitor)
             finally:
+                if reporter is not None:
+                    reporter.close()
                 _check_shared(spec.name, worker.cache, shared)
         finally:
             for _, entry, _ in shared:
                 entry.close()
         outputs = []
         for key, rel in zip(spec.output_keys, spec.output_paths):
-            path = result.outputs[rel]
-            array = np.fromfile(path, dtype=np.uint8)
+            path = result.outputs.get(rel)  # none of a stopped program
+            array = np.fromfile(path, dtype=np.uint8) if path is not None else np.zeros(0, np.uint8)
             outputs.append(array)
-            if array.size > PRIVATE_COPY_MAX_BYTES:
+            if path is not None and array.size > PRIVATE_COPY_MAX_BYTES:
                 worker.cache.adopt(key, path)  # a consumer on this node links it, writing nothing
-        if result.stdout is not None:
-            outputs.append(np.fromfile(result.stdout, dtype=np.uint8))
+        if spec.capture_stdout:
+            stdout = np.fromfile(result.stdout, dtype=np.uint8) if result.stdout is not None else np.zeros(0, np.uint8)
+            outputs.append(stdout)
     # the RunInfo's fields as a list: Ray sends that as plain msgpack, cheaper than pickling a dataclass
     info = [spec.name, worker.node_ip, worker.hostname, result.seconds, written, _attempt(), result.stderr_tail]
+    if spec.watch is not None:
+        info += [result.watched, result.stopped]
     return [info, *outputs]
+
+
+def _monitor(spec: _Spec) -> tuple[StdoutMonitor | None, Reporter | None]:
+    """The reader of the program's stdout on this node, for a task given `watch`, and the reporter of its
+    progress to the sweep, for a task given `report_to` too."""
+    if spec.watch is None:
+        return None, None
+    return watched_run(spec.watch, spec.report_to, _attempt())
 
 
 def _program(spec: _Spec) -> ProgramRun:
@@ -435,6 +457,10 @@ class Execute:
 
     Submitted when constructed. `outputs` maps each declared output path (and "stdout" when captured)
     to a data object; `output` is the single one; `wait()` returns the RunInfo or raises ExecuteError.
+    `watch` (a pipeline.lines.Watch) has the program's stdout read on its node while it runs, in bounded
+    memory: the RunInfo's `watched` holds its last lines and tail (what a sweep reads its metric from), so
+    stdout need not travel whole; `stdout=True` still returns it whole as a data object. With `report_to` too
+    (pipeline.progress), its progress reports go to the sweep as they are printed, and the sweep can stop it.
     `info_ref` is the task's own Ray object (for ray.wait or ray.cancel; `wait()` reads it). A running program
     is stopped by `ray.cancel(info_ref, force=True)`; without force, Ray's cancel reaches the task only once
     its program has ended (the worker waits for it in one call that Ray's interrupt does not break).
@@ -453,6 +479,8 @@ class Execute:
         env: Mapping[str, str] | None = None,
         timeout: float | None = None,
         gpus: float = 0,
+        watch: Watch | None = None,
+        report_to: ReportTo | None = None,
     ):
         argv, datas, names = self._parse_args(args, shell)
         for rel, item in _pairs(input_paths):
@@ -487,6 +515,10 @@ class Execute:
             raise ValueError(f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
         if env is not None:
             _check_env(env)
+        if watch is not None and not isinstance(watch, Watch):
+            raise TypeError(f"watch must be a pipeline.lines.Watch or None, got {type(watch).__name__}")
+        if report_to is not None and (watch is None or watch.progress is None):
+            raise ValueError("report_to needs a watch with progress (the reports come from the program's stdout)")
         out_names = list(outs) + (["stdout"] if stdout else [])
         self.name = name or _default_name(argv, names)
         output_keys = tuple(uuid.uuid4().hex for _ in out_names)
@@ -504,6 +536,8 @@ class Execute:
             bool(stdout),
             tuple(sorted(env.items())) if env is not None else None,
             float(timeout) if timeout is not None else None,
+            watch,
+            report_to,
         )
         ensure_ray()
         spec_bytes = pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL)

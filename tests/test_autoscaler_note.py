@@ -8,7 +8,7 @@ from ray.autoscaler.v2.schema import ClusterStatus, LaunchRequest, NodeInfo
 from ray.autoscaler.v2.utils import ClusterStatusFormatter
 
 from cloud.elastic import autoscaler_note
-from pipeline.sweep import Progress
+from pipeline.runner import Progress
 
 
 def _status(**kw) -> str:

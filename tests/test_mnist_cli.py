@@ -86,6 +86,27 @@ def test_sweep_2x2_on_mnist_5k(tmp_path):
     assert "[4/4] done 4, failed 0" in r.stderr
 
 
+@pytest.mark.tensorflow
+def test_the_program_prints_a_validation_line_per_epoch_then_the_test_accuracy(tmp_path):
+    data = tmp_path / "mnist-5k.npz"
+    fetch = [sys.executable, str(ROOT / "pipeline/programs/fetch_data.py"), "--source", "mnist-5k", "--out", str(data)]
+    subprocess.run(fetch, check=True, capture_output=True)
+    prog = [sys.executable, str(ROOT / "pipeline/programs/mnist.py"), "--data", str(data), "--size", "32"]
+    r = subprocess.run(
+        [*prog, "--dropout", "0.2", "--epochs", "2", "--lr", "0.003", "--seed", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    *epochs, last = r.stdout.splitlines()
+    docs = [json.loads(l) for l in epochs]
+    assert [d["epoch"] for d in docs] == [1, 2] and all(0.5 < d["val_accuracy"] <= 1 for d in docs), epochs
+    assert 0.5 < float(last) <= 1
+    bad = subprocess.run([*prog, "--dropout", "0.2", "--lr", "0"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--lr: must be a number > 0" in bad.stderr
+
+
 FLAKY_WRAPPER = """
 import os, runpy, sys
 size = sys.argv[sys.argv.index("--size") + 1]
@@ -201,3 +222,41 @@ def test_a_cluster_run_sets_token_auth_before_ray_is_imported(module, tmp_path):
     assert "--cluster 'nosuch'" in r.stderr, r.stdout + r.stderr
     [result] = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
     assert result == "RESULT 2 False token", result
+
+
+@pytest.mark.tensorflow
+def test_the_mnist_asha_example(tmp_path):
+    """examples/mnist-asha.toml, cut to 4 trials of 3 epochs two at a time: TPE and ASHA on the real program; each
+    trial reports its epochs, the study opens with Optuna, the plot has the learning curves."""
+    import optuna
+
+    data = tmp_path / "mnist-5k.npz"
+    fetch = [sys.executable, str(ROOT / "pipeline/programs/fetch_data.py"), "--source", "mnist-5k", "--out", str(data)]
+    subprocess.run(fetch, check=True, capture_output=True)
+    text = (ROOT / "examples" / "mnist-asha.toml").read_text()
+    for a, b in [
+        ('"../pipeline/programs/mnist.py"', f'"{ROOT / "pipeline/programs/mnist.py"}"'),
+        ('"mnist-5k.npz"', f'"{data}"'),
+        ("--epochs 9", "--epochs 3"),
+        ("trials = 24", "trials = 4\nconcurrency = 2"),
+        ("max_step = 9", "max_step = 3"),
+    ]:
+        assert a in text, a
+        text = text.replace(a, b)
+    (tmp_path / "asha.toml").write_text(text)
+    out = tmp_path / "res"
+    r = run_cli("-m", "pipeline.sweep", str(tmp_path / "asha.toml"), "--out", str(out), "--local-cpus", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_csv(out / "results.csv")
+    assert [x["trial"] for x in rows] == ["0000", "0001", "0002", "0003"]
+    statuses = [x["status"] for x in rows]
+    assert set(statuses) <= {"ok", "pruned"} and "ok" in statuses, statuses  # which: the order trials end decides
+    for x in rows:
+        steps = (out / "trials" / x["trial"] / "progress.csv").read_text().splitlines()[1:]
+        assert [int(s.split(",")[0]) for s in steps] == list(range(1, int(x["step"]) + 1))
+        assert 0.5 < float(x["val_accuracy"]) <= 1
+    study = optuna.load_study(study_name="raysweep", storage=f"sqlite:///{out / 'study.db'}")
+    assert len(study.trials) == 4 and study.best_value == max(
+        float(x["val_accuracy"]) for x in rows if x["status"] == "ok"
+    )
+    assert (out / "plot.png").stat().st_size > 10_000

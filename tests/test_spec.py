@@ -9,7 +9,7 @@ import pytest
 
 from pipeline import spec as S
 from pipeline.report import choose_plot, most_correlated, spearman
-from pipeline.sweep import TrialResult
+from pipeline.runner import TrialResult
 
 GOOD = """
 program = "train.py"

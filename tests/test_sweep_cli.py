@@ -346,7 +346,7 @@ def test_trials_bigger_than_the_local_ray_are_refused_instead_of_waiting_forever
 NO_AUTO_INIT = """
 import sys
 import ray
-from pipeline import sweep, tasks
+from pipeline import runner, tasks
 from pipeline.spec import Trial
 
 tasks.ensure_ray(num_cpus=1)
@@ -359,9 +359,9 @@ def read(stdout, outputs):  # the connection is lost as the first trial ends, th
     ray.shutdown()
     raise ConnectionError("lost")
 
-store = sweep.ResultStore(sys.argv[1], ["x"], "value", {})
+store = runner.ResultStore(sys.argv[1], ["x"], "value", {})
 try:
-    sweep.run_trials(trials, submit, store, read=read, poll_s=0.2)
+    runner.run_trials(trials, submit, store, read=read, poll_s=0.2)
 except ConnectionError:
     print("lost")
 print("started a Ray:", ray.is_initialized())

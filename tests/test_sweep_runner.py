@@ -1,4 +1,4 @@
-"""pipeline.sweep on a local Ray with a tiny program: failure isolation, retries, resume, settings
+"""pipeline.runner on a local Ray with a tiny program: failure isolation, retries, resume, settings
 mismatch, metric reading, trial files, a damaged results.json, a full disk."""
 
 import contextlib
@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from pipeline import spec as S
-from pipeline.sweep import (
+from pipeline.runner import (
     OutputError,
     ResultStore,
     SettingsMismatch,

@@ -1,0 +1,184 @@
+"""Adaptive search as a user runs it (python -m pipeline.sweep), on a local Ray, with a tiny program that prints
+known learning curves: which trials are pruned and when, the stop rules, Optuna's study in --out and its resume."""
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline import spec as S
+from tests.conftest import ROOT, run_cli
+
+# a learning curve reaching q after `epochs` epochs, one JSON line per epoch; SIGTERM leaves a marker
+CURVE = r"""
+import json, os, signal, sys, time
+q, epochs, pause = float(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+state = os.environ["STATE"]
+with open(os.path.join(state, "calls.log"), "a") as f:
+    f.write(f"{q}\n")
+def term(*_):
+    open(os.path.join(state, f"term-{q}"), "w").close()
+    sys.exit(143)
+signal.signal(signal.SIGTERM, term)
+for e in range(1, epochs + 1):
+    time.sleep(pause / 2 if q > 0.9 else pause)
+    print(json.dumps({"epoch": e, "acc": q * e / epochs}), flush=True)
+print(json.dumps({"acc": q}))
+"""
+
+HEAD = """
+program = "curve.py"
+metric = { json-line = "acc" }
+env = { STATE = "STATE_DIR" }
+"""
+PROGRESS = 'progress = { json-line = "acc", step = "epoch" }\n'
+
+
+def sweep(tmp, text, *extra, timeout=240):
+    (tmp / "curve.py").write_text(CURVE)
+    (tmp / "sweep.toml").write_text(HEAD.replace("STATE_DIR", str(tmp)) + text)
+    return run_cli(
+        "-m",
+        "pipeline.sweep",
+        str(tmp / "sweep.toml"),
+        "--out",
+        str(tmp / "out"),
+        "--local-cpus",
+        "2",
+        *extra,
+        timeout=timeout,
+    )
+
+
+def rows(out):
+    with open(out / "results.csv") as f:
+        return {r["trial"]: r for r in csv.DictReader(f)}
+
+
+def study(out):
+    import optuna
+
+    return optuna.load_study(study_name="raysweep", storage=f"sqlite:///{out / 'study.db'}")
+
+
+def test_asha_prunes_the_trial_behind_at_the_first_rung_and_the_study_opens_with_optuna(tmp_path):
+    """One at a time, in the order 0.5, 0.9, 0.3: 0.9 beats 0.5 at every rung and runs on; 0.3 is behind both
+    at the first rung (step 1, ASHA with 3 trials and reduction 3 promotes only the best) and is stopped there."""
+    text = PROGRESS + 'args = "{q} 9 0.3"\n[params]\nq = [0.5, 0.9, 0.3]\n'
+    text += '[search]\nscheduler = "asha"\nmin_step = 1\nconcurrency = 1\n'
+    r = sweep(tmp_path, text)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "out"
+    got = rows(out)
+    assert {k: v["status"] for k, v in got.items()} == {"q=0.5": "ok", "q=0.9": "ok", "q=0.3": "pruned"}, got
+    assert got["q=0.5"]["step"] == got["q=0.9"]["step"] == "9"
+    last = int(got["q=0.3"]["step"])  # what it printed before the SIGTERM reached it: the decision was at step 1
+    assert 1 <= last < 9 and float(got["q=0.3"]["acc"]) == pytest.approx(0.3 * last / 9)  # its last value kept
+    assert (tmp_path / "term-0.3").exists() and not (tmp_path / "term-0.5").exists()  # SIGTERM, then it exited
+    lines = (out / "trials" / "q=0.3" / "progress.csv").read_text().splitlines()
+    assert lines[:2] == ["step,value", f"1,{0.3 / 9!r}"] and len(lines) == 1 + last
+    doc = json.loads((out / "results.json").read_text())
+    assert [len(t["progress"]) for t in doc["trials"]] == [9, 9, last]
+    trials = {t.user_attrs["id"]: t for t in study(out).trials}
+    assert {k: t.state.name for k, t in trials.items()} == {"q=0.5": "COMPLETE", "q=0.9": "COMPLETE", "q=0.3": "PRUNED"}
+    assert list(trials["q=0.3"].intermediate_values) == [1]  # pruned on its first report: the first rung
+    assert "done 2, pruned 1, failed 0" in r.stderr
+    assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+    r2 = sweep(tmp_path, text)  # a resume: nothing left to run, the pruned trial is a result
+    assert r2.returncode == 0 and "reusing 3 finished trial(s)" in r2.stderr, r2.stderr[-2000:]
+    assert len(study(out).trials) == 3
+
+    changed = text.replace('scheduler = "asha"', 'scheduler = "median"')
+    r3 = sweep(tmp_path, changed)
+    assert r3.returncode == 2 and "different sweep" in r3.stderr and "--fresh" in r3.stderr, r3.stderr[-2000:]
+
+
+def test_a_reached_target_cancels_the_running_trials_and_ends_with_exit_0(tmp_path):
+    """0.95 runs twice as fast as the others and reaches the target while 0.2 still runs (0.3 waits for a slot)."""
+    text = PROGRESS + 'args = "{q} 9 1.0"\n[params]\nq = [0.95, 0.2, 0.3]\n[search]\ntarget = 0.9\n'
+    r = sweep(tmp_path, text)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = rows(tmp_path / "out")
+    assert got["q=0.95"]["status"] == "ok"
+    assert got["q=0.2"]["status"] == "cancelled" and int(got["q=0.2"]["step"] or 0) < 9, got  # stopped midway
+    assert got["q=0.3"]["status"] == "cancelled" or "q=0.3" not in got
+    assert "the target was reached" in r.stderr
+
+
+def test_tpe_proposes_trials_one_by_one_and_a_resume_continues_its_study(tmp_path):
+    text = 'args = "{q} 1 0"\n[params]\nq = { uniform = [0.0, 0.9] }\n[search]\nkind = "tpe"\ntrials = 4\nseed = 3\n'
+    r = sweep(tmp_path, text)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "out"
+    assert sorted(rows(out)) == ["0000", "0001", "0002", "0003"]
+    assert [t.state.name for t in study(out).trials] == ["COMPLETE"] * 4
+    r2 = sweep(tmp_path, text.replace("trials = 4", "trials = 6"))  # the trial count may grow: a resume
+    assert r2.returncode == 0 and "reusing 4 finished trial(s)" in r2.stderr, r2.stderr[-2000:]
+    assert sorted(rows(out)) == [f"{i:04d}" for i in range(6)]
+    trials = study(out).trials
+    assert [t.user_attrs["id"] for t in trials] == [f"{i:04d}" for i in range(6)]
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 6
+    assert len((tmp_path / "calls.log").read_text().split()) == 6  # none ran twice
+
+
+def test_kill_9_of_the_driver_then_a_resume_loses_no_trial_and_runs_none_twice(tmp_path):
+    text = 'args = "{q} 3 0.5"\n[params]\nq = { uniform = [0.0, 0.9] }\n[search]\nkind = "tpe"\ntrials = 4\n'
+    text += "concurrency = 1\n"
+    (tmp_path / "curve.py").write_text(CURVE)
+    (tmp_path / "sweep.toml").write_text(HEAD.replace("STATE_DIR", str(tmp_path)) + text)
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "pipeline.sweep", str(tmp_path / "sweep.toml"), "--out", str(out)]
+    p = subprocess.Popen([*argv, "--local-cpus", "2"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while not ((out / "results.csv").exists() and len(rows(out)) >= 2):
+            assert p.poll() is None and time.monotonic() < deadline, "the sweep never finished 2 trials"
+            time.sleep(0.1)
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=30)
+    finally:
+        p.kill()
+        p.wait()
+    time.sleep(2)  # the orphaned local Ray and its running trial end with their driver
+    r = run_cli(*argv[1:], "--local-cpus", "2", timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(rows(out)) == ["0000", "0001", "0002", "0003"]
+    done = [t for t in study(out).trials if t.state.name == "COMPLETE"]
+    assert sorted(t.user_attrs["id"] for t in done) == ["0000", "0001", "0002", "0003"]
+
+
+@pytest.mark.parametrize(
+    "text, expect",
+    [
+        ('[search]\nscheduler = "asha"\n', "search.scheduler = 'asha' needs a progress field"),
+        (PROGRESS + '[search]\nscheduler = "asha"\nmin_step = 9\nmax_step = 3\n', "search.min_step: 9 is more than"),
+        ('progress = { json-line = "acc", step = 1 }\n', "progress.step: 1 is not valid"),
+        ('progress = { regex = "acc (.*)" }\n', "needs a named group (?P<value>"),
+        ('progress = { regex = "(?P<value>" }\n', "not a valid regular expression"),
+        ('[search]\nkind = "tpe"\n', "search.trials: None is not valid"),
+        ('[search]\nkind = "grid"\nsampler = "tpe"\n', "search.sampler: unknown field"),
+        ('[search]\nscheduler = "pbt"\n', "search.scheduler: 'pbt' is not valid"),
+        ("[search]\nconcurrency = 0\n", "search.concurrency: 0 is not valid"),
+        ("[search]\nbudget_node_hours = -1\n", "search.budget_node_hours: -1"),
+        ('[search]\ntarget = "high"\n', "search.target: 'high' is not valid"),
+    ],
+)
+def test_bad_adaptive_settings_are_refused_in_one_line(tmp_path, text, expect):
+    (tmp_path / "curve.py").write_text(CURVE)
+    doc = S.tomllib.loads('program = "curve.py"\nargs = "{q} 1 0"\n' + text + "[params]\nq = [0.5]\n")
+    with pytest.raises(S.SpecError) as e:
+        S.parse(doc, tmp_path)
+    assert expect in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_plain_sweep_is_not_adaptive_and_keeps_its_ids():
+    """`grid` and `random` without a scheduler keep their trials and ids (no Optuna, no study.db)."""
+    doc = S.tomllib.loads('program = "/bin/true"\n[params]\nq = [1, 2]\n')
+    spec = S.parse(doc, ROOT)
+    assert spec.progress is None and not spec.search.adaptive
+    assert [t.id for t in spec.trials()] == ["q=1", "q=2"]
