@@ -31,7 +31,8 @@ def cluster(sim_hosts, node_wheelhouse, tmp_path_factory):
     state = tmp_path_factory.mktemp("state")
     cli = ClusterCLI(sim_hosts, state)
     cli.env[autostop.UNIT_ENV] = str(UNIT)
-    cli.config = str(sim_cluster_toml(state / "cluster.toml", cli.name, node_wheelhouse))
+    # only Ray on the nodes: its jobs are plain Python (TensorFlow would cost ~1 GB of each host's memory)
+    cli.config = str(sim_cluster_toml(state / "cluster.toml", cli.name, node_wheelhouse, packages="[]"))
     try:
         cli("--config", cli.config, "up", "-n", "2", "--autostop", "0", check=0)
         cli("--config", cli.config, "install", check=0, timeout=900)

@@ -91,7 +91,7 @@ def _cluster(local, tmp_path_factory):
     recorder = KeyRecorder(app)
     state = tmp_path_factory.mktemp("elastic")
     name = f"el{uuid.uuid4().hex[:6]}"
-    toml = cluster_toml(state / "cluster.toml", name)
+    toml = cluster_toml(state / "cluster.toml", name, packages="[]")  # only Ray: the workloads are plain Python
     env = {
         **local.client_env(state / "clusters"),
         "RAY_USAGE_STATS_ENABLED": "0",
