@@ -39,11 +39,13 @@ system-deps:
 	  fi; \
 	else echo "not root: tests that need network namespaces will skip"; fi
 
-# ruff (lint + format check) and mypy, configured in pyproject.toml; `make test` runs it first
+# ruff (lint + format check), mypy and the import contracts (lint-imports), configured in pyproject.toml;
+# `make test` runs it first
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 test: $(STAMP) lint system-deps
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)

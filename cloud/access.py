@@ -12,6 +12,7 @@ import socket
 import time
 from dataclasses import dataclass
 
+from cloud import provision
 from cloud.config import ClusterConfig
 from cloud.remote import Remote
 from cloud.state import ClusterState, StateStore
@@ -44,8 +45,6 @@ def cluster_state(cfg: ClusterConfig) -> ClusterState:
                 f"no local state for cluster {cfg.name!r} in {store.dir}; set EXOSCALE_API_KEY/"
                 f"EXOSCALE_API_SECRET to look it up, or run `exoscale.py up` first"
             )
-        from cloud import provision
-
         st = provision.status(cfg.driver(), cfg)
         if not st.nodes:
             refuse_autostopped(cfg)
@@ -56,11 +55,13 @@ def cluster_state(cfg: ClusterConfig) -> ClusterState:
 
 def refuse_autostopped(cfg: ClusterConfig) -> None:
     """Raise Autostopped when the API shows the cluster ended itself (no instances, its rest left for `down`)."""
-    from cloud import autostop
-
-    rest = autostop.leftovers(cfg.driver(), cfg.name)
+    rest = provision.leftovers(cfg.driver(), cfg.name)
     if rest:
-        raise Autostopped(autostop.autostopped_message(cfg.name, rest))
+        raise Autostopped(autostopped_message(cfg.name, rest))
+
+
+def autostopped_message(cluster: str, rest: list[str]) -> str:
+    return f"cluster {cluster!r}: autostopped; run down to remove the rest ({', '.join(rest)})"
 
 
 def answers(ip: str, timeout: float = PROBE_TIMEOUT_S, port: int = 22) -> bool:

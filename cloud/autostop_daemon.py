@@ -27,8 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from cloud import autostop
+from cloud import autostop, head_credentials, provision
 from cloud.autostop import Clock, Decision, HeadStatus, Observation, SessionTracker, Settings
+from cloud.config import ClusterConfig
 
 log = logging.getLogger("cloud.autostop")
 
@@ -143,9 +144,6 @@ def observe(view: RayView, tracker: SessionTracker, settings: Settings, now: flo
 def teardown(head: Head, say) -> None:
     """Stop Ray, delete the workers, then the head (this machine), with the cluster's restricted key.
     Raises when something could not be deleted (the daemon tries again at its next sample)."""
-    from cloud import head_credentials, provision
-    from cloud.config import ClusterConfig
-
     creds = head_credentials.read(head.path(head_credentials.HEAD_PATH))
     say("stopping Ray on the head")
     ray = Path(sys.executable).parent / "ray"

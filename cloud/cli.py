@@ -32,10 +32,27 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from cloud import access
+from libcloud.common.exceptions import BaseHTTPError
+from libcloud.common.types import InvalidCredsError, LibcloudError
+
+from cloud import (
+    access,
+    autostop,
+    autostop_control,
+    elastic,
+    iam,
+    jobs,
+    node_install,
+    provision,
+    ray_config,
+    ray_runtime,
+    ssh_ready,
+)
 from cloud import config as config_mod
 from cloud.config import ClusterConfig, ConfigError
-from cloud.ray_auth import use_token_auth
+from cloud.node_install import InstallError
+from cloud.ray_auth import RayAuthError, use_token_auth
+from cloud.ray_runtime import RayClusterError
 from cloud.remote import interactive_ssh_argv
 from cloud.state import ClusterBusy, ClusterState, NodeRecord, NoHeadError, StateStore
 
@@ -188,8 +205,6 @@ def cmd_up(args) -> int:
     if args.max_workers is not None:
         return cmd_up_autoscaling(args)
     cfg = _load(args, nodes=args.nodes, autostop_minutes=args.autostop)
-    from cloud import provision, ssh_ready
-
     _refuse_static_up_on_autoscaling(cfg)
 
     if not cfg.ssh_cidr_given:
@@ -240,15 +255,13 @@ def cmd_up(args) -> int:
 
 def cmd_down(args) -> int:
     cfg = _load(args)
-    from cloud import elastic, iam, provision
-
     driver = cfg.driver()
     store = StateStore(cfg.state_dir)
     try:
         with store.lock("exoscale.py down"):
             plan = provision.plan_down(driver, cfg.name)
             name = provision.resource_name(cfg.name)
-            autoscaling = elastic.is_autoscaling(cfg, plan.nodes)
+            autoscaling = provision.is_autoscaling(cfg, plan.nodes)
             restricted = autoscaling or bool(iam.exists(driver, cfg.name))  # the head's key: autoscaler, autostop
             if plan.foreign_group:
                 print(f"security group {name} was not made by raysweep: left alone", file=sys.stderr)
@@ -307,16 +320,12 @@ def _print_nodes(st: ClusterState) -> None:
 
 def cmd_install(args) -> int:
     cfg = _load(args, require_credentials=False)
-    from cloud import node_install
-
     results = node_install.install(cfg, _printer(), extra_packages=args.default_packages)
     return _report(results, "install")
 
 
 def cmd_start(args) -> int:
     cfg = _load(args, require_credentials=False)
-    from cloud import ray_runtime
-
     nodes = ray_runtime.start(cfg, _printer())
     _print_ray(nodes)
     return 0
@@ -324,8 +333,6 @@ def cmd_start(args) -> int:
 
 def cmd_stop(args) -> int:
     cfg = _load(args, require_credentials=False)
-    from cloud import ray_runtime
-
     return _report(ray_runtime.stop(cfg, _printer()), "stop")
 
 
@@ -334,8 +341,6 @@ def cmd_submit(args) -> int:
     if not command:
         raise CLIError("give the command after --, e.g. submit -- python -m pipeline.mnist --address auto")
     cfg = _load(args, require_credentials=False)
-    from cloud import jobs
-
     tunnel, port = jobs.dashboard_tunnel(cfg)
     try:
         client = jobs.job_client(port)
@@ -354,8 +359,6 @@ def cmd_submit(args) -> int:
 
 def _follow(client, job_id: str) -> int:
     """Stream a job's logs to the end; 0 when it succeeded. Ctrl-C detaches (the job goes on)."""
-    from cloud import jobs
-
     try:
         status = jobs.follow(client, job_id)
     except KeyboardInterrupt:
@@ -369,8 +372,6 @@ def _follow(client, job_id: str) -> int:
 
 def cmd_logs(args) -> int:
     cfg = _load(args, require_credentials=False)
-    from cloud import jobs
-
     tunnel, port = jobs.dashboard_tunnel(cfg)
     try:
         return _follow(jobs.job_client(port), args.job_id)
@@ -380,8 +381,6 @@ def cmd_logs(args) -> int:
 
 def cmd_fetch(args) -> int:
     cfg = _load(args, require_credentials=False)
-    from cloud import jobs
-
     target = jobs.fetch(cfg, args.path, Path(args.dest))
     print(f"{args.path} -> {target}", file=sys.stderr)
     return 0
@@ -389,8 +388,6 @@ def cmd_fetch(args) -> int:
 
 def cmd_dashboard(args) -> int:
     cfg = _load(args, require_credentials=False)
-    from cloud import jobs
-
     tunnel, port = jobs.dashboard_tunnel(cfg)
     token = StateStore(cfg.state_dir).ray_token_path
     print(
@@ -416,8 +413,6 @@ def _print_ray(nodes: list[dict]) -> None:
 def cmd_list(args) -> int:
     cfg = _load(args, require_credentials=False)
     if cfg.api_secret is not None:  # the API is the truth; the cache serves when there are no credentials
-        from cloud import provision
-
         st = provision.status(cfg.driver(), cfg)
     else:
         st = access.cluster_state(cfg)
@@ -425,15 +420,11 @@ def cmd_list(args) -> int:
         _print_no_nodes(cfg)
         return 0
     _print_nodes(st)
-    from cloud import ray_runtime
-
     try:
         _print_ray(ray_runtime.ray_nodes(cfg))
     except ray_runtime.RayClusterError as e:
         print(f"Ray: not running ({str(e).splitlines()[0][:200]})")
-    from cloud import elastic
-
-    if elastic.is_autoscaling(cfg):
+    if provision.is_autoscaling(cfg):
         print(elastic.autoscaler_status(cfg).rstrip())
     _print_autostop(cfg)
     return 0
@@ -441,35 +432,29 @@ def cmd_list(args) -> int:
 
 def _print_no_nodes(cfg: ClusterConfig) -> None:
     """No instances: say whether an autostop left the rest for `down`."""
-    from cloud import autostop
-
-    rest = autostop.leftovers(cfg.driver(), cfg.name) if cfg.api_secret is not None else None
+    rest = provision.leftovers(cfg.driver(), cfg.name) if cfg.api_secret is not None else None
     if rest:
-        print(autostop.autostopped_message(cfg.name, rest))
+        print(access.autostopped_message(cfg.name, rest))
     else:
         print(f"cluster {cfg.name!r} has no nodes", file=sys.stderr)
 
 
 def _print_autostop(cfg: ClusterConfig) -> None:
-    from cloud import autostop
-
     try:
         acc = access.connect(cfg)
         head = acc.state.head() or acc.state.ordered()[0]
-        print(autostop.describe(*autostop.read_head(acc.remote, head), autostop.start_advice(cfg)))
+        print(autostop.describe(*autostop_control.read_head(acc.remote, head), autostop_control.start_advice(cfg)))
     except (autostop.AutostopError, access.AccessError) as e:
         print(f"autostop: unknown ({e})")
 
 
 def _autostop_set(cfg: ClusterConfig, minutes: float) -> None:
-    from cloud import autostop
-
     acc = access.connect(cfg)
     head = acc.state.head()
     if head is None:
         raise CLIError(f"cluster {cfg.name!r} has no head node")
     try:
-        s = autostop.write_setting(acc.remote, head, minutes, autostop.unit_from_env())
+        s = autostop_control.write_setting(acc.remote, head, minutes, autostop.unit_from_env())
     except (autostop.AutostopError, ValueError) as e:
         raise CLIError(str(e)) from None
     print(f"autostop of cluster {cfg.name!r}: {s.describe()}", file=sys.stderr)
@@ -477,8 +462,6 @@ def _autostop_set(cfg: ClusterConfig, minutes: float) -> None:
 
 def cmd_autostop(args) -> int:
     cfg = _load(args, require_credentials=False)
-    from cloud import autostop
-
     if args.minutes is not None:
         try:
             autostop.check_minutes(args.minutes, "--minutes")
@@ -498,18 +481,16 @@ def cmd_autostop(args) -> int:
 
 def _autostop_state(cfg: ClusterConfig, log: bool) -> str:
     """`autostop` (the state line) or `autostop --log` (the daemon's log) from the head."""
-    from cloud import autostop
-
     acc = access.connect(cfg)
     remote, head = acc.remote, acc.state.head()
     if head is None:
         raise CLIError(f"cluster {cfg.name!r} has no head node")
-    advice = autostop.start_advice(cfg)
+    advice = autostop_control.start_advice(cfg)
     try:
         if log:
-            text = autostop.read_log(remote, head)
+            text = autostop_control.read_log(remote, head)
             return text.rstrip() if text.strip() else f"no autostop log on {head.name} yet ({advice})"
-        return autostop.describe(*autostop.read_head(remote, head), advice)
+        return autostop.describe(*autostop_control.read_head(remote, head), advice)
     except autostop.AutostopError as e:
         if cfg.api_secret is not None:  # the head went since it answered: it may have ended itself
             access.refuse_autostopped(cfg)
@@ -613,10 +594,8 @@ def state_from_terraform(outputs: dict, name: str) -> ClusterState:
 
 
 def _refuse_static_up_on_autoscaling(cfg: ClusterConfig) -> None:
-    from cloud import elastic, provision
-
     nodes = provision.query_instances(cfg.driver(), cfg.name)
-    if elastic.is_autoscaling(cfg, nodes):
+    if provision.is_autoscaling(cfg, nodes):
         raise CLIError(
             f"cluster {cfg.name!r} is an autoscaling cluster (up --max-workers): its autoscaler adds and removes "
             f"workers; `up -n` would fight it. Use `up --max-workers N` to change it, or `down` it first"
@@ -632,11 +611,9 @@ def cmd_up_autoscaling(args) -> int:
     if args.max_workers < 0 or not 0 <= args.min_workers <= args.max_workers:
         raise CLIError(f"--min-workers {args.min_workers} / --max-workers {args.max_workers}: need 0 <= min <= max")
     cfg = _load(args, autostop_minutes=args.autostop)
-    from cloud import elastic, provision
-
     driver = cfg.driver()
     existing = provision.query_instances(driver, cfg.name)
-    if existing and not elastic.is_autoscaling(cfg, existing):
+    if existing and not provision.is_autoscaling(cfg, existing):
         raise CLIError(
             f"cluster {cfg.name!r} is a static cluster of {len(existing)} node(s) (made by up -n); "
             f"`down` it first, or give another --name"
@@ -670,8 +647,6 @@ def cmd_up_autoscaling(args) -> int:
 def cmd_ray_config(args) -> int:
     """The Ray cluster YAML on stdout (only it: messages go to stderr)."""
     cfg = _load(args, require_credentials=False, autostop_minutes=args.autostop)
-    from cloud import ray_config
-
     worker_types = tuple(ray_config.parse_worker_type(t) for t in args.worker_type)
     config = ray_config.build(
         cfg,
@@ -735,13 +710,6 @@ def main(argv: list[str] | None = None, default_packages: Sequence[str] = ()) ->
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        from libcloud.common.exceptions import BaseHTTPError
-        from libcloud.common.types import InvalidCredsError, LibcloudError
-
-        from cloud.node_install import InstallError
-        from cloud.ray_auth import RayAuthError
-        from cloud.ray_runtime import RayClusterError
-
         if isinstance(e, (LibcloudError, BaseHTTPError, RayClusterError, InstallError, RayAuthError)):
             text = e.value if isinstance(e, LibcloudError) else str(e)  # libcloud's str() wraps it in a repr
             if isinstance(e, InvalidCredsError) and "signature" in str(text):

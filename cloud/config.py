@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from cloud.autostop import DEFAULT_MINUTES, check_minutes
-from cloud.exoscale_driver import ZONES, Secret
+from cloud.exoscale_driver import ZONES, ExoscaleV2NodeDriver, Secret
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -95,9 +95,7 @@ class ClusterConfig:
             "secure": u.scheme == "https",
         }
 
-    def driver(self):
-        from cloud.exoscale_driver import ExoscaleV2NodeDriver
-
+    def driver(self) -> ExoscaleV2NodeDriver:
         if self.api_secret is None:
             raise ConfigError(
                 "set EXOSCALE_API_KEY and EXOSCALE_API_SECRET (an Exoscale API key pair, as for the exo CLI)"

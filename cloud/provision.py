@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,17 +20,20 @@ from libcloud.common.types import LibcloudError
 from libcloud.compute.base import Node, NodeImage, NodeSize
 from libcloud.compute.types import NodeState
 
+from cloud import iam
 from cloud.config import ClusterConfig
 from cloud.exoscale_driver import ExoscaleAPIError, ExoscaleSecurityGroup, md5_fingerprint
 from cloud.fanout import fan_out
+from cloud.names import MANAGED_BY, cluster_labels, resource_name
 from cloud.state import ClusterState, NodeRecord, StateStore
 
 log = logging.getLogger(__name__)
 
-MANAGED_BY = "raysweep"
 Progress = Callable[[str, str], None]  # (node or resource name, what happened)
 HEARTBEAT_S = 10.0  # how often a wait says what it still waits for
 _GONE_STATES = ("destroying", "destroyed", "expunging")
+#: A label only nodes made through Ray's cluster launcher (an autoscaling cluster) carry.
+RAY_KIND_LABEL = "ray-node-type"
 
 
 class ProvisionError(Exception):
@@ -51,14 +54,6 @@ class Interrupted(Exception):
     def __init__(self, journal: Journal):
         super().__init__("interrupted")
         self.journal = journal
-
-
-def resource_name(cluster: str) -> str:
-    return f"raysweep-{cluster}"
-
-
-def cluster_labels(cluster: str) -> dict[str, str]:
-    return {"cluster": cluster, "managed-by": MANAGED_BY}
 
 
 def group_description(cluster: str) -> str:
@@ -120,6 +115,21 @@ def query_instances(driver, cluster: str) -> list[Node]:
     compared on this side can neither miss an instance of the cluster nor take one of another."""
     want = cluster_labels(cluster)
     return [nd for nd in driver.list_nodes() if all(nd.extra["labels"].get(k) == v for k, v in want.items())]
+
+
+def cluster_yaml_path(cfg: ClusterConfig) -> Path:
+    """The Ray cluster YAML `up --max-workers` wrote and ran `ray up` on, in the cluster's state."""
+    return cfg.state_dir / "cluster.yaml"
+
+
+def is_autoscaling(cfg: ClusterConfig, nodes: Iterable[Node] = ()) -> bool:
+    """Made by `up --max-workers` (its YAML is in the state) or by `ray up` on a `ray-config` YAML (the head's
+    key was made here), or, with no local state, its nodes say so."""
+    return (
+        cluster_yaml_path(cfg).exists()
+        or iam.key_copy_path(cfg.state_dir).exists()
+        or any(RAY_KIND_LABEL in n.extra.get("labels", {}) for n in nodes)
+    )
 
 
 def find_security_group(driver, cluster: str) -> ExoscaleSecurityGroup | None:
@@ -526,3 +536,17 @@ def down(driver, cfg: ClusterConfig, progress: Progress = _quiet, wait: Wait | N
     if not result.failed:
         StateStore(cfg.state_dir).remove(keep_key=cfg.ssh_key is not None)
     return result
+
+
+def leftovers(driver, cluster: str) -> list[str] | None:
+    """When the cluster has no instances left but its security group, SSH key or restricted key remain (what
+    an autostop leaves for `down`), their descriptions; None when instances exist or nothing is left."""
+    plan = plan_down(driver, cluster)
+    if plan.nodes:
+        return None
+    group = plan.group is not None and not plan.foreign_group
+    name = resource_name(cluster)
+    rest = [f"security group {name}"] * group + [f"SSH key {name}"] * plan.has_key
+    if iam.exists(driver, cluster):
+        rest.append(f"restricted API key and IAM role {name}")
+    return rest or None

@@ -45,7 +45,7 @@ from ray.autoscaler.node_launch_exception import NodeLaunchException
 from ray.autoscaler.node_provider import NodeProvider
 from ray.autoscaler.tags import NODE_KIND_HEAD, TAG_RAY_CLUSTER_NAME, TAG_RAY_NODE_KIND
 
-from cloud import head_credentials
+from cloud import head_credentials, iam, provision
 from cloud.config import RESERVED_LABELS, ClusterConfig
 from cloud.exoscale_driver import (
     ExoscaleAPIError,
@@ -54,7 +54,8 @@ from cloud.exoscale_driver import (
     RetryPolicy,
     Secret,
 )
-from cloud.provision import cluster_labels
+from cloud.head_credentials import HEAD_STATE_DIR
+from cloud.names import cluster_labels
 from cloud.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -62,9 +63,6 @@ log = logging.getLogger(__name__)
 #: Instance states Ray counts as pending or running; everything else is terminated for Ray.
 PENDING = frozenset({"starting", "migrating"})
 RUNNING = frozenset({"running"})
-#: The head's copy of the state it needs, relative to its login home (holds head_credentials.HEAD_PATH).
-HEAD_STATE_DIR = "~/.raysweep"
-HEAD_MOUNT = HEAD_STATE_DIR + "/"
 CREATE_ATTEMPTS = 3  # per instance, when Exoscale's create operation fails
 MAX_PARALLEL = 16
 
@@ -319,8 +317,6 @@ class ExoscaleNodeProvider(NodeProvider):
     def bootstrap_config(cluster_config: dict[str, Any]) -> dict[str, Any]:
         """Resolve node types' instance types and templates by name, and make sure the cluster's SSH key and
         security group exist. Its result holds names and ids only: Ray caches it as plain JSON."""
-        from cloud import provision
-
         config = copy.deepcopy(cluster_config)
         pc = config["provider"]
         driver = make_driver(pc)
@@ -363,8 +359,6 @@ class ExoscaleNodeProvider(NodeProvider):
     def prepare_for_head_node(self, cluster_config: dict[str, Any]) -> dict[str, Any]:
         """Make (or keep) the cluster's restricted key in `state_dir/head/`, mounted on the head as
         `~/.raysweep/`; the head's config names only that file, and workers never get it."""
-        from cloud import iam
-
         if self._store is None:
             raise ValueError("provider.state_dir is not set: write the config with `exoscale.py ray-config`")
         path = iam.key_copy_path(self._store.dir)
@@ -383,8 +377,6 @@ class ExoscaleNodeProvider(NodeProvider):
         key, the local copy of the key, and Ray's cached bootstrap of this config (it names the group)."""
         if self.provider_config.get("credentials_file"):
             return  # on the head: nothing to clean with a key that may only touch instances
-        from cloud import iam, provision
-
         state_dir = self._store.dir if self._store is not None else None
         removed = iam.delete_cluster_iam(self.driver, self.cluster_name, state_dir)
         if self._store is not None:
