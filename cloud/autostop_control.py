@@ -15,9 +15,11 @@ from cloud.autostop import AutostopError, HeadStatus, Settings
 from cloud.config import ClusterConfig
 from cloud.names import resource_name
 from cloud.remote import Remote
-from cloud.state import NodeRecord
+from cloud.retry import Wait, retry
+from cloud.state import NodeRecord, StateStore
 
 log = logging.getLogger(__name__)
+KEY_TIMEOUT_S = 120.0  # how long a failing IAM operation is tried again when the head's key is made
 
 
 def start_advice(cfg: ClusterConfig) -> str:
@@ -32,7 +34,7 @@ def start_advice(cfg: ClusterConfig) -> str:
 
 CODE_FILES = (
     *("__init__.py", "autostop.py", "autostop_daemon.py", "config.py", "exoscale_driver.py", "fanout.py"),
-    *("head_credentials.py", "iam.py", "names.py", "provision.py", "state.py"),
+    *("head_credentials.py", "iam.py", "names.py", "provision.py", "retry.py", "state.py"),
 )
 
 
@@ -60,6 +62,8 @@ def launch(cfg: ClusterConfig, remote: Remote, head: NodeRecord, progress: Calla
         if not r.ok or autostop.STARTED not in r.stdout:
             raise AutostopError(f"{r.stderr.strip()[-300:] or r.error}")
         settings, _status, _now = read_head(remote, head)
+        if settings is not None:  # what tells an autostop from a deletion once the head is gone
+            StateStore(cfg.state_dir).record_autostop(settings.minutes)
     except Exception as e:  # the daemon is an addition to a running Ray: report, never undo the start
         log.warning("the autostop daemon did not start on %s: %s: %s", head.name, type(e).__name__, e)
         progress(head.name, f"autostop FAILED to start: {e}")
@@ -80,7 +84,13 @@ def ensure_head_key(cfg: ClusterConfig, remote: Remote, head: NodeRecord) -> str
             "the head has no restricted key to tear the cluster down with; set EXOSCALE_API_KEY/EXOSCALE_API_SECRET "
             "and run `start` again"
         )
-    creds = iam.create_key(cfg.driver(), cfg.name, cfg.zone, cfg.endpoint)
+    driver = cfg.driver()
+    creds = retry(
+        f"making the head's restricted key {resource_name(cfg.name)}",
+        lambda: iam.create_key(driver, cfg.name, cfg.zone, cfg.endpoint),
+        Wait(KEY_TIMEOUT_S),
+        lambda name, what: log.warning("%s: %s", name, what),
+    )
     with tempfile.TemporaryDirectory() as tmp:  # 0700; the file itself is written 0600
         local = head_credentials.write(Path(tmp) / Path(head_credentials.HEAD_PATH).name, creds)
         [r] = remote.put([head], local, head_credentials.HEAD_PATH, private=True)

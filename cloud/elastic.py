@@ -10,6 +10,7 @@ import ipaddress
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -49,31 +50,42 @@ def check_endpoint_reachable_from_nodes(cfg: ClusterConfig) -> None:
         )
 
 
-def up(
-    cfg: ClusterConfig,
-    min_workers: int,
-    max_workers: int,
-    idle_minutes: float,
-    progress: Progress,
-    packages: Sequence[str] = (),
-    timeout: float = 3600,
-) -> int:
-    """Write the cluster's YAML and run `ray up` on it; Ray's output goes to `progress` line by line."""
+def write_yaml(
+    cfg: ClusterConfig, min_workers: int, max_workers: int, idle_minutes: float, packages: Sequence[str] = ()
+) -> Path:
+    """The cluster's YAML (cloud.ray_config), written to its state; ConfigError for a setting that cannot work."""
     check_endpoint_reachable_from_nodes(cfg)
     config = ray_config.build(cfg, min_workers, max_workers, idle_minutes, packages=packages)
     path = cluster_yaml_path(cfg)
     path.write_text(ray_config.render(config))
-    progress(cfg.name, f"ray up {path} ({min_workers}-{max_workers} workers, idle after {idle_minutes:g} min)")
+    return path
+
+
+def ray_up(path: Path, progress: Progress, timeout: float = 3600) -> int:
+    """Run `ray up` on the YAML at `path`; Ray's output goes to `progress` line by line. Returns its exit code.
+    Interrupted (Ctrl-C), it interrupts `ray up` too and waits for it to end (killing it after 30 s)."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     cmd = [ray_cli(), "up", str(path), "-y", "--no-config-cache"]
-    with subprocess.Popen(
+    proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, env=env
-    ) as proc:
-        assert proc.stdout is not None
+    )
+    assert proc.stdout is not None
+    try:
         for line in proc.stdout:
             if line.strip():
                 progress("ray up", line.rstrip())
         return proc.wait(timeout)
+    except BaseException:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        raise
+    finally:
+        proc.stdout.close()
 
 
 def autoscaler_note(status_text: str) -> str | None:

@@ -10,8 +10,7 @@ and `up` completes a partial cluster instead of duplicating it.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,12 +24,11 @@ from cloud.config import ClusterConfig
 from cloud.exoscale_driver import ExoscaleAPIError, ExoscaleSecurityGroup, md5_fingerprint
 from cloud.fanout import fan_out
 from cloud.names import MANAGED_BY, cluster_labels, resource_name
+from cloud.retry import Progress, StepFailed, Wait, error_text, retry, transient
 from cloud.state import ClusterState, NodeRecord, StateStore
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str, str], None]  # (node or resource name, what happened)
-HEARTBEAT_S = 10.0  # how often a wait says what it still waits for
 _GONE_STATES = ("destroying", "destroyed", "expunging")
 #: A label only nodes made through Ray's cluster launcher (an autoscaling cluster) carry.
 RAY_KIND_LABEL = "ray-node-type"
@@ -72,38 +70,6 @@ def node_names(cluster: str, n: int) -> list[tuple[str, str]]:
 
 def _quiet(name: str, what: str) -> None:
     log.info("%s: %s", name, what)
-
-
-def error_text(e: BaseException) -> str:
-    """An API or driver error as one line for a person (libcloud's str() of some errors is a repr)."""
-    if isinstance(e, LibcloudError):
-        return str(e.value)
-    return str(e) or type(e).__name__
-
-
-class Wait:
-    """A bounded wait that says, at most every `every` seconds, what it still waits for and how long it has."""
-
-    def __init__(self, timeout: float, every: float = HEARTBEAT_S, poll: float = 1.0):
-        self.timeout, self.every, self.poll = timeout, every, poll
-        self.start = time.monotonic()
-        self.deadline = self.start + timeout
-        self._next_beat = self.start + every
-
-    def over(self) -> bool:
-        return time.monotonic() >= self.deadline
-
-    def left(self) -> float:
-        return max(0.0, self.deadline - time.monotonic())
-
-    def beat(self, progress: Progress, name: str, what: str) -> None:
-        now = time.monotonic()
-        if now >= self._next_beat:
-            progress(name, f"{what} ({now - self.start:.0f} s of {self.timeout:g} s)")
-            self._next_beat = now + self.every
-
-    def sleep(self) -> None:
-        time.sleep(min(self.poll, self.left()))
 
 
 # --------------------------------------------------------------------------------------------- query
@@ -223,6 +189,36 @@ def ensure_security_group(driver, cfg: ClusterConfig, progress: Progress) -> tup
     return group, made
 
 
+@dataclass
+class Shared:
+    """What every instance of the cluster is made with: its SSH key and its security group."""
+
+    key_name: str
+    key_path: Path
+    key_made: bool
+    group: ExoscaleSecurityGroup
+    group_made: bool
+
+
+def prepare(driver, cfg: ClusterConfig, store: StateStore, progress: Progress, wait: Wait) -> Shared:
+    """The cluster's SSH key and security group, each step tried again within `wait` when an operation fails
+    (register-ssh-key, create-security-group, add-rule-to-security-group); StepFailed names the step that
+    kept failing. Used by `up` and by the node provider's bootstrap."""
+    key_name, key_path, key_made = retry(
+        f"registering SSH key {resource_name(cfg.name)}",
+        lambda: ensure_key(driver, cfg, store, progress),
+        wait,
+        progress,
+    )
+    group, group_made = retry(
+        f"preparing security group {resource_name(cfg.name)}",
+        lambda: ensure_security_group(driver, cfg, progress),
+        wait,
+        progress,
+    )
+    return Shared(key_name, key_path, key_made, group, group_made)
+
+
 # ------------------------------------------------------------------------------------ instances
 
 
@@ -243,10 +239,11 @@ def run_instances(
     spec: CreateSpec,
     progress: Progress = _quiet,
     journal: Journal | None = None,
-) -> tuple[list[Node], dict[str, str]]:
+) -> tuple[list[Node], dict[str, str], set[str]]:
     """Make the cluster's first n nodes exist: instances a failed operation left in error are replaced,
     missing ones created in parallel; existing ones and extra ones are kept. Returns (every instance of
-    the cluster, {node that could not be made: why}). Each node made is entered in `journal` at once."""
+    the cluster, {node that could not be made: why}, the nodes of those whose error may pass when tried
+    again). Each node made is entered in `journal` at once."""
     journal = journal or Journal()
     existing = {nd.name: nd for nd in query_instances(driver, cfg.name)}
     for nd in [nd for nd in existing.values() if nd.state in (NodeState.ERROR, NodeState.TERMINATED)]:
@@ -285,14 +282,17 @@ def run_instances(
         return node
 
     failed: dict[str, str] = {}
+    retriable: set[str] = set()
     result = fan_out(missing, create, name=lambda item: item[0])
     existing.update(result.done)
     for nm, e in result.errors.items():
         if not isinstance(e, (LibcloudError, BaseHTTPError)):
             raise e
         failed[nm] = error_text(e)
+        if transient(e):
+            retriable.add(nm)
         progress(nm, f"FAILED: {failed[nm]}")
-    return [existing[nm] for nm in sorted(existing)], failed
+    return [existing[nm] for nm in sorted(existing)], failed, retriable
 
 
 def wait_instances(
@@ -446,7 +446,9 @@ def up(
     running_timeout: float = 600.0,
 ) -> UpResult:
     """Key, group, instances created and running, the local state saved. SSH readiness is the next
-    step (cloud.ssh_ready). Ctrl-C raises Interrupted with the journal of what was made."""
+    step (cloud.ssh_ready). A failed operation is tried again within `running_timeout` (the key and the
+    group: StepFailed when they never succeed; an instance: reported in `failed`). Ctrl-C raises
+    Interrupted with the journal of what was made."""
     n = n or cfg.nodes
     store = StateStore(cfg.state_dir)
     store.ensure_dir()
@@ -455,13 +457,20 @@ def up(
         size = driver.ex_get_size(cfg.instance_type)  # one-line errors listing the valid ones
         image = driver.ex_get_image(cfg.template)
         user = image.extra.get("default_user") or "ubuntu"
-        key_name, key_path, key_made = ensure_key(driver, cfg, store, progress)
-        if key_made:
+        wait = Wait(running_timeout)
+        shared = prepare(driver, cfg, store, progress, wait)
+        key_name, key_path, group = shared.key_name, shared.key_path, shared.group
+        if shared.key_made:
             journal.made.append(f"SSH key {key_name}")
-        group, group_made = ensure_security_group(driver, cfg, progress)
-        if group_made:
+        if shared.group_made:
             journal.made.append(f"security group {group.name}")
-        nodes, failed = run_instances(driver, cfg, n, CreateSpec(size, image, key_name, group), progress, journal)
+        spec = CreateSpec(size, image, key_name, group)
+        while True:
+            nodes, failed, retriable = run_instances(driver, cfg, n, spec, progress, journal)
+            if not retriable or wait.over():
+                break
+            progress(cfg.name, f"trying again to make {', '.join(sorted(retriable))} ({wait.elapsed():.0f} s so far)")
+            wait.sleep()
         for nd in nodes:  # a new machine may reuse an old address
             if f"instance {nd.name}" in journal.made and nd.public_ips:
                 store.forget_host(nd.public_ips[0])
@@ -501,6 +510,7 @@ def plan_down(driver, cluster: str) -> DownPlan:
 class DownResult:
     removed: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # what is left: why
+    elapsed_s: float = 0.0  # how long it tried
 
 
 def down(driver, cfg: ClusterConfig, progress: Progress = _quiet, wait: Wait | None = None) -> DownResult:
@@ -523,19 +533,31 @@ def down(driver, cfg: ClusterConfig, progress: Progress = _quiet, wait: Wait | N
             result.failed[f"security group {name}"] = err
         elif deleted:
             result.removed.append(f"security group {name}")
-    if any(k.name == name for k in driver.list_key_pairs()):
-        try:
-            driver.delete_key_pair(name)
+    try:
+        if retry(f"deleting SSH key {name}", lambda: delete_key(driver, name), wait, progress, name):
             result.removed.append(f"SSH key {name}")
             progress(name, "SSH key deleted")
-        except ExoscaleAPIError as e:
-            if e.code != 404:
-                result.failed[f"SSH key {name}"] = error_text(e)
-        except (LibcloudError, BaseHTTPError) as e:
-            result.failed[f"SSH key {name}"] = error_text(e)
+    except StepFailed as e:
+        result.failed[f"SSH key {name}"] = f"{e.error} ({e.tries} tries)"
+    except (LibcloudError, BaseHTTPError) as e:
+        result.failed[f"SSH key {name}"] = error_text(e)
     if not result.failed:
         StateStore(cfg.state_dir).remove(keep_key=cfg.ssh_key is not None)
+    result.elapsed_s = wait.elapsed()
     return result
+
+
+def delete_key(driver, name: str) -> bool:
+    """Delete the SSH key `name`; False when there is none (any more)."""
+    if not any(k.name == name for k in driver.list_key_pairs()):
+        return False
+    try:
+        driver.delete_key_pair(name)
+    except ExoscaleAPIError as e:
+        if e.code != 404:
+            raise
+        return False
+    return True
 
 
 def leftovers(driver, cluster: str) -> list[str] | None:

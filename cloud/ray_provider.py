@@ -56,6 +56,7 @@ from cloud.exoscale_driver import (
 )
 from cloud.head_credentials import HEAD_STATE_DIR
 from cloud.names import cluster_labels
+from cloud.retry import Wait, retry
 from cloud.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ PENDING = frozenset({"starting", "migrating"})
 RUNNING = frozenset({"running"})
 CREATE_ATTEMPTS = 3  # per instance, when Exoscale's create operation fails
 MAX_PARALLEL = 16
+STEP_TIMEOUT_S = 300.0  # how long a failing operation of the key, the group or the IAM key is tried again
 
 
 def make_driver(provider_config: dict[str, Any]) -> ExoscaleV2NodeDriver:
@@ -323,9 +325,8 @@ class ExoscaleNodeProvider(NodeProvider):
         cfg = _cluster_config(config)
         store = StateStore(cfg.state_dir)
         store.ensure_dir()
-        key_name, _, _ = provision.ensure_key(driver, cfg, store, _progress)
-        group, _ = provision.ensure_security_group(driver, cfg, _progress)
-        pc["ssh_key_name"], pc["security_group_id"] = key_name, group.id
+        shared = provision.prepare(driver, cfg, store, _progress, Wait(STEP_TIMEOUT_S))
+        pc["ssh_key_name"], pc["security_group_id"] = shared.key_name, shared.group.id
         for type_name, node_type in config["available_node_types"].items():
             nc = node_type["node_config"]
             size = driver.ex_get_size(nc["instance_type"])
@@ -362,8 +363,12 @@ class ExoscaleNodeProvider(NodeProvider):
         if self._store is None:
             raise ValueError("provider.state_dir is not set: write the config with `exoscale.py ray-config`")
         path = iam.key_copy_path(self._store.dir)
-        iam.ensure_key_file(
-            self.driver, self.cluster_name, self.provider_config["zone"], self.provider_config.get("endpoint"), path
+        zone, endpoint = self.provider_config["zone"], self.provider_config.get("endpoint")
+        retry(
+            f"making the head's restricted key for cluster {self.cluster_name}",
+            lambda: iam.ensure_key_file(self.driver, self.cluster_name, zone, endpoint, path),
+            Wait(STEP_TIMEOUT_S),
+            _progress,
         )
         remote = copy.deepcopy(cluster_config)
         pc = remote["provider"]

@@ -387,6 +387,7 @@ def test_commands_on_an_autostopped_cluster_say_so_at_once(sim, driver, tmp_path
         pytest.skip("an SSH server listens on 127.0.0.1:22, the address this test needs silent")
     records = [NodeRecord(n.name, n.extra["labels"]["role"], "127.0.0.1", n.id) for n in made]
     store.save(ClusterState("as-gone", records))
+    store.record_autostop(120)  # as `start` recorded the setting it gave the head's daemon
     for n in made:  # as the head's daemon ends the cluster
         driver.destroy_node(n)
     assert provision.query_instances(driver, "as-gone") == []

@@ -228,12 +228,16 @@ def test_down_from_the_cli_prints_progress_stops_at_timeout_then_finishes(sim, t
 
 def test_up_makes_the_cluster_and_completes_a_partial_one(driver, sim, tmp_path):
     cfg = cfg_for("u1", tmp_path, nodes=3)
-    sim.app.model.faults.fail_next_ops, sim.app.model.faults.fail_ops_matching = 1, "create-instance"
+    faults = sim.app.model.faults
+    faults.fail_next_ops, faults.fail_ops_matching = 10_000, "create-instance"  # fails until its wait ends
     events = Events()
-    res = provision.up(driver, cfg, progress=events)
-    [(name, why)] = res.failed.items()
+    res = provision.up(driver, cfg, progress=events, running_timeout=1.5)
+    faults.fail_next_ops = 0
+    assert len(res.failed) == 3 and StateStore(cfg.state_dir).load() == res.state
+    name, why = sorted(res.failed.items())[0]
     assert why.startswith(f"create instance '{name}' failed: fault") and "<" not in why
-    assert len(res.state.nodes) == 2 and StateStore(cfg.state_dir).load() == res.state
+    assert "trying again to make" in events.text()
+    faults.fail_next_ops = 1  # one more failure: tried again within the same `up`
     events = Events()
     res = provision.up(driver, cfg, progress=events)
     assert res.failed == {} and f"{name}: in state error; replacing it" in events.text()
