@@ -51,7 +51,7 @@ def cluster_state(cfg: ClusterConfig) -> ClusterState:
                 f"no local state for cluster {cfg.name!r} in {store.dir}; set EXOSCALE_API_KEY/"
                 f"EXOSCALE_API_SECRET to look it up, or run `exoscale.py up` first"
             )
-        st = provision.status(cfg.driver(), cfg)
+        st = provision.status(cfg.driver(), cfg.spec)
         if not st.nodes:
             refuse_gone(cfg)
     if not st.nodes:

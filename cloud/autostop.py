@@ -197,35 +197,6 @@ def decide(clock: Clock, settings: Settings, obs: Observation) -> Decision:
 # ---------------------------------------------------------------------------------- SSH connections
 
 
-def _hex_ip(text: str) -> str:
-    """An address of /proc/net/tcp{,6} ("0100007F", or 32 hex digits for IPv6) as text; IPv4 for v4-mapped."""
-    raw = bytes.fromhex(text)
-    if len(raw) == 4:
-        return ".".join(str(b) for b in raw[::-1])
-    words = [raw[i : i + 4][::-1] for i in range(0, 16, 4)]  # each 32-bit word is in host (little-endian) order
-    addr = b"".join(words)
-    if addr[:12] == b"\0" * 10 + b"\xff\xff":
-        return ".".join(str(b) for b in addr[12:])
-    import ipaddress
-
-    return str(ipaddress.IPv6Address(addr))
-
-
-def inbound_connections(proc_net_tcp: str, port: int = 22) -> set[str]:
-    """Established connections to local `port` in a /proc/net/tcp (or tcp6) table, as "ip:port" of the peer."""
-    peers = set()
-    for line in proc_net_tcp.splitlines()[1:]:
-        parts = line.split()
-        if len(parts) < 4 or parts[3] != "01":  # 01 = ESTABLISHED
-            continue
-        local, remote = parts[1], parts[2]
-        if int(local.rsplit(":", 1)[1], 16) != port:
-            continue
-        rip, rport = remote.rsplit(":", 1)
-        peers.add(f"{_hex_ip(rip)}:{int(rport, 16)}")
-    return peers
-
-
 @dataclass
 class SessionTracker:
     """Ages of the SSH connections seen so far (by peer ip:port), to tell sessions from short checks."""

@@ -25,9 +25,9 @@ KEY_TIMEOUT_S = 120.0  # how long a failing IAM operation is tried again when th
 def start_advice(cfg: ClusterConfig) -> str:
     """How to (re)start the daemon on this kind of cluster: `start` launches it on a static cluster; on one
     made by `ray up` (`up --max-workers`, or a `ray-config` YAML) the YAML's head start commands do."""
-    if provision.cluster_yaml_path(cfg).exists():
+    if provision.cluster_yaml_path(cfg.state_dir).exists():
         return "run `exoscale.py up --max-workers N` again: the head's start commands in its YAML start it"
-    if provision.is_autoscaling(cfg):
+    if provision.is_autoscaling(cfg.state_dir):
         return "run `ray up` on its YAML again: the head's start commands there start it"
     return autostop.START_STATIC
 

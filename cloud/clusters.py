@@ -54,7 +54,7 @@ class UpOutcome:
 
 def refuse_static_up_on_autoscaling(cfg: ClusterConfig) -> None:
     nodes = provision.query_instances(cfg.driver(), cfg.name)
-    if provision.is_autoscaling(cfg, nodes):
+    if provision.is_autoscaling(cfg.state_dir, nodes):
         raise ClusterError(
             f"cluster {cfg.name!r} is an autoscaling cluster (up --max-workers): its autoscaler adds and removes "
             f"workers; `up -n` would fight it. Use `up --max-workers N` to change it, or `down` it first"
@@ -70,7 +70,7 @@ def up(
     store = StateStore(cfg.state_dir)
     try:
         with store.lock(f"{PROG} up"):
-            res = provision.up(cfg.driver(), cfg, progress=progress, running_timeout=timeout)
+            res = provision.up(cfg.driver(), cfg.spec, progress=progress, running_timeout=timeout)
             failed = dict(res.failed)
             try:
                 failed.update(ssh_ready.wait_ssh(res.key_path, store.known_hosts, res.state.nodes, progress, timeout))
@@ -111,7 +111,7 @@ def up_autoscaling(
         raise ClusterError(f"--min-workers {min_workers} / --max-workers {max_workers}: need 0 <= min <= max")
     driver = cfg.driver()
     existing = provision.query_instances(driver, cfg.name)
-    if existing and not provision.is_autoscaling(cfg, existing):
+    if existing and not provision.is_autoscaling(cfg.state_dir, existing):
         raise ClusterError(
             f"cluster {cfg.name!r} is a static cluster of {len(existing)} node(s) (made by up -n); "
             f"`down` it first, or give another --name"
@@ -122,7 +122,7 @@ def up_autoscaling(
         with store.lock(f"{PROG} up --max-workers"):
             path = elastic.write_yaml(cfg, min_workers, max_workers, idle_minutes, packages)
             wait = Wait(timeout)
-            provision.prepare(driver, cfg, store, progress, wait)
+            provision.prepare(driver, cfg.spec, store, progress, wait)
             retry(
                 f"making the head's restricted key {resource_name(cfg.name)}",
                 lambda: iam.ensure_key_file(driver, cfg.name, cfg.zone, cfg.endpoint, iam.key_copy_path(cfg.state_dir)),
@@ -136,7 +136,7 @@ def up_autoscaling(
                 raise Interrupted(f"interrupted; `ray up` was stopped. {again}.") from None
             if rc == 0:
                 store.record_autostop(cfg.autostop_minutes)  # what the YAML's head start commands set
-            st = provision.status(driver, cfg)  # ssh, scp, cmd and --cluster use it
+            st = provision.status(driver, cfg.spec)  # ssh, scp, cmd and --cluster use it
     except (ValueError, ClusterBusy) as e:  # ValueError: a bad setting, type or template
         raise ClusterError(str(e)) from None
     except StepFailed as e:
@@ -178,7 +178,7 @@ class DownOutcome:
 def plan_down(driver, cfg: ClusterConfig) -> Removal:
     plan = provision.plan_down(driver, cfg.name)
     name = resource_name(cfg.name)
-    autoscaling = provision.is_autoscaling(cfg, plan.nodes)
+    autoscaling = provision.is_autoscaling(cfg.state_dir, plan.nodes)
     restricted = autoscaling or bool(iam.exists(driver, cfg.name))
     notes = [f"security group {name} was not made by raysweep: left alone"] if plan.foreign_group else []
     if plan.empty and not restricted:
@@ -221,9 +221,9 @@ def down(
                 retry(
                     "revoking the autoscaler's key", lambda: elastic.revoke_key(driver, cfg, progress), wait, progress
                 )
-            res = provision.down(driver, cfg, progress=progress, wait=wait)
+            res = provision.down(driver, cfg.spec, progress=progress, wait=wait)
             if removal.autoscaling and not res.failed and provision.query_instances(driver, cfg.name):
-                res = provision.down(driver, cfg, progress=progress, wait=wait)  # made late
+                res = provision.down(driver, cfg.spec, progress=progress, wait=wait)  # made late
             removed += res.removed
             failed = dict(res.failed)
             if removal.restricted and not failed:  # the key and its role, once nothing uses them
@@ -263,7 +263,7 @@ class Status:
 
 def status(cfg: ClusterConfig) -> Status:
     if cfg.api_secret is not None:  # the API is the truth; the cache serves when there are no credentials
-        st = provision.status(cfg.driver(), cfg)
+        st = provision.status(cfg.driver(), cfg.spec)
     else:
         st = access.cluster_state(cfg)
     if not st.nodes:
@@ -274,7 +274,7 @@ def status(cfg: ClusterConfig) -> Status:
         out.ray_nodes = ray_runtime.ray_nodes(cfg)
     except ray_runtime.RayClusterError as e:
         out.ray_error = str(e).splitlines()[0][:200]
-    if provision.is_autoscaling(cfg):
+    if provision.is_autoscaling(cfg.state_dir):
         out.autoscaler = elastic.autoscaler_status(cfg).rstrip()
     try:
         acc = access.connect(cfg)

@@ -92,7 +92,7 @@ def connect_cluster(name: str, config_path: str | None = None) -> ClusterConnect
     cfg = config_mod.load(config_path, require_credentials=False, name=name)
     tunnel, port = open_tunnel(cfg, lambda head: head.ip, CLIENT_PORT)
     ask = None
-    if is_autoscaling(cfg):
+    if is_autoscaling(cfg.state_dir):
         status = node_command("ray status", cfg)
 
         def ask() -> str | None:

@@ -56,7 +56,7 @@ def write_yaml(
     """The cluster's YAML (cloud.ray_config), written to its state; ConfigError for a setting that cannot work."""
     check_endpoint_reachable_from_nodes(cfg)
     config = ray_config.build(cfg, min_workers, max_workers, idle_minutes, packages=packages)
-    path = cluster_yaml_path(cfg)
+    path = cluster_yaml_path(cfg.state_dir)
     path.write_text(ray_config.render(config))
     return path
 
@@ -161,10 +161,10 @@ def after_down(driver, cfg: ClusterConfig, progress: Progress) -> list[str]:
     removed = iam.delete_cluster_iam(driver, cfg.name, cfg.state_dir)
     for what in removed:
         progress(cfg.name, f"{what} deleted")
-    cluster_yaml_path(cfg).unlink(missing_ok=True)
+    cluster_yaml_path(cfg.state_dir).unlink(missing_ok=True)
     return removed
 
 
 def describe(cfg: ClusterConfig, nodes) -> str:
     kinds = sorted({n.extra["labels"].get("ray-user-node-type", "?") for n in nodes})
-    return f"autoscaling cluster {cfg.name!r} ({', '.join(kinds) or 'no nodes'}); YAML: {shlex.quote(str(cluster_yaml_path(cfg)))}"
+    return f"autoscaling cluster {cfg.name!r} ({', '.join(kinds) or 'no nodes'}); YAML: {shlex.quote(str(cluster_yaml_path(cfg.state_dir)))}"

@@ -10,7 +10,7 @@ and `up` completes a partial cluster instead of duplicating it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from libcloud.compute.base import Node, NodeImage, NodeSize
 from libcloud.compute.types import NodeState
 
 from cloud import iam
-from cloud.config import ClusterConfig
+from cloud.config import ClusterSpec
 from cloud.exoscale_driver import ExoscaleAPIError, ExoscaleSecurityGroup, md5_fingerprint
 from cloud.fanout import fan_out
 from cloud.names import MANAGED_BY, cluster_labels, resource_name
@@ -29,7 +29,7 @@ from cloud.state import ClusterState, NodeRecord, StateStore
 
 log = logging.getLogger(__name__)
 
-_GONE_STATES = ("destroying", "destroyed", "expunging")
+GONE_STATES = ("destroying", "destroyed", "expunging")
 #: A label only nodes made through Ray's cluster launcher (an autoscaling cluster) carry.
 RAY_KIND_LABEL = "ray-node-type"
 
@@ -75,25 +75,26 @@ def _quiet(name: str, what: str) -> None:
 # --------------------------------------------------------------------------------------------- query
 
 
-def query_instances(driver, cluster: str) -> list[Node]:
-    """The cluster's instances, selected by comparing labels here. Exoscale's list-instances is not
-    paged, and the wire format of its `labels` filter is not specified, so one unfiltered listing
-    compared on this side can neither miss an instance of the cluster nor take one of another."""
-    want = cluster_labels(cluster)
+def query_instances(driver, cluster: str, labels: Mapping[str, str] | None = None) -> list[Node]:
+    """The cluster's instances (those also carrying `labels`, given), selected by comparing labels here.
+    Exoscale's list-instances is not paged, and the wire format of its `labels` filter is not specified, so
+    one unfiltered listing compared on this side can neither miss an instance of the cluster nor take one
+    of another."""
+    want = {**(labels or {}), **cluster_labels(cluster)}
     return [nd for nd in driver.list_nodes() if all(nd.extra["labels"].get(k) == v for k, v in want.items())]
 
 
-def cluster_yaml_path(cfg: ClusterConfig) -> Path:
+def cluster_yaml_path(state_dir: Path) -> Path:
     """The Ray cluster YAML `up --max-workers` wrote and ran `ray up` on, in the cluster's state."""
-    return cfg.state_dir / "cluster.yaml"
+    return state_dir / "cluster.yaml"
 
 
-def is_autoscaling(cfg: ClusterConfig, nodes: Iterable[Node] = ()) -> bool:
-    """Made by `up --max-workers` (its YAML is in the state) or by `ray up` on a `ray-config` YAML (the head's
-    key was made here), or, with no local state, its nodes say so."""
+def is_autoscaling(state_dir: Path, nodes: Iterable[Node] = ()) -> bool:
+    """Made by `up --max-workers` (its YAML is in the state `state_dir`) or by `ray up` on a `ray-config` YAML
+    (the head's key was made here), or, with no local state, its nodes say so."""
     return (
-        cluster_yaml_path(cfg).exists()
-        or iam.key_copy_path(cfg.state_dir).exists()
+        cluster_yaml_path(state_dir).exists()
+        or iam.key_copy_path(state_dir).exists()
         or any(RAY_KIND_LABEL in n.extra.get("labels", {}) for n in nodes)
     )
 
@@ -114,14 +115,14 @@ def _record(node: Node, user: str) -> NodeRecord:
     )
 
 
-def status(driver, cfg: ClusterConfig) -> ClusterState:
+def status(driver, spec: ClusterSpec) -> ClusterState:
     """The cluster as the API sees it (and the local cache refreshed from it)."""
-    store = StateStore(cfg.state_dir)
+    store = StateStore(spec.state_dir)
     old = store.load()
     users = {n.name: n.user for n in old.nodes} if old else {}
-    nodes = query_instances(driver, cfg.name)
+    nodes = query_instances(driver, spec.name)
     state = ClusterState(
-        cfg.name,
+        spec.name,
         [_record(nd, users.get(nd.name, "ubuntu")) for nd in nodes],
         old.security_group_id if old else "",
         old.key_name if old else "",
@@ -134,11 +135,11 @@ def status(driver, cfg: ClusterConfig) -> ClusterState:
 # ------------------------------------------------------------------------------- key and group
 
 
-def ensure_key(driver, cfg: ClusterConfig, store: StateStore, progress: Progress) -> tuple[str, Path, bool]:
+def ensure_key(driver, spec: ClusterSpec, store: StateStore, progress: Progress) -> tuple[str, Path, bool]:
     """The cluster's key registered under raysweep-NAME: (name, private key path, whether made now)."""
-    private = cfg.ssh_key or store.ensure_key()
+    private = spec.ssh_key or store.ensure_key()
     public = Path(f"{private}.pub").read_text().strip()
-    name = resource_name(cfg.name)
+    name = resource_name(spec.name)
     existing = {k.name: k for k in driver.list_key_pairs()}
     if name in existing:
         if existing[name].fingerprint and existing[name].fingerprint != md5_fingerprint(public):
@@ -153,25 +154,25 @@ def ensure_key(driver, cfg: ClusterConfig, store: StateStore, progress: Progress
     return name, Path(private), True
 
 
-def ensure_security_group(driver, cfg: ClusterConfig, progress: Progress) -> tuple[ExoscaleSecurityGroup, bool]:
+def ensure_security_group(driver, spec: ClusterSpec, progress: Progress) -> tuple[ExoscaleSecurityGroup, bool]:
     """The cluster's group: inbound TCP 22 from the allowed CIDR, and everything between its members.
     Returns it and whether it was made now. A group of that name raysweep did not make is refused."""
-    name = resource_name(cfg.name)
-    group = find_security_group(driver, cfg.name)
+    name = resource_name(spec.name)
+    group = find_security_group(driver, spec.name)
     made = group is None
     if group is None:
-        group = driver.ex_create_security_group(name, group_description(cfg.name))
+        group = driver.ex_create_security_group(name, group_description(spec.name))
         progress(name, "security group created")
-    elif not made_by_raysweep(group, cfg.name):
+    elif not made_by_raysweep(group, spec.name):
         raise ProvisionError(
             f"a security group named {name} exists that raysweep did not make (its description is "
-            f"{group.description!r}, not {group_description(cfg.name)!r}); raysweep neither uses nor deletes it. "
+            f"{group.description!r}, not {group_description(spec.name)!r}); raysweep neither uses nor deletes it. "
             f"Rename or delete it, or choose another cluster name"
         )
     ingress = [r for r in group.rules if r.direction == "ingress"]
-    if not any(r.protocol == "tcp" and r.start_port == 22 and r.cidr == cfg.ssh_cidr for r in ingress):
+    if not any(r.protocol == "tcp" and r.start_port == 22 and r.cidr == spec.ssh_cidr for r in ingress):
         group = driver.ex_add_security_group_rule(
-            group, "tcp", 22, 22, cidr=cfg.ssh_cidr, description="SSH from the allowed CIDR"
+            group, "tcp", 22, 22, cidr=spec.ssh_cidr, description="SSH from the allowed CIDR"
         )
     if not any(r.protocol == "all" and r.source_group_id == group.id for r in ingress):
         group = driver.ex_add_security_group_rule(
@@ -182,7 +183,7 @@ def ensure_security_group(driver, cfg: ClusterConfig, progress: Progress) -> tup
         for r in group.rules
         if r.direction == "ingress"
         and r.cidr
-        and not (r.protocol == "tcp" and r.start_port == 22 and r.cidr == cfg.ssh_cidr)
+        and not (r.protocol == "tcp" and r.start_port == 22 and r.cidr == spec.ssh_cidr)
     ]
     if unexpected:
         log.warning("security group %s has extra inbound rules not made by raysweep: %s", name, unexpected)
@@ -200,19 +201,19 @@ class Shared:
     group_made: bool
 
 
-def prepare(driver, cfg: ClusterConfig, store: StateStore, progress: Progress, wait: Wait) -> Shared:
+def prepare(driver, spec: ClusterSpec, store: StateStore, progress: Progress, wait: Wait) -> Shared:
     """The cluster's SSH key and security group, each step tried again within `wait` when an operation fails
     (register-ssh-key, create-security-group, add-rule-to-security-group); StepFailed names the step that
     kept failing. Used by `up` and by the node provider's bootstrap."""
     key_name, key_path, key_made = retry(
-        f"registering SSH key {resource_name(cfg.name)}",
-        lambda: ensure_key(driver, cfg, store, progress),
+        f"registering SSH key {resource_name(spec.name)}",
+        lambda: ensure_key(driver, spec, store, progress),
         wait,
         progress,
     )
     group, group_made = retry(
-        f"preparing security group {resource_name(cfg.name)}",
-        lambda: ensure_security_group(driver, cfg, progress),
+        f"preparing security group {resource_name(spec.name)}",
+        lambda: ensure_security_group(driver, spec, progress),
         wait,
         progress,
     )
@@ -234,9 +235,9 @@ class CreateSpec:
 
 def run_instances(
     driver,
-    cfg: ClusterConfig,
+    spec: ClusterSpec,
     n: int,
-    spec: CreateSpec,
+    create: CreateSpec,
     progress: Progress = _quiet,
     journal: Journal | None = None,
 ) -> tuple[list[Node], dict[str, str], set[str]]:
@@ -245,34 +246,35 @@ def run_instances(
     the cluster, {node that could not be made: why}, the nodes of those whose error may pass when tried
     again). Each node made is entered in `journal` at once."""
     journal = journal or Journal()
-    existing = {nd.name: nd for nd in query_instances(driver, cfg.name)}
+    existing = {nd.name: nd for nd in query_instances(driver, spec.name)}
     for nd in [nd for nd in existing.values() if nd.state in (NodeState.ERROR, NodeState.TERMINATED)]:
         progress(nd.name, f"in state {nd.extra.get('state')}; replacing it")
-        err = _destroy(driver, nd)
+        err = destroy_instance(driver, nd)
         if err is not None:
             progress(nd.name, f"could not remove it: {err}")
         existing.pop(nd.name)
-    wanted = node_names(cfg.name, n)
+    wanted = node_names(spec.name, n)
     extra = sorted(nm for nm in existing if nm not in dict(wanted))
     if extra:
-        progress(cfg.name, f"keeping {len(extra)} node(s) beyond -n {n}: {', '.join(extra)} (down removes them)")
+        progress(spec.name, f"keeping {len(extra)} node(s) beyond -n {n}: {', '.join(extra)} (down removes them)")
     for nm, _ in wanted:
         if nm in existing:
             progress(nm, f"exists ({existing[nm].extra.get('state')})")
     missing = [(nm, role) for nm, role in wanted if nm not in existing]
 
-    def create(item: tuple[str, str]) -> Node:
+    def make_one(item: tuple[str, str]) -> Node:
         nm, role = item
         progress(nm, "creating")
         journal.in_flight.append(nm)
-        node = driver.create_node(
+        node = create_instance(
+            driver,
             nm,
-            spec.size,
-            spec.image,
-            ex_disk_size=cfg.disk_size,
-            ex_ssh_keys=[spec.key_name],
-            ex_security_groups=[spec.group],
-            ex_labels={**cfg.labels, **cluster_labels(cfg.name), "role": role},
+            create.size,
+            create.image,
+            key_name=create.key_name,
+            group=create.group,
+            disk_size=spec.disk_size,
+            labels={**spec.labels, **cluster_labels(spec.name), "role": role},
         )
         journal.made.append(f"instance {nm}")
         journal.in_flight.remove(nm)
@@ -283,7 +285,7 @@ def run_instances(
 
     failed: dict[str, str] = {}
     retriable: set[str] = set()
-    result = fan_out(missing, create, name=lambda item: item[0])
+    result = fan_out(missing, make_one, name=lambda item: item[0])
     existing.update(result.done)
     for nm, e in result.errors.items():
         if not isinstance(e, (LibcloudError, BaseHTTPError)):
@@ -342,13 +344,42 @@ def wait_instances(
     return sorted(running, key=lambda nd: nd.name), failed
 
 
-def _destroy(driver, node: Node) -> str | None:
-    """Delete one instance and wait for it; None when it is gone (or was already), else the error."""
+def create_instance(
+    driver,
+    name: str,
+    size: NodeSize,
+    image: NodeImage,
+    *,
+    key_name: str,
+    group: ExoscaleSecurityGroup | str,
+    disk_size: int,
+    labels: Mapping[str, str],
+) -> Node:
+    """One instance, labelled from the start (never an untagged instance: `labels` must hold the cluster's,
+    cluster_labels), with the cluster's SSH key and security group (the group or its id); waits for the
+    create operation. Raises the driver's errors (ExoscaleOperationError: the operation failed, and its
+    `reference_id` names what it left)."""
+    return driver.create_node(
+        name,
+        size,
+        image,
+        ex_disk_size=disk_size,
+        ex_ssh_keys=[key_name],
+        ex_security_groups=[group],
+        ex_labels=dict(labels),
+    )
+
+
+def destroy_instance(driver, node: Node | str) -> str | None:
+    """Delete one instance (a Node, or its id) and wait for it; None when it is gone, or was already, or is
+    being deleted already; else the error."""
+    if isinstance(node, str):
+        node = Node(node, node, NodeState.UNKNOWN, [], [], driver)
     try:
         driver.destroy_node(node)
         return None
     except ExoscaleAPIError as e:
-        return None if e.code == 404 else error_text(e)
+        return None if e.code in (404, 409) else error_text(e)
     except (LibcloudError, BaseHTTPError) as e:
         return error_text(e)
 
@@ -368,12 +399,12 @@ def terminate_instances(driver, cluster: str, progress: Progress = _quiet, wait:
             return {}
         if wait.over():
             return {nd.name: last_error.get(nd.name, f"still {nd.extra.get('state')}") for nd in nodes}
-        todo = [nd for nd in nodes if nd.extra.get("state") not in _GONE_STATES]
+        todo = [nd for nd in nodes if nd.extra.get("state") not in GONE_STATES]
         for nd in todo:
             progress(nd.name, "deleting again" if nd.name in last_error else "deleting")
         result = fan_out(
             todo,
-            lambda nd: _destroy(driver, nd),
+            lambda nd: destroy_instance(driver, nd),
             name=lambda nd: nd.name,
             timeout=wait.left(),
             heartbeat=heartbeat,
@@ -440,7 +471,7 @@ class UpResult:
 
 def up(
     driver,
-    cfg: ClusterConfig,
+    spec: ClusterSpec,
     n: int | None = None,
     progress: Progress = _quiet,
     running_timeout: float = 600.0,
@@ -449,27 +480,27 @@ def up(
     step (cloud.ssh_ready). A failed operation is tried again within `running_timeout` (the key and the
     group: StepFailed when they never succeed; an instance: reported in `failed`). Ctrl-C raises
     Interrupted with the journal of what was made."""
-    n = n or cfg.nodes
-    store = StateStore(cfg.state_dir)
+    n = n or spec.nodes
+    store = StateStore(spec.state_dir)
     store.ensure_dir()
     journal = Journal()
     try:
-        size = driver.ex_get_size(cfg.instance_type)  # one-line errors listing the valid ones
-        image = driver.ex_get_image(cfg.template)
+        size = driver.ex_get_size(spec.instance_type)  # one-line errors listing the valid ones
+        image = driver.ex_get_image(spec.template)
         user = image.extra.get("default_user") or "ubuntu"
         wait = Wait(running_timeout)
-        shared = prepare(driver, cfg, store, progress, wait)
+        shared = prepare(driver, spec, store, progress, wait)
         key_name, key_path, group = shared.key_name, shared.key_path, shared.group
         if shared.key_made:
             journal.made.append(f"SSH key {key_name}")
         if shared.group_made:
             journal.made.append(f"security group {group.name}")
-        spec = CreateSpec(size, image, key_name, group)
+        create = CreateSpec(size, image, key_name, group)
         while True:
-            nodes, failed, retriable = run_instances(driver, cfg, n, spec, progress, journal)
+            nodes, failed, retriable = run_instances(driver, spec, n, create, progress, journal)
             if not retriable or wait.over():
                 break
-            progress(cfg.name, f"trying again to make {', '.join(sorted(retriable))} ({wait.elapsed():.0f} s so far)")
+            progress(spec.name, f"trying again to make {', '.join(sorted(retriable))} ({wait.elapsed():.0f} s so far)")
             wait.sleep()
         for nd in nodes:  # a new machine may reuse an old address
             if f"instance {nd.name}" in journal.made and nd.public_ips:
@@ -477,7 +508,7 @@ def up(
         running, not_running = wait_instances(driver, nodes, progress, Wait(running_timeout))
     except KeyboardInterrupt:
         raise Interrupted(journal) from None
-    state = ClusterState(cfg.name, [_record(nd, user) for nd in running], group.id, key_name)
+    state = ClusterState(spec.name, [_record(nd, user) for nd in running], group.id, key_name)
     store.save(state)
     return UpResult(state, key_path, {**failed, **not_running})
 
@@ -513,22 +544,22 @@ class DownResult:
     elapsed_s: float = 0.0  # how long it tried
 
 
-def down(driver, cfg: ClusterConfig, progress: Progress = _quiet, wait: Wait | None = None) -> DownResult:
+def down(driver, spec: ClusterSpec, progress: Progress = _quiet, wait: Wait | None = None) -> DownResult:
     """Remove every instance, the security group and the SSH key of the cluster, retrying what fails,
     until the wait (default 300 s) ends; idempotent, so a second `down` finishes what the first left."""
     wait = wait or Wait(300.0)
     result = DownResult()
-    before = {nd.name for nd in query_instances(driver, cfg.name)}
-    left = terminate_instances(driver, cfg.name, progress, wait)
+    before = {nd.name for nd in query_instances(driver, spec.name)}
+    left = terminate_instances(driver, spec.name, progress, wait)
     result.removed += [f"instance {nm}" for nm in sorted(before - set(left))]
     result.failed.update({f"instance {nm}": why for nm, why in left.items()})
-    name = resource_name(cfg.name)
+    name = resource_name(spec.name)
     if left:  # the group cannot go while instances use it
-        group = find_security_group(driver, cfg.name)
-        if group is not None and made_by_raysweep(group, cfg.name):
+        group = find_security_group(driver, spec.name)
+        if group is not None and made_by_raysweep(group, spec.name):
             result.failed[f"security group {name}"] = "kept until the instances are gone"
     else:
-        deleted, err = delete_security_group(driver, cfg.name, progress, wait)
+        deleted, err = delete_security_group(driver, spec.name, progress, wait)
         if err is not None:
             result.failed[f"security group {name}"] = err
         elif deleted:
@@ -542,7 +573,7 @@ def down(driver, cfg: ClusterConfig, progress: Progress = _quiet, wait: Wait | N
     except (LibcloudError, BaseHTTPError) as e:
         result.failed[f"SSH key {name}"] = error_text(e)
     if not result.failed:
-        StateStore(cfg.state_dir).remove(keep_key=cfg.ssh_key is not None)
+        StateStore(spec.state_dir).remove(keep_key=spec.ssh_key is not None)
     result.elapsed_s = wait.elapsed()
     return result
 

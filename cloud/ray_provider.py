@@ -39,14 +39,13 @@ from typing import Any
 from libcloud.common.exceptions import BaseHTTPError
 from libcloud.common.types import LibcloudError
 from libcloud.compute.base import Node, NodeImage, NodeSize
-from libcloud.compute.types import NodeState
 from ray.autoscaler._private.command_runner import SSHCommandRunner
 from ray.autoscaler.node_launch_exception import NodeLaunchException
 from ray.autoscaler.node_provider import NodeProvider
 from ray.autoscaler.tags import NODE_KIND_HEAD, TAG_RAY_CLUSTER_NAME, TAG_RAY_NODE_KIND
 
 from cloud import head_credentials, iam, provision
-from cloud.config import RESERVED_LABELS, ClusterConfig
+from cloud.config import RESERVED_LABELS, ClusterSpec, driver_for
 from cloud.exoscale_driver import (
     ExoscaleAPIError,
     ExoscaleOperationError,
@@ -85,23 +84,21 @@ def make_driver(provider_config: dict[str, Any]) -> ExoscaleV2NodeDriver:
             )
         key, secret = env_key, Secret(env_secret)
         zone, endpoint = provider_config["zone"], provider_config.get("endpoint")
-    cfg = ClusterConfig(api_key=key, api_secret=secret, zone=zone, endpoint=endpoint)
-    return ExoscaleV2NodeDriver(key, secret, retry=retry, **cfg.driver_kwargs())
+    return driver_for(key, secret, zone, endpoint, retry)
 
 
-def _cluster_config(cluster_config: dict[str, Any]) -> ClusterConfig:
-    """The ClusterConfig that provision's helpers need for this Ray cluster config (no credentials)."""
+def cluster_spec(cluster_config: dict[str, Any]) -> ClusterSpec:
+    """What the provisioning core needs of this Ray cluster config: the cluster's name, local state, SSH key
+    and allowed CIDR, zone and labels (the instance shapes are per node type, in node_config)."""
     pc = cluster_config["provider"]
     key = cluster_config.get("auth", {}).get("ssh_private_key")
-    return ClusterConfig(
-        api_key="",
-        api_secret=None,
+    return ClusterSpec(
         name=cluster_config["cluster_name"],
+        state_dir=Path(pc["state_dir"]).expanduser(),
         zone=pc["zone"],
         ssh_key=Path(key).expanduser() if key else None,
         ssh_cidr=pc.get("ssh_cidr", "0.0.0.0/0"),
-        endpoint=pc.get("endpoint"),
-        state_root=Path(pc["state_dir"]).expanduser().parent,
+        labels=dict(pc.get("labels") or {}),
     )
 
 
@@ -127,7 +124,7 @@ class ExoscaleNodeProvider(NodeProvider):
     # --------------------------------------------------------------------------------- listing
 
     def non_terminated_nodes(self, tag_filters: dict[str, str]) -> list[str]:
-        nodes = self.driver.list_nodes(ex_labels={**tag_filters, **self._scope})
+        nodes = provision.query_instances(self.driver, self.cluster_name, tag_filters)
         live = [n for n in nodes if n.extra.get("state") in PENDING | RUNNING]
         with self._lock:
             if not tag_filters:  # a full listing: what it lacks is gone
@@ -137,8 +134,8 @@ class ExoscaleNodeProvider(NodeProvider):
 
     def nodes_for_teardown(self, tag_filters: dict[str, str]) -> list[str]:
         """Everything of the cluster that still costs money, stopped or failed instances included."""
-        nodes = self.driver.list_nodes(ex_labels={**tag_filters, **self._scope})
-        return [str(n.id) for n in nodes if n.extra.get("state") not in ("destroying", "destroyed", "expunging")]
+        nodes = provision.query_instances(self.driver, self.cluster_name, tag_filters)
+        return [str(n.id) for n in nodes if n.extra.get("state") not in provision.GONE_STATES]
 
     def _node(self, node_id: str, refresh: bool = False) -> Node | None:
         """The cached node, fetched when unknown (or when asked to refresh); None when it no longer exists."""
@@ -265,14 +262,15 @@ class ExoscaleNodeProvider(NodeProvider):
     def _create_one(self, name: str, size: NodeSize, image: NodeImage, node_config: dict, labels: dict) -> Node:
         for attempt in range(1, CREATE_ATTEMPTS + 1):
             try:
-                node = self.driver.create_node(
+                node = provision.create_instance(
+                    self.driver,
                     name,
                     size,
                     image,
-                    ex_disk_size=int(node_config.get("disk_size", 50)),
-                    ex_ssh_keys=[self.provider_config["ssh_key_name"]],
-                    ex_security_groups=[self.provider_config["security_group_id"]],
-                    ex_labels=labels,
+                    key_name=self.provider_config["ssh_key_name"],
+                    group=self.provider_config["security_group_id"],
+                    disk_size=int(node_config.get("disk_size", 50)),
+                    labels=labels,
                 )
             except ExoscaleOperationError as e:
                 if e.reference_id:  # what the failed operation left (an instance in error) goes first
@@ -296,11 +294,9 @@ class ExoscaleNodeProvider(NodeProvider):
         raise AssertionError("unreachable")
 
     def _destroy(self, node_id: str) -> None:
-        try:
-            self.driver.destroy_node(Node(node_id, node_id, NodeState.UNKNOWN, [], [], self.driver))
-        except ExoscaleAPIError as e:
-            if e.code not in (404, 409):  # gone already, or already being destroyed
-                raise
+        err = provision.destroy_instance(self.driver, node_id)  # gone already or being destroyed: None
+        if err is not None:
+            raise RuntimeError(f"could not delete instance {node_id}: {err}")
         with self._lock:
             self._nodes.pop(node_id, None)
 
@@ -322,10 +318,10 @@ class ExoscaleNodeProvider(NodeProvider):
         config = copy.deepcopy(cluster_config)
         pc = config["provider"]
         driver = make_driver(pc)
-        cfg = _cluster_config(config)
-        store = StateStore(cfg.state_dir)
+        spec = cluster_spec(config)
+        store = StateStore(spec.state_dir)
         store.ensure_dir()
-        shared = provision.prepare(driver, cfg, store, _progress, Wait(STEP_TIMEOUT_S))
+        shared = provision.prepare(driver, spec, store, _progress, Wait(STEP_TIMEOUT_S))
         pc["ssh_key_name"], pc["security_group_id"] = shared.key_name, shared.group.id
         for type_name, node_type in config["available_node_types"].items():
             nc = node_type["node_config"]
@@ -387,14 +383,8 @@ class ExoscaleNodeProvider(NodeProvider):
         if self._store is not None:
             # provision.down finds the (no longer existing) instances, the group and the SSH key by label and
             # name; with ssh_key set it keeps the cluster's key pair, which the YAML's auth section names
-            cfg = ClusterConfig(
-                api_key="",
-                api_secret=None,
-                name=self.cluster_name,
-                state_root=self._store.dir.parent,
-                ssh_key=self._store.key_path,
-            )
-            res = provision.down(self.driver, cfg)
+            spec = ClusterSpec(self.cluster_name, self._store.dir, ssh_key=self._store.key_path)
+            res = provision.down(self.driver, spec)
             if res.failed:
                 raise RuntimeError("could not remove: " + "; ".join(f"{k}: {v}" for k, v in res.failed.items()))
             removed += res.removed

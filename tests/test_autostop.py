@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud import autostop, autostop_control, config, provision
+from cloud import autostop, autostop_control, autostop_daemon, config, provision
 from cloud.autostop import Clock, Observation, SessionTracker, Settings, decide
 from cloud.config import ConfigError
 from tests.conftest import ROOT, free_port, run_cli
@@ -89,7 +89,7 @@ def test_inbound_connections_are_read_from_the_kernel_table():
     srv, cli, conn = _established_pair()
     try:
         port = srv.getsockname()[1]
-        peers = autostop.inbound_connections(open("/proc/net/tcp").read(), port=port)
+        peers = autostop_daemon.inbound_connections(open("/proc/net/tcp").read(), port=port)
         assert f"127.0.0.1:{cli.getsockname()[1]}" in peers
         assert all(p.startswith("127.0.0.1:") for p in peers)
     finally:
@@ -105,7 +105,7 @@ def test_inbound_ipv6_connections_are_read_too():
     except OSError as e:
         pytest.skip(f"no IPv6 loopback: {e}")
     try:
-        peers = autostop.inbound_connections(open("/proc/net/tcp6").read(), port=srv.getsockname()[1])
+        peers = autostop_daemon.inbound_connections(open("/proc/net/tcp6").read(), port=srv.getsockname()[1])
         assert f"::1:{cli.getsockname()[1]}" in peers
     finally:
         for s in (conn, cli, srv):
@@ -187,9 +187,9 @@ def test_a_head_without_a_setting_gets_the_advice_that_fits_how_the_cluster_was_
         return autostop.describe(None, None, None, autostop_control.start_advice(cfg))
 
     assert "not set up on the head (run `exoscale.py start`)" in line()
-    provision.cluster_yaml_path(cfg).write_text("cluster_name: kinds\n")  # as `up --max-workers` leaves it
+    provision.cluster_yaml_path(cfg.state_dir).write_text("cluster_name: kinds\n")  # as `up --max-workers` leaves it
     assert "`exoscale.py up --max-workers N` again" in line() and "exoscale.py start" not in line(), line()
-    provision.cluster_yaml_path(cfg).unlink()
+    provision.cluster_yaml_path(cfg.state_dir).unlink()
     key_copy = cfg.state_dir / "head" / Path(head_credentials.HEAD_PATH).name
     key_copy.parent.mkdir()
     key_copy.write_text("{}")  # as the node provider leaves it for `ray up` on a `ray-config` YAML

@@ -64,7 +64,7 @@ def test_up_tries_a_failed_key_or_group_operation_again(sim, driver, tmp_path, o
     cfg = cfg_for(unique("u"), tmp_path, nodes=1)
     sim.app.model.faults.fail_next_ops, sim.app.model.faults.fail_ops_matching = 2, op
     events = Events()
-    res = provision.up(driver, cfg, progress=events, running_timeout=60)
+    res = provision.up(driver, cfg.spec, progress=events, running_timeout=60)
     assert res.failed == {} and [n.role for n in res.state.nodes] == ["head"], events.text()
     assert f"{op} failed" in events.text() and "trying again" in events.text(), events.text()
     [group] = [g for g in driver.ex_list_security_groups() if g.name == provision.resource_name(cfg.name)]
@@ -75,7 +75,7 @@ def test_up_tries_a_failed_instance_create_again(sim, driver, tmp_path):
     cfg = cfg_for(unique("i"), tmp_path, nodes=2)
     sim.app.model.faults.fail_next_ops, sim.app.model.faults.fail_ops_matching = 2, "create-instance"
     events = Events()
-    res = provision.up(driver, cfg, progress=events, running_timeout=60)
+    res = provision.up(driver, cfg.spec, progress=events, running_timeout=60)
     assert res.failed == {} and len(res.state.nodes) == 2, events.text()
     assert "trying again to make" in events.text(), events.text()
 
