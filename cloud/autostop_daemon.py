@@ -24,13 +24,13 @@ import subprocess
 import sys
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from cloud import autostop, head_credentials, provision
 from cloud.autostop import Clock, Decision, HeadStatus, Observation, SessionTracker, Settings
 from cloud.config import driver_for
+from cloud.fanout import parallel_map
 
 log = logging.getLogger("cloud.autostop")
 
@@ -194,8 +194,7 @@ def teardown(head: Head, say) -> None:
     heads = [n for n in nodes if n.extra["labels"].get("role") == "head"]
     if workers:
         say(f"deleting {len(workers)} worker(s): {', '.join(sorted(n.name for n in workers))}")
-        with ThreadPoolExecutor(max_workers=min(16, len(workers))) as pool:
-            errors = [e for e in pool.map(lambda n: provision.destroy_instance(driver, n), workers) if e]
+        errors = [e for e in parallel_map(lambda n: provision.destroy_instance(driver, n), workers, 16) if e]
         if errors:
             raise autostop.AutostopError(f"could not delete every worker: {'; '.join(errors)}")
         say("workers deleted")

@@ -32,7 +32,6 @@ import os
 import sys
 import threading
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +52,7 @@ from cloud.exoscale_driver import (
     RetryPolicy,
     Secret,
 )
+from cloud.fanout import fan_out, parallel_map
 from cloud.head_credentials import HEAD_STATE_DIR
 from cloud.names import cluster_labels
 from cloud.retry import Wait, retry
@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 PENDING = frozenset({"starting", "migrating"})
 RUNNING = frozenset({"running"})
 CREATE_ATTEMPTS = 3  # per instance, when Exoscale's create operation fails
-MAX_PARALLEL = 16
+MAX_PARALLEL = 16  # API requests at once
 STEP_TIMEOUT_S = 300.0  # how long a failing operation of the key, the group or the IAM key is tried again
 
 
@@ -239,19 +239,18 @@ class ExoscaleNodeProvider(NodeProvider):
                 return f"{self.cluster_name}-head"
             return f"{self.cluster_name}-{kind}-{uuid.uuid4().hex[:6]}"
 
-        with ThreadPoolExecutor(max_workers=max(1, min(count, MAX_PARALLEL))) as pool:
-            futures = [
-                pool.submit(self._create_one, name(), size, image, node_config, node_labels) for _ in range(count)
-            ]
-        created: dict[str, Node] = {}
-        errors: list[NodeLaunchException] = []
-        for f in futures:
-            try:
-                node = f.result()
-            except NodeLaunchException as e:
-                errors.append(e)
-                continue
-            created[str(node.id)] = node
+        names = [name() for _ in range(count)]
+        res = fan_out(
+            list(range(count)),
+            lambda i: self._create_one(names[i], size, image, node_config, node_labels),
+            name=str,
+            max_parallel=MAX_PARALLEL,
+        )
+        unexpected = [e for e in res.errors.values() if not isinstance(e, NodeLaunchException)]
+        if unexpected:
+            raise unexpected[0]
+        created = {str(node.id): node for node in res.done.values()}
+        errors = [e for e in res.errors.values() if isinstance(e, NodeLaunchException)]
         with self._lock:
             self._nodes.update(created)
         if errors:
@@ -306,8 +305,7 @@ class ExoscaleNodeProvider(NodeProvider):
     def terminate_nodes(self, node_ids: list[str]) -> None:
         if not node_ids:
             return
-        with ThreadPoolExecutor(max_workers=min(len(node_ids), MAX_PARALLEL)) as pool:
-            list(pool.map(self._destroy, node_ids))
+        parallel_map(self._destroy, node_ids, MAX_PARALLEL)
 
     # ------------------------------------------------------------------- the user's machine only
 
