@@ -60,8 +60,7 @@ def group_description(cluster: str) -> str:
 
 
 def made_by_raysweep(group: ExoscaleSecurityGroup, cluster: str) -> bool:
-    # Groups made before the mark carry the description raysweep gave them then, and are ours too.
-    return group.description in (group_description(cluster), f"raysweep cluster {cluster}")
+    return group.description == group_description(cluster)
 
 
 def node_names(cluster: str, n: int) -> list[tuple[str, str]]:

@@ -50,10 +50,9 @@ def cfg_for(name, tmp_path, **kw):
     return dataclasses.replace(c, state_root=tmp_path / "state")
 
 
-def make_cluster(driver, name, n, legacy_group=False):
+def make_cluster(driver, name, n):
     """A cluster as raysweep makes it (labels, marked group, key), made directly through the driver."""
-    desc = f"raysweep cluster {name}" if legacy_group else provision.group_description(name)
-    group = driver.ex_create_security_group(provision.resource_name(name), desc)
+    group = driver.ex_create_security_group(provision.resource_name(name), provision.group_description(name))
     driver.import_key_pair_from_string(provision.resource_name(name), PUBKEY)
     return [
         driver.create_node(
@@ -104,16 +103,12 @@ def test_down_stops_at_its_timeout_with_what_is_left_then_a_second_down_finishes
 
 def test_down_leaves_a_group_raysweep_did_not_make(driver, sim, tmp_path):
     driver.ex_create_security_group("raysweep-col", "the colleague's own group")
-    legacy = make_cluster(driver, "old", 1, legacy_group=True)  # a group made before the mark is ours
-    assert legacy
     events = Events()
     assert provision.down(driver, cfg_for("col", tmp_path).spec, progress=events).failed == {}
     assert [g.description for g in driver.ex_list_security_groups() if g.name == "raysweep-col"] == [
         "the colleague's own group"
     ]
     assert "left alone: raysweep did not make it" in events.text()
-    assert provision.down(driver, cfg_for("old", tmp_path).spec).failed == {}
-    assert left_of(driver, "old") == ([], [], [])
     with pytest.raises(provision.ProvisionError, match="raysweep did not make"):
         provision.ensure_security_group(driver, cfg_for("col", tmp_path).spec, Events())
 
