@@ -40,7 +40,8 @@ system-deps:
 	  fi; \
 	else echo "not root: tests that need network namespaces will skip"; fi
 
-# ruff (lint + format check) and mypy, configured in pyproject.toml; `make test` runs it first
+# ruff (lint + format check), mypy and the import contracts (lint-imports), configured in pyproject.toml;
+# `make test` runs it first
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench.common import ROOT, cli, report, scratch_dir, sim_driver, sim_with_hosts, wait_for
-from cloud import autostop
+from cloud import autostop, autostop_control
 from cloud.remote import Remote
 from cloud.sim.local import cluster_toml
 from cloud.state import StateStore
@@ -35,7 +35,7 @@ def _status(state_dir: Path) -> autostop.HeadStatus | None:
     store = StateStore(state_dir)
     remote = Remote(store.key_path, store.known_hosts)
     try:
-        return autostop.read_head(remote, store.load().head())[1]
+        return autostop_control.read_head(remote, store.load().head())[1]
     except autostop.AutostopError:
         return None
 
@@ -77,7 +77,7 @@ def one_cluster(sim: LocalExoscale, env: dict, work: Path, n: int, unit: float) 
         def follow() -> None:  # the head's log of the teardown, while the head lasts
             while not done.is_set():
                 try:
-                    steps[0] = autostop.read_log(remote, head, 12) or steps[0]
+                    steps[0] = autostop_control.read_log(remote, head, 12) or steps[0]
                 except autostop.AutostopError:
                     return
 

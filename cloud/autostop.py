@@ -1,5 +1,11 @@
 """Autostop: a cluster nobody uses ends itself, so a forgotten cluster cannot run up a bill.
 
+This module is the pure core, shared by both sides and importing nothing of the project: the setting, the
+decision, the parsing of what the head shows, the status file's format and the head's start command.
+Where it runs is apart: the daemon on the head (cloud.autostop_daemon), the controls run from the user's
+machine over SSH (cloud.autostop_control), and what an autostop leaves for `down` is found by the
+provisioning core (cloud.provision.leftovers).
+
 A daemon on the head (cloud.autostop_daemon) samples the cluster every few seconds and decides, with the
 pure core below (observations in, decision out), whether it is busy. Activity is:
 - a Ray job submitted through the job API that is pending or running (`exoscale.py submit`), or a driver
@@ -34,15 +40,9 @@ import json
 import logging
 import os
 import shlex
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from cloud.config import ClusterConfig
-    from cloud.remote import Remote
-    from cloud.state import NodeRecord
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -197,35 +197,6 @@ def decide(clock: Clock, settings: Settings, obs: Observation) -> Decision:
 # ---------------------------------------------------------------------------------- SSH connections
 
 
-def _hex_ip(text: str) -> str:
-    """An address of /proc/net/tcp{,6} ("0100007F", or 32 hex digits for IPv6) as text; IPv4 for v4-mapped."""
-    raw = bytes.fromhex(text)
-    if len(raw) == 4:
-        return ".".join(str(b) for b in raw[::-1])
-    words = [raw[i : i + 4][::-1] for i in range(0, 16, 4)]  # each 32-bit word is in host (little-endian) order
-    addr = b"".join(words)
-    if addr[:12] == b"\0" * 10 + b"\xff\xff":
-        return ".".join(str(b) for b in addr[12:])
-    import ipaddress
-
-    return str(ipaddress.IPv6Address(addr))
-
-
-def inbound_connections(proc_net_tcp: str, port: int = 22) -> set[str]:
-    """Established connections to local `port` in a /proc/net/tcp (or tcp6) table, as "ip:port" of the peer."""
-    peers = set()
-    for line in proc_net_tcp.splitlines()[1:]:
-        parts = line.split()
-        if len(parts) < 4 or parts[3] != "01":  # 01 = ESTABLISHED
-            continue
-        local, remote = parts[1], parts[2]
-        if int(local.rsplit(":", 1)[1], 16) != port:
-            continue
-        rip, rport = remote.rsplit(":", 1)
-        peers.add(f"{_hex_ip(rip)}:{int(rport, 16)}")
-    return peers
-
-
 @dataclass
 class SessionTracker:
     """Ages of the SSH connections seen so far (by peer ip:port), to tell sessions from short checks."""
@@ -303,18 +274,6 @@ class HeadStatus:
 START_STATIC = "run `exoscale.py start`"
 
 
-def start_advice(cfg: ClusterConfig) -> str:
-    """How to (re)start the daemon on this kind of cluster: `start` launches it on a static cluster; on one
-    made by `ray up` (`up --max-workers`, or a `ray-config` YAML) the YAML's head start commands do."""
-    from cloud import elastic
-
-    if elastic.config_path(cfg).exists():
-        return "run `exoscale.py up --max-workers N` again: the head's start commands in its YAML start it"
-    if elastic.is_autoscaling(cfg):
-        return "run `ray up` on its YAML again: the head's start commands there start it"
-    return START_STATIC
-
-
 def describe(
     settings: Settings | None, status: HeadStatus | None, head_now: float | None, advice: str = START_STATIC
 ) -> str:
@@ -346,7 +305,7 @@ def _duration(s: float) -> str:
     return f"{h} h {m} min"
 
 
-# ---------------------------------------------------------------------------- controls (the laptop)
+# ------------------------------------------------------------------------------- starting the daemon
 
 
 def head_start_command(
@@ -383,99 +342,6 @@ def systemd_unit(python: str, lib: str, home: str, user: str) -> str:
     )
 
 
-CODE_FILES = (
-    *("__init__.py", "autostop.py", "autostop_daemon.py", "config.py"),
-    *("exoscale_driver.py", "fanout.py", "head_credentials.py", "provision.py", "state.py"),
-)
-
-
-def ship_code(remote: Remote, head: NodeRecord) -> None:
-    """Copy the modules the daemon needs (not the sim, not the laptop's SSH layer) to ~/LIB/cloud on the head."""
-    import tempfile
-
-    src = Path(__file__).resolve().parent
-    with tempfile.TemporaryDirectory() as tmp:
-        pkg = Path(tmp) / "cloud"
-        pkg.mkdir()
-        for name in CODE_FILES:
-            (pkg / name).write_bytes((src / name).read_bytes())
-        [r] = remote.put([head], pkg, f"{LIB}/cloud")
-    if not r.ok:
-        raise AutostopError(f"could not copy the autostop daemon to the head {head.name}: {r.error}")
-
-
-def launch(cfg: ClusterConfig, remote: Remote, head: NodeRecord, progress: Callable[[str, str], None]) -> bool:
-    """Start (or keep) the autostop daemon on the head: what `start` calls once Ray runs there. A failure is
-    reported (progress line, warning), not raised: Ray runs, and `status` shows the daemon missing."""
-    try:
-        key_note = ensure_head_key(cfg, remote, head)
-        ship_code(remote, head)
-        cmd = head_start_command(cfg.autostop_minutes, unit_from_env())
-        [r] = remote.run([head], cmd, timeout=60)
-        if not r.ok or STARTED not in r.stdout:
-            raise AutostopError(f"{r.stderr.strip()[-300:] or r.error}")
-        settings, _status, _now = read_head(remote, head)
-    except Exception as e:  # the daemon is an addition to a running Ray: report, never undo the start
-        log.warning("the autostop daemon did not start on %s: %s: %s", head.name, type(e).__name__, e)
-        progress(head.name, f"autostop FAILED to start: {e}")
-        return False
-    progress(head.name, f"autostop daemon running: {settings.describe() if settings else 'no setting'}; {key_note}")
-    return True
-
-
-def ensure_head_key(cfg: ClusterConfig, remote: Remote, head: NodeRecord) -> str:
-    """The cluster's restricted key on the head (what the daemon tears down with): kept when the head has one,
-    else made with the user's key (cloud.iam, named raysweep-NAME, removed by `down`) and copied there, 0600.
-    No copy stays on this machine (a local copy in the state's `head/` marks a cluster of `ray up`)."""
-    import tempfile
-
-    from cloud import head_credentials, iam
-
-    [r] = remote.run([head], f"test -s $HOME/{head_credentials.HEAD_PATH} && echo RAYSWEEP_HAS_KEY", timeout=30)
-    if "RAYSWEEP_HAS_KEY" in r.stdout:
-        return "the head has its restricted key"
-    if cfg.api_secret is None:
-        raise AutostopError(
-            "the head has no restricted key to tear the cluster down with; set EXOSCALE_API_KEY/EXOSCALE_API_SECRET "
-            "and run `start` again"
-        )
-    creds = iam.create_key(cfg.driver(), cfg.name, cfg.zone, cfg.endpoint)
-    with tempfile.TemporaryDirectory() as tmp:  # 0700; the file itself is written 0600
-        local = head_credentials.write(Path(tmp) / Path(head_credentials.HEAD_PATH).name, creds)
-        [r] = remote.put([head], local, head_credentials.HEAD_PATH, private=True)
-    if not r.ok:
-        raise AutostopError(f"could not copy the restricted key to {head.name}: {r.error}")
-    return f"restricted key {iam.resource_name(cfg.name)} made for it"
-
-
-def write_setting(remote: Remote, head: NodeRecord, minutes: float, unit_s: float) -> Settings:
-    """Replace the head's setting (the daemon reads it each sample; a change restarts the idle count)."""
-    s = Settings(check_minutes(minutes), unit_s)
-    tmp = f"$HOME/{SETTINGS}.tmp$$"
-    [r] = remote.run(
-        [head],
-        f"mkdir -p -m 700 $HOME/{DIR} && printf '%s' {shlex.quote(s.to_json())} > {tmp} && mv {tmp} $HOME/{SETTINGS}",
-        timeout=60,
-    )
-    if not r.ok:
-        raise AutostopError(f"could not change the autostop setting on {head.name}: {r.stderr.strip() or r.error}")
-    return s
-
-
-_READ = (
-    f"cd $HOME && echo RAYSWEEP_NOW $(date +%s.%N) && "
-    f"for f in {SETTINGS} {STATUS}; do echo RAYSWEEP_FILE $f; cat $f 2>/dev/null; echo; done"
-)
-
-
-def read_head(remote: Remote, head: NodeRecord) -> tuple[Settings | None, HeadStatus | None, float | None]:
-    """(setting, the daemon's last status, the head's clock) read over one short SSH command."""
-    [r] = remote.run([head], _READ, timeout=30)
-    if not r.ok:
-        raise AutostopError(f"cannot read the autostop state on {head.name}: {r.error}")
-    return parse_head(r.stdout)
-
-
 def parse_head(out: str) -> tuple[Settings | None, HeadStatus | None, float | None]:
     now: float | None = None
     files: dict[str, str] = {}
@@ -501,30 +367,3 @@ def parse_head(out: str) -> tuple[Settings | None, HeadStatus | None, float | No
     except (ValueError, KeyError, TypeError):
         status = None
     return settings, status, now
-
-
-def read_log(remote: Remote, head: NodeRecord, lines: int = 200) -> str:
-    [r] = remote.run([head], f"tail -n {int(lines)} $HOME/{LOG} 2>/dev/null || true", timeout=30)
-    if not r.ok:
-        raise AutostopError(f"cannot read the autostop log on {head.name}: {r.error}")
-    return r.stdout
-
-
-def leftovers(driver, cluster: str) -> list[str] | None:
-    """When the cluster has no instances left but its security group, SSH key or restricted key remain (what
-    an autostop leaves for `down`), their descriptions; None when instances exist or nothing is left."""
-    from cloud import iam, provision
-
-    plan = provision.plan_down(driver, cluster)
-    if plan.nodes:
-        return None
-    group = plan.group is not None and not plan.foreign_group
-    name = provision.resource_name(cluster)
-    rest = [f"security group {name}"] * group + [f"SSH key {name}"] * plan.has_key
-    if iam.exists(driver, cluster):
-        rest.append(f"restricted API key and IAM role {name}")
-    return rest or None
-
-
-def autostopped_message(cluster: str, rest: list[str]) -> str:
-    return f"cluster {cluster!r}: autostopped; run down to remove the rest ({', '.join(rest)})"

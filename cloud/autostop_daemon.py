@@ -15,6 +15,7 @@ killing it does not postpone a due stop.
 from __future__ import annotations
 
 import fcntl
+import ipaddress
 import json
 import logging
 import os
@@ -23,16 +24,47 @@ import subprocess
 import sys
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from cloud import autostop
+from cloud import autostop, head_credentials, provision
 from cloud.autostop import Clock, Decision, HeadStatus, Observation, SessionTracker, Settings
+from cloud.config import driver_for
+from cloud.fanout import parallel_map
 
 log = logging.getLogger("cloud.autostop")
 
 DASHBOARD = "http://127.0.0.1:8265"
+
+
+# ------------------------------------------------------------------------- SSH connections (/proc)
+
+
+def _hex_ip(text: str) -> str:
+    """An address of /proc/net/tcp{,6} ("0100007F", or 32 hex digits for IPv6) as text; IPv4 for v4-mapped."""
+    raw = bytes.fromhex(text)
+    if len(raw) == 4:
+        return ".".join(str(b) for b in raw[::-1])
+    words = [raw[i : i + 4][::-1] for i in range(0, 16, 4)]  # each 32-bit word is in host (little-endian) order
+    addr = b"".join(words)
+    if addr[:12] == b"\0" * 10 + b"\xff\xff":
+        return ".".join(str(b) for b in addr[12:])
+    return str(ipaddress.IPv6Address(addr))
+
+
+def inbound_connections(proc_net_tcp: str, port: int = 22) -> set[str]:
+    """Established connections to local `port` in a /proc/net/tcp (or tcp6) table, as "ip:port" of the peer."""
+    peers = set()
+    for line in proc_net_tcp.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) < 4 or parts[3] != "01":  # 01 = ESTABLISHED
+            continue
+        local, remote = parts[1], parts[2]
+        if int(local.rsplit(":", 1)[1], 16) != port:
+            continue
+        rip, rport = remote.rsplit(":", 1)
+        peers.add(f"{_hex_ip(rip)}:{int(rport, 16)}")
+    return peers
 
 
 class Head:
@@ -118,7 +150,7 @@ def ssh_peers() -> set[str]:
     peers: set[str] = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
-            peers |= autostop.inbound_connections(Path(table).read_text())
+            peers |= inbound_connections(Path(table).read_text())
         except OSError:
             continue
     return peers
@@ -143,9 +175,6 @@ def observe(view: RayView, tracker: SessionTracker, settings: Settings, now: flo
 def teardown(head: Head, say) -> None:
     """Stop Ray, delete the workers, then the head (this machine), with the cluster's restricted key.
     Raises when something could not be deleted (the daemon tries again at its next sample)."""
-    from cloud import head_credentials, provision
-    from cloud.config import ClusterConfig
-
     creds = head_credentials.read(head.path(head_credentials.HEAD_PATH))
     say("stopping Ray on the head")
     ray = Path(sys.executable).parent / "ray"
@@ -159,17 +188,13 @@ def teardown(head: Head, say) -> None:
             timeout=120,
             check=False,
         )
-    cfg = ClusterConfig(
-        api_key=creds.key, api_secret=creds.secret, name=creds.cluster, zone=creds.zone, endpoint=creds.endpoint
-    )
-    driver = cfg.driver()
+    driver = driver_for(creds.key, creds.secret, creds.zone, creds.endpoint)
     nodes = provision.query_instances(driver, creds.cluster)
     workers = [n for n in nodes if n.extra["labels"].get("role") != "head"]
     heads = [n for n in nodes if n.extra["labels"].get("role") == "head"]
     if workers:
         say(f"deleting {len(workers)} worker(s): {', '.join(sorted(n.name for n in workers))}")
-        with ThreadPoolExecutor(max_workers=min(16, len(workers))) as pool:
-            errors = [e for e in pool.map(lambda n: provision._destroy(driver, n), workers) if e]
+        errors = [e for e in parallel_map(lambda n: provision.destroy_instance(driver, n), workers, 16) if e]
         if errors:
             raise autostop.AutostopError(f"could not delete every worker: {'; '.join(errors)}")
         say("workers deleted")
@@ -178,7 +203,7 @@ def teardown(head: Head, say) -> None:
             f"deleting the head {n.name} (this machine); left for `down`: the security group, the SSH key "
             f"and the restricted API key"
         )
-        err = provision._destroy(driver, n)
+        err = provision.destroy_instance(driver, n)
         if err:
             raise autostop.AutostopError(f"could not delete the head {n.name}: {err}")
     say("nothing of the cluster's instances left")

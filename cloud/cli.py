@@ -32,14 +32,19 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from cloud import access
+from libcloud.common.exceptions import BaseHTTPError
+from libcloud.common.types import InvalidCredsError, LibcloudError
+
+from cloud import access, autostop, clusters, jobs, node_install, ray_config, ray_runtime
 from cloud import config as config_mod
 from cloud.config import ClusterConfig, ConfigError
-from cloud.ray_auth import use_token_auth
+from cloud.node_install import InstallError
+from cloud.ray_auth import RayAuthError, use_token_auth
+from cloud.ray_runtime import RayClusterError
 from cloud.remote import interactive_ssh_argv
-from cloud.state import ClusterBusy, ClusterState, NodeRecord, NoHeadError, StateStore
+from cloud.state import ClusterState, NodeRecord, NoHeadError, StateStore
 
-PROG = "exoscale.py"
+PROG = clusters.PROG
 
 
 class CLIError(Exception):
@@ -188,112 +193,59 @@ def cmd_up(args) -> int:
     if args.max_workers is not None:
         return cmd_up_autoscaling(args)
     cfg = _load(args, nodes=args.nodes, autostop_minutes=args.autostop)
-    from cloud import provision, ssh_ready
-
-    _refuse_static_up_on_autoscaling(cfg)
-
     if not cfg.ssh_cidr_given:
         print(
             "warning: SSH (port 22) will be open to 0.0.0.0/0; set ssh_cidr in cluster.toml "
             "(e.g. your address/32) to narrow it",
             file=sys.stderr,
         )
-    progress = _printer()
-    store = StateStore(cfg.state_dir)
-    again = f"`{PROG} up` again completes the cluster, `{PROG} down` removes it"
-    try:
-        with store.lock("exoscale.py up"):
-            res = provision.up(cfg.driver(), cfg, progress=progress, running_timeout=args.timeout)
-            failed = dict(res.failed)
-            try:
-                failed.update(
-                    ssh_ready.wait_ssh(res.key_path, store.known_hosts, res.state.nodes, progress, timeout=args.timeout)
-                )
-            except KeyboardInterrupt:
-                print(
-                    f"\ninterrupted while waiting for SSH; the {len(res.state.nodes)} instance(s) exist. {again}.",
-                    file=sys.stderr,
-                )
-                return 130
-    except provision.Interrupted as e:
-        made = ", ".join(e.journal.made) or "nothing"
-        flying = e.journal.in_flight
-        maybe = f"; being created when interrupted (they may exist): {', '.join(flying)}" if flying else ""
-        print(f"\ninterrupted. Made: {made}{maybe}. {again}.", file=sys.stderr)
-        return 130
-    except (ValueError, provision.ProvisionError, ClusterBusy) as e:
-        raise CLIError(str(e)) from None  # ValueError: an unknown instance type or template, valid ones listed
-    _print_nodes(res.state)
-    if failed:
+    out = clusters.up(cfg, _printer(), timeout=args.timeout, autostop_minutes=args.autostop)
+    _print_nodes(out.state)
+    if out.failed:
         print(
-            f"{len(failed)} node(s) not ready: "
-            + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items()))
+            f"{len(out.failed)} node(s) not ready: "
+            + "; ".join(f"{k}: {v}" for k, v in sorted(out.failed.items()))
             + f". Run `{PROG} up` again to complete the cluster, or `{PROG} down` to remove it.",
             file=sys.stderr,
         )
         return 1
-    if args.autostop is not None:
-        _autostop_set(cfg, cfg.autostop_minutes)
-    print(f"cluster {cfg.name!r} ready: {len(res.state.nodes)} node(s)", file=sys.stderr)
+    if out.autostop is not None:
+        print(f"autostop of cluster {cfg.name!r}: {out.autostop.describe()}", file=sys.stderr)
+    print(f"cluster {cfg.name!r} ready: {len(out.state.nodes)} node(s)", file=sys.stderr)
     return 0
 
 
 def cmd_down(args) -> int:
     cfg = _load(args)
-    from cloud import elastic, iam, provision
 
-    driver = cfg.driver()
-    store = StateStore(cfg.state_dir)
-    try:
-        with store.lock("exoscale.py down"):
-            plan = provision.plan_down(driver, cfg.name)
-            name = provision.resource_name(cfg.name)
-            autoscaling = elastic.is_autoscaling(cfg, plan.nodes)
-            restricted = autoscaling or bool(iam.exists(driver, cfg.name))  # the head's key: autoscaler, autostop
-            if plan.foreign_group:
-                print(f"security group {name} was not made by raysweep: left alone", file=sys.stderr)
-            if plan.empty and not restricted:
-                store.remove(keep_key=cfg.ssh_key is not None)
-                print(f"cluster {cfg.name!r}: nothing to remove", file=sys.stderr)
-                return 0
-            names = sorted(n.name for n in plan.nodes)
-            what = [f"{len(names)} instance(s)" + (f" ({', '.join(names)})" if names else "")]
-            if restricted:
-                what.append(f"the {'autoscaler' if autoscaling else 'head'}'s restricted API key and IAM role")
-            if plan.group is not None and not plan.foreign_group:
-                what.append(f"security group {name}")
-            if plan.has_key:
-                what.append(f"SSH key {name}")
-            if not args.yes:
-                if sys.stdin is None or not sys.stdin.isatty():  # no terminal to ask on (CI, cron, a pipe)
-                    raise CLIError(f"would remove {', '.join(what)}; refusing without --yes (stdin is not a terminal)")
-                answer = input(f"Remove {', '.join(what)} of cluster {cfg.name!r}? [y/N] ")
-                if answer.strip().lower() not in ("y", "yes"):
-                    print("nothing removed", file=sys.stderr)
-                    return 1
-            progress = _printer()
-            if autoscaling:  # nothing may be created while the instances are deleted
-                elastic.stop_autoscaler(cfg, progress)
-                elastic.revoke_key(driver, cfg, progress)
-            res = provision.down(driver, cfg, progress=progress, wait=provision.Wait(args.timeout))
-            if autoscaling and not res.failed and provision.query_instances(driver, cfg.name):
-                res = provision.down(driver, cfg, progress=progress, wait=provision.Wait(args.timeout))  # made late
-            if restricted and not res.failed:  # the key and its role, once nothing uses them
-                res.removed += elastic.after_down(driver, cfg, progress)
-    except ClusterBusy as e:
-        raise CLIError(str(e)) from None
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; run `{PROG} down` again to remove what is left", file=sys.stderr)
-        return 130
-    if res.failed:
+    def confirm(removal: clusters.Removal) -> bool:
+        for note in removal.notes:
+            print(note, file=sys.stderr)
+        if removal.empty or args.yes:
+            return True
+        what = ", ".join(removal.what)
+        if sys.stdin is None or not sys.stdin.isatty():  # no terminal to ask on (CI, cron, a pipe)
+            raise CLIError(f"would remove {what}; refusing without --yes (stdin is not a terminal)")
+        return input(f"Remove {what} of cluster {cfg.name!r}? [y/N] ").strip().lower() in ("y", "yes")
+
+    out = clusters.down(cfg, _printer(), timeout=args.timeout, confirm=confirm)
+    if out.removal.empty:
+        for note in out.removal.notes:
+            print(note, file=sys.stderr)
+        print(f"cluster {cfg.name!r}: nothing to remove", file=sys.stderr)
+        return 0
+    if not out.confirmed:
+        print("nothing removed", file=sys.stderr)
+        return 1
+    if out.failed:
         print(
-            f"after {args.timeout:g} s, left: "
-            + "; ".join(f"{k} ({v})" for k, v in sorted(res.failed.items()))
+            f"after {int(out.elapsed_s)} s, left: "
+            + "; ".join(f"{k} ({v})" for k, v in sorted(out.failed.items()))
             + f". Run `{PROG} down` again to finish.",
             file=sys.stderr,
         )
         return 1
-    print(f"cluster {cfg.name!r} removed: {', '.join(res.removed) or 'nothing left'}", file=sys.stderr)
+    print(f"cluster {cfg.name!r} removed: {', '.join(out.removed) or 'nothing left'}", file=sys.stderr)
     return 0
 
 
@@ -307,16 +259,12 @@ def _print_nodes(st: ClusterState) -> None:
 
 def cmd_install(args) -> int:
     cfg = _load(args, require_credentials=False)
-    from cloud import node_install
-
     results = node_install.install(cfg, _printer(), extra_packages=args.default_packages)
     return _report(results, "install")
 
 
 def cmd_start(args) -> int:
     cfg = _load(args, require_credentials=False)
-    from cloud import ray_runtime
-
     nodes = ray_runtime.start(cfg, _printer())
     _print_ray(nodes)
     return 0
@@ -324,8 +272,6 @@ def cmd_start(args) -> int:
 
 def cmd_stop(args) -> int:
     cfg = _load(args, require_credentials=False)
-    from cloud import ray_runtime
-
     return _report(ray_runtime.stop(cfg, _printer()), "stop")
 
 
@@ -334,8 +280,6 @@ def cmd_submit(args) -> int:
     if not command:
         raise CLIError("give the command after --, e.g. submit -- python -m pipeline.mnist --address auto")
     cfg = _load(args, require_credentials=False)
-    from cloud import jobs
-
     tunnel, port = jobs.dashboard_tunnel(cfg)
     try:
         client = jobs.job_client(port)
@@ -354,8 +298,6 @@ def cmd_submit(args) -> int:
 
 def _follow(client, job_id: str) -> int:
     """Stream a job's logs to the end; 0 when it succeeded. Ctrl-C detaches (the job goes on)."""
-    from cloud import jobs
-
     try:
         status = jobs.follow(client, job_id)
     except KeyboardInterrupt:
@@ -369,8 +311,6 @@ def _follow(client, job_id: str) -> int:
 
 def cmd_logs(args) -> int:
     cfg = _load(args, require_credentials=False)
-    from cloud import jobs
-
     tunnel, port = jobs.dashboard_tunnel(cfg)
     try:
         return _follow(jobs.job_client(port), args.job_id)
@@ -380,8 +320,6 @@ def cmd_logs(args) -> int:
 
 def cmd_fetch(args) -> int:
     cfg = _load(args, require_credentials=False)
-    from cloud import jobs
-
     target = jobs.fetch(cfg, args.path, Path(args.dest))
     print(f"{args.path} -> {target}", file=sys.stderr)
     return 0
@@ -389,8 +327,6 @@ def cmd_fetch(args) -> int:
 
 def cmd_dashboard(args) -> int:
     cfg = _load(args, require_credentials=False)
-    from cloud import jobs
-
     tunnel, port = jobs.dashboard_tunnel(cfg)
     token = StateStore(cfg.state_dir).ray_token_path
     print(
@@ -415,105 +351,40 @@ def _print_ray(nodes: list[dict]) -> None:
 
 def cmd_list(args) -> int:
     cfg = _load(args, require_credentials=False)
-    if cfg.api_secret is not None:  # the API is the truth; the cache serves when there are no credentials
-        from cloud import provision
-
-        st = provision.status(cfg.driver(), cfg)
-    else:
-        st = access.cluster_state(cfg)
-    if not st.nodes:
-        _print_no_nodes(cfg)
+    st = clusters.status(cfg)
+    if not st.state.nodes:
+        if st.gone is not None:  # the group, key or restricted key are left: the line says why and what
+            print(st.gone)
+        else:
+            print(f"cluster {cfg.name!r} has no nodes", file=sys.stderr)
         return 0
-    _print_nodes(st)
-    from cloud import ray_runtime
-
-    try:
-        _print_ray(ray_runtime.ray_nodes(cfg))
-    except ray_runtime.RayClusterError as e:
-        print(f"Ray: not running ({str(e).splitlines()[0][:200]})")
-    from cloud import elastic
-
-    if elastic.is_autoscaling(cfg):
-        print(elastic.autoscaler_status(cfg).rstrip())
-    _print_autostop(cfg)
-    return 0
-
-
-def _print_no_nodes(cfg: ClusterConfig) -> None:
-    """No instances: say whether an autostop left the rest for `down`."""
-    from cloud import autostop
-
-    rest = autostop.leftovers(cfg.driver(), cfg.name) if cfg.api_secret is not None else None
-    if rest:
-        print(autostop.autostopped_message(cfg.name, rest))
+    _print_nodes(st.state)
+    if st.ray_nodes is not None:
+        _print_ray(st.ray_nodes)
     else:
-        print(f"cluster {cfg.name!r} has no nodes", file=sys.stderr)
-
-
-def _print_autostop(cfg: ClusterConfig) -> None:
-    from cloud import autostop
-
-    try:
-        acc = access.connect(cfg)
-        head = acc.state.head() or acc.state.ordered()[0]
-        print(autostop.describe(*autostop.read_head(acc.remote, head), autostop.start_advice(cfg)))
-    except (autostop.AutostopError, access.AccessError) as e:
-        print(f"autostop: unknown ({e})")
-
-
-def _autostop_set(cfg: ClusterConfig, minutes: float) -> None:
-    from cloud import autostop
-
-    acc = access.connect(cfg)
-    head = acc.state.head()
-    if head is None:
-        raise CLIError(f"cluster {cfg.name!r} has no head node")
-    try:
-        s = autostop.write_setting(acc.remote, head, minutes, autostop.unit_from_env())
-    except (autostop.AutostopError, ValueError) as e:
-        raise CLIError(str(e)) from None
-    print(f"autostop of cluster {cfg.name!r}: {s.describe()}", file=sys.stderr)
+        print(f"Ray: not running ({st.ray_error})")
+    if st.autoscaler is not None:
+        print(st.autoscaler)
+    print(st.autostop)
+    return 0
 
 
 def cmd_autostop(args) -> int:
     cfg = _load(args, require_credentials=False)
-    from cloud import autostop
-
     if args.minutes is not None:
         try:
             autostop.check_minutes(args.minutes, "--minutes")
         except ValueError as e:
             raise CLIError(str(e)) from None
-        _autostop_set(cfg, args.minutes)
-        return 0
-    if args.off:
-        _autostop_set(cfg, 0)
+    if args.minutes is not None or args.off:
+        s = clusters.set_autostop(cfg, 0 if args.off else args.minutes)
+        print(f"autostop of cluster {cfg.name!r}: {s.describe()}", file=sys.stderr)
         return 0
     try:
-        print(_autostop_state(cfg, args.log))
-    except access.Autostopped as e:  # a question, answered: the cluster ended itself
+        print(clusters.autostop_state(cfg, args.log))
+    except access.Gone as e:  # a question, answered: the instances are gone
         print(e)
     return 0
-
-
-def _autostop_state(cfg: ClusterConfig, log: bool) -> str:
-    """`autostop` (the state line) or `autostop --log` (the daemon's log) from the head."""
-    from cloud import autostop
-
-    acc = access.connect(cfg)
-    remote, head = acc.remote, acc.state.head()
-    if head is None:
-        raise CLIError(f"cluster {cfg.name!r} has no head node")
-    advice = autostop.start_advice(cfg)
-    try:
-        if log:
-            text = autostop.read_log(remote, head)
-            return text.rstrip() if text.strip() else f"no autostop log on {head.name} yet ({advice})"
-        return autostop.describe(*autostop.read_head(remote, head), advice)
-    except autostop.AutostopError as e:
-        if cfg.api_secret is not None:  # the head went since it answered: it may have ended itself
-            access.refuse_autostopped(cfg)
-        raise CLIError(str(e)) from None
 
 
 def _report(results, verb: str) -> int:
@@ -612,17 +483,6 @@ def state_from_terraform(outputs: dict, name: str) -> ClusterState:
     return ClusterState(name, records)
 
 
-def _refuse_static_up_on_autoscaling(cfg: ClusterConfig) -> None:
-    from cloud import elastic, provision
-
-    nodes = provision.query_instances(cfg.driver(), cfg.name)
-    if elastic.is_autoscaling(cfg, nodes):
-        raise CLIError(
-            f"cluster {cfg.name!r} is an autoscaling cluster (up --max-workers): its autoscaler adds and removes "
-            f"workers; `up -n` would fight it. Use `up --max-workers N` to change it, or `down` it first"
-        )
-
-
 def cmd_up_autoscaling(args) -> int:
     """The head (and --min-workers workers) through `ray up`; Ray's autoscaler on the head adds the rest."""
     if args.nodes is not None:
@@ -632,33 +492,26 @@ def cmd_up_autoscaling(args) -> int:
     if args.max_workers < 0 or not 0 <= args.min_workers <= args.max_workers:
         raise CLIError(f"--min-workers {args.min_workers} / --max-workers {args.max_workers}: need 0 <= min <= max")
     cfg = _load(args, autostop_minutes=args.autostop)
-    from cloud import elastic, provision
-
-    driver = cfg.driver()
-    existing = provision.query_instances(driver, cfg.name)
-    if existing and not elastic.is_autoscaling(cfg, existing):
-        raise CLIError(
-            f"cluster {cfg.name!r} is a static cluster of {len(existing)} node(s) (made by up -n); "
-            f"`down` it first, or give another --name"
-        )
-    progress = _printer()
-    try:
-        rc = elastic.up(
-            cfg, args.min_workers, args.max_workers, args.idle_minutes, progress, packages=args.default_packages
-        )
-    except ValueError as e:  # unknown instance type or template, bad endpoint
-        raise CLIError(str(e)) from None
-    st = provision.status(driver, cfg)  # ssh, scp, cmd and --cluster use it
-    _print_nodes(st)
-    if rc != 0:
+    out = clusters.up_autoscaling(
+        cfg,
+        args.min_workers,
+        args.max_workers,
+        args.idle_minutes,
+        _printer(),
+        packages=args.default_packages,
+        autostop_minutes=args.autostop,
+        timeout=args.timeout,
+    )
+    _print_nodes(out.state)
+    if out.ray_up_exit != 0:
         print(
-            f"ray up failed (exit {rc}); see its output above. Run `{PROG} up --max-workers "
+            f"ray up failed (exit {out.ray_up_exit}); see its output above. Run `{PROG} up --max-workers "
             f"{args.max_workers}` again, or `{PROG} down` to remove it.",
             file=sys.stderr,
         )
         return 1
-    if args.autostop is not None:  # the head keeps the setting it has: this one replaces it
-        _autostop_set(cfg, cfg.autostop_minutes)
+    if out.autostop is not None:
+        print(f"autostop of cluster {cfg.name!r}: {out.autostop.describe()}", file=sys.stderr)
     print(
         f"autoscaling cluster {cfg.name!r} ready: head + {args.min_workers} worker(s), up to "
         f"{args.max_workers} added on demand, removed after {args.idle_minutes:g} idle minute(s)",
@@ -670,8 +523,6 @@ def cmd_up_autoscaling(args) -> int:
 def cmd_ray_config(args) -> int:
     """The Ray cluster YAML on stdout (only it: messages go to stderr)."""
     cfg = _load(args, require_credentials=False, autostop_minutes=args.autostop)
-    from cloud import ray_config
-
     worker_types = tuple(ray_config.parse_worker_type(t) for t in args.worker_type)
     config = ray_config.build(
         cfg,
@@ -731,17 +582,13 @@ def main(argv: list[str] | None = None, default_packages: Sequence[str] = ()) ->
         logging.getLogger("ray").setLevel(logging.WARNING)
     try:
         return COMMANDS[args.command](args)
-    except (CLIError, ConfigError, access.AccessError, NoHeadError) as e:
+    except (CLIError, ConfigError, access.AccessError, NoHeadError, clusters.ClusterError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
+    except clusters.Interrupted as e:
+        print(f"\n{e}", file=sys.stderr)
+        return 130
     except Exception as e:
-        from libcloud.common.exceptions import BaseHTTPError
-        from libcloud.common.types import InvalidCredsError, LibcloudError
-
-        from cloud.node_install import InstallError
-        from cloud.ray_auth import RayAuthError
-        from cloud.ray_runtime import RayClusterError
-
         if isinstance(e, (LibcloudError, BaseHTTPError, RayClusterError, InstallError, RayAuthError)):
             text = e.value if isinstance(e, LibcloudError) else str(e)  # libcloud's str() wraps it in a repr
             if isinstance(e, InvalidCredsError) and "signature" in str(text):

@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from cloud.autostop import DEFAULT_MINUTES, check_minutes
-from cloud.exoscale_driver import ZONES, Secret
+from cloud.exoscale_driver import ZONES, ExoscaleV2NodeDriver, RetryPolicy, Secret
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -55,6 +55,44 @@ class ConfigError(ValueError):
     """A bad setting: one line saying what is wrong and what is valid."""
 
 
+def driver_for(
+    api_key: str, api_secret: Secret, zone: str, endpoint: str | None = None, retry: RetryPolicy | None = None
+) -> ExoscaleV2NodeDriver:
+    """The driver for a key pair, a zone and an API endpoint (None: Exoscale's own)."""
+    return ExoscaleV2NodeDriver(api_key, api_secret, retry=retry, **endpoint_kwargs(zone, endpoint))
+
+
+def endpoint_kwargs(zone: str, endpoint: str | None) -> dict[str, Any]:
+    """The driver's connection arguments for `zone` and an API endpoint URL (None: Exoscale's own)."""
+    if not endpoint:
+        return {"zone": zone}
+    u = urlparse(endpoint)
+    return {
+        "zone": zone,
+        "host": u.hostname,
+        "port": u.port or (443 if u.scheme == "https" else 80),
+        "secure": u.scheme == "https",
+    }
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """What the provisioning core (cloud.provision) makes and finds a cluster by: its name, its local state,
+    SSH access and the shape of its instances. `exoscale.py` takes it from cluster.toml (ClusterConfig.spec),
+    the node provider from Ray's cluster config; no credentials here (the driver carries them)."""
+
+    name: str
+    state_dir: Path
+    zone: str = DEFAULTS["zone"]
+    instance_type: str = DEFAULTS["instance_type"]
+    template: str = DEFAULTS["template"]
+    disk_size: int = DEFAULTS["disk_size"]
+    nodes: int = DEFAULTS["nodes"]
+    ssh_key: Path | None = None  # the user's private key; None: the cluster's own pair in state_dir
+    ssh_cidr: str = DEFAULTS["ssh_cidr"]
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     api_key: str
@@ -84,25 +122,31 @@ class ClusterConfig:
     def state_dir(self) -> Path:
         return self.state_root / self.name
 
+    @property
+    def spec(self) -> ClusterSpec:
+        """The part the provisioning core works from."""
+        return ClusterSpec(
+            name=self.name,
+            state_dir=self.state_dir,
+            zone=self.zone,
+            instance_type=self.instance_type,
+            template=self.template,
+            disk_size=self.disk_size,
+            nodes=self.nodes,
+            ssh_key=self.ssh_key,
+            ssh_cidr=self.ssh_cidr,
+            labels=dict(self.labels),
+        )
+
     def driver_kwargs(self) -> dict[str, Any]:
-        if not self.endpoint:
-            return {"zone": self.zone}
-        u = urlparse(self.endpoint)
-        return {
-            "zone": self.zone,
-            "host": u.hostname,
-            "port": u.port or (443 if u.scheme == "https" else 80),
-            "secure": u.scheme == "https",
-        }
+        return endpoint_kwargs(self.zone, self.endpoint)
 
-    def driver(self):
-        from cloud.exoscale_driver import ExoscaleV2NodeDriver
-
+    def driver(self) -> ExoscaleV2NodeDriver:
         if self.api_secret is None:
             raise ConfigError(
                 "set EXOSCALE_API_KEY and EXOSCALE_API_SECRET (an Exoscale API key pair, as for the exo CLI)"
             )
-        return ExoscaleV2NodeDriver(self.api_key, self.api_secret, **self.driver_kwargs())
+        return driver_for(self.api_key, self.api_secret, self.zone, self.endpoint)
 
 
 CREDENTIAL_VARS = ("EXOSCALE_API_KEY", "EXOSCALE_API_SECRET")

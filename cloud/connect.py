@@ -17,12 +17,13 @@ import logging
 import threading
 from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING
 
+from cloud import config as config_mod
+from cloud.elastic import autoscaler_note
+from cloud.provision import is_autoscaling
 from cloud.ray_auth import use_token_auth
-
-if TYPE_CHECKING:
-    from cloud.tunnel import Tunnel
+from cloud.ray_runtime import CLIENT_PORT, node_command
+from cloud.tunnel import Tunnel, open_tunnel
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,6 @@ class ClusterConnection:
             threading.Thread(target=self._watch, args=(ask_status,), name="autoscaler-note", daemon=True).start()
 
     def _watch(self, ask_status: Callable[[], str | None]) -> None:
-        from cloud.elastic import autoscaler_note
-
         while not self._stop.is_set():
             text = ask_status()
             if text is not None:  # a failed ask keeps the last view rather than blanking it
@@ -90,15 +89,10 @@ def connect_cluster(name: str, config_path: str | None = None) -> ClusterConnect
     """Connect to cluster `name` (its local state, or `config_path`'s settings); raises with a one-line
     message when the cluster cannot be reached or its versions differ from this machine's."""
     use_token_auth()
-    from cloud import config as config_mod
-    from cloud.elastic import is_autoscaling
-    from cloud.ray_runtime import CLIENT_PORT, node_command
-    from cloud.tunnel import open_tunnel
-
     cfg = config_mod.load(config_path, require_credentials=False, name=name)
     tunnel, port = open_tunnel(cfg, lambda head: head.ip, CLIENT_PORT)
     ask = None
-    if is_autoscaling(cfg):
+    if is_autoscaling(cfg.state_dir):
         status = node_command("ray status", cfg)
 
         def ask() -> str | None:

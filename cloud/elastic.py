@@ -10,35 +10,23 @@ import ipaddress
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 
+from cloud import iam, ray_config
+from cloud.access import answers
 from cloud.config import ClusterConfig, ConfigError
+from cloud.provision import cluster_yaml_path
+from cloud.ray_runtime import node_command
+from cloud.remote import Remote
 from cloud.state import StateStore
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, str], None]
-#: A label only nodes made through Ray's cluster launcher carry.
-RAY_KIND_LABEL = "ray-node-type"
-
-
-def config_path(cfg: ClusterConfig) -> Path:
-    return cfg.state_dir / "cluster.yaml"
-
-
-def is_autoscaling(cfg: ClusterConfig, nodes=()) -> bool:
-    """Made by `up --max-workers` (its YAML is in the state) or by `ray up` on a `ray-config` YAML (the head's
-    key was made here), or, with no local state, its nodes say so."""
-    from cloud.iam import key_copy_path
-
-    return (
-        config_path(cfg).exists()
-        or key_copy_path(cfg.state_dir).exists()
-        or any(RAY_KIND_LABEL in n.extra.get("labels", {}) for n in nodes)
-    )
 
 
 def ray_cli() -> str:
@@ -62,33 +50,42 @@ def check_endpoint_reachable_from_nodes(cfg: ClusterConfig) -> None:
         )
 
 
-def up(
-    cfg: ClusterConfig,
-    min_workers: int,
-    max_workers: int,
-    idle_minutes: float,
-    progress: Progress,
-    packages: Sequence[str] = (),
-    timeout: float = 3600,
-) -> int:
-    """Write the cluster's YAML and run `ray up` on it; Ray's output goes to `progress` line by line."""
-    from cloud import ray_config
-
+def write_yaml(
+    cfg: ClusterConfig, min_workers: int, max_workers: int, idle_minutes: float, packages: Sequence[str] = ()
+) -> Path:
+    """The cluster's YAML (cloud.ray_config), written to its state; ConfigError for a setting that cannot work."""
     check_endpoint_reachable_from_nodes(cfg)
     config = ray_config.build(cfg, min_workers, max_workers, idle_minutes, packages=packages)
-    path = config_path(cfg)
+    path = cluster_yaml_path(cfg.state_dir)
     path.write_text(ray_config.render(config))
-    progress(cfg.name, f"ray up {path} ({min_workers}-{max_workers} workers, idle after {idle_minutes:g} min)")
+    return path
+
+
+def ray_up(path: Path, progress: Progress, timeout: float = 3600) -> int:
+    """Run `ray up` on the YAML at `path`; Ray's output goes to `progress` line by line. Returns its exit code.
+    Interrupted (Ctrl-C), it interrupts `ray up` too and waits for it to end (killing it after 30 s)."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     cmd = [ray_cli(), "up", str(path), "-y", "--no-config-cache"]
-    with subprocess.Popen(
+    proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, env=env
-    ) as proc:
-        assert proc.stdout is not None
+    )
+    assert proc.stdout is not None
+    try:
         for line in proc.stdout:
             if line.strip():
                 progress("ray up", line.rstrip())
         return proc.wait(timeout)
+    except BaseException:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        raise
+    finally:
+        proc.stdout.close()
 
 
 def autoscaler_note(status_text: str) -> str | None:
@@ -119,9 +116,6 @@ def autoscaler_note(status_text: str) -> str | None:
 
 def autoscaler_status(cfg: ClusterConfig) -> str:
     """`ray status` as the head answers it: the autoscaler's nodes (active, idle, pending) and failures."""
-    from cloud.ray_runtime import node_command
-    from cloud.remote import Remote
-
     store = StateStore(cfg.state_dir)
     st = store.load()
     head = st.head() if st else None
@@ -134,17 +128,12 @@ def autoscaler_status(cfg: ClusterConfig) -> str:
 
 def stop_autoscaler(cfg: ClusterConfig, progress: Progress) -> None:
     """Stop Ray (and with it the autoscaler) on the head; best effort: the key is revoked next anyway."""
-    from cloud.ray_runtime import node_command
-    from cloud.remote import Remote
-
     store = StateStore(cfg.state_dir)
     st = store.load()
     head = st.head() if st else None
     if head is None:
         progress(cfg.name, "no head known locally; its autoscaler stops when its key is revoked")
         return
-    from cloud.access import answers
-
     if not head.ip or not answers(head.ip):  # gone (an autostop, say) or unreachable: no SSH timeout to wait for
         progress(
             head.name, "does not answer on SSH (gone, or unreachable); its autoscaler stops when its key is revoked"
@@ -162,8 +151,6 @@ def stop_autoscaler(cfg: ClusterConfig, progress: Progress) -> None:
 
 def revoke_key(driver, cfg: ClusterConfig, progress: Progress) -> None:
     """Delete the cluster's restricted key(s): from now on the autoscaler cannot create anything."""
-    from cloud import iam
-
     for what in iam.delete_keys(driver, cfg.name):
         progress(cfg.name, f"{what} of the autoscaler revoked")
 
@@ -171,15 +158,13 @@ def revoke_key(driver, cfg: ClusterConfig, progress: Progress) -> None:
 def after_down(driver, cfg: ClusterConfig, progress: Progress) -> list[str]:
     """Once the instances are gone: the key's role (and any key made since `revoke_key`), the local copy of the
     key and the cluster's YAML."""
-    from cloud import iam
-
     removed = iam.delete_cluster_iam(driver, cfg.name, cfg.state_dir)
     for what in removed:
         progress(cfg.name, f"{what} deleted")
-    config_path(cfg).unlink(missing_ok=True)
+    cluster_yaml_path(cfg.state_dir).unlink(missing_ok=True)
     return removed
 
 
 def describe(cfg: ClusterConfig, nodes) -> str:
     kinds = sorted({n.extra["labels"].get("ray-user-node-type", "?") for n in nodes})
-    return f"autoscaling cluster {cfg.name!r} ({', '.join(kinds) or 'no nodes'}); YAML: {shlex.quote(str(config_path(cfg)))}"
+    return f"autoscaling cluster {cfg.name!r} ({', '.join(kinds) or 'no nodes'}); YAML: {shlex.quote(str(cluster_yaml_path(cfg.state_dir)))}"

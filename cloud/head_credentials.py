@@ -19,6 +19,10 @@ from cloud.exoscale_driver import Secret
 
 #: Where the head keeps the restricted key, relative to the login user's home.
 HEAD_PATH = ".raysweep/head-credentials.json"
+#: The head's copy of the cluster state it needs (holds HEAD_PATH); an autoscaling cluster's YAML mounts
+#: the user's machine's `state_dir/head/` there.
+HEAD_STATE_DIR = "~/.raysweep"
+HEAD_MOUNT = HEAD_STATE_DIR + "/"
 
 
 @dataclass(frozen=True)

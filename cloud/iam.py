@@ -19,7 +19,7 @@ from pathlib import Path
 from cloud import head_credentials
 from cloud.exoscale_driver import ExoscaleAPIError, Secret
 from cloud.head_credentials import HeadCredentials
-from cloud.provision import resource_name
+from cloud.names import resource_name
 
 log = logging.getLogger(__name__)
 

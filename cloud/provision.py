@@ -10,8 +10,7 @@ and `up` completes a partial cluster instead of duplicating it.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,17 +19,19 @@ from libcloud.common.types import LibcloudError
 from libcloud.compute.base import Node, NodeImage, NodeSize
 from libcloud.compute.types import NodeState
 
-from cloud.config import ClusterConfig
+from cloud import iam
+from cloud.config import ClusterSpec
 from cloud.exoscale_driver import ExoscaleAPIError, ExoscaleSecurityGroup, md5_fingerprint
 from cloud.fanout import fan_out
+from cloud.names import MANAGED_BY, cluster_labels, resource_name
+from cloud.retry import Progress, StepFailed, Wait, error_text, retry, transient
 from cloud.state import ClusterState, NodeRecord, StateStore
 
 log = logging.getLogger(__name__)
 
-MANAGED_BY = "raysweep"
-Progress = Callable[[str, str], None]  # (node or resource name, what happened)
-HEARTBEAT_S = 10.0  # how often a wait says what it still waits for
-_GONE_STATES = ("destroying", "destroyed", "expunging")
+GONE_STATES = ("destroying", "destroyed", "expunging")
+#: A label only nodes made through Ray's cluster launcher (an autoscaling cluster) carry.
+RAY_KIND_LABEL = "ray-node-type"
 
 
 class ProvisionError(Exception):
@@ -53,22 +54,13 @@ class Interrupted(Exception):
         self.journal = journal
 
 
-def resource_name(cluster: str) -> str:
-    return f"raysweep-{cluster}"
-
-
-def cluster_labels(cluster: str) -> dict[str, str]:
-    return {"cluster": cluster, "managed-by": MANAGED_BY}
-
-
 def group_description(cluster: str) -> str:
     """The mark on the security groups raysweep makes; `down` deletes only a group that carries it."""
     return f"managed-by={MANAGED_BY} cluster={cluster}"
 
 
 def made_by_raysweep(group: ExoscaleSecurityGroup, cluster: str) -> bool:
-    # Groups made before the mark carry the description raysweep gave them then, and are ours too.
-    return group.description in (group_description(cluster), f"raysweep cluster {cluster}")
+    return group.description == group_description(cluster)
 
 
 def node_names(cluster: str, n: int) -> list[tuple[str, str]]:
@@ -79,47 +71,31 @@ def _quiet(name: str, what: str) -> None:
     log.info("%s: %s", name, what)
 
 
-def error_text(e: BaseException) -> str:
-    """An API or driver error as one line for a person (libcloud's str() of some errors is a repr)."""
-    if isinstance(e, LibcloudError):
-        return str(e.value)
-    return str(e) or type(e).__name__
-
-
-class Wait:
-    """A bounded wait that says, at most every `every` seconds, what it still waits for and how long it has."""
-
-    def __init__(self, timeout: float, every: float = HEARTBEAT_S, poll: float = 1.0):
-        self.timeout, self.every, self.poll = timeout, every, poll
-        self.start = time.monotonic()
-        self.deadline = self.start + timeout
-        self._next_beat = self.start + every
-
-    def over(self) -> bool:
-        return time.monotonic() >= self.deadline
-
-    def left(self) -> float:
-        return max(0.0, self.deadline - time.monotonic())
-
-    def beat(self, progress: Progress, name: str, what: str) -> None:
-        now = time.monotonic()
-        if now >= self._next_beat:
-            progress(name, f"{what} ({now - self.start:.0f} s of {self.timeout:g} s)")
-            self._next_beat = now + self.every
-
-    def sleep(self) -> None:
-        time.sleep(min(self.poll, self.left()))
-
-
 # --------------------------------------------------------------------------------------------- query
 
 
-def query_instances(driver, cluster: str) -> list[Node]:
-    """The cluster's instances, selected by comparing labels here. Exoscale's list-instances is not
-    paged, and the wire format of its `labels` filter is not specified, so one unfiltered listing
-    compared on this side can neither miss an instance of the cluster nor take one of another."""
-    want = cluster_labels(cluster)
+def query_instances(driver, cluster: str, labels: Mapping[str, str] | None = None) -> list[Node]:
+    """The cluster's instances (those also carrying `labels`, given), selected by comparing labels here.
+    Exoscale's list-instances is not paged, and the wire format of its `labels` filter is not specified, so
+    one unfiltered listing compared on this side can neither miss an instance of the cluster nor take one
+    of another."""
+    want = {**(labels or {}), **cluster_labels(cluster)}
     return [nd for nd in driver.list_nodes() if all(nd.extra["labels"].get(k) == v for k, v in want.items())]
+
+
+def cluster_yaml_path(state_dir: Path) -> Path:
+    """The Ray cluster YAML `up --max-workers` wrote and ran `ray up` on, in the cluster's state."""
+    return state_dir / "cluster.yaml"
+
+
+def is_autoscaling(state_dir: Path, nodes: Iterable[Node] = ()) -> bool:
+    """Made by `up --max-workers` (its YAML is in the state `state_dir`) or by `ray up` on a `ray-config` YAML
+    (the head's key was made here), or, with no local state, its nodes say so."""
+    return (
+        cluster_yaml_path(state_dir).exists()
+        or iam.key_copy_path(state_dir).exists()
+        or any(RAY_KIND_LABEL in n.extra.get("labels", {}) for n in nodes)
+    )
 
 
 def find_security_group(driver, cluster: str) -> ExoscaleSecurityGroup | None:
@@ -138,14 +114,14 @@ def _record(node: Node, user: str) -> NodeRecord:
     )
 
 
-def status(driver, cfg: ClusterConfig) -> ClusterState:
+def status(driver, spec: ClusterSpec) -> ClusterState:
     """The cluster as the API sees it (and the local cache refreshed from it)."""
-    store = StateStore(cfg.state_dir)
+    store = StateStore(spec.state_dir)
     old = store.load()
     users = {n.name: n.user for n in old.nodes} if old else {}
-    nodes = query_instances(driver, cfg.name)
+    nodes = query_instances(driver, spec.name)
     state = ClusterState(
-        cfg.name,
+        spec.name,
         [_record(nd, users.get(nd.name, "ubuntu")) for nd in nodes],
         old.security_group_id if old else "",
         old.key_name if old else "",
@@ -158,11 +134,11 @@ def status(driver, cfg: ClusterConfig) -> ClusterState:
 # ------------------------------------------------------------------------------- key and group
 
 
-def ensure_key(driver, cfg: ClusterConfig, store: StateStore, progress: Progress) -> tuple[str, Path, bool]:
+def ensure_key(driver, spec: ClusterSpec, store: StateStore, progress: Progress) -> tuple[str, Path, bool]:
     """The cluster's key registered under raysweep-NAME: (name, private key path, whether made now)."""
-    private = cfg.ssh_key or store.ensure_key()
+    private = spec.ssh_key or store.ensure_key()
     public = Path(f"{private}.pub").read_text().strip()
-    name = resource_name(cfg.name)
+    name = resource_name(spec.name)
     existing = {k.name: k for k in driver.list_key_pairs()}
     if name in existing:
         if existing[name].fingerprint and existing[name].fingerprint != md5_fingerprint(public):
@@ -177,25 +153,25 @@ def ensure_key(driver, cfg: ClusterConfig, store: StateStore, progress: Progress
     return name, Path(private), True
 
 
-def ensure_security_group(driver, cfg: ClusterConfig, progress: Progress) -> tuple[ExoscaleSecurityGroup, bool]:
+def ensure_security_group(driver, spec: ClusterSpec, progress: Progress) -> tuple[ExoscaleSecurityGroup, bool]:
     """The cluster's group: inbound TCP 22 from the allowed CIDR, and everything between its members.
     Returns it and whether it was made now. A group of that name raysweep did not make is refused."""
-    name = resource_name(cfg.name)
-    group = find_security_group(driver, cfg.name)
+    name = resource_name(spec.name)
+    group = find_security_group(driver, spec.name)
     made = group is None
     if group is None:
-        group = driver.ex_create_security_group(name, group_description(cfg.name))
+        group = driver.ex_create_security_group(name, group_description(spec.name))
         progress(name, "security group created")
-    elif not made_by_raysweep(group, cfg.name):
+    elif not made_by_raysweep(group, spec.name):
         raise ProvisionError(
             f"a security group named {name} exists that raysweep did not make (its description is "
-            f"{group.description!r}, not {group_description(cfg.name)!r}); raysweep neither uses nor deletes it. "
+            f"{group.description!r}, not {group_description(spec.name)!r}); raysweep neither uses nor deletes it. "
             f"Rename or delete it, or choose another cluster name"
         )
     ingress = [r for r in group.rules if r.direction == "ingress"]
-    if not any(r.protocol == "tcp" and r.start_port == 22 and r.cidr == cfg.ssh_cidr for r in ingress):
+    if not any(r.protocol == "tcp" and r.start_port == 22 and r.cidr == spec.ssh_cidr for r in ingress):
         group = driver.ex_add_security_group_rule(
-            group, "tcp", 22, 22, cidr=cfg.ssh_cidr, description="SSH from the allowed CIDR"
+            group, "tcp", 22, 22, cidr=spec.ssh_cidr, description="SSH from the allowed CIDR"
         )
     if not any(r.protocol == "all" and r.source_group_id == group.id for r in ingress):
         group = driver.ex_add_security_group_rule(
@@ -206,11 +182,41 @@ def ensure_security_group(driver, cfg: ClusterConfig, progress: Progress) -> tup
         for r in group.rules
         if r.direction == "ingress"
         and r.cidr
-        and not (r.protocol == "tcp" and r.start_port == 22 and r.cidr == cfg.ssh_cidr)
+        and not (r.protocol == "tcp" and r.start_port == 22 and r.cidr == spec.ssh_cidr)
     ]
     if unexpected:
         log.warning("security group %s has extra inbound rules not made by raysweep: %s", name, unexpected)
     return group, made
+
+
+@dataclass
+class Shared:
+    """What every instance of the cluster is made with: its SSH key and its security group."""
+
+    key_name: str
+    key_path: Path
+    key_made: bool
+    group: ExoscaleSecurityGroup
+    group_made: bool
+
+
+def prepare(driver, spec: ClusterSpec, store: StateStore, progress: Progress, wait: Wait) -> Shared:
+    """The cluster's SSH key and security group, each step tried again within `wait` when an operation fails
+    (register-ssh-key, create-security-group, add-rule-to-security-group); StepFailed names the step that
+    kept failing. Used by `up` and by the node provider's bootstrap."""
+    key_name, key_path, key_made = retry(
+        f"registering SSH key {resource_name(spec.name)}",
+        lambda: ensure_key(driver, spec, store, progress),
+        wait,
+        progress,
+    )
+    group, group_made = retry(
+        f"preparing security group {resource_name(spec.name)}",
+        lambda: ensure_security_group(driver, spec, progress),
+        wait,
+        progress,
+    )
+    return Shared(key_name, key_path, key_made, group, group_made)
 
 
 # ------------------------------------------------------------------------------------ instances
@@ -228,44 +234,46 @@ class CreateSpec:
 
 def run_instances(
     driver,
-    cfg: ClusterConfig,
+    spec: ClusterSpec,
     n: int,
-    spec: CreateSpec,
+    create: CreateSpec,
     progress: Progress = _quiet,
     journal: Journal | None = None,
-) -> tuple[list[Node], dict[str, str]]:
+) -> tuple[list[Node], dict[str, str], set[str]]:
     """Make the cluster's first n nodes exist: instances a failed operation left in error are replaced,
     missing ones created in parallel; existing ones and extra ones are kept. Returns (every instance of
-    the cluster, {node that could not be made: why}). Each node made is entered in `journal` at once."""
+    the cluster, {node that could not be made: why}, the nodes of those whose error may pass when tried
+    again). Each node made is entered in `journal` at once."""
     journal = journal or Journal()
-    existing = {nd.name: nd for nd in query_instances(driver, cfg.name)}
+    existing = {nd.name: nd for nd in query_instances(driver, spec.name)}
     for nd in [nd for nd in existing.values() if nd.state in (NodeState.ERROR, NodeState.TERMINATED)]:
         progress(nd.name, f"in state {nd.extra.get('state')}; replacing it")
-        err = _destroy(driver, nd)
+        err = destroy_instance(driver, nd)
         if err is not None:
             progress(nd.name, f"could not remove it: {err}")
         existing.pop(nd.name)
-    wanted = node_names(cfg.name, n)
+    wanted = node_names(spec.name, n)
     extra = sorted(nm for nm in existing if nm not in dict(wanted))
     if extra:
-        progress(cfg.name, f"keeping {len(extra)} node(s) beyond -n {n}: {', '.join(extra)} (down removes them)")
+        progress(spec.name, f"keeping {len(extra)} node(s) beyond -n {n}: {', '.join(extra)} (down removes them)")
     for nm, _ in wanted:
         if nm in existing:
             progress(nm, f"exists ({existing[nm].extra.get('state')})")
     missing = [(nm, role) for nm, role in wanted if nm not in existing]
 
-    def create(item: tuple[str, str]) -> Node:
+    def make_one(item: tuple[str, str]) -> Node:
         nm, role = item
         progress(nm, "creating")
         journal.in_flight.append(nm)
-        node = driver.create_node(
+        node = create_instance(
+            driver,
             nm,
-            spec.size,
-            spec.image,
-            ex_disk_size=cfg.disk_size,
-            ex_ssh_keys=[spec.key_name],
-            ex_security_groups=[spec.group],
-            ex_labels={**cfg.labels, **cluster_labels(cfg.name), "role": role},
+            create.size,
+            create.image,
+            key_name=create.key_name,
+            group=create.group,
+            disk_size=spec.disk_size,
+            labels={**spec.labels, **cluster_labels(spec.name), "role": role},
         )
         journal.made.append(f"instance {nm}")
         journal.in_flight.remove(nm)
@@ -275,14 +283,17 @@ def run_instances(
         return node
 
     failed: dict[str, str] = {}
-    result = fan_out(missing, create, name=lambda item: item[0])
+    retriable: set[str] = set()
+    result = fan_out(missing, make_one, name=lambda item: item[0])
     existing.update(result.done)
     for nm, e in result.errors.items():
         if not isinstance(e, (LibcloudError, BaseHTTPError)):
             raise e
         failed[nm] = error_text(e)
+        if transient(e):
+            retriable.add(nm)
         progress(nm, f"FAILED: {failed[nm]}")
-    return [existing[nm] for nm in sorted(existing)], failed
+    return [existing[nm] for nm in sorted(existing)], failed, retriable
 
 
 def wait_instances(
@@ -332,13 +343,42 @@ def wait_instances(
     return sorted(running, key=lambda nd: nd.name), failed
 
 
-def _destroy(driver, node: Node) -> str | None:
-    """Delete one instance and wait for it; None when it is gone (or was already), else the error."""
+def create_instance(
+    driver,
+    name: str,
+    size: NodeSize,
+    image: NodeImage,
+    *,
+    key_name: str,
+    group: ExoscaleSecurityGroup | str,
+    disk_size: int,
+    labels: Mapping[str, str],
+) -> Node:
+    """One instance, labelled from the start (never an untagged instance: `labels` must hold the cluster's,
+    cluster_labels), with the cluster's SSH key and security group (the group or its id); waits for the
+    create operation. Raises the driver's errors (ExoscaleOperationError: the operation failed, and its
+    `reference_id` names what it left)."""
+    return driver.create_node(
+        name,
+        size,
+        image,
+        ex_disk_size=disk_size,
+        ex_ssh_keys=[key_name],
+        ex_security_groups=[group],
+        ex_labels=dict(labels),
+    )
+
+
+def destroy_instance(driver, node: Node | str) -> str | None:
+    """Delete one instance (a Node, or its id) and wait for it; None when it is gone, or was already, or is
+    being deleted already; else the error."""
+    if isinstance(node, str):
+        node = Node(node, node, NodeState.UNKNOWN, [], [], driver)
     try:
         driver.destroy_node(node)
         return None
     except ExoscaleAPIError as e:
-        return None if e.code == 404 else error_text(e)
+        return None if e.code in (404, 409) else error_text(e)
     except (LibcloudError, BaseHTTPError) as e:
         return error_text(e)
 
@@ -358,12 +398,12 @@ def terminate_instances(driver, cluster: str, progress: Progress = _quiet, wait:
             return {}
         if wait.over():
             return {nd.name: last_error.get(nd.name, f"still {nd.extra.get('state')}") for nd in nodes}
-        todo = [nd for nd in nodes if nd.extra.get("state") not in _GONE_STATES]
+        todo = [nd for nd in nodes if nd.extra.get("state") not in GONE_STATES]
         for nd in todo:
             progress(nd.name, "deleting again" if nd.name in last_error else "deleting")
         result = fan_out(
             todo,
-            lambda nd: _destroy(driver, nd),
+            lambda nd: destroy_instance(driver, nd),
             name=lambda nd: nd.name,
             timeout=wait.left(),
             heartbeat=heartbeat,
@@ -430,35 +470,44 @@ class UpResult:
 
 def up(
     driver,
-    cfg: ClusterConfig,
+    spec: ClusterSpec,
     n: int | None = None,
     progress: Progress = _quiet,
     running_timeout: float = 600.0,
 ) -> UpResult:
     """Key, group, instances created and running, the local state saved. SSH readiness is the next
-    step (cloud.ssh_ready). Ctrl-C raises Interrupted with the journal of what was made."""
-    n = n or cfg.nodes
-    store = StateStore(cfg.state_dir)
+    step (cloud.ssh_ready). A failed operation is tried again within `running_timeout` (the key and the
+    group: StepFailed when they never succeed; an instance: reported in `failed`). Ctrl-C raises
+    Interrupted with the journal of what was made."""
+    n = n or spec.nodes
+    store = StateStore(spec.state_dir)
     store.ensure_dir()
     journal = Journal()
     try:
-        size = driver.ex_get_size(cfg.instance_type)  # one-line errors listing the valid ones
-        image = driver.ex_get_image(cfg.template)
+        size = driver.ex_get_size(spec.instance_type)  # one-line errors listing the valid ones
+        image = driver.ex_get_image(spec.template)
         user = image.extra.get("default_user") or "ubuntu"
-        key_name, key_path, key_made = ensure_key(driver, cfg, store, progress)
-        if key_made:
+        wait = Wait(running_timeout)
+        shared = prepare(driver, spec, store, progress, wait)
+        key_name, key_path, group = shared.key_name, shared.key_path, shared.group
+        if shared.key_made:
             journal.made.append(f"SSH key {key_name}")
-        group, group_made = ensure_security_group(driver, cfg, progress)
-        if group_made:
+        if shared.group_made:
             journal.made.append(f"security group {group.name}")
-        nodes, failed = run_instances(driver, cfg, n, CreateSpec(size, image, key_name, group), progress, journal)
+        create = CreateSpec(size, image, key_name, group)
+        while True:
+            nodes, failed, retriable = run_instances(driver, spec, n, create, progress, journal)
+            if not retriable or wait.over():
+                break
+            progress(spec.name, f"trying again to make {', '.join(sorted(retriable))} ({wait.elapsed():.0f} s so far)")
+            wait.sleep()
         for nd in nodes:  # a new machine may reuse an old address
             if f"instance {nd.name}" in journal.made and nd.public_ips:
                 store.forget_host(nd.public_ips[0])
         running, not_running = wait_instances(driver, nodes, progress, Wait(running_timeout))
     except KeyboardInterrupt:
         raise Interrupted(journal) from None
-    state = ClusterState(cfg.name, [_record(nd, user) for nd in running], group.id, key_name)
+    state = ClusterState(spec.name, [_record(nd, user) for nd in running], group.id, key_name)
     store.save(state)
     return UpResult(state, key_path, {**failed, **not_running})
 
@@ -491,38 +540,65 @@ def plan_down(driver, cluster: str) -> DownPlan:
 class DownResult:
     removed: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # what is left: why
+    elapsed_s: float = 0.0  # how long it tried
 
 
-def down(driver, cfg: ClusterConfig, progress: Progress = _quiet, wait: Wait | None = None) -> DownResult:
+def down(driver, spec: ClusterSpec, progress: Progress = _quiet, wait: Wait | None = None) -> DownResult:
     """Remove every instance, the security group and the SSH key of the cluster, retrying what fails,
     until the wait (default 300 s) ends; idempotent, so a second `down` finishes what the first left."""
     wait = wait or Wait(300.0)
     result = DownResult()
-    before = {nd.name for nd in query_instances(driver, cfg.name)}
-    left = terminate_instances(driver, cfg.name, progress, wait)
+    before = {nd.name for nd in query_instances(driver, spec.name)}
+    left = terminate_instances(driver, spec.name, progress, wait)
     result.removed += [f"instance {nm}" for nm in sorted(before - set(left))]
     result.failed.update({f"instance {nm}": why for nm, why in left.items()})
-    name = resource_name(cfg.name)
+    name = resource_name(spec.name)
     if left:  # the group cannot go while instances use it
-        group = find_security_group(driver, cfg.name)
-        if group is not None and made_by_raysweep(group, cfg.name):
+        group = find_security_group(driver, spec.name)
+        if group is not None and made_by_raysweep(group, spec.name):
             result.failed[f"security group {name}"] = "kept until the instances are gone"
     else:
-        deleted, err = delete_security_group(driver, cfg.name, progress, wait)
+        deleted, err = delete_security_group(driver, spec.name, progress, wait)
         if err is not None:
             result.failed[f"security group {name}"] = err
         elif deleted:
             result.removed.append(f"security group {name}")
-    if any(k.name == name for k in driver.list_key_pairs()):
-        try:
-            driver.delete_key_pair(name)
+    try:
+        if retry(f"deleting SSH key {name}", lambda: delete_key(driver, name), wait, progress, name):
             result.removed.append(f"SSH key {name}")
             progress(name, "SSH key deleted")
-        except ExoscaleAPIError as e:
-            if e.code != 404:
-                result.failed[f"SSH key {name}"] = error_text(e)
-        except (LibcloudError, BaseHTTPError) as e:
-            result.failed[f"SSH key {name}"] = error_text(e)
+    except StepFailed as e:
+        result.failed[f"SSH key {name}"] = f"{e.error} ({e.tries} tries)"
+    except (LibcloudError, BaseHTTPError) as e:
+        result.failed[f"SSH key {name}"] = error_text(e)
     if not result.failed:
-        StateStore(cfg.state_dir).remove(keep_key=cfg.ssh_key is not None)
+        StateStore(spec.state_dir).remove(keep_key=spec.ssh_key is not None)
+    result.elapsed_s = wait.elapsed()
     return result
+
+
+def delete_key(driver, name: str) -> bool:
+    """Delete the SSH key `name`; False when there is none (any more)."""
+    if not any(k.name == name for k in driver.list_key_pairs()):
+        return False
+    try:
+        driver.delete_key_pair(name)
+    except ExoscaleAPIError as e:
+        if e.code != 404:
+            raise
+        return False
+    return True
+
+
+def leftovers(driver, cluster: str) -> list[str] | None:
+    """When the cluster has no instances left but its security group, SSH key or restricted key remain (what
+    an autostop leaves for `down`), their descriptions; None when instances exist or nothing is left."""
+    plan = plan_down(driver, cluster)
+    if plan.nodes:
+        return None
+    group = plan.group is not None and not plan.foreign_group
+    name = resource_name(cluster)
+    rest = [f"security group {name}"] * group + [f"SSH key {name}"] * plan.has_key
+    if iam.exists(driver, cluster):
+        rest.append(f"restricted API key and IAM role {name}")
+    return rest or None

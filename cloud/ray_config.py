@@ -21,8 +21,8 @@ from typing import Any
 
 from cloud import autostop
 from cloud.config import ClusterConfig, ConfigError
+from cloud.head_credentials import HEAD_MOUNT
 from cloud.node_install import NODE_ENV, head_packages, install_script, node_packages
-from cloud.ray_provider import HEAD_MOUNT
 from cloud.ray_runtime import CLIENT_PORT, DASHBOARD_PORT, GCS_PORT, node_command
 from cloud.remote import env_exports
 from cloud.state import StateStore

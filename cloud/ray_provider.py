@@ -32,21 +32,19 @@ import os
 import sys
 import threading
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from libcloud.common.exceptions import BaseHTTPError
 from libcloud.common.types import LibcloudError
 from libcloud.compute.base import Node, NodeImage, NodeSize
-from libcloud.compute.types import NodeState
 from ray.autoscaler._private.command_runner import SSHCommandRunner
 from ray.autoscaler.node_launch_exception import NodeLaunchException
 from ray.autoscaler.node_provider import NodeProvider
 from ray.autoscaler.tags import NODE_KIND_HEAD, TAG_RAY_CLUSTER_NAME, TAG_RAY_NODE_KIND
 
-from cloud import head_credentials
-from cloud.config import RESERVED_LABELS, ClusterConfig
+from cloud import head_credentials, iam, provision
+from cloud.config import RESERVED_LABELS, ClusterSpec, driver_for
 from cloud.exoscale_driver import (
     ExoscaleAPIError,
     ExoscaleOperationError,
@@ -54,7 +52,10 @@ from cloud.exoscale_driver import (
     RetryPolicy,
     Secret,
 )
-from cloud.provision import cluster_labels
+from cloud.fanout import fan_out, parallel_map
+from cloud.head_credentials import HEAD_STATE_DIR
+from cloud.names import cluster_labels
+from cloud.retry import Wait, retry
 from cloud.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -62,11 +63,9 @@ log = logging.getLogger(__name__)
 #: Instance states Ray counts as pending or running; everything else is terminated for Ray.
 PENDING = frozenset({"starting", "migrating"})
 RUNNING = frozenset({"running"})
-#: The head's copy of the state it needs, relative to its login home (holds head_credentials.HEAD_PATH).
-HEAD_STATE_DIR = "~/.raysweep"
-HEAD_MOUNT = HEAD_STATE_DIR + "/"
 CREATE_ATTEMPTS = 3  # per instance, when Exoscale's create operation fails
-MAX_PARALLEL = 16
+MAX_PARALLEL = 16  # API requests at once
+STEP_TIMEOUT_S = 300.0  # how long a failing operation of the key, the group or the IAM key is tried again
 
 
 def make_driver(provider_config: dict[str, Any]) -> ExoscaleV2NodeDriver:
@@ -85,23 +84,21 @@ def make_driver(provider_config: dict[str, Any]) -> ExoscaleV2NodeDriver:
             )
         key, secret = env_key, Secret(env_secret)
         zone, endpoint = provider_config["zone"], provider_config.get("endpoint")
-    cfg = ClusterConfig(api_key=key, api_secret=secret, zone=zone, endpoint=endpoint)
-    return ExoscaleV2NodeDriver(key, secret, retry=retry, **cfg.driver_kwargs())
+    return driver_for(key, secret, zone, endpoint, retry)
 
 
-def _cluster_config(cluster_config: dict[str, Any]) -> ClusterConfig:
-    """The ClusterConfig that provision's helpers need for this Ray cluster config (no credentials)."""
+def cluster_spec(cluster_config: dict[str, Any]) -> ClusterSpec:
+    """What the provisioning core needs of this Ray cluster config: the cluster's name, local state, SSH key
+    and allowed CIDR, zone and labels (the instance shapes are per node type, in node_config)."""
     pc = cluster_config["provider"]
     key = cluster_config.get("auth", {}).get("ssh_private_key")
-    return ClusterConfig(
-        api_key="",
-        api_secret=None,
+    return ClusterSpec(
         name=cluster_config["cluster_name"],
+        state_dir=Path(pc["state_dir"]).expanduser(),
         zone=pc["zone"],
         ssh_key=Path(key).expanduser() if key else None,
         ssh_cidr=pc.get("ssh_cidr", "0.0.0.0/0"),
-        endpoint=pc.get("endpoint"),
-        state_root=Path(pc["state_dir"]).expanduser().parent,
+        labels=dict(pc.get("labels") or {}),
     )
 
 
@@ -127,7 +124,7 @@ class ExoscaleNodeProvider(NodeProvider):
     # --------------------------------------------------------------------------------- listing
 
     def non_terminated_nodes(self, tag_filters: dict[str, str]) -> list[str]:
-        nodes = self.driver.list_nodes(ex_labels={**tag_filters, **self._scope})
+        nodes = provision.query_instances(self.driver, self.cluster_name, tag_filters)
         live = [n for n in nodes if n.extra.get("state") in PENDING | RUNNING]
         with self._lock:
             if not tag_filters:  # a full listing: what it lacks is gone
@@ -137,8 +134,8 @@ class ExoscaleNodeProvider(NodeProvider):
 
     def nodes_for_teardown(self, tag_filters: dict[str, str]) -> list[str]:
         """Everything of the cluster that still costs money, stopped or failed instances included."""
-        nodes = self.driver.list_nodes(ex_labels={**tag_filters, **self._scope})
-        return [str(n.id) for n in nodes if n.extra.get("state") not in ("destroying", "destroyed", "expunging")]
+        nodes = provision.query_instances(self.driver, self.cluster_name, tag_filters)
+        return [str(n.id) for n in nodes if n.extra.get("state") not in provision.GONE_STATES]
 
     def _node(self, node_id: str, refresh: bool = False) -> Node | None:
         """The cached node, fetched when unknown (or when asked to refresh); None when it no longer exists."""
@@ -242,19 +239,18 @@ class ExoscaleNodeProvider(NodeProvider):
                 return f"{self.cluster_name}-head"
             return f"{self.cluster_name}-{kind}-{uuid.uuid4().hex[:6]}"
 
-        with ThreadPoolExecutor(max_workers=max(1, min(count, MAX_PARALLEL))) as pool:
-            futures = [
-                pool.submit(self._create_one, name(), size, image, node_config, node_labels) for _ in range(count)
-            ]
-        created: dict[str, Node] = {}
-        errors: list[NodeLaunchException] = []
-        for f in futures:
-            try:
-                node = f.result()
-            except NodeLaunchException as e:
-                errors.append(e)
-                continue
-            created[str(node.id)] = node
+        names = [name() for _ in range(count)]
+        res = fan_out(
+            list(range(count)),
+            lambda i: self._create_one(names[i], size, image, node_config, node_labels),
+            name=str,
+            max_parallel=MAX_PARALLEL,
+        )
+        unexpected = [e for e in res.errors.values() if not isinstance(e, NodeLaunchException)]
+        if unexpected:
+            raise unexpected[0]
+        created = {str(node.id): node for node in res.done.values()}
+        errors = [e for e in res.errors.values() if isinstance(e, NodeLaunchException)]
         with self._lock:
             self._nodes.update(created)
         if errors:
@@ -265,14 +261,15 @@ class ExoscaleNodeProvider(NodeProvider):
     def _create_one(self, name: str, size: NodeSize, image: NodeImage, node_config: dict, labels: dict) -> Node:
         for attempt in range(1, CREATE_ATTEMPTS + 1):
             try:
-                node = self.driver.create_node(
+                node = provision.create_instance(
+                    self.driver,
                     name,
                     size,
                     image,
-                    ex_disk_size=int(node_config.get("disk_size", 50)),
-                    ex_ssh_keys=[self.provider_config["ssh_key_name"]],
-                    ex_security_groups=[self.provider_config["security_group_id"]],
-                    ex_labels=labels,
+                    key_name=self.provider_config["ssh_key_name"],
+                    group=self.provider_config["security_group_id"],
+                    disk_size=int(node_config.get("disk_size", 50)),
+                    labels=labels,
                 )
             except ExoscaleOperationError as e:
                 if e.reference_id:  # what the failed operation left (an instance in error) goes first
@@ -296,11 +293,9 @@ class ExoscaleNodeProvider(NodeProvider):
         raise AssertionError("unreachable")
 
     def _destroy(self, node_id: str) -> None:
-        try:
-            self.driver.destroy_node(Node(node_id, node_id, NodeState.UNKNOWN, [], [], self.driver))
-        except ExoscaleAPIError as e:
-            if e.code not in (404, 409):  # gone already, or already being destroyed
-                raise
+        err = provision.destroy_instance(self.driver, node_id)  # gone already or being destroyed: None
+        if err is not None:
+            raise RuntimeError(f"could not delete instance {node_id}: {err}")
         with self._lock:
             self._nodes.pop(node_id, None)
 
@@ -310,8 +305,7 @@ class ExoscaleNodeProvider(NodeProvider):
     def terminate_nodes(self, node_ids: list[str]) -> None:
         if not node_ids:
             return
-        with ThreadPoolExecutor(max_workers=min(len(node_ids), MAX_PARALLEL)) as pool:
-            list(pool.map(self._destroy, node_ids))
+        parallel_map(self._destroy, node_ids, MAX_PARALLEL)
 
     # ------------------------------------------------------------------- the user's machine only
 
@@ -319,17 +313,14 @@ class ExoscaleNodeProvider(NodeProvider):
     def bootstrap_config(cluster_config: dict[str, Any]) -> dict[str, Any]:
         """Resolve node types' instance types and templates by name, and make sure the cluster's SSH key and
         security group exist. Its result holds names and ids only: Ray caches it as plain JSON."""
-        from cloud import provision
-
         config = copy.deepcopy(cluster_config)
         pc = config["provider"]
         driver = make_driver(pc)
-        cfg = _cluster_config(config)
-        store = StateStore(cfg.state_dir)
+        spec = cluster_spec(config)
+        store = StateStore(spec.state_dir)
         store.ensure_dir()
-        key_name, _, _ = provision.ensure_key(driver, cfg, store, _progress)
-        group, _ = provision.ensure_security_group(driver, cfg, _progress)
-        pc["ssh_key_name"], pc["security_group_id"] = key_name, group.id
+        shared = provision.prepare(driver, spec, store, _progress, Wait(STEP_TIMEOUT_S))
+        pc["ssh_key_name"], pc["security_group_id"] = shared.key_name, shared.group.id
         for type_name, node_type in config["available_node_types"].items():
             nc = node_type["node_config"]
             size = driver.ex_get_size(nc["instance_type"])
@@ -363,13 +354,15 @@ class ExoscaleNodeProvider(NodeProvider):
     def prepare_for_head_node(self, cluster_config: dict[str, Any]) -> dict[str, Any]:
         """Make (or keep) the cluster's restricted key in `state_dir/head/`, mounted on the head as
         `~/.raysweep/`; the head's config names only that file, and workers never get it."""
-        from cloud import iam
-
         if self._store is None:
             raise ValueError("provider.state_dir is not set: write the config with `exoscale.py ray-config`")
         path = iam.key_copy_path(self._store.dir)
-        iam.ensure_key_file(
-            self.driver, self.cluster_name, self.provider_config["zone"], self.provider_config.get("endpoint"), path
+        zone, endpoint = self.provider_config["zone"], self.provider_config.get("endpoint")
+        retry(
+            f"making the head's restricted key for cluster {self.cluster_name}",
+            lambda: iam.ensure_key_file(self.driver, self.cluster_name, zone, endpoint, path),
+            Wait(STEP_TIMEOUT_S),
+            _progress,
         )
         remote = copy.deepcopy(cluster_config)
         pc = remote["provider"]
@@ -383,21 +376,13 @@ class ExoscaleNodeProvider(NodeProvider):
         key, the local copy of the key, and Ray's cached bootstrap of this config (it names the group)."""
         if self.provider_config.get("credentials_file"):
             return  # on the head: nothing to clean with a key that may only touch instances
-        from cloud import iam, provision
-
         state_dir = self._store.dir if self._store is not None else None
         removed = iam.delete_cluster_iam(self.driver, self.cluster_name, state_dir)
         if self._store is not None:
             # provision.down finds the (no longer existing) instances, the group and the SSH key by label and
             # name; with ssh_key set it keeps the cluster's key pair, which the YAML's auth section names
-            cfg = ClusterConfig(
-                api_key="",
-                api_secret=None,
-                name=self.cluster_name,
-                state_root=self._store.dir.parent,
-                ssh_key=self._store.key_path,
-            )
-            res = provision.down(self.driver, cfg)
+            spec = ClusterSpec(self.cluster_name, self._store.dir, ssh_key=self._store.key_path)
+            res = provision.down(self.driver, spec)
             if res.failed:
                 raise RuntimeError("could not remove: " + "; ".join(f"{k}: {v}" for k, v in res.failed.items()))
             removed += res.removed

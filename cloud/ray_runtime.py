@@ -18,7 +18,7 @@ import shlex
 import tempfile
 from collections.abc import Callable, Sequence
 
-from cloud import access, autostop
+from cloud import access, autostop_control
 from cloud.config import ClusterConfig
 from cloud.node_install import NODE_ENV
 from cloud.ray_auth import AUTH_ENV
@@ -186,7 +186,7 @@ def start(cfg: ClusterConfig, progress: Progress, timeout: float = 300.0) -> lis
     if missing:
         raise RayClusterError(f"not registered with Ray after {timeout:g} s: {', '.join(missing)}")
     progress(cfg.name, f"all {len(want)} node(s) registered with Ray ({sum(n['cpus'] for n in alive):g} CPUs)")
-    autostop.launch(cfg, remote, head, progress)
+    autostop_control.launch(cfg, remote, head, progress)
     return nodes
 
 

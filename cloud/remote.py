@@ -18,7 +18,6 @@ import tarfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -28,6 +27,7 @@ from fabric import Config, Connection
 from invoke.exceptions import CommandTimedOut
 from invoke.runners import Result
 
+from cloud.fanout import parallel_map
 from cloud.state import NodeRecord
 
 log = logging.getLogger(__name__)
@@ -199,10 +199,7 @@ class Remote:
             except Exception as e:
                 return NodeResult(node, False, error=f"{type(e).__name__}: {e}")
 
-        if not nodes:
-            return []
-        with ThreadPoolExecutor(max_workers=min(32, len(nodes))) as pool:
-            return list(pool.map(guarded, nodes))
+        return parallel_map(guarded, list(nodes))  # guarded never raises: a result per node
 
     def run(
         self,

@@ -8,6 +8,8 @@ Layout of a cluster's state directory (mode 700):
     ssh_key_path    the private key given to import-terraform, for a Terraform-made cluster
     known_hosts     host keys pinned when first seen, checked on every later connection
     lock            held by the command changing the cluster (`up`, `down`), naming its process
+    autostop.json   the autostop setting last given to the head from here ({"minutes": M}; 0 = off): what
+                    tells an autostop from instances deleted by someone else once the head is gone
 The default root ~/.raysweep/clusters and ~/.raysweep are the toolkit's own and kept at mode 700 too.
     ray_token       the cluster's Ray token (600), made by `start`, sent to the nodes and to Ray's clients
 """
@@ -132,6 +134,25 @@ class StateStore:
                 f.write(secrets.token_hex(32))
         return self.ray_token_path.read_text().strip()
 
+    @property
+    def autostop_path(self) -> Path:
+        return self.dir / "autostop.json"
+
+    def record_autostop(self, minutes: float) -> None:
+        """Remember the autostop setting the head was given (0 = off)."""
+        self.ensure_dir()
+        tmp = self.autostop_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"minutes": minutes}) + "\n")
+        os.replace(tmp, self.autostop_path)
+
+    def autostop_record(self) -> float | None:
+        """The autostop setting last given to the head from this machine, or None when none was recorded."""
+        try:
+            minutes = json.loads(self.autostop_path.read_text())["minutes"]
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return None
+        return float(minutes) if isinstance(minutes, (int, float)) and not isinstance(minutes, bool) else None
+
     def record_imported_key(self, path: Path) -> None:
         self.ensure_dir()
         (self.dir / "ssh_key_path").write_text(str(path.resolve()) + "\n")
@@ -217,7 +238,7 @@ class StateStore:
         if not self.dir.exists():
             return
         if keep_key:
-            for p in (self.path, self.known_hosts):
+            for p in (self.path, self.known_hosts, self.autostop_path):
                 p.unlink(missing_ok=True)
         else:
             shutil.rmtree(self.dir)

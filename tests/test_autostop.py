@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud import autostop, config
+from cloud import autostop, autostop_control, autostop_daemon, config, provision
 from cloud.autostop import Clock, Observation, SessionTracker, Settings, decide
 from cloud.config import ConfigError
 from tests.conftest import ROOT, free_port, run_cli
@@ -89,7 +89,7 @@ def test_inbound_connections_are_read_from_the_kernel_table():
     srv, cli, conn = _established_pair()
     try:
         port = srv.getsockname()[1]
-        peers = autostop.inbound_connections(open("/proc/net/tcp").read(), port=port)
+        peers = autostop_daemon.inbound_connections(open("/proc/net/tcp").read(), port=port)
         assert f"127.0.0.1:{cli.getsockname()[1]}" in peers
         assert all(p.startswith("127.0.0.1:") for p in peers)
     finally:
@@ -105,7 +105,7 @@ def test_inbound_ipv6_connections_are_read_too():
     except OSError as e:
         pytest.skip(f"no IPv6 loopback: {e}")
     try:
-        peers = autostop.inbound_connections(open("/proc/net/tcp6").read(), port=srv.getsockname()[1])
+        peers = autostop_daemon.inbound_connections(open("/proc/net/tcp6").read(), port=srv.getsockname()[1])
         assert f"::1:{cli.getsockname()[1]}" in peers
     finally:
         for s in (conn, cli, srv):
@@ -176,7 +176,7 @@ def test_status_line_shows_setting_idle_time_and_last_decision():
 def test_a_head_without_a_setting_gets_the_advice_that_fits_how_the_cluster_was_made(tmp_path, monkeypatch):
     """`start` launches the daemon on a static cluster; on one made by `ray up` (from `ray-config`, or by
     `up --max-workers`) the YAML's head start commands do, and `exoscale.py start` would be wrong there."""
-    from cloud import elastic, head_credentials
+    from cloud import head_credentials
 
     monkeypatch.setenv("RAYSWEEP_STATE_DIR", str(tmp_path))
     cfg = config.load(env=ENV, name="kinds")
@@ -184,18 +184,18 @@ def test_a_head_without_a_setting_gets_the_advice_that_fits_how_the_cluster_was_
     cfg.state_dir.mkdir()
 
     def line() -> str:
-        return autostop.describe(None, None, None, autostop.start_advice(cfg))
+        return autostop.describe(None, None, None, autostop_control.start_advice(cfg))
 
     assert "not set up on the head (run `exoscale.py start`)" in line()
-    elastic.config_path(cfg).write_text("cluster_name: kinds\n")  # as `up --max-workers` leaves it
+    provision.cluster_yaml_path(cfg.state_dir).write_text("cluster_name: kinds\n")  # as `up --max-workers` leaves it
     assert "`exoscale.py up --max-workers N` again" in line() and "exoscale.py start" not in line(), line()
-    elastic.config_path(cfg).unlink()
+    provision.cluster_yaml_path(cfg.state_dir).unlink()
     key_copy = cfg.state_dir / "head" / Path(head_credentials.HEAD_PATH).name
     key_copy.parent.mkdir()
     key_copy.write_text("{}")  # as the node provider leaves it for `ray up` on a `ray-config` YAML
     assert "`ray up` on its YAML again" in line() and "exoscale.py start" not in line(), line()
     stale = autostop.HeadStatus(1000.0, 42, S, "idle", 12.0, "idle", 988)
-    assert "exoscale.py start" not in autostop.describe(S, stale, 2000.0, autostop.start_advice(cfg))
+    assert "exoscale.py start" not in autostop.describe(S, stale, 2000.0, autostop_control.start_advice(cfg))
 
 
 def test_head_start_command_writes_a_missing_setting_and_starts_a_detached_supervisor(tmp_path):
@@ -300,7 +300,7 @@ def test_the_code_shipped_to_a_static_head_is_complete(tmp_path):
     from them alone."""
     pkg = tmp_path / "lib" / "cloud"
     pkg.mkdir(parents=True)
-    for name in autostop.CODE_FILES:
+    for name in autostop_control.CODE_FILES:
         (pkg / name).write_bytes((ROOT / "cloud" / name).read_bytes())
     check = (  # (this venv's editable install would find a missing module in the worktree: none may come from there)
         "import cloud, cloud.autostop_daemon, cloud.provision, cloud.head_credentials, cloud.config, sys; "
@@ -326,7 +326,7 @@ def test_down_deletes_a_static_heads_restricted_key_and_role_once(sim, driver, t
     from tests.test_provision import make_cluster
 
     make_cluster(driver, "as-static", 2)
-    iam.create_key(driver, "as-static", "ch-gva-2", sim.endpoint)  # as autostop.ensure_head_key makes it
+    iam.create_key(driver, "as-static", "ch-gva-2", sim.endpoint)  # as autostop_control.ensure_head_key makes it
     env = cli_env(sim, tmp_path)
     r = run_cli("exoscale.py", "--name", "as-static", "down", env=env)
     assert r.returncode == 2 and "the head's restricted API key and IAM role" in r.stderr, r.stderr
@@ -387,6 +387,7 @@ def test_commands_on_an_autostopped_cluster_say_so_at_once(sim, driver, tmp_path
         pytest.skip("an SSH server listens on 127.0.0.1:22, the address this test needs silent")
     records = [NodeRecord(n.name, n.extra["labels"]["role"], "127.0.0.1", n.id) for n in made]
     store.save(ClusterState("as-gone", records))
+    store.record_autostop(120)  # as `start` recorded the setting it gave the head's daemon
     for n in made:  # as the head's daemon ends the cluster
         driver.destroy_node(n)
     assert provision.query_instances(driver, "as-gone") == []

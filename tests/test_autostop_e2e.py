@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from cloud import autostop, head_credentials, iam
+from cloud import autostop, autostop_control, head_credentials, iam
 from cloud.remote import Remote
 from cloud.state import StateStore
 from tests.conftest import ROOT, SIM_KEY, SIM_SECRET, ClusterCLI, sim_cluster_toml
@@ -55,7 +55,7 @@ def head_status(cli, wait: float = 30.0) -> autostop.HeadStatus:
     store = StateStore(cli.state_dir / cli.name)
     remote = Remote(store.key_path, store.known_hosts)
     head = store.load().head()
-    return wait_for("the daemon's status", lambda: autostop.read_head(remote, head)[1], wait)
+    return wait_for("the daemon's status", lambda: autostop_control.read_head(remote, head)[1], wait)
 
 
 def wait_for(what: str, check, timeout: float, every: float = 0.5):

@@ -50,10 +50,9 @@ def cfg_for(name, tmp_path, **kw):
     return dataclasses.replace(c, state_root=tmp_path / "state")
 
 
-def make_cluster(driver, name, n, legacy_group=False):
+def make_cluster(driver, name, n):
     """A cluster as raysweep makes it (labels, marked group, key), made directly through the driver."""
-    desc = f"raysweep cluster {name}" if legacy_group else provision.group_description(name)
-    group = driver.ex_create_security_group(provision.resource_name(name), desc)
+    group = driver.ex_create_security_group(provision.resource_name(name), provision.group_description(name))
     driver.import_key_pair_from_string(provision.resource_name(name), PUBKEY)
     return [
         driver.create_node(
@@ -82,7 +81,7 @@ def test_down_retries_a_failed_delete_and_finishes(driver, sim, tmp_path):
     make_cluster(driver, "c1", 3)
     sim.app.model.faults.fail_next_ops, sim.app.model.faults.fail_ops_matching = 2, "delete-instance"
     events = Events()
-    res = provision.down(driver, cfg_for("c1", tmp_path), progress=events, wait=provision.Wait(60))
+    res = provision.down(driver, cfg_for("c1", tmp_path).spec, progress=events, wait=provision.Wait(60))
     assert res.failed == {}, events.text()
     assert left_of(driver, "c1") == ([], [], [])
     assert "delete failed" in events.text() and "deleting again" in events.text()
@@ -93,29 +92,25 @@ def test_down_stops_at_its_timeout_with_what_is_left_then_a_second_down_finishes
     faults = sim.app.model.faults
     faults.fail_next_ops, faults.fail_ops_matching = 10_000, "delete-instance"
     events = Events()
-    res = provision.down(driver, cfg_for("c2", tmp_path), progress=events, wait=provision.Wait(2.5, every=0.5))
+    res = provision.down(driver, cfg_for("c2", tmp_path).spec, progress=events, wait=provision.Wait(2.5, every=0.5))
     assert set(res.failed) == {"instance c2-head", "instance c2-worker-1", "security group raysweep-c2"}
     assert all("fault" in why for k, why in res.failed.items() if k.startswith("instance"))
     assert "waiting for c2-head, c2-worker-1 to be deleted" in events.text()
     faults.fail_next_ops = 0
-    res = provision.down(driver, cfg_for("c2", tmp_path), wait=provision.Wait(60))
+    res = provision.down(driver, cfg_for("c2", tmp_path).spec, wait=provision.Wait(60))
     assert res.failed == {} and left_of(driver, "c2") == ([], [], [])
 
 
 def test_down_leaves_a_group_raysweep_did_not_make(driver, sim, tmp_path):
     driver.ex_create_security_group("raysweep-col", "the colleague's own group")
-    legacy = make_cluster(driver, "old", 1, legacy_group=True)  # a group made before the mark is ours
-    assert legacy
     events = Events()
-    assert provision.down(driver, cfg_for("col", tmp_path), progress=events).failed == {}
+    assert provision.down(driver, cfg_for("col", tmp_path).spec, progress=events).failed == {}
     assert [g.description for g in driver.ex_list_security_groups() if g.name == "raysweep-col"] == [
         "the colleague's own group"
     ]
     assert "left alone: raysweep did not make it" in events.text()
-    assert provision.down(driver, cfg_for("old", tmp_path)).failed == {}
-    assert left_of(driver, "old") == ([], [], [])
     with pytest.raises(provision.ProvisionError, match="raysweep did not make"):
-        provision.ensure_security_group(driver, cfg_for("col", tmp_path), Events())
+        provision.ensure_security_group(driver, cfg_for("col", tmp_path).spec, Events())
 
 
 class FilterProxy:
@@ -195,7 +190,7 @@ def test_down_deletes_exactly_the_cluster_whatever_the_server_makes_of_the_filte
             secure=False,
             retry=RetryPolicy(base_s=0.01),
         )
-        res = provision.down(through, cfg_for("a", tmp_path), wait=provision.Wait(60))
+        res = provision.down(through, cfg_for("a", tmp_path).spec, wait=provision.Wait(60))
     finally:
         if proxy:
             proxy.close()
@@ -228,14 +223,17 @@ def test_down_from_the_cli_prints_progress_stops_at_timeout_then_finishes(sim, t
 
 def test_up_makes_the_cluster_and_completes_a_partial_one(driver, sim, tmp_path):
     cfg = cfg_for("u1", tmp_path, nodes=3)
-    sim.app.model.faults.fail_next_ops, sim.app.model.faults.fail_ops_matching = 1, "create-instance"
+    faults = sim.app.model.faults
+    faults.fail_next_ops, faults.fail_ops_matching = 10_000, "create-instance"  # fails until its wait ends
     events = Events()
-    res = provision.up(driver, cfg, progress=events)
-    [(name, why)] = res.failed.items()
+    res = provision.up(driver, cfg.spec, progress=events, running_timeout=1.5)
+    faults.fail_next_ops = 0
+    assert len(res.failed) == 3 and StateStore(cfg.state_dir).load() == res.state
+    name, why = sorted(res.failed.items())[0]
     assert why.startswith(f"create instance '{name}' failed: fault") and "<" not in why
-    assert len(res.state.nodes) == 2 and StateStore(cfg.state_dir).load() == res.state
+    faults.fail_next_ops = 1  # one more failure: tried again within the same `up`
     events = Events()
-    res = provision.up(driver, cfg, progress=events)
+    res = provision.up(driver, cfg.spec, progress=events)
     assert res.failed == {} and f"{name}: in state error; replacing it" in events.text()
     assert [(n.name, n.role, n.state) for n in res.state.ordered()] == [
         ("u1-head", "head", "running"),
@@ -244,7 +242,7 @@ def test_up_makes_the_cluster_and_completes_a_partial_one(driver, sim, tmp_path)
     ]
     assert all(n.ip for n in res.state.nodes)
     events = Events()
-    provision.up(driver, cfg, progress=events)  # again: nothing made
+    provision.up(driver, cfg.spec, progress=events)  # again: nothing made
     assert "creating" not in events.text() and len(driver.list_nodes()) == 3
     [group] = driver.ex_list_security_groups()
     assert group.description == provision.group_description("u1")
