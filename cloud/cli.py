@@ -18,6 +18,7 @@ logs JOB              re-attach to a job's logs
 fetch PATH [DEST]     bring a file or directory from the head's home to this machine
 dashboard             tunnel to Ray's dashboard and print its local URL
 autostop              the head's idle teardown: --minutes M, --off, --log (no option: its state)
+types [--zone Z]      instance types: CPUs, memory, GPUs, price per hour, the zones offering each
 """
 
 from __future__ import annotations
@@ -38,11 +39,13 @@ from libcloud.common.types import InvalidCredsError, LibcloudError
 from cloud import access, autostop, clusters, jobs, node_install, ray_config, ray_runtime
 from cloud import config as config_mod
 from cloud.config import ClusterConfig, ConfigError
+from cloud.exoscale_driver import ZONES
 from cloud.node_install import InstallError
 from cloud.ray_auth import RayAuthError, use_token_auth
 from cloud.ray_runtime import RayClusterError
 from cloud.remote import interactive_ssh_argv
 from cloud.state import ClusterState, NodeRecord, NoHeadError, StateStore
+from cloud.types_table import render_types
 
 PROG = clusters.PROG
 
@@ -140,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--dir", default="terraform", help="the Terraform directory (runs `terraform output -json`)")
     a.add_argument("--output-json", help="or: a file holding the output of `terraform output -json`")
     a.add_argument("--ssh-key", required=True, help="the private key whose public half Terraform registered")
+    a = sub.add_parser("types", help="instance types: CPUs, memory, GPUs, price per hour, the zones offering each")
+    a.add_argument("--zone", help="only the types this zone offers")
     a = sub.add_parser("ray-config", help="print a Ray cluster YAML for `ray up` (an autoscaling cluster)")
     _autoscaling_options(a, max_default=2)
     _autostop_option(a)
@@ -544,6 +549,14 @@ def cmd_ray_config(args) -> int:
     return 0
 
 
+def cmd_types(args) -> int:
+    if args.zone is not None and args.zone not in ZONES:
+        raise CLIError(f"--zone {args.zone!r} is not a zone of Exoscale; valid: {', '.join(ZONES)}")
+    cfg = _load(args)
+    print(render_types(cfg.driver().ex_list_instance_types(), zone=args.zone))
+    return 0
+
+
 COMMANDS = {
     "ray-config": cmd_ray_config,
     "up": cmd_up,
@@ -551,6 +564,7 @@ COMMANDS = {
     "down": cmd_down,
     "destroy": cmd_down,
     "list-nodes": cmd_list,
+    "types": cmd_types,
     "status": cmd_list,
     "ssh": cmd_ssh,
     "scp": cmd_scp,
