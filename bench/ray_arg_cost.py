@@ -1,7 +1,7 @@
 """What Ray itself charges for telling a task what to do: the bare task of bench.task_overhead (a Ray task
 calling subprocess.run on `true`, no argument) against the same task given one bytes argument of Execute's
 spec size, and against the same task given those bytes as its task name instead (an argument-free channel,
-measured to show where the cost is; Execute does not use it: see the README). No Execute in it.
+measured to show where the cost is; Execute does not use it: see bench/README.md, bench.task_overhead). No Execute in it.
 
 Rounds as in bench.task_overhead (N tasks per side, one side after the other, the order rotated each
 round); each side's ratio to the bare side of the same round; reported as the median of the rounds and

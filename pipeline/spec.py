@@ -1,6 +1,6 @@
 """The sweep file: parse and validate it, expand its search into trials, read a trial's metric.
 
-    spec = load("examples/digits.toml")       # SpecError (one line, naming the field) on any mistake
+    spec = load("examples/descent.toml")       # SpecError (one line, naming the field) on any mistake
     for trial in spec.trials():               # grid: the product of the lists; random: seeded samples
         argv = spec.render_args(trial, data_paths)
 

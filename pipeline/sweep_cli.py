@@ -42,7 +42,7 @@ PROG = "raysweep"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    p.add_argument("sweep_file", help="the sweep file (TOML), e.g. examples/digits.toml")
+    p.add_argument("sweep_file", help="the sweep file (TOML), e.g. examples/descent.toml")
     p.add_argument("--out", default=None, help="output directory (default results/<sweep file name>)")
     add_ray_options(p)
     return p
