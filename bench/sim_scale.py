@@ -49,8 +49,10 @@ def serve(args: argparse.Namespace, secret: str, ready: Any, stop: Any, requests
     with start(KEY, secret, faults=faults, http_faults=http_faults, seed=args.seed) as sim:
         handle = sim.app.handle
 
-        def counted(method: str, target: str, headers: dict[str, str], body: bytes) -> tuple[int, dict, bytes]:
-            status, out_headers, data = handle(method, target, headers, body)
+        def counted(
+            method: str, target: str, headers: dict[str, str], body: bytes, source_ip: str = "127.0.0.1"
+        ) -> tuple[int, dict, bytes]:
+            status, out_headers, data = handle(method, target, headers, body, source_ip)
             with requests.get_lock():
                 requests.value += 1
                 refused.value += status in (429, 503)

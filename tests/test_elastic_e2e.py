@@ -56,8 +56,8 @@ class KeyRecorder:
         self._handle = app.handle
         app.handle = self.handle
 
-    def handle(self, method, target, headers, body):
-        answer = self._handle(method, target, headers, body)
+    def handle(self, method, target, headers, body, source_ip="127.0.0.1"):
+        answer = self._handle(method, target, headers, body, source_ip)
         if method == "POST" and target.split("?")[0] == "/v2/instance" and answer[0] == 200:
             m = re.search(r"credential=([^,\s]+)", headers.get("authorization", ""))
             self.creates.append((m.group(1) if m else None, json.loads(body).get("labels", {})))

@@ -153,3 +153,16 @@ def test_declined_operations_answer_501_and_coverage_lists_them(sim):
     auth = ExoscaleV2Auth(SIM_KEY, SIM_SECRET)
     r = requests.get(f"http://{sim.host}:{sim.port}/v2/elastic-ip", auth=auth)
     assert r.status_code == 501 and "list-elastic-ips" in r.json()["message"]
+
+
+def test_a_failure_of_the_local_exoscale_itself_is_a_500_that_says_so(sim, monkeypatch):
+    """A bug in the sim's own code is answered, not a connection closed unanswered (which a client retries as
+    an unreachable API until its timeout)."""
+
+    def broken(method, target, headers, body, source_ip="127.0.0.1"):
+        raise TypeError("handle() got an unexpected keyword argument")
+
+    monkeypatch.setattr(sim.app, "handle", broken)
+    r = requests.get(f"http://{sim.host}:{sim.port}/v2/zone", timeout=10)
+    assert r.status_code == 500
+    assert r.json()["message"] == "the local Exoscale failed: TypeError: handle() got an unexpected keyword argument"

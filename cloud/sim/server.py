@@ -234,9 +234,15 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
-        status, headers, data = self.server.app.handle(
-            self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body, self.client_address[0]
-        )
+        try:
+            status, headers, data = self.server.app.handle(
+                self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body, self.client_address[0]
+            )
+        except Exception as e:  # a bug of the local Exoscale: a 500 saying so, not a connection closed unanswered
+            log.exception("%s %s: the local Exoscale failed", self.command, self.path)
+            status, headers = 500, {"Content-Type": "application/json"}
+            message = f"the local Exoscale failed: {type(e).__name__}: {e}"
+            data = json.dumps({"message": message}).encode()
         self.send_response(status)
         for k, v in headers.items():
             self.send_header(k, v)
