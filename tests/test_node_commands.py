@@ -117,10 +117,10 @@ def test_tunnel_survives_connections_closed_while_the_far_end_is_talking(one_nod
 def test_scp_to_an_unwritable_path_names_the_cause(one_node, tmp_path):
     src = tmp_path / "f.txt"
     src.write_text("x\n")
-    r = one_node("scp", str(src), "/etc/raysweep-denied.txt", timeout=60)
+    r = one_node("scp", str(src), "/var/raysweep-denied.txt", timeout=60)
     assert r.returncode == 1
     assert "cannot reach sshd" not in r.stderr, r.stderr
-    assert "/etc/raysweep-denied.txt" in r.stderr and "Permission denied" in r.stderr, r.stderr
+    assert "/var/raysweep-denied.txt" in r.stderr and "Permission denied" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
 
 
