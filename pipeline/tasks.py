@@ -11,6 +11,7 @@ zero-copy); it is mapped into a consumer's directory through the node-local cach
 from __future__ import annotations
 
 import atexit
+import logging
 import math
 import os
 import pickle
@@ -36,6 +37,8 @@ from pipeline.lines import StdoutMonitor, Watch, Watched
 from pipeline.progress import Reporter, ReportTo, watched_run
 from pipeline.ray_address import RayAddressError, check_ray_address
 from pipeline.sandbox import ExecuteError, ProgramRun, Sandbox, TaskDirs, check_relpath, remove_orphaned_task_dirs
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DataObject",
@@ -77,9 +80,34 @@ def ensure_ray(
         env["py_modules"] = [str(Path(__file__).resolve().parent)]
     if env:
         kwargs["runtime_env"] = env
-    ray.init(address=address, **kwargs)
+    if address is not None and address.startswith("ray://"):
+        _init_ray_client(address, kwargs)
+    else:
+        ray.init(address=address, **kwargs)
     if address is None:
         _clean_up_local_ray_at_exit()
+
+
+#: Ray's client server on the head starts a server per client and reads its command line while it starts; one
+#: that dies at once is a zombie by then, and the connection ends with this (psutil.ZombieProcess) although the
+#: next client starts fine. Seen once in a full test run after several sweeps on the same cluster.
+CLIENT_START_RACE = "Initialization failure from server"
+CLIENT_START_ATTEMPTS = 3
+
+
+def _init_ray_client(address: str, kwargs: dict[str, Any]) -> None:
+    """ray.init through Ray Client, tried again (at most CLIENT_START_ATTEMPTS times) when the head's client
+    server failed to start this client's server; any other failure is raised at once."""
+    for attempt in range(1, CLIENT_START_ATTEMPTS + 1):
+        try:
+            ray.init(address=address, **kwargs)
+            return
+        except ConnectionAbortedError as e:
+            if CLIENT_START_RACE not in str(e) or attempt == CLIENT_START_ATTEMPTS:
+                raise
+            log.warning("Ray's client server at %s failed to start this client (%s); trying again", address, e)
+            ray.shutdown()
+            time.sleep(1.0)
 
 
 def _clean_up_local_ray_at_exit() -> None:
