@@ -337,7 +337,9 @@ def _why_stuck(p: subprocess.Popen) -> str:
 
 def test_ctrl_c_during_up_says_what_was_made_and_down_removes_it(sim, tmp_path):
     cli = ClusterCLI(sim, tmp_path)
-    sim.app.model.faults.op_delay_s = 1.5  # creations take long enough to be interrupted
+    # creations take long enough to be interrupted, also on a loaded machine where the Ctrl-C arrives seconds
+    # after the "creating" lines (down removes instances still starting)
+    sim.app.model.faults.op_delays = {"create-instance": 20}
     p = subprocess.Popen(
         [sys.executable, "-c", WITH_CTRL_C, "exoscale.py", "--name", cli.name, "up", "-n", "2"],
         cwd=ROOT,
@@ -370,7 +372,7 @@ def test_ctrl_c_during_up_says_what_was_made_and_down_removes_it(sim, tmp_path):
         f"when interrupted (they may exist): " in rest
     )
     assert "`exoscale.py up` again completes the cluster, `exoscale.py down` removes it" in rest
-    sim.app.model.faults.op_delay_s = 0.05
+    sim.app.model.faults.op_delays = {}
     d = ExoscaleV2NodeDriver(SIM_KEY, SIM_SECRET, host=sim.host, port=sim.port, secure=False)
     cli("down", "--yes", check=0)
     assert left_of(d, cli.name) == ([], [], [])

@@ -221,6 +221,7 @@ class Faults:
     """Faults of the model: operations that end in failure, and how long operations take."""
 
     op_delay_s: float = 0.2
+    op_delays: dict[str, float] = field(default_factory=dict)  # command (e.g. "create-instance") -> its delay
     op_failure_rate: float = 0.0
     fail_next_ops: int = 0  # the next N operations fail, whatever the rate
     fail_ops_matching: str = ""  # only operations whose command contains this text count for fail_next_ops
@@ -381,7 +382,7 @@ class Model:
             ref,
             kind,
             command,
-            time.monotonic() + f.op_delay_s,
+            time.monotonic() + f.op_delays.get(command, f.op_delay_s),
             on_success,
             on_failure,
             fail=fail,
