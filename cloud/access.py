@@ -46,7 +46,7 @@ def cluster_state(cfg: ClusterConfig) -> ClusterState:
     store = StateStore(cfg.state_dir)
     st = store.load()
     if st is None or not st.nodes:
-        if cfg.api_secret is None:
+        if cfg.credentials.api_secret is None:
             raise AccessError(
                 f"no local state for cluster {cfg.name!r} in {store.dir}; set EXOSCALE_API_KEY/"
                 f"EXOSCALE_API_SECRET to look it up, or run `exoscale.py up` first"
@@ -106,9 +106,9 @@ def answers(ip: str, timeout: float = PROBE_TIMEOUT_S, port: int = 22) -> bool:
 def connect(cfg: ClusterConfig) -> ClusterAccess:
     """The cluster's nodes and SSH access to them; Autostopped when the cluster ended itself."""
     st = cluster_state(cfg)
-    if cfg.api_secret is not None:  # without credentials nothing can tell an autostop from a network fault
+    if cfg.credentials.api_secret is not None:  # without credentials nothing can tell an autostop from a network fault
         first = st.head() or st.ordered()[0]
         if not first.ip or not answers(first.ip):
             refuse_gone(cfg)
     store = StateStore(cfg.state_dir)
-    return ClusterAccess(Remote(store.private_key(cfg.ssh_key), store.known_hosts), st, store)
+    return ClusterAccess(Remote(store.private_key(cfg.spec.ssh_key), store.known_hosts), st, store)

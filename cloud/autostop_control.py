@@ -79,7 +79,7 @@ def ensure_head_key(cfg: ClusterConfig, remote: Remote, head: NodeRecord) -> str
     [r] = remote.run([head], f"test -s $HOME/{head_credentials.HEAD_PATH} && echo RAYSWEEP_HAS_KEY", timeout=30)
     if "RAYSWEEP_HAS_KEY" in r.stdout:
         return "the head has its restricted key"
-    if cfg.api_secret is None:
+    if cfg.credentials.api_secret is None:
         raise AutostopError(
             "the head has no restricted key to tear the cluster down with; set EXOSCALE_API_KEY/EXOSCALE_API_SECRET "
             "and run `start` again"
@@ -87,7 +87,7 @@ def ensure_head_key(cfg: ClusterConfig, remote: Remote, head: NodeRecord) -> str
     driver = cfg.driver()
     creds = retry(
         f"making the head's restricted key {resource_name(cfg.name)}",
-        lambda: iam.create_key(driver, cfg.name, cfg.zone, cfg.endpoint),
+        lambda: iam.create_key(driver, cfg.name, cfg.zone, cfg.credentials.endpoint),
         Wait(KEY_TIMEOUT_S),
         lambda name, what: log.warning("%s: %s", name, what),
     )

@@ -541,7 +541,7 @@ def cmd_ray_config(args) -> int:
     sys.stdout.write(ray_config.render(config))
     sys.stdout.flush()
     print(
-        f"cluster {cfg.name!r}: {args.min_workers}-{args.max_workers} worker(s) of {cfg.instance_type}"
+        f"cluster {cfg.name!r}: {args.min_workers}-{args.max_workers} worker(s) of {cfg.spec.instance_type}"
         + "".join(f", {w.min_workers}-{w.max_workers} {w.name} ({w.instance_type})" for w in worker_types)
         + f", idle after {args.idle_minutes:g} min. Next: ray up FILE.yaml -y (EXOSCALE_API_KEY/SECRET set)",
         file=sys.stderr,

@@ -125,7 +125,9 @@ def up_autoscaling(
             provision.prepare(driver, cfg.spec, store, progress, wait)
             retry(
                 f"making the head's restricted key {resource_name(cfg.name)}",
-                lambda: iam.ensure_key_file(driver, cfg.name, cfg.zone, cfg.endpoint, iam.key_copy_path(cfg.state_dir)),
+                lambda: iam.ensure_key_file(
+                    driver, cfg.name, cfg.zone, cfg.credentials.endpoint, iam.key_copy_path(cfg.state_dir)
+                ),
                 wait,
                 progress,
             )
@@ -210,7 +212,7 @@ def down(
         with store.lock(f"{PROG} down"):
             removal = plan_down(driver, cfg)
             if removal.empty:
-                store.remove(keep_key=cfg.ssh_key is not None)
+                store.remove(keep_key=cfg.spec.ssh_key is not None)
                 return DownOutcome(removal)
             if not confirm(removal):
                 return DownOutcome(removal, confirmed=False)
@@ -262,12 +264,12 @@ class Status:
 
 
 def status(cfg: ClusterConfig) -> Status:
-    if cfg.api_secret is not None:  # the API is the truth; the cache serves when there are no credentials
+    if cfg.credentials.api_secret is not None:  # the API is the truth; the cache serves when there are no credentials
         st = provision.status(cfg.driver(), cfg.spec)
     else:
         st = access.cluster_state(cfg)
     if not st.nodes:
-        rest = provision.leftovers(cfg.driver(), cfg.name) if cfg.api_secret is not None else None
+        rest = provision.leftovers(cfg.driver(), cfg.name) if cfg.credentials.api_secret is not None else None
         return Status(st, gone=access.gone_message(cfg, rest)[0] if rest else None)
     out = Status(st)
     try:
@@ -316,6 +318,6 @@ def autostop_state(cfg: ClusterConfig, log: bool) -> str:
             return text.rstrip() if text.strip() else f"no autostop log on {head.name} yet ({advice})"
         return autostop.describe(*autostop_control.read_head(remote, head), advice)
     except autostop.AutostopError as e:
-        if cfg.api_secret is not None:  # the head went since it answered: it may have ended itself
+        if cfg.credentials.api_secret is not None:  # the head went since it answered: it may have ended itself
             access.refuse_gone(cfg)
         raise ClusterError(str(e)) from None

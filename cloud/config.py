@@ -13,7 +13,7 @@ import os
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -94,59 +94,72 @@ class ClusterSpec:
 
 
 @dataclass(frozen=True)
-class ClusterConfig:
+class Credentials:
+    """Who the API calls are made as, and where they go: from the environment, never from cluster.toml."""
+
     api_key: str
     api_secret: Secret | None = field(repr=False)
-    name: str = DEFAULTS["name"]
-    zone: str = DEFAULTS["zone"]
-    instance_type: str = DEFAULTS["instance_type"]
-    template: str = DEFAULTS["template"]
-    disk_size: int = DEFAULTS["disk_size"]
-    nodes: int = DEFAULTS["nodes"]
-    ssh_key: Path | None = None  # a private key; its public half at <path>.pub
-    ssh_cidr: str = DEFAULTS["ssh_cidr"]
-    ssh_cidr_given: bool = False
-    labels: dict[str, str] = field(default_factory=dict)
+    endpoint: str | None = None  # EXOSCALE_API_ENDPOINT; None: Exoscale's own API
+
+
+@dataclass(frozen=True)
+class InstallSettings:
+    """How `install` prepares the nodes (cloud.node_install)."""
+
     setup_commands: tuple[str, ...] = ()
     uv_path: str | None = None
-    install_options: str = ""
-    install_env: dict[str, str] = field(default_factory=dict)
+    options: str = ""  # extra `uv pip install` options
+    env: Mapping[str, str] = field(default_factory=dict)
     packages: tuple[str, ...] | None = None  # None: the default the CLI supplies
-    ray_cpus: int | None = None
-    ray_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    """How Ray is started on the nodes (cloud.ray_runtime, cloud.ray_config)."""
+
+    cpus: int | None = None  # None: all the node has
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """cluster.toml and the environment, validated, in the parts that belong together: the credentials, the
+    cluster's shape (the provisioning core's ClusterSpec), how nodes are installed, how Ray starts, and the
+    head's autostop. `name`, `zone` and `state_dir` are the spec's."""
+
+    credentials: Credentials
+    spec: ClusterSpec
+    install: InstallSettings = field(default_factory=InstallSettings)
+    ray: RaySettings = field(default_factory=RaySettings)
     autostop_minutes: float = DEFAULT_MINUTES
-    endpoint: str | None = None  # EXOSCALE_API_ENDPOINT
-    state_root: Path = field(default_factory=lambda: default_state_root())
+    ssh_cidr_given: bool = False  # ssh_cidr was set, not the open default
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def zone(self) -> str:
+        return self.spec.zone
 
     @property
     def state_dir(self) -> Path:
-        return self.state_root / self.name
-
-    @property
-    def spec(self) -> ClusterSpec:
-        """The part the provisioning core works from."""
-        return ClusterSpec(
-            name=self.name,
-            state_dir=self.state_dir,
-            zone=self.zone,
-            instance_type=self.instance_type,
-            template=self.template,
-            disk_size=self.disk_size,
-            nodes=self.nodes,
-            ssh_key=self.ssh_key,
-            ssh_cidr=self.ssh_cidr,
-            labels=dict(self.labels),
-        )
+        return self.spec.state_dir
 
     def driver_kwargs(self) -> dict[str, Any]:
-        return endpoint_kwargs(self.zone, self.endpoint)
+        return endpoint_kwargs(self.zone, self.credentials.endpoint)
 
     def driver(self) -> ExoscaleV2NodeDriver:
-        if self.api_secret is None:
+        c = self.credentials
+        if c.api_secret is None:
             raise ConfigError(
                 "set EXOSCALE_API_KEY and EXOSCALE_API_SECRET (an Exoscale API key pair, as for the exo CLI)"
             )
-        return driver_for(self.api_key, self.api_secret, self.zone, self.endpoint)
+        return driver_for(c.api_key, c.api_secret, self.zone, c.endpoint)
+
+    def with_state_root(self, root: Path) -> ClusterConfig:
+        """The same cluster with its local state under `root` (state_dir = root / name)."""
+        return replace(self, spec=replace(self.spec, state_dir=root / self.name))
 
 
 CREDENTIAL_VARS = ("EXOSCALE_API_KEY", "EXOSCALE_API_SECRET")
@@ -264,25 +277,27 @@ def _validate(
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return ClusterConfig(
-        api_key=key,
-        api_secret=secret,
-        name=name,
-        zone=v["zone"],
-        instance_type=v["instance_type"],
-        template=v["template"],
-        disk_size=v["disk_size"],
-        nodes=v["nodes"],
-        ssh_key=ssh_key,
-        ssh_cidr=str(net),
-        ssh_cidr_given=cidr_given,
-        labels={str(k): str(x) for k, x in labels.items()},
-        setup_commands=tuple(cmds),
-        uv_path=v["uv_path"],
-        install_options=v["install_options"],
-        install_env=dict(v["install_env"]),
-        packages=None if pkgs is None else tuple(x.strip() for x in pkgs),
-        ray_cpus=v["ray_cpus"],
-        ray_env=dict(v["ray_env"]),
+        credentials=Credentials(key, secret, endpoint),
+        spec=ClusterSpec(
+            name=name,
+            state_dir=default_state_root() / name,
+            zone=v["zone"],
+            instance_type=v["instance_type"],
+            template=v["template"],
+            disk_size=v["disk_size"],
+            nodes=v["nodes"],
+            ssh_key=ssh_key,
+            ssh_cidr=str(net),
+            labels={str(k): str(x) for k, x in labels.items()},
+        ),
+        install=InstallSettings(
+            setup_commands=tuple(cmds),
+            uv_path=v["uv_path"],
+            options=v["install_options"],
+            env=dict(v["install_env"]),
+            packages=None if pkgs is None else tuple(x.strip() for x in pkgs),
+        ),
+        ray=RaySettings(cpus=v["ray_cpus"], env=dict(v["ray_env"])),
         autostop_minutes=autostop_minutes,
-        endpoint=endpoint,
+        ssh_cidr_given=cidr_given,
     )

@@ -36,16 +36,16 @@ def ray_cli() -> str:
 
 def check_endpoint_reachable_from_nodes(cfg: ClusterConfig) -> None:
     """The head's autoscaler calls the API at EXOSCALE_API_ENDPOINT: a loopback address cannot work there."""
-    if not cfg.endpoint:
+    if not cfg.credentials.endpoint:
         return
-    host = urlparse(cfg.endpoint).hostname or ""
+    host = urlparse(cfg.credentials.endpoint).hostname or ""
     try:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = host == "localhost"
     if loopback:
         raise ConfigError(
-            f"EXOSCALE_API_ENDPOINT {cfg.endpoint} is a loopback address, which the head's autoscaler cannot "
+            f"EXOSCALE_API_ENDPOINT {cfg.credentials.endpoint} is a loopback address, which the head's autoscaler cannot "
             f"reach; give an address the nodes reach too (for the local Exoscale: its bridge gateway)"
         )
 
@@ -121,7 +121,7 @@ def autoscaler_status(cfg: ClusterConfig) -> str:
     head = st.head() if st else None
     if head is None:
         return "autoscaler: no head known (run `status` with credentials set)"
-    remote = Remote(store.private_key(cfg.ssh_key), store.known_hosts)
+    remote = Remote(store.private_key(cfg.spec.ssh_key), store.known_hosts)
     [r] = remote.run([head], node_command("ray status", cfg), timeout=60)
     return r.stdout if r.ok else f"autoscaler: not answering ({r.error}; {r.stderr.strip()[-300:]})"
 
@@ -139,7 +139,7 @@ def stop_autoscaler(cfg: ClusterConfig, progress: Progress) -> None:
             head.name, "does not answer on SSH (gone, or unreachable); its autoscaler stops when its key is revoked"
         )
         return
-    [r] = Remote(store.private_key(cfg.ssh_key), store.known_hosts).run(
+    [r] = Remote(store.private_key(cfg.spec.ssh_key), store.known_hosts).run(
         [head],
         f"test -x $HOME/raysweep-env/bin/ray && ({node_command('ray stop --force', cfg)}) >/dev/null 2>&1; true",
         timeout=60,

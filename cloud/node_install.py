@@ -73,9 +73,9 @@ def head_packages() -> list[str]:
 def install_options(cfg: ClusterConfig) -> list[str]:
     """`install_options` split as a shell would (each word then quoted on its way to the node)."""
     try:
-        return shlex.split(cfg.install_options)
+        return shlex.split(cfg.install.options)
     except ValueError as e:
-        raise ConfigError(f"install_options {cfg.install_options!r}: {e} (give options as a shell would)") from None
+        raise ConfigError(f"install_options {cfg.install.options!r}: {e} (give options as a shell would)") from None
 
 
 def package_source(cfg: ClusterConfig) -> str:
@@ -87,8 +87,8 @@ def package_source(cfg: ClusterConfig) -> str:
         if w.startswith(("--index-url=", "--default-index=", "--find-links=")):
             return w.split("=", 1)[1]
     for name in ("UV_DEFAULT_INDEX", "UV_INDEX_URL"):
-        if cfg.install_env.get(name):
-            return cfg.install_env[name]
+        if cfg.install.env.get(name):
+            return cfg.install.env[name]
     return f"{DEFAULT_INDEX} (or the index in the node's /etc/uv/uv.toml)"
 
 
@@ -136,7 +136,7 @@ def install_script(cfg: ClusterConfig, packages: Sequence[str]) -> str:
         py=shlex.quote(py),
         ray=shlex.quote(ray_version),
         want=shlex.quote(" ".join(packages)),
-        uv=shlex.quote(cfg.uv_path or ""),
+        uv=shlex.quote(cfg.install.uv_path or ""),
         installer=shlex.quote(UV_INSTALLER),
         python_downloads=shlex.quote(PYTHON_DOWNLOADS),
         options=" ".join(shlex.quote(w) for w in install_options(cfg)),
@@ -144,7 +144,7 @@ def install_script(cfg: ClusterConfig, packages: Sequence[str]) -> str:
         packages_text=" ".join(packages),
         source=shlex.quote(package_source(cfg)),
     )
-    for i, cmd in enumerate(cfg.setup_commands, 1):  # the user's shell text, run as given, each on its own
+    for i, cmd in enumerate(cfg.install.setup_commands, 1):  # the user's shell text, run as given, each on its own
         text += f"bash -c {shlex.quote(cmd)} || fail {shlex.quote(f'setup_commands[{i}]: {cmd}')} ''\n"
     text += 'echo "RAYSWEEP installed: python $PY_MINOR, ray "' + shlex.quote(ray_version) + "\n"
     return "set -euo pipefail\n" + text
@@ -166,11 +166,11 @@ def failure_line(r: NodeResult) -> str:
 def install(cfg: ClusterConfig, progress: Progress, extra_packages: Sequence[str] = ()) -> list[NodeResult]:
     """Install on every node in parallel; a failed node's `error` is one line saying which step failed."""
     acc = access.connect(cfg)
-    extra = list(cfg.packages if cfg.packages is not None else extra_packages)
+    extra = list(cfg.install.packages if cfg.install.packages is not None else extra_packages)
     text = install_script(cfg, node_packages(extra))
     head_text = install_script(cfg, node_packages(extra + head_packages()))
     try:
-        env_exports(cfg.install_env)
+        env_exports(cfg.install.env)
     except ValueError as e:
         raise ConfigError(f"install_env: {e}") from None
     nodes = acc.state.ordered()
@@ -184,7 +184,7 @@ def install(cfg: ClusterConfig, progress: Progress, extra_packages: Sequence[str
     results = acc.remote.run(
         nodes,
         lambda n: script(head_text if n.role == "head" else text),
-        env=cfg.install_env,
+        env=cfg.install.env,
         timeout=3600,
         on_line=line,
     )

@@ -66,9 +66,9 @@ def parse_worker_type(text: str) -> WorkerType:
 
 
 def _node_type(instance_type: str, cfg: ClusterConfig, lo: int, hi: int, resources: dict[str, int]) -> dict:
-    res = {"CPU": cfg.ray_cpus, **resources} if cfg.ray_cpus else dict(resources)
+    res = {"CPU": cfg.ray.cpus, **resources} if cfg.ray.cpus else dict(resources)
     return {
-        "node_config": {"instance_type": instance_type, "template": cfg.template, "disk_size": cfg.disk_size},
+        "node_config": {"instance_type": instance_type, "template": cfg.spec.template, "disk_size": cfg.spec.disk_size},
         "resources": res,
         "min_workers": lo,
         "max_workers": hi,
@@ -80,7 +80,7 @@ def prepare_files(cfg: ClusterConfig, packages: Sequence[str] = ()) -> dict[str,
     scripts, the directory for the head's key); returned by role. `packages`: the nodes' extra packages
     when cluster.toml names none (as for `install`)."""
     store = StateStore(cfg.state_dir)
-    key = store.private_key(cfg.ssh_key)
+    key = store.private_key(cfg.spec.ssh_key)
     if key != store.key_path:  # Ray copies the key the YAML names to the head, for its autoscaler
         raise ConfigError(
             f"ssh_key {str(key)!r} is your own key (from cluster.toml, or import-terraform --ssh-key), and an "
@@ -90,7 +90,7 @@ def prepare_files(cfg: ClusterConfig, packages: Sequence[str] = ()) -> dict[str,
     store.ensure_dir()
     store.ensure_key()
     store.ensure_ray_token()
-    extra = list(cfg.packages if cfg.packages is not None else packages)
+    extra = list(cfg.install.packages if cfg.install.packages is not None else packages)
     setup = store.dir / "ray-setup"
     setup.mkdir(mode=0o700, exist_ok=True)
     (setup / "install-worker.sh").write_text(install_script(cfg, node_packages(extra)))
@@ -121,25 +121,25 @@ def build(
         raise ConfigError(f"worker type names must be unique and differ from {HEAD_TYPE}: {', '.join(names)}")
     files = prepare_files(cfg, packages)
     node_types = {
-        HEAD_TYPE: _node_type(head_instance_type or cfg.instance_type, cfg, 0, 0, {}),
-        WORKER_TYPE: _node_type(cfg.instance_type, cfg, min_workers, max_workers, {}),
+        HEAD_TYPE: _node_type(head_instance_type or cfg.spec.instance_type, cfg, 0, 0, {}),
+        WORKER_TYPE: _node_type(cfg.spec.instance_type, cfg, min_workers, max_workers, {}),
     }
     for w in worker_types:
         node_types[w.name] = _node_type(w.instance_type, cfg, w.min_workers, w.max_workers, w.resources)
     path_line = f'export PATH="$HOME/{NODE_ENV}/bin:$PATH" RAY_AUTH_MODE=token'
     shell_env = f"grep -qsF {shlex.quote(path_line)} ~/.bashrc || echo {shlex.quote(path_line)} >> ~/.bashrc"
-    install = env_exports(cfg.install_env) + f"bash {REMOTE_PROJECT}/setup/install-%s.sh"
+    install = env_exports(cfg.install.env) + f"bash {REMOTE_PROJECT}/setup/install-%s.sh"
     provider: dict[str, Any] = {
         "type": "external",
         "module": PROVIDER_MODULE,
         "zone": cfg.zone,
         "state_dir": str(cfg.state_dir),
-        "ssh_cidr": cfg.ssh_cidr,
+        "ssh_cidr": cfg.spec.ssh_cidr,
     }
-    if cfg.endpoint:
-        provider["endpoint"] = cfg.endpoint
-    if cfg.labels:
-        provider["labels"] = dict(cfg.labels)
+    if cfg.credentials.endpoint:
+        provider["endpoint"] = cfg.credentials.endpoint
+    if cfg.spec.labels:
+        provider["labels"] = dict(cfg.spec.labels)
     try:
         unit_s = autostop.unit_from_env()
     except ValueError as e:

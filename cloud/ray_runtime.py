@@ -40,7 +40,7 @@ class RayClusterError(Exception):
 def node_command(cmd: str, cfg: ClusterConfig) -> str:
     """A command of the node's environment, run with token auth and its bin first on PATH (so that jobs and
     tasks started by this Ray find `python` and `python3` there)."""
-    exports = env_exports({**AUTH_ENV, **cfg.ray_env})
+    exports = env_exports({**AUTH_ENV, **cfg.ray.env})
     return f'export PATH="$HOME/{NODE_ENV}/bin:$PATH" && {exports}$HOME/{NODE_ENV}/bin/{cmd}'
 
 
@@ -134,7 +134,7 @@ def start(cfg: ClusterConfig, progress: Progress, timeout: float = 300.0) -> lis
         raise RayClusterError(
             "could not copy the cluster token to " + ", ".join(f"{r.node.name} ({r.error})" for r in failed)
         )
-    cpus = f" --num-cpus={cfg.ray_cpus}" if cfg.ray_cpus else ""
+    cpus = f" --num-cpus={cfg.ray.cpus}" if cfg.ray.cpus else ""
     running = "pgrep -u $(id -u) -f '[g]cs_server' >/dev/null"  # [g]: not matching this very command line
     progress(head.name, "starting the Ray head")
     [r] = remote.run(

@@ -17,7 +17,7 @@ import socket
 import tarfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -48,7 +48,7 @@ def run_script(c: Connection, text: str, timeout: float | None = None) -> Result
     return c.run(script(text), hide=True, warn=True, in_stream=False, timeout=timeout)
 
 
-def env_exports(env: dict[str, str]) -> str:
+def env_exports(env: Mapping[str, str]) -> str:
     """`export NAME='value' ... && `: each value quoted, so that it reaches the node's shell as one word,
     verbatim (Fabric's own inline env puts values in unquoted)."""
     if not env:
@@ -208,7 +208,7 @@ class Remote:
         sudo: bool = False,
         timeout: float | None = None,
         stream: TextIO | None = None,
-        env: dict[str, str] | None = None,
+        env: Mapping[str, str] | None = None,
         on_line: Callable[[NodeRecord, str], None] | None = None,
     ) -> list[NodeResult]:
         """Run `command` (or command(node)) on every node in parallel; with `stream`, output lines are

@@ -8,7 +8,13 @@ ENV = {"EXOSCALE_API_KEY": "EXOk", "EXOSCALE_API_SECRET": "s3cret"}
 
 def test_defaults_from_environment_alone():
     c = config.load(env=ENV)
-    assert (c.name, c.zone, c.nodes, c.ssh_cidr, c.ssh_cidr_given) == ("default", "ch-gva-2", 3, "0.0.0.0/0", False)
+    assert (c.name, c.zone, c.spec.nodes, c.spec.ssh_cidr, c.ssh_cidr_given) == (
+        "default",
+        "ch-gva-2",
+        3,
+        "0.0.0.0/0",
+        False,
+    )
     assert "s3cret" not in repr(c)
     assert c.driver_kwargs() == {"zone": "ch-gva-2"}
 
@@ -20,8 +26,14 @@ def test_toml_and_overrides(tmp_path):
         'labels = { team = "ml" }\nsetup_commands = ["echo hi"]\n'
     )
     c = config.load(f, env=ENV, nodes=2)
-    assert (c.name, c.zone, c.nodes, c.ssh_cidr, c.ssh_cidr_given) == ("exp1", "de-fra-1", 2, "203.0.113.7/32", True)
-    assert c.labels == {"team": "ml"} and c.setup_commands == ("echo hi",)
+    assert (c.name, c.zone, c.spec.nodes, c.spec.ssh_cidr, c.ssh_cidr_given) == (
+        "exp1",
+        "de-fra-1",
+        2,
+        "203.0.113.7/32",
+        True,
+    )
+    assert c.spec.labels == {"team": "ml"} and c.install.setup_commands == ("echo hi",)
 
 
 def test_endpoint_points_at_another_api():
@@ -57,7 +69,7 @@ def test_bad_settings_one_line(tmp_path, toml, match):
 def test_credentials_required_unless_only_ssh():
     with pytest.raises(ConfigError, match="EXOSCALE_API_KEY and EXOSCALE_API_SECRET"):
         config.load(env={})
-    assert config.load(env={}, require_credentials=False).api_secret is None
+    assert config.load(env={}, require_credentials=False).credentials.api_secret is None
 
 
 def test_bad_endpoint():

@@ -68,7 +68,7 @@ def test_packages_come_from_the_configuration_pinned_to_this_machine(tmp_path):
     from cloud import node_install
 
     cfg = _cfg(tmp_path, 'packages = ["numpy", "requests>=2"]\n')
-    pkgs = node_install.node_packages(cfg.packages)
+    pkgs = node_install.node_packages(cfg.install.packages)
     assert pkgs[0].startswith("ray[default]==")
     assert pkgs[1:] == [f"numpy=={numpy.__version__}", "requests>=2"]
     script = node_install.install_script(cfg, pkgs)

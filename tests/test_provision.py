@@ -2,7 +2,6 @@
 Exoscale API, without root or hosts: instances get addresses nobody answers on, which is all `up`'s
 cloud half needs, and exactly what an sshd that never answers looks like."""
 
-import dataclasses
 import http.server
 import json
 import os
@@ -47,7 +46,7 @@ class Events:
 def cfg_for(name, tmp_path, **kw):
     env = {"EXOSCALE_API_KEY": SIM_KEY, "EXOSCALE_API_SECRET": SIM_SECRET}
     c = config.load(env=env, name=name, instance_type="standard.micro", **kw)
-    return dataclasses.replace(c, state_root=tmp_path / "state")
+    return c.with_state_root(tmp_path / "state")
 
 
 def make_cluster(driver, name, n):
