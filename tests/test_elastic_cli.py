@@ -14,8 +14,8 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from cloud import iam
-from cloud.sim.local import client_env
 from tests.conftest import ROOT, SIM_KEY, SIM_SECRET, run_cli
+from tests.support import cli_env
 from tests.test_ray_provider import Cluster, env  # noqa: F401  (the env fixture)
 
 SECTIONS = (
@@ -23,10 +23,6 @@ SECTIONS = (
     "file_mounts cluster_synced_files file_mounts_sync_continuously rsync_exclude rsync_filter initialization_commands "
     "setup_commands head_setup_commands worker_setup_commands head_start_ray_commands worker_start_ray_commands"
 ).split()
-
-
-def cli_env(sim, tmp_path, endpoint=None):
-    return client_env(endpoint or sim.endpoint, SIM_KEY, SIM_SECRET, tmp_path / "state")
 
 
 def test_ray_config_writes_only_a_complete_yaml(sim, tmp_path):

@@ -9,7 +9,6 @@ import os
 import re
 import select
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -19,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import SIM_KEY, SIM_SECRET, run_cli
-from tests.test_ray_provider import wait_for
+from tests.conftest import SIM_SECRET, local_exoscale, run_cli
+from tests.support import wait_for
 
 pytestmark = [pytest.mark.root]
 
@@ -66,22 +65,10 @@ class KeyRecorder:
 
 @pytest.fixture(scope="module")
 def elastic(tmp_path_factory):
-    from cloud.sim.hosts import missing_requirements
-    from cloud.sim.local import start
-    from cloud.sim.model import Faults
-
-    missing = missing_requirements() + ([] if shutil.which("rsync") else ["rsync"])
-    if missing:
-        pytest.skip(f"local VM hosts need {', '.join(missing)}")
     # The API on the hosts' gateway (the head calls it at the very URL this machine uses); uv and a package
     # index offered to the hosts, as the internet would be.
-    local = start(
-        SIM_KEY, SIM_SECRET, faults=Faults(op_delay_s=0.2), hosts=True, offer_packages=True, record=True, seed=11
-    )
-    try:
+    with local_exoscale(0.2, hosts=True, needs=("rsync",), offer_packages=True, seed=11) as local:
         yield from _cluster(local, tmp_path_factory)
-    finally:
-        local.close()
 
 
 def _cluster(local, tmp_path_factory):

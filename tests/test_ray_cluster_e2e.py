@@ -239,7 +239,7 @@ def test_head_unreachable_mid_sweep_then_resume(ray_cluster, sim_hosts, tmp_path
 
 
 def test_cluster_down_leaves_nothing(ray_cluster, sim_hosts):
-    from tests.test_cluster_e2e import assert_nothing_left, hosts_of
+    from tests.support import assert_nothing_left, hosts_of
 
     hosts = hosts_of(sim_hosts, ray_cluster.name)
     r = make("cluster-down", ray_cluster, ray_cluster.config)

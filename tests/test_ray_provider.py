@@ -27,6 +27,7 @@ from cloud import ray_config
 from cloud.ray_provider import ExoscaleNodeProvider
 from cloud.sim.local import client_env
 from tests.conftest import SIM_KEY, SIM_SECRET
+from tests.support import wait_for
 
 FAST_RETRY = {"attempts": 6, "base_s": 0.01, "cap_s": 0.05}
 
@@ -207,17 +208,6 @@ def adapter(cluster, tmp_path):
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(cluster.config))
     return NodeProviderAdapter(cluster.provider(), FileConfigReader(str(path)))
-
-
-def wait_for(what, fn, timeout=60, every=0.2):
-    """fn()'s first true value, asked every `every` seconds; fails naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def test_v2_adapter_launches_and_terminates(adapter, cluster):
