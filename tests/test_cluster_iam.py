@@ -13,6 +13,7 @@ import copy
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import requests
@@ -298,3 +299,25 @@ def test_a_static_heads_key_deletes_only_its_own_instances(sim, driver):
     drv.destroy_node(own[1])  # autostop's teardown: a worker, then the head
     drv.destroy_node(own[0])
     assert sim.app.model.instances[other.id].state == "running"
+
+
+def test_autostops_teardown_works_with_the_heads_key_alone(sim, prepared, monkeypatch):
+    """What the autostop daemon does on an autoscaling cluster's head (after stopping Ray there, which this
+    test must not do on this machine): the pools scaled to 0 and the head deleted, with the head's key."""
+    from cloud import autostop_daemon
+    from cloud.ray_provider import ExoscaleNodeProvider
+
+    c, _, _, _, head_cfg = prepared
+    monkeypatch.delenv("EXOSCALE_API_KEY")
+    monkeypatch.delenv("EXOSCALE_API_SECRET")
+    head = ExoscaleNodeProvider(head_cfg, c.name)
+    head.create_node(c.node_config, c.tags(), 2)
+    creds = head_credentials.read(Path(head_cfg["credentials_file"]))
+    said: list[str] = []
+    autostop_daemon._teardown_pools(head.driver, creds, said.append)
+    assert "nothing of the cluster's instances left" in said, said
+    m = sim.app.model
+    with m.lock:
+        assert [p.size for p in m.instance_pools.values()] == [0]
+        live = [i.name for i in m.instances.values() if i.labels.get("cluster") == c.name and i.state != "destroying"]
+    assert live == [], live
