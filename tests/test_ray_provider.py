@@ -259,3 +259,22 @@ def test_v2_adapter_reports_a_failed_launch(sim, adapter, cluster):
     assert err.node_type == ray_config.WORKER_TYPE and err.request_id == "req-3"
     assert isinstance(err.__cause__, NodeLaunchException)
     wait_for("the failed instances removed", lambda: not instances(sim))
+
+
+def test_a_lost_tag_file_leaves_each_member_its_pools_tags(cluster):
+    """Pool members' tags are in the cluster's tag file; without it a member keeps what its pool's labels
+    say (kind, node type, cluster) and is still listed under those tags."""
+    from cloud.ray_provider import TAGS_FILE_NAME
+
+    p = cluster.provider()
+    [nid] = p.create_node(cluster.node_config, cluster.tags(), 1)
+    p.set_node_tags(nid, {TAG_RAY_NODE_STATUS: "up-to-date"})
+    (p._store.dir / TAGS_FILE_NAME).unlink()
+    fresh = cluster.provider()
+    assert fresh.node_tags(nid) == {
+        TAG_RAY_NODE_KIND: "worker",
+        TAG_RAY_USER_NODE_TYPE: ray_config.WORKER_TYPE,
+        TAG_RAY_CLUSTER_NAME: cluster.name,
+    }
+    assert fresh.non_terminated_nodes({TAG_RAY_USER_NODE_TYPE: ray_config.WORKER_TYPE}) == [nid]
+    assert fresh.non_terminated_nodes({TAG_RAY_NODE_STATUS: "up-to-date"}) == []
