@@ -85,6 +85,7 @@ def test_the_head_key_of_an_autoscaling_cluster_survives_a_failed_role_operation
     """`ray up` makes the head's restricted key through the provider (prepare_for_head_node): a failed
     create-iam-role is tried again instead of ending `ray up` with a traceback."""
     c = Cluster(sim, unique("r"))
+    c.provider().create_node(c.head_node_config, c.head_tags(), 1)  # `ray up` prepares the head it has made
     sim.app.model.faults.fail_next_ops, sim.app.model.faults.fail_ops_matching = 2, "create-iam-role"
     c.provider().prepare_for_head_node(copy.deepcopy(c.config))
     assert [k.name for k in iam.find_keys(c.provider().driver, c.name)] == [resource_name(c.name)]

@@ -74,11 +74,13 @@ def autoscaling(sim, env, tmp_path):  # noqa: F811
     """An autoscaling cluster as `ray up` leaves it (head key made, head labelled by Ray's tags), and the
     head's provider on its restricted key."""
     from cloud.ray_provider import ExoscaleNodeProvider
+    from tests.test_cluster_iam import HeadsAtLoopback
 
+    sim.app.model.hooks = HeadsAtLoopback()  # the head's key works from the head's address: this process's
     c = Cluster(sim, "asc")
     laptop = c.provider()
+    laptop.create_node(c.head_node_config, c.head_tags(), 1)
     laptop.prepare_for_head_node(copy.deepcopy(c.config))
-    laptop.create_node(c.node_config, c.tags(**{"ray-node-type": "head", "ray-user-node-type": "ray.head.default"}), 1)
     head_cfg = dict(c.config["provider"], credentials_file=str(iam.key_copy_path(laptop._store.dir)))
     return c, ExoscaleNodeProvider(head_cfg, c.name)
 
@@ -93,10 +95,10 @@ def test_down_removes_everything_while_the_autoscaler_keeps_creating(sim, tmp_pa
     c, head = autoscaling
     outcome: list[str] = []
 
-    def autoscaler():  # creates a worker after another until its key stops working
+    def autoscaler():  # adds a worker and removes it, again and again, until its key stops working
         while True:
             try:
-                head.create_node(c.node_config, c.tags(), 1)
+                head.terminate_nodes(list(head.create_node(c.node_config, c.tags(), 1)))
             except Exception as e:
                 outcome.append(type(e).__name__ + ": " + str(e))
                 return
@@ -112,7 +114,7 @@ def test_down_removes_everything_while_the_autoscaler_keeps_creating(sim, tmp_pa
     t.join(60)
     assert outcome and ("forbidden" in outcome[0].lower() or "403" in outcome[0]), outcome
     with sim.app.model.lock:
-        assert list(sim.app.model.instances.values()) == []
+        assert list(sim.app.model.instances.values()) == [] and list(sim.app.model.instance_pools) == []
         assert list(sim.app.model.security_groups.values()) == [] and list(sim.app.model.ssh_keys) == []
     assert sim.app.model.iam.list_api_keys() == [] and sim.app.model.iam.list_roles() == []
     assert "revoked" in r.stderr and "IAM role" in r.stderr

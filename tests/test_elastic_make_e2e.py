@@ -39,4 +39,5 @@ def test_make_cluster_up_max_workers_then_down(tmp_path):
         assert "autoscaler stopped" in r.stderr and "revoked" in r.stderr
         with local.model.lock:
             assert not local.model.instances and not local.model.security_groups and not local.model.ssh_keys
+            assert not local.model.instance_pools
         assert local.model.iam.list_api_keys() == [] and local.model.iam.list_roles() == []
