@@ -51,12 +51,13 @@ lint: $(STAMP)
 # the suite's modules on TEST_WORKERS processes, a module's tests on one (they share its clusters), the longest
 # modules first (tests/conftest.py); TEST_WORKERS=0 runs everything in this process
 TEST_WORKERS ?= 2
+WORKERS := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 test: $(STAMP) lint system-deps
-	$(PY) -m pytest -q -ra --durations=25 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra --durations=25 $(WORKERS) $(PYTEST_ARGS)
 
 FAST := not root and not tensorflow and not slow
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -ra -m "$(FAST)" --durations=10 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra -m "$(FAST)" --durations=10 $(WORKERS) $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m bench.all $(ARGS)
