@@ -4,7 +4,7 @@ up -n N (create)      SSH key, security group, N instances in parallel; waits fo
 up --max-workers N    an autoscaling cluster: the head (and --min-workers), Ray's autoscaler adds the rest
 ray-config            a Ray cluster YAML for Ray's own CLI (ray up / exec / submit / attach / down)
 down (destroy)        everything of the cluster, found through the API; asks unless --yes
-list-nodes (status)   name, role, public IP, state
+list-nodes (status)   name, role, public IP, state; each node's type, rate, uptime and cost, and the total
 ssh N                 an interactive login on node N (0 = head, or a node name)
 scp SRC DST           a file or directory to every node (or --node N), DST relative to home
 cmd "COMMAND"         on every node (or --node N) in parallel, output prefixed by node name
@@ -39,8 +39,10 @@ from libcloud.common.types import InvalidCredsError, LibcloudError
 from cloud import access, autostop, clusters, jobs, node_install, ray_config, ray_runtime
 from cloud import config as config_mod
 from cloud.config import ClusterConfig, ConfigError
+from cloud.cost import ClusterCost, duration_text, rate_text
 from cloud.exoscale_driver import ZONES
 from cloud.node_install import InstallError
+from cloud.pricing import money
 from cloud.ray_auth import RayAuthError, use_token_auth
 from cloud.ray_runtime import RayClusterError
 from cloud.remote import interactive_ssh_argv
@@ -254,12 +256,30 @@ def cmd_down(args) -> int:
     return 0
 
 
-def _print_nodes(st: ClusterState) -> None:
-    rows = [("#", "NAME", "ROLE", "PUBLIC IP", "STATE")]
+def _print_nodes(st: ClusterState, costs: ClusterCost | None = None) -> None:
+    """The nodes as a table; given their costs, each node's type, hourly rate, uptime and cost too."""
+    rows: list[tuple[str, ...]] = [("#", "NAME", "ROLE", "PUBLIC IP", "STATE")]
     rows += [(str(i), n.name, n.role, n.ip or "-", n.state or "-") for i, n in enumerate(st.ordered())]
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    if costs is not None:
+        by_name = {c.name: c for c in costs.nodes}
+        rows[0] += ("TYPE", "RATE", "UPTIME", "COST")
+        for i, n in enumerate(st.ordered(), start=1):
+            c = by_name.get(n.name)
+            rows[i] += (
+                (
+                    c.instance_type,
+                    rate_text(c.rate, costs.currency),
+                    duration_text(c.uptime_s),
+                    money(c.cost, costs.currency),
+                )
+                if c is not None
+                else ("-", "-", "-", "-")
+            )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    if costs is not None:
+        print(costs.summary())
 
 
 def cmd_install(args) -> int:
@@ -363,7 +383,9 @@ def cmd_list(args) -> int:
         else:
             print(f"cluster {cfg.name!r} has no nodes", file=sys.stderr)
         return 0
-    _print_nodes(st.state)
+    _print_nodes(st.state, st.cost)
+    if st.cost is None:
+        print("cost: unknown without the API (set EXOSCALE_API_KEY and EXOSCALE_API_SECRET)")
     if st.ray_nodes is not None:
         _print_ray(st.ray_nodes)
     else:

@@ -14,9 +14,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from cloud import access, autostop, autostop_control, elastic, iam, provision, ray_runtime, ssh_ready
+from cloud import access, autostop, autostop_control, cost, elastic, iam, provision, ray_runtime, ssh_ready
 from cloud.autostop import Settings
 from cloud.config import ClusterConfig
+from cloud.cost import ClusterCost
 from cloud.names import resource_name
 from cloud.retry import Progress, StepFailed, Wait, retry
 from cloud.state import ClusterBusy, ClusterState, StateStore
@@ -261,17 +262,23 @@ class Status:
     ray_error: str | None = None
     autoscaler: str | None = None
     autostop: str | None = None
+    cost: ClusterCost | None = None  # None: no credentials, so no API to read the instances' types and ages from
 
 
 def status(cfg: ClusterConfig) -> Status:
+    cluster_cost = None
     if cfg.credentials.api_secret is not None:  # the API is the truth; the cache serves when there are no credentials
-        st = provision.status(cfg.driver(), cfg.spec)
+        driver = cfg.driver()
+        st, nodes = provision.status_nodes(driver, cfg.spec)
+        if nodes:  # from the same listing: each instance's type and created-at (a type given by id: one listing)
+            types = cost.type_names(nodes, driver.ex_list_instance_types)
+            cluster_cost = cost.node_costs(nodes, types, cfg.cost.prices)
     else:
         st = access.cluster_state(cfg)
     if not st.nodes:
         rest = provision.leftovers(cfg.driver(), cfg.name) if cfg.credentials.api_secret is not None else None
         return Status(st, gone=access.gone_message(cfg, rest)[0] if rest else None)
-    out = Status(st)
+    out = Status(st, cost=cluster_cost)
     try:
         out.ray_nodes = ray_runtime.ray_nodes(cfg)
     except ray_runtime.RayClusterError as e:

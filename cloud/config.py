@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 
 from cloud.autostop import DEFAULT_MINUTES, check_minutes
 from cloud.exoscale_driver import ZONES, ExoscaleV2NodeDriver, RetryPolicy, Secret
+from cloud.pricing import PriceTable
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -122,6 +123,13 @@ class RaySettings:
 
 
 @dataclass(frozen=True)
+class CostSettings:
+    """What the cluster's instances cost (cloud.pricing): the price table, cluster.toml's `[prices]` applied."""
+
+    prices: PriceTable = field(default_factory=PriceTable)
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     """cluster.toml and the environment, validated, in the parts that belong together: the credentials, the
     cluster's shape (the provisioning core's ClusterSpec), how nodes are installed, how Ray starts, and the
@@ -133,6 +141,7 @@ class ClusterConfig:
     ray: RaySettings = field(default_factory=RaySettings)
     autostop_minutes: float = DEFAULT_MINUTES
     ssh_cidr_given: bool = False  # ssh_cidr was set, not the open default
+    cost: CostSettings = field(default_factory=CostSettings)
 
     @property
     def name(self) -> str:
