@@ -179,7 +179,10 @@ def _autoscaling_options(a: argparse.ArgumentParser, max_default: int | None) ->
 
 
 def _load(args, require_credentials: bool = True, **overrides) -> ClusterConfig:
-    return config_mod.load(args.config, require_credentials=require_credentials, name=args.name, **overrides)
+    cfg = config_mod.load(args.config, require_credentials=require_credentials, name=args.name, **overrides)
+    for warning in cfg.cost.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return cfg
 
 
 def _select(st: ClusterState, which: str | None) -> list[NodeRecord]:
@@ -519,6 +522,7 @@ def cmd_up_autoscaling(args) -> int:
     if args.max_workers < 0 or not 0 <= args.min_workers <= args.max_workers:
         raise CLIError(f"--min-workers {args.min_workers} / --max-workers {args.max_workers}: need 0 <= min <= max")
     cfg = _load(args, autostop_minutes=args.autostop)
+    args.max_workers = clusters.capped_max_workers(cfg, args.min_workers, args.max_workers, _printer())
     out = clusters.up_autoscaling(
         cfg,
         args.min_workers,
@@ -551,6 +555,12 @@ def cmd_ray_config(args) -> int:
     """The Ray cluster YAML on stdout (only it: messages go to stderr)."""
     cfg = _load(args, require_credentials=False, autostop_minutes=args.autostop)
     worker_types = tuple(ray_config.parse_worker_type(t) for t in args.worker_type)
+    others: dict[str, int] = {}
+    for w in worker_types:
+        others[w.instance_type] = others.get(w.instance_type, 0) + w.max_workers
+    args.max_workers = clusters.capped_max_workers(
+        cfg, args.min_workers, args.max_workers, _printer(), head_type=args.head_type, others=others
+    )
     config = ray_config.build(
         cfg,
         args.min_workers,

@@ -14,7 +14,18 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from cloud import access, autostop, autostop_control, cost, elastic, iam, provision, ray_runtime, ssh_ready
+from cloud import (
+    access,
+    autostop,
+    autostop_control,
+    cost,
+    elastic,
+    iam,
+    provision,
+    rate_cap,
+    ray_runtime,
+    ssh_ready,
+)
 from cloud.autostop import Settings
 from cloud.config import ClusterConfig
 from cloud.cost import ClusterCost
@@ -67,6 +78,13 @@ def up(
 ) -> UpOutcome:
     """`up -n`: the key, the group and cfg.nodes instances, running and answering SSH; then, given
     `autostop_minutes`, that setting on the head. Nodes not ready are in the outcome's `failed`."""
+    if cfg.cost.max_hourly_rate is not None:  # before any API call
+        try:
+            rate_cap.check_nodes(
+                cfg.cost.max_hourly_rate, cfg.cost.prices, cfg.spec.instance_type, cfg.spec.disk_size, cfg.spec.nodes
+            )
+        except rate_cap.RateCapError as e:
+            raise ClusterError(str(e)) from None
     refuse_static_up_on_autoscaling(cfg)
     store = StateStore(cfg.state_dir)
     try:
@@ -110,6 +128,7 @@ def up_autoscaling(
     instances (which its node provider tries again)."""
     if max_workers < 0 or not 0 <= min_workers <= max_workers:
         raise ClusterError(f"--min-workers {min_workers} / --max-workers {max_workers}: need 0 <= min <= max")
+    max_workers = capped_max_workers(cfg, min_workers, max_workers, progress)
     driver = cfg.driver()
     existing = provision.query_instances(driver, cfg.name)
     if existing and not provision.is_autoscaling(cfg.state_dir, existing):
@@ -150,6 +169,40 @@ def up_autoscaling(
     if rc == 0 and autostop_minutes is not None:  # the head keeps the setting it has: this one replaces it
         out.autostop = set_autostop(cfg, autostop_minutes)
     return out
+
+
+def capped_max_workers(
+    cfg: ClusterConfig,
+    min_workers: int,
+    max_workers: int,
+    progress: Progress,
+    head_type: str | None = None,
+    others: dict[str, int] | None = None,
+) -> int:
+    """max_workers lowered to what cluster.toml's max_hourly_rate allows beside the head (of `head_type`, default
+    the cluster's type) and `others` (other worker types at their maximum), said in one line when lowered;
+    ClusterError when not even min_workers fit."""
+    cap, prices, spec = cfg.cost.max_hourly_rate, cfg.cost.prices, cfg.spec
+    if cap is None:
+        return max_workers
+    try:
+        fixed = rate_cap.rate_of(cap, prices, {head_type or spec.instance_type: 1}, spec.disk_size)
+        fixed += rate_cap.rate_of(cap, prices, others or {}, spec.disk_size)
+        fits = rate_cap.cap_workers(cap, prices, spec.instance_type, spec.disk_size, max_workers, fixed)
+    except rate_cap.RateCapError as e:
+        raise ClusterError(str(e)) from None
+    if fits < min_workers:
+        raise ClusterError(
+            f"--min-workers {min_workers}: only {fits} worker(s) of {spec.instance_type} fit under max_hourly_rate "
+            f"{cap} {prices.currency} beside the head"
+        )
+    if fits < max_workers:
+        progress(
+            cfg.name,
+            f"max_workers {max_workers} -> {fits}: more {spec.instance_type} workers would pass max_hourly_rate "
+            f"{cap} {prices.currency}",
+        )
+    return fits
 
 
 # -------------------------------------------------------------------------------------------- down

@@ -9,18 +9,21 @@ templates are checked against the API before anything is created.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from cloud import rate_cap
 from cloud.autostop import DEFAULT_MINUTES, check_minutes
 from cloud.exoscale_driver import ZONES, ExoscaleV2NodeDriver, RetryPolicy, Secret
-from cloud.pricing import PriceTable
+from cloud.pricing import PriceError, PriceTable
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -46,6 +49,10 @@ DEFAULTS: dict[str, Any] = {
     "ray_cpus": None,  # CPUs each node offers to Ray (default: all it has)
     "ray_env": {},  # environment for `ray start`, e.g. { RAY_health_check_period_ms = "1000" }
     "autostop_minutes": DEFAULT_MINUTES,  # idle minutes after which the head tears the cluster down (0 = off)
+    # cost (cloud.pricing): hourly rates replacing the price list's, by type ([prices] "standard.medium" = 0.05),
+    # and what the cluster's instances may cost per hour together (disks included; None: no cap)
+    "prices": {},
+    "max_hourly_rate": None,
 }
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -127,6 +134,8 @@ class CostSettings:
     """What the cluster's instances cost (cloud.pricing): the price table, cluster.toml's `[prices]` applied."""
 
     prices: PriceTable = field(default_factory=PriceTable)
+    max_hourly_rate: Decimal | None = None  # in prices.currency, for all the cluster's instances together
+    warnings: tuple[str, ...] = ()  # e.g. a [prices] entry for a type the price list does not have
 
 
 @dataclass(frozen=True)
@@ -285,6 +294,7 @@ def _validate(
         autostop_minutes = check_minutes(v["autostop_minutes"], "autostop_minutes")
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    cost = _cost_settings(v, v["instance_type"], v["disk_size"])
     return ClusterConfig(
         credentials=Credentials(key, secret, endpoint),
         spec=ClusterSpec(
@@ -309,4 +319,36 @@ def _validate(
         ray=RaySettings(cpus=v["ray_cpus"], env=dict(v["ray_env"])),
         autostop_minutes=autostop_minutes,
         ssh_cidr_given=cidr_given,
+        cost=cost,
     )
+
+
+def _cost_settings(v: dict[str, Any], instance_type: str, disk_size: int) -> CostSettings:
+    """[prices] applied to the price list (a type it lacks: a warning) and max_hourly_rate checked: a number > 0
+    that one node of instance_type (with its disk) fits under."""
+    if not isinstance(v["prices"], dict):
+        raise ConfigError('prices must be a table of "TYPE" = hourly rate, e.g. [prices] "standard.medium" = 0.05')
+    # `standard.medium = 0.05` unquoted is a table `standard` in TOML: read it as the type it spells
+    flat = {
+        f"{k}.{sub}" if isinstance(x, dict) else k: y
+        for k, x in v["prices"].items()
+        for sub, y in (x.items() if isinstance(x, dict) else [(None, x)])
+    }
+    try:
+        prices, warnings = PriceTable().with_overrides(flat)
+    except PriceError as e:
+        raise ConfigError(str(e)) from None
+    cap = v["max_hourly_rate"]
+    if cap is None:
+        return CostSettings(prices, None, tuple(warnings))
+    if isinstance(cap, bool) or not isinstance(cap, int | float) or not math.isfinite(cap) or cap <= 0:
+        raise ConfigError(
+            f"max_hourly_rate {cap!r}: a number > 0, what the cluster's instances may cost per hour together "
+            f"(in {prices.currency}), e.g. 2.5"
+        )
+    limit = Decimal(str(cap))
+    try:
+        rate_cap.check_one_node(limit, prices, instance_type, disk_size)
+    except rate_cap.RateCapError as e:
+        raise ConfigError(str(e)) from None
+    return CostSettings(prices, limit, tuple(warnings))

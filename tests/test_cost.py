@@ -9,10 +9,14 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
-from cloud import cost, provision
+import pytest
+import yaml
+
+from cloud import config, cost, provision
+from cloud.config import ConfigError
 from cloud.pricing import PRICES, VOLUME_GB_HOUR, PriceTable
-from tests.conftest import ClusterCLI
-from tests.test_provision import make_cluster
+from tests.conftest import SIM_KEY, SIM_SECRET, ClusterCLI, run_cli
+from tests.test_provision import left_of, make_cluster
 
 
 def unique(prefix: str) -> str:
@@ -89,3 +93,81 @@ def test_status_shows_each_nodes_type_rate_uptime_and_the_cost(sim, driver, tmp_
     assert "standard.micro" in head and "0.01429 EUR/h" in head and "2h01m" in head, out
     # 2 h 1 min at 0.00729 + 50 GB x 0.00014 per hour = 0.01429/h: 0.0290 EUR; the worker a few seconds
     assert re.search(r"cost: 0\.03 EUR so far, 0\.03 EUR/h", out), out
+
+
+# ----------------------------------------------------------- cluster.toml: [prices] and max_hourly_rate
+
+ENV = {"EXOSCALE_API_KEY": "EXOk", "EXOSCALE_API_SECRET": "s3cret"}
+
+
+def _load(tmp_path, toml: str, **kw):
+    f = tmp_path / "cluster.toml"
+    f.write_text(toml)
+    return config.load(f, env=ENV, **kw)
+
+
+def test_price_overrides_quoted_or_dotted_and_a_warning_for_an_unknown_type(tmp_path):
+    c = _load(tmp_path, '[prices]\n"standard.medium" = 0.05\ngpu3.small = 1.5\n"gpu9.tiny" = 3\n')
+    p = c.cost.prices
+    assert (p.rate("standard.medium"), p.rate("gpu3.small"), p.rate("gpu9.tiny")) == (
+        Decimal("0.05"),
+        Decimal("1.5"),
+        Decimal("3"),
+    )
+    assert p.rate("standard.large") == PRICES["standard.large"]
+    [warning] = c.cost.warnings
+    assert "prices.gpu9.tiny" in warning and "not an instance type" in warning
+
+
+@pytest.mark.parametrize(
+    "toml, match",
+    [
+        ("max_hourly_rate = 0", "max_hourly_rate 0: a number > 0"),
+        ("max_hourly_rate = -1.5", "a number > 0"),
+        ('max_hourly_rate = "lots"', "a number > 0"),
+        ("max_hourly_rate = true", "a number > 0"),
+        ("max_hourly_rate = nan", "a number > 0"),
+        # standard.medium with its 50 GB disk costs 0.05366/h
+        ("max_hourly_rate = 0.05", "below one node: standard.medium with a 50 GB disk costs 0.05366 EUR/h"),
+        ('instance_type = "gpu9.tiny"\nmax_hourly_rate = 5', "the price of gpu9.tiny is unknown"),
+        ('prices = "cheap"', "prices must be a table"),
+        ('[prices]\n"standard.medium" = -1', "an hourly rate is a number >= 0"),
+    ],
+)
+def test_bad_cost_settings_one_line(tmp_path, toml, match):
+    with pytest.raises(ConfigError, match=match) as ei:
+        _load(tmp_path, toml + "\n")
+    assert "\n" not in str(ei.value)
+
+
+def test_up_over_the_hourly_cap_is_refused_before_anything_is_made(sim, driver, tmp_path):
+    name = unique("r")
+    toml = tmp_path / "cluster.toml"
+    toml.write_text('instance_type = "standard.micro"\nmax_hourly_rate = 0.03\n')  # 0.01429/h a node: 2 fit
+    cli = ClusterCLI(sim, tmp_path / "state", name)
+    r = cli("--config", str(toml), "up", "-n", "3", timeout=60)
+    assert r.returncode == 2, r.stderr
+    [line] = [line for line in r.stderr.splitlines() if not line.startswith("warning: SSH")]
+    assert "3 node(s) of standard.micro would cost 0.04287 EUR/h" in line and "at most 2 node(s)" in line, line
+    assert left_of(driver, name) == ([], [], []) and not (tmp_path / "state" / name).exists()
+
+
+def test_the_autoscalers_max_workers_is_capped_in_the_yaml(sim, tmp_path):
+    from cloud.sim.local import client_env
+
+    toml = tmp_path / "cluster.toml"
+    # a head and workers of standard.small (0.03033/h with 50 GB) and two gpu3.small at most (4.27366/h)
+    toml.write_text('instance_type = "standard.small"\nmax_hourly_rate = 4.5\n')
+    env = client_env(sim.endpoint, SIM_KEY, SIM_SECRET, tmp_path / "state")
+    args = ["--max-workers", "20", "--worker-type", "gpu=gpu3.small,max=2"]
+    r = run_cli("exoscale.py", "--config", str(toml), "--name", "rc", "ray-config", *args, env=env)
+    assert r.returncode == 0, r.stderr
+    doc = yaml.safe_load(r.stdout)
+    # 4.5 - 0.03033 (head) - 4.27366 (gpus) = 0.19601 of room: 6 workers of 0.03033
+    assert doc["available_node_types"]["ray.worker.default"]["max_workers"] == 6, doc["available_node_types"]
+    [said] = [line for line in r.stderr.splitlines() if "max_hourly_rate" in line]
+    assert "max_workers 20 -> 6" in said, r.stderr
+    r = run_cli(
+        "exoscale.py", "--config", str(toml), "--name", "rc", "ray-config", "--min-workers", "7", *args, env=env
+    )
+    assert r.returncode == 2 and "--min-workers 7: only 6 worker(s)" in r.stderr, r.stderr
