@@ -19,6 +19,7 @@ fetch PATH [DEST]     bring a file or directory from the head's home to this mac
 dashboard             tunnel to Ray's dashboard and print its local URL
 autostop              the head's idle teardown: --minutes M, --off, --log (no option: its state)
 types [--zone Z]      instance types: CPUs, memory, GPUs, price per hour, the zones offering each
+cost-report           every cluster made from this machine, ended ones included: duration and cost
 """
 
 from __future__ import annotations
@@ -147,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--ssh-key", required=True, help="the private key whose public half Terraform registered")
     a = sub.add_parser("types", help="instance types: CPUs, memory, GPUs, price per hour, the zones offering each")
     a.add_argument("--zone", help="only the types this zone offers")
+    sub.add_parser("cost-report", help="every cluster made from this machine, ended ones included: duration, cost")
     a = sub.add_parser("ray-config", help="print a Ray cluster YAML for `ray up` (an autoscaling cluster)")
     _autoscaling_options(a, max_default=2)
     _autostop_option(a)
@@ -589,7 +591,14 @@ def cmd_types(args) -> int:
     return 0
 
 
+def cmd_cost_report(args) -> int:
+    cfg = _load(args, require_credentials=False)
+    print(clusters.cost_report(cfg.state_dir.parent))
+    return 0
+
+
 COMMANDS = {
+    "cost-report": cmd_cost_report,
     "ray-config": cmd_ray_config,
     "up": cmd_up,
     "create": cmd_up,

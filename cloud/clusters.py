@@ -11,14 +11,19 @@ refuses in one line naming it. Every cloud operation is tried again within the c
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+
+from libcloud.common.exceptions import BaseHTTPError
+from libcloud.common.types import LibcloudError
 
 from cloud import (
     access,
     autostop,
     autostop_control,
     cost,
+    cost_history,
     elastic,
     iam,
     provision,
@@ -32,6 +37,8 @@ from cloud.cost import ClusterCost
 from cloud.names import resource_name
 from cloud.retry import Progress, StepFailed, Wait, retry
 from cloud.state import ClusterBusy, ClusterState, StateStore
+
+log = logging.getLogger(__name__)
 
 PROG = "exoscale.py"
 AGAIN = f"`{PROG} up` again completes the cluster, `{PROG} down` removes it"
@@ -89,7 +96,11 @@ def up(
     store = StateStore(cfg.state_dir)
     try:
         with store.lock(f"{PROG} up"):
-            res = provision.up(cfg.driver(), cfg.spec, progress=progress, running_timeout=timeout)
+            driver = cfg.driver()
+            try:
+                res = provision.up(driver, cfg.spec, progress=progress, running_timeout=timeout)
+            finally:  # what was made is in the cost history, whatever happens next
+                record_history(cfg, driver, "up")
             failed = dict(res.failed)
             try:
                 failed.update(ssh_ready.wait_ssh(res.key_path, store.known_hosts, res.state.nodes, progress, timeout))
@@ -158,7 +169,8 @@ def up_autoscaling(
                 raise Interrupted(f"interrupted; `ray up` was stopped. {again}.") from None
             if rc == 0:
                 store.record_autostop(cfg.autostop_minutes)  # what the YAML's head start commands set
-            st = provision.status(driver, cfg.spec)  # ssh, scp, cmd and --cluster use it
+            st, nodes = provision.status_nodes(driver, cfg.spec)  # ssh, scp, cmd and --cluster use it
+            record_history(cfg, driver, "up", nodes)
     except (ValueError, ClusterBusy) as e:  # ValueError: a bad setting, type or template
         raise ClusterError(str(e)) from None
     except StepFailed as e:
@@ -216,6 +228,7 @@ class Removal:
     autoscaling: bool
     restricted: bool  # the head has a restricted key (autoscaler, autostop daemon) to revoke
     notes: list[str] = field(default_factory=list)  # what is left alone, said before anything is done
+    nodes: list = field(default_factory=list)  # the instances (libcloud Nodes): their end goes in the cost history
 
     @property
     def empty(self) -> bool:
@@ -247,7 +260,7 @@ def plan_down(driver, cfg: ClusterConfig) -> Removal:
         what.append(f"security group {name}")
     if plan.has_key:
         what.append(f"SSH key {name}")
-    return Removal(what, autoscaling, restricted, notes)
+    return Removal(what, autoscaling, restricted, notes, plan.nodes)
 
 
 def down(
@@ -282,6 +295,9 @@ def down(
                 res = provision.down(driver, cfg.spec, progress=progress, wait=wait)  # made late
             removed += res.removed
             failed = dict(res.failed)
+            gone = [n for n in removal.nodes if f"instance {n.name}" not in failed]
+            left = any(k.startswith("instance ") for k in failed)
+            record_history(cfg, driver, "deleted" if left else "down", gone)
             if removal.restricted and not failed:  # the key and its role, once nothing uses them
                 try:
                     removed += retry(
@@ -299,6 +315,28 @@ def down(
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; run `{PROG} down` again to remove what is left") from None
     return DownOutcome(removal, removed, failed, wait.elapsed())
+
+
+# ------------------------------------------------------------------------------------- cost history
+
+
+def record_history(cfg: ClusterConfig, driver, event: str, nodes: list | None = None) -> None:
+    """Append what the API says of the cluster's instances (listed now unless given) to the cost history
+    under the state root; a listing that fails is a warning in the log, never a failed command."""
+    try:
+        if nodes is None:
+            nodes = provision.query_instances(driver, cfg.name)
+        types = cost.type_names(nodes, driver.ex_list_instance_types)
+    except (LibcloudError, BaseHTTPError) as e:
+        log.warning("cost history: the instances of %s not listed: %s", cfg.name, e)
+        return
+    if nodes or event in ("down", "deleted"):
+        cost_history.record(cfg.state_dir.parent, cfg.name, cfg.zone, event, nodes, types, cfg.cost.prices)
+
+
+def cost_report(state_root) -> str:
+    """`cost-report`: every cluster the history under `state_root` holds, ended ones included."""
+    return cost_history.render(cost_history.read(state_root))
 
 
 # ------------------------------------------------------------------------------------------ status
@@ -326,6 +364,7 @@ def status(cfg: ClusterConfig) -> Status:
         if nodes:  # from the same listing: each instance's type and created-at (a type given by id: one listing)
             types = cost.type_names(nodes, driver.ex_list_instance_types)
             cluster_cost = cost.node_costs(nodes, types, cfg.cost.prices)
+            cost_history.record(cfg.state_dir.parent, cfg.name, cfg.zone, "status", nodes, types, cfg.cost.prices)
     else:
         st = access.cluster_state(cfg)
     if not st.nodes:

@@ -171,3 +171,57 @@ def test_the_autoscalers_max_workers_is_capped_in_the_yaml(sim, tmp_path):
         "exoscale.py", "--config", str(toml), "--name", "rc", "ray-config", "--min-workers", "7", *args, env=env
     )
     assert r.returncode == 2 and "--min-workers 7: only 6 worker(s)" in r.stderr, r.stderr
+
+
+# ------------------------------------------------------------------------------- cost-report (history)
+
+
+def test_cost_report_lists_ended_and_running_clusters_and_survives_down(sim, driver, tmp_path):
+    state = tmp_path / "state"
+    ended, running = unique("e"), unique("r")
+    toml = tmp_path / "cluster.toml"
+    toml.write_text('instance_type = "standard.micro"\nssh_cidr = "10.0.0.0/8"\n')
+    a = ClusterCLI(sim, state, ended)
+    r = a("--config", str(toml), "up", "-n", "2", "--timeout", "2", timeout=120)  # nobody answers SSH: exit 1
+    assert r.returncode == 1 and "not ready" in r.stderr, r.stderr
+    for n in provision.query_instances(driver, ended):
+        _age(sim, n.id, 3600)
+    assert a("--config", str(toml), "status", timeout=120).returncode == 0
+    r = a("--config", str(toml), "down", "--yes", timeout=120)
+    assert r.returncode == 0 and left_of(driver, ended) == ([], [], []), r.stderr
+    assert not (state / ended).exists()  # the cluster's own state went; its history stays
+
+    [n] = make_cluster(driver, running, 1)
+    _age(sim, n.id, 3 * 3600)
+    b = ClusterCLI(sim, state, running)
+    assert b("status", timeout=120).returncode == 0
+
+    r = a("cost-report")
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line for line in r.stdout.splitlines() if line.strip()}
+    # two standard.micro with 50 GB disks (0.01429/h each) for an hour (and the seconds of the test)
+    assert re.search(r"\b2\s.*\b1h0\dm\s+0\.03 EUR$", rows[ended]), r.stdout
+    assert "last seen" not in rows[ended], r.stdout
+    # make_cluster's standard.micro, 0.01429/h for 3 hours; not ended by down
+    assert "last seen" in rows[running] and re.search(r"\b3h00m\s+0\.04 EUR$", rows[running]), r.stdout
+    assert "total: 0.07 EUR" in r.stdout, r.stdout
+    history = (state / "cost-history.jsonl").read_text().splitlines()
+    assert (
+        history[0] == '{"raysweep-cost-history": 1}'
+        and oct((state / "cost-history.jsonl").stat().st_mode)[-3:] == "600"
+    )
+    assert SIM_SECRET not in "".join(history)
+
+
+def test_a_history_file_raysweep_did_not_make_is_left_alone(sim, driver, tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    theirs = state / "cost-history.jsonl"
+    theirs.write_text("my own notes\n")
+    name = unique("n")
+    make_cluster(driver, name, 1)
+    cli = ClusterCLI(sim, state, name)
+    assert cli("status", timeout=120).returncode == 0
+    assert theirs.read_text() == "my own notes\n"
+    r = cli("cost-report")
+    assert r.returncode == 0 and "no clusters made from this machine yet" in r.stdout, r.stdout + r.stderr
