@@ -26,6 +26,7 @@ from cloud import (
     cost_history,
     elastic,
     iam,
+    placement,
     provision,
     rate_cap,
     ray_runtime,
@@ -96,6 +97,12 @@ def up(
     store = StateStore(cfg.state_dir)
     try:
         with store.lock(f"{PROG} up"):
+            try:
+                cfg = placement.place(cfg, progress, timeout)  # with zones: where it lives, or its head made
+            except placement.PlacementError as e:
+                raise ClusterError(str(e)) from None
+            except KeyboardInterrupt:
+                raise Interrupted(f"interrupted while choosing the cluster's zone. {AGAIN}.") from None
             driver = cfg.driver()
             try:
                 res = provision.up(driver, cfg.spec, progress=progress, running_timeout=timeout)
@@ -273,6 +280,7 @@ def down(
     nothing is created meanwhile), the instances, the group, the SSH key, then the restricted key's role;
     each delete tried again until `timeout`. `confirm` sees the plan (notes included) before anything is
     removed; False leaves everything. Idempotent: a second `down` finishes what the first left."""
+    cfg = located(cfg)
     driver = cfg.driver()
     store = StateStore(cfg.state_dir)
     try:
@@ -326,7 +334,7 @@ def record_history(cfg: ClusterConfig, driver, event: str, nodes: list | None = 
     try:
         if nodes is None:
             nodes = provision.query_instances(driver, cfg.name)
-        types = cost.type_names(nodes, driver.ex_list_instance_types)
+        types = cost.type_names(nodes, driver.ex_list_instance_types, cfg.state_dir.parent / cost.TYPES_CACHE)
     except (LibcloudError, BaseHTTPError) as e:
         log.warning("cost history: the instances of %s not listed: %s", cfg.name, e)
         return
@@ -356,13 +364,22 @@ class Status:
     cost: ClusterCost | None = None  # None: no credentials, so no API to read the instances' types and ages from
 
 
+def located(cfg: ClusterConfig) -> ClusterConfig:
+    """With `zones` and no zone recorded here (the local state lost), the zone that holds the instances."""
+    if len(cfg.spec.zones) < 2 or StateStore(cfg.state_dir).zone_record() or cfg.credentials.api_secret is None:
+        return cfg
+    zone = placement.home(cfg)
+    return cfg.in_zone(zone) if zone else cfg
+
+
 def status(cfg: ClusterConfig) -> Status:
     cluster_cost = None
+    cfg = located(cfg)
     if cfg.credentials.api_secret is not None:  # the API is the truth; the cache serves when there are no credentials
         driver = cfg.driver()
         st, nodes = provision.status_nodes(driver, cfg.spec)
         if nodes:  # from the same listing: each instance's type and created-at (a type given by id: one listing)
-            types = cost.type_names(nodes, driver.ex_list_instance_types)
+            types = cost.type_names(nodes, driver.ex_list_instance_types, cfg.state_dir.parent / cost.TYPES_CACHE)
             cluster_cost = cost.node_costs(nodes, types, cfg.cost.prices)
             cost_history.record(cfg.state_dir.parent, cfg.name, cfg.zone, "status", nodes, types, cfg.cost.prices)
     else:

@@ -24,6 +24,7 @@ from cloud import rate_cap
 from cloud.autostop import DEFAULT_MINUTES, check_minutes
 from cloud.exoscale_driver import ZONES, ExoscaleV2NodeDriver, RetryPolicy, Secret
 from cloud.pricing import PriceError, PriceTable
+from cloud.state import StateStore
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -53,6 +54,9 @@ DEFAULTS: dict[str, Any] = {
     # and what the cluster's instances may cost per hour together (disks included; None: no cap)
     "prices": {},
     "max_hourly_rate": None,
+    # zones tried in order when a create is refused for capacity or quota (cloud.zone_failover); the cluster
+    # stays in the zone of its first node. [] : only `zone`
+    "zones": [],
 }
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -99,6 +103,7 @@ class ClusterSpec:
     ssh_key: Path | None = None  # the user's private key; None: the cluster's own pair in state_dir
     ssh_cidr: str = DEFAULTS["ssh_cidr"]
     labels: Mapping[str, str] = field(default_factory=dict)
+    zones: tuple[str, ...] = ()  # tried in order for the first node; () : `zone` only
 
 
 @dataclass(frozen=True)
@@ -173,11 +178,22 @@ class ClusterConfig:
             raise ConfigError(
                 "set EXOSCALE_API_KEY and EXOSCALE_API_SECRET (an Exoscale API key pair, as for the exo CLI)"
             )
+        if c.endpoint and self.spec.zones and self.zone != self.spec.zones[0]:
+            # EXOSCALE_API_ENDPOINT serves the first zone; another zone's endpoint is the one list-zones gives
+            return driver_for(c.api_key, c.api_secret, self.spec.zones[0], c.endpoint).ex_zone_driver(self.zone)
         return driver_for(c.api_key, c.api_secret, self.zone, c.endpoint)
 
     def with_state_root(self, root: Path) -> ClusterConfig:
         """The same cluster with its local state under `root` (state_dir = root / name)."""
-        return replace(self, spec=replace(self.spec, state_dir=root / self.name))
+        return replace(self, spec=replace(self.spec, state_dir=root / self.name)).placed()
+
+    def in_zone(self, zone: str) -> ClusterConfig:
+        return replace(self, spec=replace(self.spec, zone=zone))
+
+    def placed(self) -> ClusterConfig:
+        """With `zones`, the cluster in the zone its state records it was made in (zone failover); else as is."""
+        recorded = StateStore(self.state_dir).zone_record() if self.spec.zones else None
+        return self.in_zone(recorded) if recorded in self.spec.zones and recorded != self.zone else self
 
 
 CREDENTIAL_VARS = ("EXOSCALE_API_KEY", "EXOSCALE_API_SECRET")
@@ -207,7 +223,7 @@ def load(
     Commands that only use SSH (scp, cmd, ssh) pass require_credentials=False."""
     environ: Mapping[str, str] = os.environ if env is None else env
     values: dict[str, Any] = dict(DEFAULTS)
-    cidr_given = False
+    cidr_given = zone_given = False
     if path is not None:
         p = Path(path)
         try:
@@ -222,10 +238,12 @@ def load(
             raise ConfigError(f"{p}: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(DEFAULTS)}")
         values.update(data)
         cidr_given = "ssh_cidr" in data
+        zone_given = "zone" in data
     for k, v in overrides.items():
         if v is not None:
             values[k] = v
             cidr_given = cidr_given or k == "ssh_cidr"
+            zone_given = zone_given or k == "zone"
     key, secret = environ.get("EXOSCALE_API_KEY"), environ.get("EXOSCALE_API_SECRET")
     if (not key or not secret) and require_credentials:
         raise ConfigError("set EXOSCALE_API_KEY and EXOSCALE_API_SECRET (an Exoscale API key pair, as for the exo CLI)")
@@ -236,7 +254,7 @@ def load(
             raise ConfigError(
                 f"EXOSCALE_API_ENDPOINT {endpoint!r}: give a URL like https://HOST/v2 or http://127.0.0.1:8080/v2"
             )
-    return _validate(values, key or "", Secret(secret) if secret else None, endpoint, cidr_given)
+    return _validate(values, key or "", Secret(secret) if secret else None, endpoint, cidr_given, zone_given)
 
 
 def _is_int(x: object) -> bool:
@@ -244,12 +262,34 @@ def _is_int(x: object) -> bool:
 
 
 def _validate(
-    v: dict[str, Any], key: str, secret: Secret | None, endpoint: str | None, cidr_given: bool
+    v: dict[str, Any],
+    key: str,
+    secret: Secret | None,
+    endpoint: str | None,
+    cidr_given: bool,
+    zone_given: bool = False,
 ) -> ClusterConfig:
     name = v["name"]
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ConfigError(
             f"name {name!r}: use 1-40 lower-case letters, digits and '-', starting and ending with a letter or digit"
+        )
+    zones = v["zones"]
+    if not isinstance(zones, list) or not all(isinstance(z, str) for z in zones):
+        raise ConfigError(
+            f'zones must be a list of zones tried in order, e.g. ["de-fra-1", "at-vie-2"]; valid: {", ".join(ZONES)}'
+        )
+    for z in zones:
+        if z not in ZONES:
+            raise ConfigError(f"zones: {z!r} is not an Exoscale zone; valid: {', '.join(ZONES)}")
+    if len(set(zones)) != len(zones):
+        raise ConfigError(f"zones: {', '.join(sorted({z for z in zones if zones.count(z) > 1}))} named more than once")
+    if zones and not zone_given:
+        v["zone"] = zones[0]
+    elif zones and v["zone"] != zones[0]:
+        raise ConfigError(
+            f"zone {v['zone']!r} with zones = [{', '.join(zones)}]: zones are tried in their order, from the first; "
+            f"leave zone out"
         )
     if v["zone"] not in ZONES:
         raise ConfigError(f"zone {v['zone']!r} is not an Exoscale zone; valid: {', '.join(ZONES)}")
@@ -295,7 +335,7 @@ def _validate(
     except ValueError as e:
         raise ConfigError(str(e)) from None
     cost = _cost_settings(v, v["instance_type"], v["disk_size"])
-    return ClusterConfig(
+    cfg = ClusterConfig(
         credentials=Credentials(key, secret, endpoint),
         spec=ClusterSpec(
             name=name,
@@ -308,6 +348,7 @@ def _validate(
             ssh_key=ssh_key,
             ssh_cidr=str(net),
             labels={str(k): str(x) for k, x in labels.items()},
+            zones=tuple(zones),
         ),
         install=InstallSettings(
             setup_commands=tuple(cmds),
@@ -321,6 +362,7 @@ def _validate(
         ssh_cidr_given=cidr_given,
         cost=cost,
     )
+    return cfg.placed()
 
 
 def _cost_settings(v: dict[str, Any], instance_type: str, disk_size: int) -> CostSettings:

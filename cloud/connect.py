@@ -22,7 +22,7 @@ from types import TracebackType
 
 from cloud import config as config_mod
 from cloud.config import ClusterConfig
-from cloud.cost import type_names
+from cloud.cost import TYPES_CACHE, type_names
 from cloud.elastic import autoscaler_note
 from cloud.pricing import PRICES_TAKEN
 from cloud.provision import is_autoscaling, query_instances
@@ -134,7 +134,7 @@ def node_prices(cfg: ClusterConfig) -> NodePrices:
     """One listing of the cluster's instances (and of the types, when an instance names its type by id alone)."""
     driver = cfg.driver()
     nodes = query_instances(driver, cfg.name)
-    types = type_names(nodes, driver.ex_list_instance_types)
+    types = type_names(nodes, driver.ex_list_instance_types, cfg.state_dir.parent / TYPES_CACHE)
     prices = cfg.cost.prices
     out: dict[str, tuple[str, float | None]] = {}
     for n in nodes:

@@ -6,14 +6,20 @@ left out of the total (which then says so); one without a creation time has no u
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
+from pathlib import Path
 
 from libcloud.compute.base import Node
 
 from cloud.pricing import PRICES_TAKEN, PriceTable, cost, money
+
+log = logging.getLogger(__name__)
 
 
 def parse_time(text: object) -> datetime | None:
@@ -60,18 +66,51 @@ class ClusterCost:
         return text + f"; Exoscale's prices of {PRICES_TAKEN}, each node's disk included"
 
 
-def type_names(nodes: Iterable[Node], list_types: Callable[[], Iterable]) -> dict[str, str]:
+TYPES_CACHE = "instance-types.json"
+_CACHE_MARK = "raysweep-instance-types"
+
+
+def type_names(nodes: Iterable[Node], list_types: Callable[[], Iterable], cache: Path | None = None) -> dict[str, str]:
     """{node id: instance type name}: the name the API gave with the instance, or, for instances whose type came
-    as an id alone, the name `list_types()` (ExoscaleV2NodeDriver.ex_list_instance_types) gives that id; the
-    listing is asked for once, and only then."""
+    as an id alone, the name of that id in `cache` (a file of the toolkit's: {id: name}, Exoscale's type ids
+    do not change), else in `list_types()` (ExoscaleV2NodeDriver.ex_list_instance_types), asked for once and
+    then kept in `cache`; so a status asks the API what it asked before cost was shown."""
     nodes = list(nodes)
     names = {str(n.id): n.extra.get("instance_type") for n in nodes}
     if all(names.values()):
         return {k: str(v) for k, v in names.items()}
-    by_id = {t.id: t.name for t in list_types()}
+    wanted = {n.extra.get("instance_type_id") or "" for n in nodes if not names[str(n.id)]}
+    by_id = _read_cache(cache)
+    if not wanted <= by_id.keys():
+        by_id = {t.id: t.name for t in list_types()}
+        _write_cache(cache, by_id)
     return {
         str(n.id): names[str(n.id)] or by_id.get(n.extra.get("instance_type_id") or "", "") or "unknown" for n in nodes
     }
+
+
+def _read_cache(path: Path | None) -> dict[str, str]:
+    try:
+        doc = json.loads(path.read_text()) if path is not None else {}
+    except (OSError, ValueError):
+        return {}
+    types = doc.get("types") if isinstance(doc, dict) and doc.get(_CACHE_MARK) == 1 else None
+    return {str(k): str(v) for k, v in types.items()} if isinstance(types, dict) else {}
+
+
+def _write_cache(path: Path | None, by_id: Mapping[str, str]) -> None:
+    """Replace the cache, unless a file of that name is not the toolkit's (then it is left alone)."""
+    if path is None or (path.exists() and not _read_cache(path)):
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({_CACHE_MARK: 1, "types": dict(by_id)}, f)
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("instance types not kept in %s: %s", path, e)
 
 
 def node_costs(

@@ -4,8 +4,10 @@ nobody, which status survives)."""
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -17,6 +19,7 @@ from cloud.config import ConfigError
 from cloud.pricing import PRICES, VOLUME_GB_HOUR, PriceTable
 from tests.conftest import SIM_KEY, SIM_SECRET, ClusterCLI, run_cli
 from tests.test_provision import left_of, make_cluster
+from tests.test_ray_provider import env  # noqa: F401  (the env fixture)
 
 
 def unique(prefix: str) -> str:
@@ -64,8 +67,10 @@ def test_node_costs_from_types_and_creation_times(sim, driver):
     assert "price unknown" in c.summary()
 
 
-def test_types_given_by_id_alone_are_named_from_one_listing(sim, driver):
-    """Exoscale's list-instances may reference the type by id only: one listing of the types names them."""
+def test_types_given_by_id_alone_are_named_from_one_listing_then_from_the_cache(sim, driver, tmp_path):
+    """Exoscale's list-instances may reference the type by id only: one listing of the types names them, kept
+    in a file of the toolkit's, so later statuses make no more calls than before; a file of that name the
+    toolkit did not make is left alone."""
     name = unique("c")
     make_cluster(driver, name, 2)
     listed = provision.query_instances(driver, name)
@@ -77,7 +82,15 @@ def test_types_given_by_id_alone_are_named_from_one_listing(sim, driver):
         calls.append(1)
         return driver.ex_list_instance_types()
 
-    assert set(cost.type_names(listed, listing).values()) == {"standard.micro"} and calls == [1]
+    cache = tmp_path / cost.TYPES_CACHE
+    assert set(cost.type_names(listed, listing, cache).values()) == {"standard.micro"} and calls == [1]
+    assert set(cost.type_names(listed, listing, cache).values()) == {"standard.micro"} and calls == [1]
+    assert oct(cache.stat().st_mode)[-3:] == "600"
+    theirs = tmp_path / "other" / cost.TYPES_CACHE
+    theirs.parent.mkdir()
+    theirs.write_text("{}")
+    assert set(cost.type_names(listed, listing, theirs).values()) == {"standard.micro"} and calls == [1, 1]
+    assert theirs.read_text() == "{}"
 
 
 def test_status_shows_each_nodes_type_rate_uptime_and_the_cost(sim, driver, tmp_path):
@@ -158,9 +171,9 @@ def test_the_autoscalers_max_workers_is_capped_in_the_yaml(sim, tmp_path):
     toml = tmp_path / "cluster.toml"
     # a head and workers of standard.small (0.03033/h with 50 GB) and two gpu3.small at most (4.27366/h)
     toml.write_text('instance_type = "standard.small"\nmax_hourly_rate = 4.5\n')
-    env = client_env(sim.endpoint, SIM_KEY, SIM_SECRET, tmp_path / "state")
+    cli_env = client_env(sim.endpoint, SIM_KEY, SIM_SECRET, tmp_path / "state")
     args = ["--max-workers", "20", "--worker-type", "gpu=gpu3.small,max=2"]
-    r = run_cli("exoscale.py", "--config", str(toml), "--name", "rc", "ray-config", *args, env=env)
+    r = run_cli("exoscale.py", "--config", str(toml), "--name", "rc", "ray-config", *args, env=cli_env)
     assert r.returncode == 0, r.stderr
     doc = yaml.safe_load(r.stdout)
     # 4.5 - 0.03033 (head) - 4.27366 (gpus) = 0.19601 of room: 6 workers of 0.03033
@@ -168,7 +181,7 @@ def test_the_autoscalers_max_workers_is_capped_in_the_yaml(sim, tmp_path):
     [said] = [line for line in r.stderr.splitlines() if "max_hourly_rate" in line]
     assert "max_workers 20 -> 6" in said, r.stderr
     r = run_cli(
-        "exoscale.py", "--config", str(toml), "--name", "rc", "ray-config", "--min-workers", "7", *args, env=env
+        "exoscale.py", "--config", str(toml), "--name", "rc", "ray-config", "--min-workers", "7", *args, env=cli_env
     )
     assert r.returncode == 2 and "--min-workers 7: only 6 worker(s)" in r.stderr, r.stderr
 
@@ -225,3 +238,126 @@ def test_a_history_file_raysweep_did_not_make_is_left_alone(sim, driver, tmp_pat
     assert theirs.read_text() == "my own notes\n"
     r = cli("cost-report")
     assert r.returncode == 0 and "no clusters made from this machine yet" in r.stdout, r.stdout + r.stderr
+
+
+# ------------------------------------------------------------------------------ zones tried in order
+
+
+def _zone_toml(tmp_path, zones):
+    f = tmp_path / "cluster.toml"
+    f.write_text(f'instance_type = "standard.micro"\nssh_cidr = "10.0.0.0/8"\nzones = {json.dumps(zones)}\n')
+    return f
+
+
+def _in_zone(driver, zone, name):
+    return sorted(n.name for n in provision.query_instances(driver.ex_zone_driver(zone), name))
+
+
+def test_up_moves_to_the_next_zone_when_the_first_has_no_capacity(sim, driver, tmp_path):
+    name = unique("z")
+    sim.app.model.faults.capacity = {"standard.micro@ch-gva-2": 0}
+    toml = _zone_toml(tmp_path, ["ch-gva-2", "de-fra-1"])
+    cli = ClusterCLI(sim, tmp_path / "state", name)
+    r = cli("--config", str(toml), "up", "-n", "2", "--timeout", "2", timeout=120)  # nobody answers SSH: exit 1
+    assert r.returncode == 1 and "not ready" in r.stderr, r.stderr
+    assert "ch-gva-2: no capacity" in r.stderr and f"{name}: lives in de-fra-1" in r.stderr, r.stderr
+    assert _in_zone(driver, "de-fra-1", name) == [f"{name}-head", f"{name}-worker-1"]
+    assert _in_zone(driver, "ch-gva-2", name) == []
+    # it lives there now: a second up completes it there even with room in the first zone again
+    sim.app.model.faults.capacity = {}
+    r = cli("--config", str(toml), "up", "-n", "3", "--timeout", "2", timeout=120)
+    assert _in_zone(driver, "de-fra-1", name) == [f"{name}-head", f"{name}-worker-1", f"{name}-worker-2"], r.stderr
+    assert _in_zone(driver, "ch-gva-2", name) == []
+    r = cli("--config", str(toml), "status", timeout=120)
+    assert r.returncode == 0 and f"{name}-worker-2" in r.stdout, r.stdout + r.stderr
+    (tmp_path / "state" / name / "zone").unlink()  # the local record lost: down finds the zone through the API
+    r = cli("--config", str(toml), "down", "--yes", timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert _in_zone(driver, "de-fra-1", name) == [] and left_of(driver, name) == ([], [], [])
+
+
+def test_all_zones_out_is_one_line_naming_each_and_nothing_is_left(sim, driver, tmp_path):
+    name = unique("o")
+    sim.app.model.faults.capacity = {"standard.micro@ch-gva-2": 0, "standard.micro@de-fra-1": 0}
+    toml = _zone_toml(tmp_path, ["ch-gva-2", "de-fra-1"])
+    r = ClusterCLI(sim, tmp_path / "state", name)("--config", str(toml), "up", "-n", "2", timeout=120)
+    assert r.returncode == 2, r.stderr
+    [line] = [l for l in r.stderr.splitlines() if "error:" in l]
+    assert f"no zone could make {name}-head: ch-gva-2: no capacity" in line and "; de-fra-1: no capacity" in line
+    assert line.endswith("nothing is left behind"), line
+    assert left_of(driver, name) == ([], [], []) and _in_zone(driver, "de-fra-1", name) == []
+
+
+@pytest.mark.parametrize(
+    "toml, match",
+    [
+        ('zones = ["de-fra-1", "mars-1"]', "zones: 'mars-1' is not an Exoscale zone; valid: at-vie-1"),
+        ('zones = ["de-fra-1", "de-fra-1"]', "de-fra-1 named more than once"),
+        ('zones = "de-fra-1"', "zones must be a list"),
+        ('zone = "at-vie-2"\nzones = ["de-fra-1", "at-vie-2"]', "leave zone out"),
+    ],
+)
+def test_bad_zones_one_line(tmp_path, toml, match):
+    with pytest.raises(ConfigError, match=match) as ei:
+        _load(tmp_path, toml + "\n")
+    assert "\n" not in str(ei.value)
+
+
+def test_a_sweeps_node_prices_come_from_one_listing_of_the_cluster(sim, driver, tmp_path):
+    """What pipeline.cli_common prices a cluster sweep's trials with (cloud.connect.node_prices): each instance's
+    address, type and rate with its disk, cluster.toml's [prices] applied."""
+    from cloud.connect import node_prices
+    from cloud.sim.local import client_env
+
+    name = unique("p")
+    nodes = make_cluster(driver, name, 2)
+    cfg = config.load(env=client_env(sim.endpoint, SIM_KEY, SIM_SECRET), name=name).with_state_root(tmp_path)
+    cfg = replace(cfg, cost=replace(cfg.cost, prices=cfg.cost.prices.with_overrides({"standard.micro": 0.01})[0]))
+    got = node_prices(cfg)
+    assert got.currency == "EUR" and "[prices]" in got.source
+    assert got.nodes == {n.public_ips[0]: ("standard.micro", pytest.approx(0.01 + 0.00014 * 50)) for n in nodes}
+
+
+def test_the_node_provider_creates_in_the_next_zone_and_stays_there(sim, driver, env):  # noqa: F811
+    from ray.autoscaler._private.providers import _get_node_provider
+    from ray.autoscaler.node_launch_exception import NodeLaunchException
+    from ray.autoscaler.tags import TAG_RAY_NODE_KIND
+
+    from cloud import ray_config
+    from cloud.ray_provider import ExoscaleNodeProvider
+    from cloud.sim.local import client_env
+    from tests.test_ray_provider import FAST_RETRY
+
+    def bootstrapped(name):
+        cfg = config.load(
+            None, env=client_env(sim.endpoint, SIM_KEY, SIM_SECRET), name=name, zones=["ch-gva-2", "de-fra-1"]
+        )
+        raw = ray_config.build(cfg, 0, 3, 0.1)
+        raw["provider"]["retry"] = FAST_RETRY
+        conf = ExoscaleNodeProvider.bootstrap_config(raw)
+        return conf, conf["available_node_types"][ray_config.WORKER_TYPE]["node_config"]
+
+    name = unique("np")
+    conf, node_config = bootstrapped(name)
+    assert conf["provider"]["zones"] == ["ch-gva-2", "de-fra-1"]
+    sim.app.model.faults.capacity = {"standard.medium@ch-gva-2": 0}
+    p = _get_node_provider(conf["provider"], name, use_cache=False)
+    p.create_node(node_config, {TAG_RAY_NODE_KIND: "head"}, 1)
+    assert _in_zone(driver, "de-fra-1", name) == [f"{name}-head"] and _in_zone(driver, "ch-gva-2", name) == []
+    # a fresh provider (the autoscaler on the head) finds where the cluster lives, and stays there
+    sim.app.model.faults.capacity = {}
+    p2 = _get_node_provider(conf["provider"], name, use_cache=False)
+    assert len(p2.non_terminated_nodes({})) == 1
+    p2.create_node(node_config, {TAG_RAY_NODE_KIND: "worker"}, 2)
+    assert len(_in_zone(driver, "de-fra-1", name)) == 3 and _in_zone(driver, "ch-gva-2", name) == []
+
+    # a new cluster with every zone out: the launch fails naming each zone's answer, nothing made
+    other = unique("nq")
+    conf, node_config = bootstrapped(other)
+    sim.app.model.faults.capacity = {"standard.medium@ch-gva-2": 0, "standard.medium@de-fra-1": 0}
+    p3 = _get_node_provider(conf["provider"], other, use_cache=False)
+    with pytest.raises(NodeLaunchException) as ei:
+        p3.create_node(node_config, {TAG_RAY_NODE_KIND: "head"}, 1)
+    text = ei.value.description
+    assert "ch-gva-2: no capacity" in text and "de-fra-1: no capacity" in text, text
+    assert _in_zone(driver, "ch-gva-2", other) == [] and _in_zone(driver, "de-fra-1", other) == []
