@@ -7,9 +7,10 @@ A trial is charged its share of the node it ran on, for as long as it ran: secon
 is not a trial's (`exoscale.py status` and `cost-report` give the whole cluster's cost).
 
 The budget stops new trials, never running ones: a trial starts only while the estimate stays within it, the
-estimate being the cost of the finished trials, each running one at the larger of its cost so far and a
-finished trial's mean cost, and the new one at that mean. A running trial's cost so far is priced at the
-dearest CPU of the cluster (its node is known only once it ends), so the estimate errs high.
+estimate being the cost of the finished trials, and each running one and the new one at a finished trial's
+mean cost. (Only the time a trial ran is known, once it ended: the time since it was submitted includes
+Ray's queue and worker start, seconds on a cluster, and would count trials of 0.2 s as trials of 7 s.) Until
+one has ended, a first wave of as many trials as the nodes have slots is started, no more.
 """
 
 from __future__ import annotations
@@ -77,11 +78,6 @@ class SweepPrices:
                 log.warning("the price of node %s could not be looked up: %s", ip, e)
         return self.nodes.get(ip)
 
-    def dearest_cpu(self) -> float | None:
-        """The highest hourly rate per CPU among the known nodes: what a running trial's cost so far is priced at."""
-        rates = [n.hourly / n.cpus for n in self.nodes.values() if n.hourly is not None and n.cpus > 0]
-        return max(rates) if rates else None
-
 
 class Priced(Protocol):
     """What the meter reads and writes on a trial's result (pipeline.runner.TrialResult)."""
@@ -123,7 +119,7 @@ class CostMeter:
         share = min(1.0, self.cpus / node.cpus) if node.cpus > 0 else 1.0
         result.instance_type = node.instance_type
         result.node_seconds = round(seconds * share, 3)
-        result.cost = None if node.hourly is None else round(node.hourly * seconds * share / 3600, 6)
+        result.cost = None if node.hourly is None else round(node.hourly * seconds * share / 3600, 9)
 
     def spent(self, results: Iterable[Priced]) -> float:
         return sum(r.cost for r in results if r.cost is not None)
@@ -132,10 +128,6 @@ class CostMeter:
         costs = [r.cost for r in results if r.cost is not None]
         return sum(costs) / len(costs) if costs else 0.0
 
-    def running_cost(self, elapsed: Iterable[float]) -> float:
-        rate = self.prices.dearest_cpu()
-        return 0.0 if rate is None else sum(s * self.cpus * rate / 3600 for s in elapsed)
-
     def decide(self, results: Iterable[Priced], elapsed: Iterable[float]) -> str:
         """Whether one more trial may start under the budget: "start", "wait" (no trial has a cost yet and a
         first wave, `wave()` trials, is in flight: Ray would only queue more, and nothing tells their cost yet),
@@ -143,13 +135,10 @@ class CostMeter:
         if self.budget is None:
             return "start"
         results, elapsed = list(results), list(elapsed)
-        mean, rate = self.mean(results), self.prices.dearest_cpu() or 0.0
         if not any(r.cost is not None for r in results):
-            if self.spent(results) + self.running_cost(elapsed) > self.budget:
-                return "stop"
             return "start" if len(elapsed) < max(1, self.wave() or 1) else "wait"
-        running = sum(max(s * self.cpus * rate / 3600, mean) for s in elapsed)
-        return "start" if self.spent(results) + running + mean <= self.budget else "stop"
+        mean = self.mean(results)
+        return "start" if self.spent(results) + mean * (len(elapsed) + 1) <= self.budget else "stop"
 
     def so_far(self, results: Iterable[Priced]) -> str | None:
         """'cost 0.12 EUR' (the finished trials': it changes when a trial ends, so a log gets no line per poll)
@@ -174,8 +163,8 @@ class CostMeter:
         total = self.spent(results)
         unpriced = sorted({r.instance_type for r in results if r.cost is None and r.node_seconds})
         out.update(
-            estimated=round(total, 6),
-            per_successful_trial=round(total / len(ok), 6) if ok else None,
+            estimated=round(total, 9),
+            per_successful_trial=round(total / len(ok), 9) if ok else None,
             prices=self.prices.source,
             budget=self.budget,
         )
@@ -201,4 +190,5 @@ class CostMeter:
 def money(amount: float | None, currency: str | None) -> str:
     if amount is None or currency is None:
         return "price unknown"
-    return f"{amount:.2f} {currency}" if amount >= 1 else f"{amount:.4f} {currency}"  # a trial may cost 0.0004
+    digits = 2 if amount >= 1 else 4 if amount >= 0.01 else 6  # a short trial may cost 0.000004
+    return f"{amount:.{digits}f} {currency}"
