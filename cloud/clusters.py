@@ -176,6 +176,11 @@ def up_autoscaling(
                 raise Interrupted(f"interrupted; `ray up` was stopped. {again}.") from None
             if rc == 0:
                 store.record_autostop(cfg.autostop_minutes)  # what the YAML's head start commands set
+            home = placement.home(cfg) if len(cfg.spec.zones) > 1 else None
+            if home is not None:  # the node provider made the head in the first zone that had room
+                store.record_zone(home)
+                cfg = cfg.in_zone(home)
+                driver = cfg.driver()
             st, nodes = provision.status_nodes(driver, cfg.spec)  # ssh, scp, cmd and --cluster use it
             record_history(cfg, driver, "up", nodes)
     except (ValueError, ClusterBusy) as e:  # ValueError: a bad setting, type or template
