@@ -252,7 +252,8 @@ def run_and_report(
     sweep file's (--budget replaces it)."""
     import ray
 
-    meter = cost_meter(session, cpus, session.args.budget if session.args.budget is not None else budget)
+    given = getattr(session.args, "budget", None)
+    meter = cost_meter(session, cpus, given if given is not None else budget)
 
     def count_slots() -> int | None:
         return int(ray.cluster_resources().get("CPU", 0) // cpus) or None
