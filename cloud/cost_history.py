@@ -138,7 +138,9 @@ class ClusterRun:
 
     @property
     def end(self) -> datetime | None:
-        return self.ended or self.last_seen
+        """When its last instance ended: removed by a down, else last seen (an autostop's deletes are not)."""
+        ends = [n.ended or n.last_seen for n in self.nodes.values()]
+        return max(ends) if ends else self.ended or self.last_seen
 
     def cost(self) -> tuple[Decimal, list[str]]:
         """The instances' cost from their creation to their end (the down, else when last seen), and the types
