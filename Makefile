@@ -48,8 +48,11 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
+# the suite's modules on TEST_WORKERS processes, a module's tests on one (they share its clusters), the longest
+# modules first (tests/conftest.py); TEST_WORKERS=0 runs everything in this process
+TEST_WORKERS ?= 2
 test: $(STAMP) lint system-deps
-	$(PY) -m pytest -q -ra --durations=25 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra --durations=25 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
 FAST := not root and not tensorflow and not slow
 test-fast: $(STAMP)

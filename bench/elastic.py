@@ -21,6 +21,17 @@ Measured, in one run:
    machine's clock, which the hosts share.
 
     python -m bench.elastic [--quick] [--burst 9] [--tail 8] [--seconds 15]
+
+Workers' Ray tags live in the head's tag file now (their pool gives them only its labels), so the polls see
+the SSH phase of the head alone: a worker's `ray-node-status` columns stay empty.
+
+`--scale-out` measures something else, without hosts (no root needed): how long the node provider takes from
+the autoscaler's decision (`create_node(count=N)`) to N workers `running` in the API, through the node type's
+instance pool (one scale-instance-pool) against N create-instance calls in parallel (16 at most, as the
+provider made workers before the pools), on the local Exoscale with 0.5 s operations, N = 1 and 8, the median of
+`--rounds` rounds each. Goal: the pool no slower, and its N=8 / N=1 ratio <= 1.3.
+
+    python -m bench.elastic --scale-out [--rounds 5]
 """
 
 from __future__ import annotations
@@ -37,7 +48,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from bench.common import ROOT, cli, report, scratch_dir, sim_driver, sim_with_hosts, wait_for
+from bench.common import ROOT, cli, median, report, scratch_dir, sim_driver, sim_with_hosts, wait_for
 from cloud.sim.local import cluster_toml
 
 PAST_SSH = ("syncing-files", "setting-up", "up-to-date")
@@ -192,14 +203,112 @@ def worker_phases(lives: dict[str, Life], result: dict) -> list[dict]:
     return out
 
 
+def scale_out(rounds: int) -> dict:
+    """See the module's docstring (`--scale-out`)."""
+    from libcloud.compute.base import NodeImage, NodeSize
+    from ray.autoscaler.tags import TAG_RAY_NODE_KIND, TAG_RAY_USER_NODE_TYPE
+
+    from cloud import config as config_mod
+    from cloud import provision, ray_config
+    from cloud.fanout import parallel_map
+    from cloud.ray_provider import MAX_PARALLEL, ExoscaleNodeProvider
+    from cloud.sim.local import start
+    from cloud.sim.model import Faults
+
+    secret = "bench-secret-" + uuid.uuid4().hex
+    sim = start("EXObench", secret, faults=Faults(op_delay_s=0.5))
+    work = scratch_dir("bench-scale-out-")
+    env = sim.client_env(work / "state")
+    os.environ.update(env)
+    name = f"bso{uuid.uuid4().hex[:4]}"
+    try:
+        cfg = config_mod.load(None, env=env, name=name, ray_cpus=1)
+        config = ExoscaleNodeProvider.bootstrap_config(ray_config.build(cfg, 0, 8, 1.0))
+        nc = config["available_node_types"][ray_config.WORKER_TYPE]["node_config"]
+        pc = config["provider"]
+        provider = ExoscaleNodeProvider(pc, name)
+        provider.ensure_pools(config)
+        driver = provider.driver
+        tags = {TAG_RAY_NODE_KIND: "worker", TAG_RAY_USER_NODE_TYPE: ray_config.WORKER_TYPE}
+        size = NodeSize(nc["instance_type_id"], "", 0, 0, 0, 0.0, driver)
+        image = NodeImage(nc["template_id"], "", driver)
+
+        def running(ids: list[str]) -> None:  # one listing a poll, whatever N
+            want = set(ids)
+            wait_for(
+                f"{len(ids)} workers running",
+                lambda: (
+                    want <= {str(x.id) for x in driver.list_nodes({"cluster": name}) if x.extra["state"] == "running"}
+                ),
+                120,
+                every=0.05,
+            )
+
+        def through_pool(n: int) -> float:
+            t0 = time.perf_counter()
+            ids = list(provider.create_node(nc, tags, n))
+            running(ids)
+            took = time.perf_counter() - t0
+            provider.terminate_nodes(ids)
+            return took
+
+        def by_create_instance(n: int) -> float:
+            labels = {"cluster": name, "managed-by": "raysweep", "role": "worker"}
+            t0 = time.perf_counter()
+            nodes = parallel_map(
+                lambda i: provision.create_instance(
+                    driver,
+                    f"{name}-w{i}-{uuid.uuid4().hex[:4]}",
+                    size,
+                    image,
+                    key_name=pc["ssh_key_name"],
+                    group=pc["security_group_id"],
+                    disk_size=int(nc.get("disk_size", 50)),
+                    labels=labels,
+                ),
+                list(range(n)),
+                MAX_PARALLEL,
+            )
+            running([str(x.id) for x in nodes])
+            took = time.perf_counter() - t0
+            parallel_map(lambda x: provision.destroy_instance(driver, x), nodes, MAX_PARALLEL)
+            return took
+
+        times: dict[str, dict[int, list[float]]] = {"pool": {1: [], 8: []}, "create": {1: [], 8: []}}
+        for _ in range(rounds):  # interleaved, so that a slow moment of the machine hits both
+            for n in (1, 8):
+                times["pool"][n].append(through_pool(n))
+                times["create"][n].append(by_create_instance(n))
+        provision.down(driver, cfg.spec)
+    finally:
+        sim.close()
+    med = {k: {n: median(v) for n, v in d.items()} for k, d in times.items()}
+    return report(
+        "elastic_scale_out",
+        rounds=rounds,
+        pool_1_s=med["pool"][1],
+        pool_8_s=med["pool"][8],
+        create_1_s=med["create"][1],
+        create_8_s=med["create"][8],
+        pool_ratio_8_1=med["pool"][8] / med["pool"][1],
+        create_ratio_8_1=med["create"][8] / med["create"][1],
+        pool_vs_create_8=med["pool"][8] / med["create"][8],
+        goal="pool <= create-instance, pool 8/1 <= 1.3",
+    )
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser()
+    p.add_argument("--scale-out", action="store_true", help="the pool's scale-out against create-instance (no hosts)")
+    p.add_argument("--rounds", type=int, default=5, help="--scale-out: rounds per case (median)")
     p.add_argument("--quick", action="store_true", help="a smoke run: burst 6, tail 3, 5 s tasks")
     p.add_argument("--burst", type=int, default=9)
     p.add_argument("--tail", type=int, default=8)
     p.add_argument("--seconds", type=float, default=15.0)
     p.add_argument("--drive", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.scale_out:
+        return scale_out(a.rounds)
     if a.drive:
         drive(a.drive, a.burst, a.tail, a.seconds)
         return {}

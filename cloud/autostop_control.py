@@ -34,8 +34,8 @@ def start_advice(cfg: ClusterConfig) -> str:
 
 CODE_FILES = (
     *("__init__.py", "autostop.py", "autostop_daemon.py", "config.py", "exoscale_driver.py", "fanout.py"),
-    *("head_credentials.py", "iam.py", "names.py", "pricing.py", "provision.py", "rate_cap.py", "retry.py"),
-    "state.py",
+    *("head_credentials.py", "iam.py", "names.py", "pools.py", "pricing.py", "provision.py", "rate_cap.py"),
+    *("retry.py", "state.py"),
 )
 
 
@@ -76,19 +76,32 @@ def launch(cfg: ClusterConfig, remote: Remote, head: NodeRecord, progress: Calla
 def ensure_head_key(cfg: ClusterConfig, remote: Remote, head: NodeRecord) -> str:
     """The cluster's restricted key on the head (what the daemon tears down with): kept when the head has one,
     else made with the user's key (cloud.iam, named raysweep-NAME, removed by `down`) and copied there, 0600.
-    No copy stays on this machine (a local copy in the state's `head/` marks a cluster of `ray up`)."""
+    With the user's key at hand, the key's role is (re)set to cloud.iam.static_head_policy: the cluster's
+    instances as they are now, from the head's address. No copy stays on this machine (a local copy in the
+    state's `head/` marks a cluster of `ray up`)."""
     [r] = remote.run([head], f"test -s $HOME/{head_credentials.HEAD_PATH} && echo RAYSWEEP_HAS_KEY", timeout=30)
-    if "RAYSWEEP_HAS_KEY" in r.stdout:
-        return "the head has its restricted key"
+    has_key = "RAYSWEEP_HAS_KEY" in r.stdout
     if cfg.credentials.api_secret is None:
+        if has_key:
+            return "the head has its restricted key"
         raise AutostopError(
             "the head has no restricted key to tear the cluster down with; set EXOSCALE_API_KEY/EXOSCALE_API_SECRET "
             "and run `start` again"
         )
     driver = cfg.driver()
+    ids = [str(n.id) for n in provision.query_instances(driver, cfg.name)]
+    policy = iam.static_head_policy(ids, head.ip, cfg.zone)
+    if has_key:
+        retry(
+            f"narrowing the head's restricted key {resource_name(cfg.name)} to the cluster's instances",
+            lambda: iam.ensure_role(driver, cfg.name, policy),
+            Wait(KEY_TIMEOUT_S),
+            lambda name, what: log.warning("%s: %s", name, what),
+        )
+        return "the head has its restricted key"
     creds = retry(
         f"making the head's restricted key {resource_name(cfg.name)}",
-        lambda: iam.create_key(driver, cfg.name, cfg.zone, cfg.credentials.endpoint),
+        lambda: iam.create_key(driver, cfg.name, cfg.zone, cfg.credentials.endpoint, policy),
         Wait(KEY_TIMEOUT_S),
         lambda name, what: log.warning("%s: %s", name, what),
     )

@@ -30,6 +30,7 @@ from typing import Any
 from cloud import autostop, head_credentials, provision
 from cloud.autostop import Clock, Decision, HeadStatus, Observation, SessionTracker, Settings
 from cloud.config import driver_for
+from cloud.exoscale_driver import ExoscaleAPIError
 from cloud.fanout import parallel_map
 
 log = logging.getLogger("cloud.autostop")
@@ -189,6 +190,9 @@ def teardown(head: Head, say) -> None:
             check=False,
         )
     driver = driver_for(creds.key, creds.secret, creds.zone, creds.endpoint)
+    if creds.pools:  # an autoscaling cluster's head: its key may scale its pools and delete only itself
+        _teardown_pools(driver, creds, say)
+        return
     nodes = provision.query_instances(driver, creds.cluster)
     workers = [n for n in nodes if n.extra["labels"].get("role") != "head"]
     heads = [n for n in nodes if n.extra["labels"].get("role") == "head"]
@@ -206,6 +210,30 @@ def teardown(head: Head, say) -> None:
         err = provision.destroy_instance(driver, n)
         if err:
             raise autostop.AutostopError(f"could not delete the head {n.name}: {err}")
+    say("nothing of the cluster's instances left")
+
+
+def _teardown_pools(driver, creds: head_credentials.HeadCredentials, say) -> None:
+    """The workers by scaling each pool to 0 (the pools stay for `down`), then the head by its id."""
+    for node_type, pid in sorted(creds.pools.items()):
+        try:
+            pool = driver.ex_get_instance_pool(pid)
+        except ExoscaleAPIError as e:
+            if e.code == 404:
+                continue
+            raise autostop.AutostopError(f"could not read instance pool {pid}: {e}") from None
+        if pool.size or pool.node_ids:
+            say(f"scaling instance pool {pool.name} ({node_type}) from {pool.size} to 0")
+            driver.ex_scale_instance_pool(pid, 0)
+    say("workers deleted")
+    if creds.head_id:
+        say(
+            "deleting the head (this machine); left for `down`: the instance pools, the security group, the SSH "
+            "key and the restricted API key"
+        )
+        err = provision.destroy_instance(driver, creds.head_id)
+        if err:
+            raise autostop.AutostopError(f"could not delete the head {creds.head_id}: {err}")
     say("nothing of the cluster's instances left")
 
 

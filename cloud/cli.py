@@ -458,7 +458,7 @@ def cmd_ssh(args) -> int:
     cfg = _load(args, require_credentials=False)
     acc = access.connect(cfg)
     [node] = _select(acc.state, args.node)
-    [pin] = acc.remote.wait_ssh([node], timeout=30)  # pins the host key on first contact, refuses a changed one
+    pin = acc.remote.wait_ssh_one(node, timeout=30)  # pins the host key on first contact, refuses a changed one
     if not pin.ok:
         raise CLIError(pin.error)
     argv = interactive_ssh_argv(node, acc.remote.key_path, acc.remote.known_hosts, args.remote_command)

@@ -48,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
     "install_env": {},  # environment for the install, e.g. { UV_CACHE_DIR = "/var/cache/uv" }
     "packages": None,  # what `install` adds to Ray on the nodes (default: what the CLI is given, the program's)
     "ray_cpus": None,  # CPUs each node offers to Ray (default: all it has)
+    "head_cpus": 0,  # CPUs an autoscaling cluster's head offers to Ray (0: no trials beside the head's key)
     "ray_env": {},  # environment for `ray start`, e.g. { RAY_health_check_period_ms = "1000" }
     "autostop_minutes": DEFAULT_MINUTES,  # idle minutes after which the head tears the cluster down (0 = off)
     # cost (cloud.pricing): hourly rates replacing the price list's, by type ([prices] "standard.medium" = 0.05),
@@ -131,6 +132,7 @@ class RaySettings:
     """How Ray is started on the nodes (cloud.ray_runtime, cloud.ray_config)."""
 
     cpus: int | None = None  # None: all the node has
+    head_cpus: int = 0  # an autoscaling cluster's head (cloud.ray_config): 0 keeps trials off the key's node
     env: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -328,6 +330,8 @@ def _validate(
         raise ConfigError('packages must be a list of requirement strings, e.g. ["numpy==2.1", "scikit-learn"]')
     if v["ray_cpus"] is not None and (not _is_int(v["ray_cpus"]) or v["ray_cpus"] < 1):
         raise ConfigError(f"ray_cpus {v['ray_cpus']!r}: a whole number >= 1")
+    if not _is_int(v["head_cpus"]) or v["head_cpus"] < 0:
+        raise ConfigError(f"head_cpus {v['head_cpus']!r}: a whole number >= 0 (0: the head runs no trials)")
     if not isinstance(v["install_options"], str) or (v["uv_path"] is not None and not isinstance(v["uv_path"], str)):
         raise ConfigError("install_options and uv_path must be strings")
     try:
@@ -357,7 +361,7 @@ def _validate(
             env=dict(v["install_env"]),
             packages=None if pkgs is None else tuple(x.strip() for x in pkgs),
         ),
-        ray=RaySettings(cpus=v["ray_cpus"], env=dict(v["ray_env"])),
+        ray=RaySettings(cpus=v["ray_cpus"], env=dict(v["ray_env"]), head_cpus=v["head_cpus"]),
         autostop_minutes=autostop_minutes,
         ssh_cidr_given=cidr_given,
         cost=cost,

@@ -5,14 +5,18 @@ holds Exoscale credentials, and never the user's own key. On the head it lives a
 to the login home); on the user's machine a copy sits in the cluster's state directory.
 
     {"key": "EXO...", "secret": "...", "endpoint": "https://api-ch-gva-2.exoscale.com/v2" | null,
-     "zone": "ch-gva-2", "cluster": "NAME", "role_id": "...", "key_name": "..."}
+     "zone": "ch-gva-2", "cluster": "NAME", "role_id": "...", "key_name": "...",
+     "head_id": "..." | null, "pools": {"NODE_TYPE": "POOL_ID", ...}}
+
+`head_id` and `pools` (an autoscaling cluster's): the head's own instance and the instance pool of each worker
+node type, the only resources the key's role lets it touch (cloud.iam.pool_head_policy).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cloud.exoscale_driver import Secret
@@ -34,6 +38,8 @@ class HeadCredentials:
     endpoint: str | None = None
     role_id: str | None = None
     key_name: str | None = None
+    head_id: str | None = None
+    pools: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -45,6 +51,8 @@ class HeadCredentials:
                 "cluster": self.cluster,
                 "role_id": self.role_id,
                 "key_name": self.key_name,
+                "head_id": self.head_id,
+                "pools": dict(self.pools),
             }
         )
 
@@ -59,6 +67,8 @@ class HeadCredentials:
             endpoint=d.get("endpoint"),
             role_id=d.get("role_id"),
             key_name=d.get("key_name"),
+            head_id=d.get("head_id"),
+            pools={str(k): str(v) for k, v in (d.get("pools") or {}).items()},
         )
 
 

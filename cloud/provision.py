@@ -19,7 +19,7 @@ from libcloud.common.types import LibcloudError
 from libcloud.compute.base import Node, NodeImage, NodeSize
 from libcloud.compute.types import NodeState
 
-from cloud import iam
+from cloud import iam, pools
 from cloud.config import ClusterSpec
 from cloud.exoscale_driver import ExoscaleAPIError, ExoscaleSecurityGroup, md5_fingerprint
 from cloud.fanout import fan_out
@@ -553,12 +553,18 @@ def down(driver, spec: ClusterSpec, progress: Progress = _quiet, wait: Wait | No
     until the wait (default 300 s) ends; idempotent, so a second `down` finishes what the first left."""
     wait = wait or Wait(300.0)
     result = DownResult()
+    try:  # an autoscaling cluster's instance pools first: else they would make new members as these go
+        gone, kept = pools.delete_pools(driver, spec.name, progress)
+    except (LibcloudError, BaseHTTPError) as e:
+        gone, kept = [], {f"instance pools of {spec.name}": error_text(e)}
+    result.removed += gone
+    result.failed.update(kept)
     before = {nd.name for nd in query_instances(driver, spec.name)}
     left = terminate_instances(driver, spec.name, progress, wait)
     result.removed += [f"instance {nm}" for nm in sorted(before - set(left))]
     result.failed.update({f"instance {nm}": why for nm, why in left.items()})
     name = resource_name(spec.name)
-    if left:  # the group cannot go while instances use it
+    if left or kept:  # the group cannot go while instances or pools use it
         group = find_security_group(driver, spec.name)
         if group is not None and made_by_raysweep(group, spec.name):
             result.failed[f"security group {name}"] = "kept until the instances are gone"
@@ -603,7 +609,8 @@ def leftovers(driver, cluster: str) -> list[str] | None:
         return None
     group = plan.group is not None and not plan.foreign_group
     name = resource_name(cluster)
-    rest = [f"security group {name}"] * group + [f"SSH key {name}"] * plan.has_key
+    rest = [f"instance pool {p.name}" for p in pools.find_pools(driver, cluster).values()]
+    rest += [f"security group {name}"] * group + [f"SSH key {name}"] * plan.has_key
     if iam.exists(driver, cluster):
         rest.append(f"restricted API key and IAM role {name}")
     return rest or None

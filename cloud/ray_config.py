@@ -65,8 +65,10 @@ def parse_worker_type(text: str) -> WorkerType:
     return WorkerType(name.strip(), itype.strip(), lo, hi, values)
 
 
-def _node_type(instance_type: str, cfg: ClusterConfig, lo: int, hi: int, resources: dict[str, int]) -> dict:
-    res = {"CPU": cfg.ray.cpus, **resources} if cfg.ray.cpus else dict(resources)
+def _node_type(
+    instance_type: str, cfg: ClusterConfig, lo: int, hi: int, resources: dict[str, int], cpus: int | None
+) -> dict:
+    res = {"CPU": cpus, **resources} if cpus is not None else dict(resources)
     return {
         "node_config": {"instance_type": instance_type, "template": cfg.spec.template, "disk_size": cfg.spec.disk_size},
         "resources": res,
@@ -121,11 +123,12 @@ def build(
         raise ConfigError(f"worker type names must be unique and differ from {HEAD_TYPE}: {', '.join(names)}")
     files = prepare_files(cfg, packages)
     node_types = {
-        HEAD_TYPE: _node_type(head_instance_type or cfg.spec.instance_type, cfg, 0, 0, {}),
-        WORKER_TYPE: _node_type(cfg.spec.instance_type, cfg, min_workers, max_workers, {}),
+        # the head holds the cluster's key: it takes no trials unless cluster.toml's head_cpus says otherwise
+        HEAD_TYPE: _node_type(head_instance_type or cfg.spec.instance_type, cfg, 0, 0, {}, cfg.ray.head_cpus),
+        WORKER_TYPE: _node_type(cfg.spec.instance_type, cfg, min_workers, max_workers, {}, cfg.ray.cpus),
     }
     for w in worker_types:
-        node_types[w.name] = _node_type(w.instance_type, cfg, w.min_workers, w.max_workers, w.resources)
+        node_types[w.name] = _node_type(w.instance_type, cfg, w.min_workers, w.max_workers, w.resources, cfg.ray.cpus)
     path_line = f'export PATH="$HOME/{NODE_ENV}/bin:$PATH" RAY_AUTH_MODE=token'
     shell_env = f"grep -qsF {shlex.quote(path_line)} ~/.bashrc || echo {shlex.quote(path_line)} >> ~/.bashrc"
     install = env_exports(cfg.install.env) + f"bash {REMOTE_PROJECT}/setup/install-%s.sh"
@@ -154,7 +157,7 @@ def build(
     head_start = (
         f"ray start --head --port={GCS_PORT} --dashboard-host=127.0.0.1 --dashboard-port={DASHBOARD_PORT} "
         f"--ray-client-server-port={CLIENT_PORT} --autoscaling-config=~/ray_bootstrap_config.yaml "
-        "--disable-usage-stats"
+        f"--num-cpus={cfg.ray.head_cpus} --disable-usage-stats"
     )
     return {
         "cluster_name": cfg.name,

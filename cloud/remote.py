@@ -177,29 +177,30 @@ class Remote:
         conn.client.set_missing_host_key_policy(_PinOnFirstUse(self.known_hosts))
         return conn
 
-    def _each(self, nodes: Sequence[NodeRecord], fn: Callable[[NodeRecord], NodeResult]) -> list[NodeResult]:
-        def guarded(node: NodeRecord) -> NodeResult:
-            try:
-                return fn(node)
-            except paramiko.BadHostKeyException:
-                return NodeResult(
-                    node,
-                    False,
-                    error=f"host key of {node.name} ({node.ip}) changed since it was "
-                    f"pinned in {self.known_hosts}; refused (possible "
-                    f"man-in-the-middle). If the node was really replaced, "
-                    f"run: exoscale.py forget-host {node.name}",
-                )
-            except paramiko.AuthenticationException as e:
-                return NodeResult(node, False, error=f"SSH authentication as {node.user} failed: {e}")
-            except (OSError, paramiko.SSHException, EOFError) as e:
-                return NodeResult(
-                    node, False, error=f"cannot reach sshd at {node.ip}:22 ({type(e).__name__}: {e or 'no answer'})"
-                )
-            except Exception as e:
-                return NodeResult(node, False, error=f"{type(e).__name__}: {e}")
+    def _guarded(self, node: NodeRecord, fn: Callable[[NodeRecord], NodeResult]) -> NodeResult:
+        """fn(node), whatever SSH raised turned into the node's failed result, saying what to do."""
+        try:
+            return fn(node)
+        except paramiko.BadHostKeyException:
+            return NodeResult(
+                node,
+                False,
+                error=f"host key of {node.name} ({node.ip}) changed since it was "
+                f"pinned in {self.known_hosts}; refused (possible "
+                f"man-in-the-middle). If the node was really replaced, "
+                f"run: exoscale.py forget-host {node.name}",
+            )
+        except paramiko.AuthenticationException as e:
+            return NodeResult(node, False, error=f"SSH authentication as {node.user} failed: {e}")
+        except (OSError, paramiko.SSHException, EOFError) as e:
+            return NodeResult(
+                node, False, error=f"cannot reach sshd at {node.ip}:22 ({type(e).__name__}: {e or 'no answer'})"
+            )
+        except Exception as e:
+            return NodeResult(node, False, error=f"{type(e).__name__}: {e}")
 
-        return parallel_map(guarded, list(nodes))  # guarded never raises: a result per node
+    def _each(self, nodes: Sequence[NodeRecord], fn: Callable[[NodeRecord], NodeResult]) -> list[NodeResult]:
+        return parallel_map(lambda node: self._guarded(node, fn), list(nodes))  # a result per node, never raises
 
     def run(
         self,
@@ -335,35 +336,35 @@ class Remote:
 
         return self._each(nodes, one)
 
-    def wait_ssh(
-        self, nodes: Sequence[NodeRecord], timeout: float = 300.0, on_ready: Callable[[NodeRecord], None] | None = None
-    ) -> list[NodeResult]:
-        """Wait until each node answers a real SSH command (pinning its host key on first contact)."""
+    def wait_ssh_one(
+        self, node: NodeRecord, timeout: float = 300.0, on_ready: Callable[[NodeRecord], None] | None = None
+    ) -> NodeResult:
+        """Wait, in this thread, until `node` answers a real SSH command (pinning its host key on first
+        contact); a changed host key is a failed result saying so."""
+        return self._guarded(node, lambda n: self._wait_ssh(n, timeout, on_ready))
 
-        def one(node: NodeRecord) -> NodeResult:
-            deadline = time.monotonic() + timeout
-            last = "no answer"
-            while time.monotonic() < deadline:
-                try:
-                    with socket.create_connection((node.ip, 22), timeout=3):
-                        pass
-                    with self.connection(node) as c:
-                        r = c.run("true", hide=True, warn=True, in_stream=False, timeout=30)
-                    if r.exited == 0:
-                        if on_ready:
-                            on_ready(node)
-                        return NodeResult(node, True, 0)
-                    last = f"exit code {r.exited}"
-                except paramiko.BadHostKeyException:
-                    raise
-                except (paramiko.SSHException, OSError, EOFError) as e:
-                    last = f"{type(e).__name__}: {e}"
-                time.sleep(1.0)
-            return NodeResult(
-                node, False, error=f"SSH on {node.name} ({node.ip}) did not answer within {timeout:g} s (last: {last})"
-            )
-
-        return self._each(nodes, one)
+    def _wait_ssh(self, node: NodeRecord, timeout: float, on_ready: Callable[[NodeRecord], None] | None) -> NodeResult:
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection((node.ip, 22), timeout=3):
+                    pass
+                with self.connection(node) as c:
+                    r = c.run("true", hide=True, warn=True, in_stream=False, timeout=30)
+                if r.exited == 0:
+                    if on_ready:
+                        on_ready(node)
+                    return NodeResult(node, True, 0)
+                last = f"exit code {r.exited}"
+            except paramiko.BadHostKeyException:
+                raise
+            except (paramiko.SSHException, OSError, EOFError) as e:
+                last = f"{type(e).__name__}: {e}"
+            time.sleep(1.0)
+        return NodeResult(
+            node, False, error=f"SSH on {node.name} ({node.ip}) did not answer within {timeout:g} s (last: {last})"
+        )
 
 
 def interactive_ssh_argv(node: NodeRecord, key_path: Path, known_hosts: Path, command: Sequence[str] = ()) -> list[str]:

@@ -30,7 +30,7 @@ def wait_ssh(
     failed = {r.name: "it has no public IP address" for r in nodes if not r.ip}
 
     def one(rec: NodeRecord) -> str | None:
-        [res] = remote.wait_ssh([rec], timeout=timeout)
+        res = remote.wait_ssh_one(rec, timeout=timeout)
         if res.ok:
             progress(rec.name, f"answers on SSH ({rec.user}@{rec.ip}) after {time.monotonic() - start:.0f} s")
             return None

@@ -1,11 +1,19 @@
+from __future__ import annotations
+
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from cloud.sim.local import LocalExoscale
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -15,10 +23,31 @@ ROOT = Path(__file__).resolve().parent.parent
 TIER_MARKERS = {"sim_hosts": "root", "node_wheelhouse": "slow"}
 
 
+#: The modules that take longest, longest first (measured with --durations=0): `make test` hands whole modules to
+#: its workers in collection order, so these start first and the workers end at about the same time.
+LONGEST_FIRST = (
+    "test_ray_cluster_e2e",
+    "test_autostop_e2e",
+    "test_elastic_e2e",
+    "test_sweep_cli",
+    "test_mnist_cli",
+    "test_adaptive",
+    "test_provision",
+    "test_daemons",
+    "test_cluster_e2e",
+    "test_node_commands",
+    "test_elastic_make_e2e",
+    "test_clusters",
+    "test_autostop",
+)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         for fixture in set(getattr(item, "fixturenames", ())) & TIER_MARKERS.keys():
             item.add_marker(TIER_MARKERS[fixture])
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: a module's own order is kept
 
 
 @pytest.fixture(scope="session")
@@ -65,13 +94,40 @@ SIM_KEY = "EXOtest0123456789abcdef01"
 SIM_SECRET = "sim-secret-" + uuid.uuid4().hex  # unique per run: a leak is found by searching for it
 
 
-@pytest.fixture
-def sim():
-    """A fresh in-process Exoscale API v2 sim recording every exchange."""
+@contextlib.contextmanager
+def local_exoscale(
+    op_delay_s: float = 0.05,
+    *,
+    hosts: bool = False,
+    record: bool = True,
+    seed: int | None = 1,
+    needs: tuple[str, ...] = (),
+    **options,
+) -> Iterator[LocalExoscale]:
+    """The one way the tests start a local Exoscale (cloud.sim.local.start), with the suite's key pair and
+    operations taking `op_delay_s`. `hosts`: its instances boot as namespace hosts (root), the test skipped
+    where this machine lacks what they (and the programs in `needs`) require, the hosts' shared uv cache made
+    first. Other options go to start(): offer_packages, quotas, http_faults, ..."""
     from cloud.sim.local import start
     from cloud.sim.model import Faults
 
-    with start(SIM_KEY, SIM_SECRET, faults=Faults(op_delay_s=0.05), record=True, seed=1) as local:
+    if hosts:
+        from cloud.sim.hosts import missing_requirements
+
+        missing = missing_requirements() + [p for p in needs if not shutil.which(p)]
+        if missing:
+            pytest.skip(f"local VM hosts need {', '.join(missing)}")
+        hosts_uv_cache()  # made before any host boots: a host sees only what was there then (hosts.machine_paths)
+    with start(
+        SIM_KEY, SIM_SECRET, faults=Faults(op_delay_s=op_delay_s), hosts=hosts, record=record, seed=seed, **options
+    ) as local:
+        yield local
+
+
+@pytest.fixture
+def sim():
+    """A fresh local Exoscale API recording every exchange."""
+    with local_exoscale(0.05, seed=1) as local:
         yield local.server
 
 
@@ -91,17 +147,9 @@ def driver(sim):
 
 @pytest.fixture(scope="module")
 def sim_hosts():
-    """An in-process Exoscale API sim whose instances boot as namespace hosts (needs root)."""
-    from cloud.sim.hosts import missing_requirements
-    from cloud.sim.local import start
-    from cloud.sim.model import Faults
-
-    missing = missing_requirements()
-    if missing:
-        pytest.skip(f"local VM hosts need {', '.join(missing)}")
-    hosts_uv_cache()  # made before any host boots: a host sees only what was there then (hosts.machine_paths)
-    # also cleans stale hosts of crashed runs; the endpoint is the hosts' gateway, reachable from both sides
-    with start(SIM_KEY, SIM_SECRET, faults=Faults(op_delay_s=0.2), hosts=True, record=True, seed=7) as local:
+    """A local Exoscale whose instances boot as namespace hosts (needs root), one per test module. Starting it
+    also cleans stale hosts of crashed runs; its endpoint is the hosts' gateway, reachable from both sides."""
+    with local_exoscale(0.2, hosts=True, seed=7) as local:
         yield local.server
 
 
@@ -167,9 +215,6 @@ def hosts_uv_cache() -> Path:
 
 
 def pytest_sessionstart(session):
-    from cloud.sim.offer import OLD_UV_CACHE
-
-    shutil.rmtree(OLD_UV_CACHE, ignore_errors=True)  # where earlier versions kept it for good
     for stale in HOSTS_UV_CACHE.parent.glob("raysweep-test-uv-*"):
         pid = stale.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():

@@ -322,8 +322,7 @@ def test_down_deletes_a_static_heads_restricted_key_and_role_once(sim, driver, t
     """A static cluster whose head got its restricted key from `start` (for autostop): `down` names the key in
     what it would remove, deletes the instances, then the key and its role, once; nothing of the autoscaler."""
     from cloud import iam
-    from tests.test_elastic_cli import cli_env
-    from tests.test_provision import make_cluster
+    from tests.support import cli_env, make_cluster
 
     make_cluster(driver, "as-static", 2)
     iam.create_key(driver, "as-static", "ch-gva-2", sim.endpoint)  # as autostop_control.ensure_head_key makes it
@@ -374,8 +373,7 @@ def test_commands_on_an_autostopped_cluster_say_so_at_once(sim, driver, tmp_path
     waiting for SSH; `autostop` (a question) says it too, and succeeds."""
     from cloud import access, iam, provision
     from cloud.state import ClusterState, NodeRecord, StateStore
-    from tests.test_elastic_cli import cli_env
-    from tests.test_provision import make_cluster
+    from tests.support import cli_env, make_cluster
 
     made = make_cluster(driver, "as-gone", 2)
     iam.create_key(driver, "as-gone", "ch-gva-2", sim.endpoint)  # as `start` made it for the daemon

@@ -19,7 +19,7 @@ from cloud import autostop, autostop_control, head_credentials, iam
 from cloud.remote import Remote
 from cloud.state import StateStore
 from tests.conftest import ROOT, SIM_KEY, SIM_SECRET, ClusterCLI, sim_cluster_toml
-from tests.test_cluster_e2e import api, assert_nothing_left, hosts_of
+from tests.support import api, assert_nothing_left, hosts_of
 
 pytestmark = pytest.mark.root
 

@@ -2,46 +2,14 @@
 real hosts on this machine (network namespaces with sshd), reached over SSH."""
 
 import socket
-import subprocess
-import time
 
 import pytest
 
-from cloud.exoscale_driver import ExoscaleV2NodeDriver
 from cloud.state import StateStore
-from tests.conftest import SIM_KEY, SIM_SECRET, ClusterCLI
+from tests.conftest import ClusterCLI
+from tests.support import api, assert_nothing_left, hosts_of
 
 pytestmark = pytest.mark.root
-
-
-def api(sim):
-    return ExoscaleV2NodeDriver(SIM_KEY, SIM_SECRET, host=sim.host, port=sim.port, secure=False)
-
-
-def hosts_of(sim, name):
-    """The namespace hosts of a cluster's instances: {instance id: netns name}."""
-    ids = [n.id for n in api(sim).list_nodes(ex_labels={"cluster": name})]
-    return {i: sim.app.model.hooks.hosts[i].netns for i in ids if i in sim.app.model.hooks.hosts}
-
-
-def assert_nothing_left(sim, name, hosts):
-    d = api(sim)
-    assert d.list_nodes(ex_labels={"cluster": name}) == []
-    assert f"raysweep-{name}" not in {g.name for g in d.ex_list_security_groups()}
-    assert f"raysweep-{name}" not in {k.name for k in d.list_key_pairs()}
-    assert hosts, "no hosts were recorded for this cluster"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        netns = {
-            line.split()[0]
-            for line in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines()
-            if line
-        }
-        alive = [i for i in hosts if i in sim.app.model.hooks.hosts]
-        if not alive and not netns & set(hosts.values()):
-            return
-        time.sleep(0.3)
-    pytest.fail(f"hosts or namespaces left: {alive}, {netns & set(hosts.values())}")
 
 
 def node_ips(cli):

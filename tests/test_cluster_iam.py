@@ -1,6 +1,11 @@
 """The per-cluster restricted key (cloud.iam) as `ray up` makes it through the provider, against the local
-Exoscale's IAM: the head's provider works with it alone, it can do nothing outside compute instances,
-and `ray down`'s cleanup deletes key, role, group and SSH key (the deleted key stops working)."""
+Exoscale's IAM: the head's provider works with it alone (its own instance pools, up to max_workers), it can
+touch nothing of another cluster in the same account, nothing outside compute, nothing from another address,
+and `ray down`'s cleanup deletes key, role, pools, group and SSH key (the deleted key stops working).
+
+The head here is an instance whose address is 127.0.0.1 (a sim hook), so that this test process, which reaches
+the local Exoscale from 127.0.0.1, calls the API from the head's address as the head's autoscaler would; a
+client bound to 127.0.0.2 is "another address"."""
 
 from __future__ import annotations
 
@@ -8,22 +13,40 @@ import copy
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
+import requests
 from libcloud.common.types import InvalidCredsError
+from libcloud.compute.base import NodeImage, NodeSize
+from ray.autoscaler.node_launch_exception import NodeLaunchException
+from ray.autoscaler.tags import NODE_KIND_HEAD, TAG_RAY_NODE_KIND
 
 from cloud import head_credentials, iam
 from cloud.exoscale_driver import ExoscaleV2NodeDriver, RetryPolicy
+from cloud.sim.model import InstanceHooks
 from tests.conftest import SIM_SECRET
 from tests.test_ray_provider import Cluster, env  # noqa: F401  (the env fixture)
+
+HEAD_IP = "127.0.0.1"  # where this test's requests come from
+ELSEWHERE = "127.0.0.2"
+
+
+class HeadsAtLoopback(InstanceHooks):
+    """Heads get 127.0.0.1 (this process's address towards the local Exoscale); other instances the sim's own."""
+
+    def allocate_ip(self, instance):
+        return HEAD_IP if instance.name.endswith("-head") else None
 
 
 @pytest.fixture
 def prepared(sim, env, tmp_path):  # noqa: F811
-    """A cluster whose head config was prepared on 'the user's machine', and the head's provider built
-    from that config with the key file where `ray up` puts it."""
+    """A cluster whose head config was prepared on 'the user's machine' (after `ray up` made the head), and
+    the head's provider built from that config with the key file where `ray up` puts it."""
+    sim.app.model.hooks = HeadsAtLoopback()
     c = Cluster(sim, "iamtest")
     laptop = c.provider()
+    laptop.create_node(c.head_node_config, c.head_tags(), 1)
     remote = laptop.prepare_for_head_node(copy.deepcopy(c.config))
     local_file = iam.key_copy_path(laptop._store.dir)
     head_home = tmp_path / "head-home"
@@ -36,10 +59,26 @@ def prepared(sim, env, tmp_path):  # noqa: F811
     return c, laptop, remote, local_file, head_cfg
 
 
-def restricted_driver(sim, creds) -> ExoscaleV2NodeDriver:
-    return ExoscaleV2NodeDriver(
+class _From(requests.adapters.HTTPAdapter):
+    """Connections from a given local address."""
+
+    def __init__(self, source: str):
+        self.source = source
+        super().__init__()
+
+    def init_poolmanager(self, *args, **kwargs):
+        kwargs["source_address"] = (self.source, 0)
+        super().init_poolmanager(*args, **kwargs)
+
+
+def restricted_driver(sim, creds, source: str | None = None) -> ExoscaleV2NodeDriver:
+    drv = ExoscaleV2NodeDriver(
         creds.key, creds.secret, host=sim.host, port=sim.port, secure=False, retry=RetryPolicy(attempts=2, base_s=0.01)
     )
+    if source:
+        drv.connection.connect()
+        drv.connection.connection.session.mount("http://", _From(source))
+    return drv
 
 
 def test_head_config_names_only_the_key_file(prepared):
@@ -61,19 +100,25 @@ def test_the_head_scales_with_the_restricted_key_alone(sim, prepared, monkeypatc
     from cloud.ray_provider import ExoscaleNodeProvider
 
     head = ExoscaleNodeProvider(head_cfg, c.name)
+    [head_id] = head.non_terminated_nodes({TAG_RAY_NODE_KIND: NODE_KIND_HEAD})
     created = head.create_node(c.node_config, c.tags(), 2)
     [first, second] = created
     head.set_node_tags(first, {"ray-node-status": "up-to-date"})
     assert head.node_tags(first)["ray-node-status"] == "up-to-date"
-    assert sorted(head.non_terminated_nodes({})) == sorted(created)
+    assert sorted(head.non_terminated_nodes({TAG_RAY_NODE_KIND: "worker"})) == sorted(created)
+    assert sorted(head.non_terminated_nodes({})) == sorted([head_id, *created])
+    fresh = ExoscaleNodeProvider(head_cfg, c.name)  # a restarted autoscaler: the tag file is read back
+    assert fresh.node_tags(first)["ray-node-status"] == "up-to-date"
     head.terminate_nodes([first, second])
-    assert head.non_terminated_nodes({}) == []
+    assert head.non_terminated_nodes({}) == [head_id]
 
 
 def test_the_restricted_key_cannot_leave_compute_instances(sim, prepared):
     _, _, _, local_file, _ = prepared
-    drv = restricted_driver(sim, head_credentials.read(local_file))
-    drv.list_nodes()  # allowed
+    creds = head_credentials.read(local_file)
+    drv = restricted_driver(sim, creds)
+    [pool_id] = creds.pools.values()
+    drv.ex_get_instance_pool(pool_id)  # allowed
     for attempt in (
         lambda: drv.ex_call("POST", "/api-key", {"name": "escalate", "role-id": drv.ex_call("GET", "/iam-role")}),
         lambda: drv.ex_call("GET", "/api-key"),
@@ -109,3 +154,170 @@ def test_a_kept_key_is_reused_and_a_lost_one_replaced(sim, prepared):
     second = head_credentials.read(local_file)
     assert second.key != first.key
     assert [k.key for k in iam.find_keys(laptop.driver, c.name)] == [second.key]
+
+
+# ------------------------------------------------- the head's key against another cluster of the account
+
+
+@pytest.fixture
+def others(sim, prepared):
+    """Two other clusters in the same account, made with the user's key: a static one (`zz`, its head an
+    instance) and an autoscaling one (`victim`, one worker in its instance pool); and the head's key."""
+    from tests.test_provision import make_cluster
+
+    c, laptop, _, local_file, _ = prepared
+    [zz] = make_cluster(laptop.driver, "zz", 1)
+    victim = Cluster(sim, "victim")
+    vc, vpc = victim.node_config, victim.config["provider"]
+    pool = laptop.driver.ex_create_instance_pool(
+        "raysweep-victim-workers",
+        vc["instance_type_id"],
+        vc["template_id"],
+        1,
+        ex_ssh_keys=[vpc["ssh_key_name"]],
+        ex_security_groups=[vpc["security_group_id"]],
+        ex_labels={"cluster": "victim", "managed-by": "raysweep", "role": "worker"},
+    )
+    [member], victim_pool = pool.node_ids, pool.id
+    creds = head_credentials.read(local_file)
+    own_pool = next(iter(getattr(creds, "pools", {}).values()), None)
+    return {
+        "zz": zz.id,
+        "member": member,
+        "victim_pool": victim_pool,
+        "own_pool": own_pool,
+        "victim": victim,
+        "creds": creds,
+        "max": c.config["available_node_types"]["ray.worker.default"]["max_workers"],
+    }
+
+
+def account(sim):
+    """Everything of the account an attack could change: instances (name, labels, state, pool) and pools."""
+    m = sim.app.model
+    with m.lock:
+        return (
+            {i.id: (i.name, dict(i.labels), i.state, i.manager_id) for i in m.instances.values()},
+            {p.id: (p.name, p.size, list(p.instance_ids), dict(p.labels)) for p in m.instance_pools.values()},
+        )
+
+
+ATTACKS = {
+    "delete another cluster's instance": lambda d, o: d.destroy_node(d.ex_get_node(o["zz"])),
+    "delete another cluster's pool member": lambda d, o: d.destroy_node(d.ex_get_node(o["member"])),
+    "relabel another cluster's instance": lambda d, o: d.ex_update_node(
+        d.ex_get_node(o["zz"]), labels={"cluster": "mine"}
+    ),
+    "rename another cluster's instance": lambda d, o: d.ex_update_node(d.ex_get_node(o["zz"]), name="hijacked"),
+    "create an instance in another cluster's group with its key": lambda d, o: d.create_node(
+        "intruder",
+        NodeSize(o["victim"].node_config["instance_type_id"], "", 0, 0, 0, 0.0, d),
+        NodeImage(o["victim"].node_config["template_id"], "", d),
+        ex_security_groups=[o["victim"].config["provider"]["security_group_id"]],
+        ex_ssh_keys=[o["victim"].config["provider"]["ssh_key_name"]],
+    ),
+    "scale another cluster's pool": lambda d, o: d.ex_scale_instance_pool(o["victim_pool"], 3),
+    "evict another cluster's pool member": lambda d, o: d.ex_evict_instance_pool_members(
+        o["victim_pool"], [o["member"]]
+    ),
+    "scale its own pool past max_workers": lambda d, o: d.ex_scale_instance_pool(o["own_pool"], o["max"] + 1),
+    "delete its own pool": lambda d, o: d.ex_delete_instance_pool(o["own_pool"]),
+}
+
+
+@pytest.mark.parametrize("attack", list(ATTACKS))
+def test_the_heads_key_cannot_touch_another_cluster(sim, others, attack):
+    """From the head's address, with the head's key: each attack is refused and nothing of the account changes."""
+    drv = restricted_driver(sim, others["creds"])
+    before = account(sim)
+    with pytest.raises(InvalidCredsError, match="403"):
+        ATTACKS[attack](drv, others)
+    assert account(sim) == before, f"{attack}: refused, yet the account changed"
+
+
+def test_the_heads_key_is_refused_from_another_address(sim, others):
+    creds, pool = others["creds"], others["own_pool"]
+    assert restricted_driver(sim, creds).ex_get_instance_pool(pool).id == pool  # from the head's address
+    elsewhere = restricted_driver(sim, creds, source=ELSEWHERE)
+    for call in (
+        lambda: elsewhere.ex_get_instance_pool(pool),
+        lambda: elsewhere.ex_scale_instance_pool(pool, 1),
+        lambda: elsewhere.ex_get_node(creds.head_id),
+    ):
+        with pytest.raises(InvalidCredsError, match="403"):
+            call()
+    assert sim.app.model.instance_pools[pool].size == 0
+
+
+def test_the_head_scales_to_max_workers_and_no_further(sim, prepared, monkeypatch):
+    c, _, _, _, head_cfg = prepared
+    monkeypatch.delenv("EXOSCALE_API_KEY")
+    monkeypatch.delenv("EXOSCALE_API_SECRET")
+    from cloud.ray_provider import ExoscaleNodeProvider
+
+    head = ExoscaleNodeProvider(head_cfg, c.name)
+    most = c.config["available_node_types"]["ray.worker.default"]["max_workers"]
+    created = head.create_node(c.node_config, c.tags(), most)
+    assert len(created) == most
+    with pytest.raises(NodeLaunchException) as e:
+        head.create_node(c.node_config, c.tags(), 1)
+    assert e.value.category == "forbidden"
+    assert sorted(head.non_terminated_nodes({TAG_RAY_NODE_KIND: "worker"})) == sorted(created)
+
+
+# ------------------------------------------------------------------ a static cluster's key (autostop)
+
+
+def test_a_static_heads_key_deletes_only_its_own_instances(sim, driver):
+    """The key `start` gives a static cluster's head (cloud.iam.static_head_policy, as autostop_control makes
+    it): from the head's address it lists instances and deletes the cluster's own, nothing of another cluster,
+    no create, no relabel; from another address nothing."""
+    from tests.test_provision import make_cluster
+
+    own = make_cluster(driver, "st", 2)
+    [other] = make_cluster(driver, "zz", 1)
+    policy = iam.static_head_policy([str(n.id) for n in own], HEAD_IP, "ch-gva-2")
+    creds = iam.create_key(driver, "st", "ch-gva-2", sim.endpoint, policy)
+    drv, elsewhere = restricted_driver(sim, creds), restricted_driver(sim, creds, source=ELSEWHERE)
+    before = account(sim)
+    for attempt in (
+        lambda: drv.destroy_node(other),
+        lambda: drv.ex_update_node(own[0], labels={"cluster": "zz"}),
+        lambda: drv.ex_update_node(other, name="hijacked"),
+        lambda: drv.create_node(
+            "intruder",
+            NodeSize(own[0].extra["instance_type_id"], "", 0, 0, 0, 0.0, drv),
+            NodeImage(own[0].extra["template_id"], "", drv),
+        ),
+        lambda: elsewhere.list_nodes(),
+        lambda: elsewhere.destroy_node(own[1]),
+    ):
+        with pytest.raises(InvalidCredsError, match="403"):
+            attempt()
+    assert account(sim) == before
+    assert {n.name for n in drv.list_nodes({"cluster": "st"})} == {n.name for n in own}
+    drv.destroy_node(own[1])  # autostop's teardown: a worker, then the head
+    drv.destroy_node(own[0])
+    assert sim.app.model.instances[other.id].state == "running"
+
+
+def test_autostops_teardown_works_with_the_heads_key_alone(sim, prepared, monkeypatch):
+    """What the autostop daemon does on an autoscaling cluster's head (after stopping Ray there, which this
+    test must not do on this machine): the pools scaled to 0 and the head deleted, with the head's key."""
+    from cloud import autostop_daemon
+    from cloud.ray_provider import ExoscaleNodeProvider
+
+    c, _, _, _, head_cfg = prepared
+    monkeypatch.delenv("EXOSCALE_API_KEY")
+    monkeypatch.delenv("EXOSCALE_API_SECRET")
+    head = ExoscaleNodeProvider(head_cfg, c.name)
+    head.create_node(c.node_config, c.tags(), 2)
+    creds = head_credentials.read(Path(head_cfg["credentials_file"]))
+    said: list[str] = []
+    autostop_daemon._teardown_pools(head.driver, creds, said.append)
+    assert "nothing of the cluster's instances left" in said, said
+    m = sim.app.model
+    with m.lock:
+        assert [p.size for p in m.instance_pools.values()] == [0]
+        live = [i.name for i in m.instances.values() if i.labels.get("cluster") == c.name and i.state != "destroying"]
+    assert live == [], live

@@ -17,9 +17,10 @@ import uuid
 import pytest
 
 from cloud import iam, provision
+from cloud.names import resource_name
 from cloud.state import ClusterState, NodeRecord, StateStore
 from tests.conftest import ROOT, SIM_KEY, SIM_SECRET, ClusterCLI
-from tests.test_provision import Events, cfg_for, left_of, make_cluster
+from tests.support import Events, cfg_for, left_of, make_cluster
 from tests.test_ray_provider import Cluster, env  # noqa: F401  (the env fixture)
 
 
@@ -56,7 +57,7 @@ def test_down_states_the_time_that_passed(sim, driver, tmp_path):
     assert m, line
     stated = float(m.group(1))
     assert 6 <= stated + 0.5 and stated <= took, f"stated {stated} s, {took:.1f} s passed: {line}"
-    assert f"SSH key {provision.resource_name(name)}" in line and "delete-ssh-key failed" in line, line
+    assert f"SSH key {resource_name(name)}" in line and "delete-ssh-key failed" in line, line
 
 
 @pytest.mark.parametrize("op", ["register-ssh-key", "create-security-group", "add-rule-to-security-group"])
@@ -67,7 +68,7 @@ def test_up_tries_a_failed_key_or_group_operation_again(sim, driver, tmp_path, o
     res = provision.up(driver, cfg.spec, progress=events, running_timeout=60)
     assert res.failed == {} and [n.role for n in res.state.nodes] == ["head"], events.text()
     assert f"{op} failed" in events.text() and "trying again" in events.text(), events.text()
-    [group] = [g for g in driver.ex_list_security_groups() if g.name == provision.resource_name(cfg.name)]
+    [group] = [g for g in driver.ex_list_security_groups() if g.name == resource_name(cfg.name)]
     assert {(r.protocol, r.start_port) for r in group.rules} == {("tcp", 22), ("all", None)}, group.rules
 
 
@@ -84,9 +85,10 @@ def test_the_head_key_of_an_autoscaling_cluster_survives_a_failed_role_operation
     """`ray up` makes the head's restricted key through the provider (prepare_for_head_node): a failed
     create-iam-role is tried again instead of ending `ray up` with a traceback."""
     c = Cluster(sim, unique("r"))
+    c.provider().create_node(c.head_node_config, c.head_tags(), 1)  # `ray up` prepares the head it has made
     sim.app.model.faults.fail_next_ops, sim.app.model.faults.fail_ops_matching = 2, "create-iam-role"
     c.provider().prepare_for_head_node(copy.deepcopy(c.config))
-    assert [k.name for k in iam.find_keys(c.provider().driver, c.name)] == [provision.resource_name(c.name)]
+    assert [k.name for k in iam.find_keys(c.provider().driver, c.name)] == [resource_name(c.name)]
 
 
 # ------------------------------------------------------------------- what vanished (issue: item 6)

@@ -18,7 +18,7 @@ from cloud import config, cost, provision
 from cloud.config import ConfigError
 from cloud.pricing import PRICES, VOLUME_GB_HOUR, PriceTable
 from tests.conftest import SIM_KEY, SIM_SECRET, ClusterCLI, run_cli
-from tests.test_provision import left_of, make_cluster
+from tests.support import left_of, make_cluster
 from tests.test_ray_provider import env  # noqa: F401  (the env fixture)
 
 
@@ -321,7 +321,7 @@ def test_a_sweeps_node_prices_come_from_one_listing_of_the_cluster(sim, driver, 
 def test_the_node_provider_creates_in_the_next_zone_and_stays_there(sim, driver, env):  # noqa: F811
     from ray.autoscaler._private.providers import _get_node_provider
     from ray.autoscaler.node_launch_exception import NodeLaunchException
-    from ray.autoscaler.tags import TAG_RAY_NODE_KIND
+    from ray.autoscaler.tags import TAG_RAY_NODE_KIND, TAG_RAY_USER_NODE_TYPE
 
     from cloud import ray_config
     from cloud.ray_provider import ExoscaleNodeProvider
@@ -348,8 +348,10 @@ def test_the_node_provider_creates_in_the_next_zone_and_stays_there(sim, driver,
     sim.app.model.faults.capacity = {}
     p2 = _get_node_provider(conf["provider"], name, use_cache=False)
     assert len(p2.non_terminated_nodes({})) == 1
-    p2.create_node(node_config, {TAG_RAY_NODE_KIND: "worker"}, 2)
+    p2.create_node(node_config, {TAG_RAY_NODE_KIND: "worker", TAG_RAY_USER_NODE_TYPE: ray_config.WORKER_TYPE}, 2)
     assert len(_in_zone(driver, "de-fra-1", name)) == 3 and _in_zone(driver, "ch-gva-2", name) == []
+    assert [p.name for p in driver.ex_zone_driver("de-fra-1").ex_list_instance_pools()], "the workers' pool"
+    assert [p for p in driver.ex_list_instance_pools() if name in p.name] == []
 
     # a new cluster with every zone out: the launch fails naming each zone's answer, nothing made
     other = unique("nq")

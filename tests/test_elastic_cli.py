@@ -14,8 +14,8 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from cloud import iam
-from cloud.sim.local import client_env
 from tests.conftest import ROOT, SIM_KEY, SIM_SECRET, run_cli
+from tests.support import cli_env
 from tests.test_ray_provider import Cluster, env  # noqa: F401  (the env fixture)
 
 SECTIONS = (
@@ -23,10 +23,6 @@ SECTIONS = (
     "file_mounts cluster_synced_files file_mounts_sync_continuously rsync_exclude rsync_filter initialization_commands "
     "setup_commands head_setup_commands worker_setup_commands head_start_ray_commands worker_start_ray_commands"
 ).split()
-
-
-def cli_env(sim, tmp_path, endpoint=None):
-    return client_env(endpoint or sim.endpoint, SIM_KEY, SIM_SECRET, tmp_path / "state")
 
 
 def test_ray_config_writes_only_a_complete_yaml(sim, tmp_path):
@@ -78,11 +74,13 @@ def autoscaling(sim, env, tmp_path):  # noqa: F811
     """An autoscaling cluster as `ray up` leaves it (head key made, head labelled by Ray's tags), and the
     head's provider on its restricted key."""
     from cloud.ray_provider import ExoscaleNodeProvider
+    from tests.test_cluster_iam import HeadsAtLoopback
 
+    sim.app.model.hooks = HeadsAtLoopback()  # the head's key works from the head's address: this process's
     c = Cluster(sim, "asc")
     laptop = c.provider()
+    laptop.create_node(c.head_node_config, c.head_tags(), 1)
     laptop.prepare_for_head_node(copy.deepcopy(c.config))
-    laptop.create_node(c.node_config, c.tags(**{"ray-node-type": "head", "ray-user-node-type": "ray.head.default"}), 1)
     head_cfg = dict(c.config["provider"], credentials_file=str(iam.key_copy_path(laptop._store.dir)))
     return c, ExoscaleNodeProvider(head_cfg, c.name)
 
@@ -97,10 +95,10 @@ def test_down_removes_everything_while_the_autoscaler_keeps_creating(sim, tmp_pa
     c, head = autoscaling
     outcome: list[str] = []
 
-    def autoscaler():  # creates a worker after another until its key stops working
+    def autoscaler():  # adds a worker and removes it, again and again, until its key stops working
         while True:
             try:
-                head.create_node(c.node_config, c.tags(), 1)
+                head.terminate_nodes(list(head.create_node(c.node_config, c.tags(), 1)))
             except Exception as e:
                 outcome.append(type(e).__name__ + ": " + str(e))
                 return
@@ -116,7 +114,7 @@ def test_down_removes_everything_while_the_autoscaler_keeps_creating(sim, tmp_pa
     t.join(60)
     assert outcome and ("forbidden" in outcome[0].lower() or "403" in outcome[0]), outcome
     with sim.app.model.lock:
-        assert list(sim.app.model.instances.values()) == []
+        assert list(sim.app.model.instances.values()) == [] and list(sim.app.model.instance_pools) == []
         assert list(sim.app.model.security_groups.values()) == [] and list(sim.app.model.ssh_keys) == []
     assert sim.app.model.iam.list_api_keys() == [] and sim.app.model.iam.list_roles() == []
     assert "revoked" in r.stderr and "IAM role" in r.stderr

@@ -1,6 +1,7 @@
 """An autoscaling Ray cluster on the local Exoscale with hosts: `exoscale.py ray-config > cluster.yaml` and
 unmodified `ray up`, `ray exec`, `ray submit`, `ray down` on it; `exoscale.py status` on the same cluster.
-One `ray up` (head only, 0-2 CPU workers and 0-1 GPU worker declared by resources) serves every case."""
+One `ray up` (head only, 0-2 CPU workers and 0-1 GPU worker declared by resources, each worker type an
+instance pool) serves every case."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import os
 import re
 import select
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from libcloud.common.types import InvalidCredsError
 
-from tests.conftest import SIM_KEY, SIM_SECRET, run_cli
-from tests.test_ray_provider import wait_for
+from tests.conftest import SIM_SECRET, local_exoscale, run_cli
+from tests.support import wait_for
 
 pytestmark = [pytest.mark.root]
 
@@ -40,48 +41,42 @@ def where():
 def gpu_where():
     return ray.util.get_node_ip_address()
 
-pg = placement_group([{"CPU": 1}] * 3)  # 3 CPUs at once: the head has 1
+pg = placement_group([{"CPU": 1}] * 2)  # 2 CPUs at once: the head has none
 gpu = gpu_where.remote()
 ray.get(pg.ready(), timeout=600)
-ips = ray.get([where.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i)).remote() for i in range(3)])
+ips = ray.get([where.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i)).remote() for i in range(2)])
 print("RESULT " + json.dumps({"cpu": ips, "gpu": ray.get(gpu, timeout=600)}))
 """
 
 
 class KeyRecorder:
-    """Wraps the sim App: which API key signed each instance creation (test instrumentation only)."""
+    """Wraps the sim App: which API key signed each instance creation and each pool scale that was accepted,
+    and from which address (test instrumentation only)."""
 
     def __init__(self, app):
-        self.app, self.creates = app, []
+        self.app, self.creates, self.scales = app, [], []
         self._handle = app.handle
         app.handle = self.handle
 
     def handle(self, method, target, headers, body, source_ip="127.0.0.1"):
         answer = self._handle(method, target, headers, body, source_ip)
-        if method == "POST" and target.split("?")[0] == "/v2/instance" and answer[0] == 200:
-            m = re.search(r"credential=([^,\s]+)", headers.get("authorization", ""))
-            self.creates.append((m.group(1) if m else None, json.loads(body).get("labels", {})))
+        path = target.split("?")[0]
+        m = re.search(r"credential=([^,\s]+)", headers.get("authorization", ""))
+        key = m.group(1) if m else None
+        if method == "POST" and path == "/v2/instance" and answer[0] == 200:
+            self.creates.append((key, json.loads(body).get("labels", {})))
+        if method == "PUT" and path.endswith(":scale") and answer[0] == 200:
+            pool = path.removeprefix("/v2/instance-pool/").removesuffix(":scale")
+            self.scales.append((key, source_ip, pool, json.loads(body)["size"]))
         return answer
 
 
 @pytest.fixture(scope="module")
 def elastic(tmp_path_factory):
-    from cloud.sim.hosts import missing_requirements
-    from cloud.sim.local import start
-    from cloud.sim.model import Faults
-
-    missing = missing_requirements() + ([] if shutil.which("rsync") else ["rsync"])
-    if missing:
-        pytest.skip(f"local VM hosts need {', '.join(missing)}")
     # The API on the hosts' gateway (the head calls it at the very URL this machine uses); uv and a package
     # index offered to the hosts, as the internet would be.
-    local = start(
-        SIM_KEY, SIM_SECRET, faults=Faults(op_delay_s=0.2), hosts=True, offer_packages=True, record=True, seed=11
-    )
-    try:
+    with local_exoscale(0.2, hosts=True, needs=("rsync",), offer_packages=True, seed=11) as local:
         yield from _cluster(local, tmp_path_factory)
-    finally:
-        local.close()
 
 
 def _cluster(local, tmp_path_factory):
@@ -145,13 +140,27 @@ def instances(ctx, **labels):
         ]
 
 
-def test_ray_up_made_only_the_head_and_ray_exec_works(elastic):
+def pools(ctx):
+    with ctx.model.lock:
+        return {
+            p.labels.get("ray-user-node-type"): p
+            for p in ctx.model.instance_pools.values()
+            if p.labels.get("cluster") == ctx.name
+        }
+
+
+def test_ray_up_made_only_the_head_and_empty_pools_and_ray_exec_works(elastic):
+    wait_for("the new pools' first members gone", lambda: len(instances(elastic)) == 1, 120, every=1)
     [head] = instances(elastic)
     assert head.labels["role"] == "head" and head.labels["ray-node-type"] == "head"
     assert head.labels["ray-node-status"] == "up-to-date"
+    made = pools(elastic)
+    assert sorted(made) == ["gpu", "ray.worker.default"] and all(p.size == 0 for p in made.values()), made
+    assert all(p.security_group_ids == head.security_group_ids and p.ssh_keys == head.ssh_keys for p in made.values())
     r = elastic.ray("exec", str(elastic.path), "ray status", timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "Active:" in r.stdout and "ray.head.default" in r.stdout
+    assert not re.search(r"/\d+(\.\d+)? CPU\b", r.stdout), "the head offers CPUs to Ray: " + r.stdout
 
 
 def test_ray_attach_gives_a_shell_on_the_head(elastic):
@@ -212,20 +221,48 @@ def test_autostop_runs_on_the_head_and_its_setting_changes(elastic):
 
 
 def test_the_head_holds_only_the_restricted_key(elastic):
+    """From the head, with its key: its own pool and instance readable; making instances, relabelling one,
+    listing the account's instances, IAM and security groups refused. The key file is 0600 and the user's who
+    runs the autoscaler; the same key from this machine's address is refused."""
     probe = (
         "import json, sys; sys.path.insert(0, '/home/ubuntu/raysweep'); "
         "from cloud import head_credentials; from cloud.ray_provider import make_driver; "
+        "c = head_credentials.read(); "
         "d = make_driver({'credentials_file': '~/.raysweep/head-credentials.json'}); "
-        "print('NODES', len(d.list_nodes())); "
+        "print('POOLS', sorted(d.ex_get_instance_pool(p).size for p in c.pools.values())); "
+        "print('HEAD', d.ex_get_node(c.head_id).name); "
         "import libcloud.common.types as t\n"
-        "for what, call in [('api-key', lambda: d.ex_call('POST', '/api-key', {'name': 'x', 'role-id': "
-        "head_credentials.read().role_id})), ('security-group', d.ex_list_security_groups)]:\n"
+        "for what, call in [('api-key', lambda: d.ex_call('POST', '/api-key', {'name': 'x', 'role-id': c.role_id})), "
+        "('security-group', d.ex_list_security_groups), ('list-instances', d.list_nodes), "
+        "('relabel', lambda: d.ex_update_node(d.ex_get_node(c.head_id), labels={'x': 'y'})), "
+        "('create-instance', lambda: d.ex_call('POST', '/instance', {'name': 'intruder', 'disk-size': 10, "
+        "'instance-type': {'id': d.ex_get_node(c.head_id).extra['instance_type_id']}, "
+        "'template': {'id': d.ex_get_node(c.head_id).extra['template_id']}}))]:\n"
         "    try: call(); print('ALLOWED', what)\n"
         "    except t.InvalidCredsError: print('REFUSED', what)"
     )
     r = elastic.ray("exec", str(elastic.path), f"python -c {shlex.quote(probe)}", timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "NODES 1" in r.stdout and "REFUSED api-key" in r.stdout and "REFUSED security-group" in r.stdout
+    assert "POOLS [0, 0]" in r.stdout and f"HEAD {elastic.name}-head" in r.stdout, r.stdout[-2000:]
+    for what in ("api-key", "security-group", "list-instances", "relabel", "create-instance"):
+        assert f"REFUSED {what}" in r.stdout, r.stdout[-2000:]
+    mode = elastic.ray(
+        "exec",
+        str(elastic.path),
+        "stat -c 'KEYFILE %a %U' ~/.raysweep/head-credentials.json; "
+        "echo AUTOSCALER $(ps -o user= -p $(pgrep -f '[m]onitor.py' | head -1))",
+        timeout=300,
+    )
+    [line] = [x for x in mode.stdout.splitlines() if x.startswith("KEYFILE ")]
+    [auto] = [x for x in mode.stdout.splitlines() if x.startswith("AUTOSCALER ")]
+    assert line.split()[1] == "600" and line.split()[2] == auto.split()[1], mode.stdout[-2000:]
+    from cloud import head_credentials, iam
+    from cloud.ray_provider import make_driver
+
+    creds = head_credentials.read(iam.key_copy_path(Path(elastic.env["RAYSWEEP_STATE_DIR"]) / elastic.name))
+    here = make_driver({"zone": creds.zone}, creds)  # this machine is not the head
+    with pytest.raises(InvalidCredsError, match="403"):
+        here.ex_get_instance_pool(next(iter(creds.pools.values())))
     leak = elastic.ray("exec", str(elastic.path), f"grep -rlsF {SIM_SECRET} ~ /tmp/ray || echo CLEAN", timeout=300)
     assert "CLEAN" in leak.stdout, "the user's API secret is on the head"
 
@@ -238,12 +275,13 @@ def test_a_workload_needing_3_cpus_and_a_gpu_grows_then_shrinks_the_cluster(elas
     [line] = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
     result = json.loads(line.split(" ", 1)[1])
     head_ip = instances(elastic, role="head")[0].public_ip
-    workers = [k for k, labels in elastic.recorder.creates if labels.get("role") == "worker"]
+    assert not [x for x in elastic.recorder.creates if x[1].get("role") == "worker"], "a worker made by create-instance"
     restricted = {k.key for k in elastic.model.iam.list_api_keys()}
-    assert workers and all(k in restricted for k in workers), "workers made without the cluster's restricted key"
-    assert len(set(result["cpu"]) - {head_ip}) >= 1, result  # ran on workers the autoscaler added
-    gpu_nodes = [labels for _, labels in elastic.recorder.creates if labels.get("ray-user-node-type") == "gpu"]
-    assert len(gpu_nodes) == 1 and result["gpu"] != head_ip, result
+    outs = [(k, ip, pool, size) for k, ip, pool, size in elastic.recorder.scales if size > 0]
+    assert outs and all(k in restricted and ip == head_ip for k, ip, _, _ in outs), elastic.recorder.scales
+    assert head_ip not in result["cpu"] and len(result["cpu"]) == 2, result  # only workers the autoscaler added
+    gpu_pool = pools(elastic)["gpu"].id
+    assert [size for _, _, pool, size in outs if pool == gpu_pool] == [1] and result["gpu"] != head_ip, result
     # idle for idle_timeout_minutes (0.5): the autoscaler removes every worker, never the head
     wait_for("the idle workers to be removed", lambda: not instances(elastic, role="worker"), 300, every=2)
     assert len(instances(elastic, role="head")) == 1
@@ -260,7 +298,7 @@ ray.get(pg.ready(), timeout=300)
 
 def test_a_failed_scale_up_is_visible_in_status(elastic, tmp_path):
     faults = elastic.model.faults
-    faults.fail_next_ops, faults.fail_ops_matching = 1000, "create-instance"  # every create fails
+    faults.fail_next_ops, faults.fail_ops_matching = 1000, "scale-instance-pool"  # every scale-out fails
     script = tmp_path / "pending.py"
     script.write_text(PENDING)
     proc = subprocess.Popen(
@@ -288,7 +326,7 @@ def test_a_failed_scale_up_is_visible_in_status(elastic, tmp_path):
 def test_ray_down_leaves_nothing(elastic):
     r = elastic.ray("down", str(elastic.path), "-y", timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    assert instances(elastic) == []
+    assert instances(elastic) == [] and pools(elastic) == {}
     m = elastic.model
     with m.lock:
         assert [g.name for g in m.security_groups.values()] == []

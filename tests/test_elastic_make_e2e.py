@@ -4,13 +4,12 @@ Ray's own `ray up`, `exoscale.py` commands working on it, and nothing left after
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import uuid
 
 import pytest
 
-from tests.conftest import ROOT, SIM_KEY, SIM_SECRET, ClusterCLI, run_cli
+from tests.conftest import ROOT, ClusterCLI, local_exoscale, run_cli
 
 pytestmark = [pytest.mark.root]
 
@@ -21,17 +20,10 @@ def make(target, env, config, timeout=900, **vars_):
 
 
 def test_make_cluster_up_max_workers_then_down(tmp_path):
-    from cloud.sim.hosts import missing_requirements
-    from cloud.sim.local import start
-    from cloud.sim.model import Faults
-
-    missing = missing_requirements() + ([] if shutil.which("rsync") else ["rsync"])
-    if missing:
-        pytest.skip(f"local VM hosts need {', '.join(missing)}")
     name = f"mk{uuid.uuid4().hex[:6]}"
     toml = tmp_path / "cluster.toml"
     toml.write_text(f'name = "{name}"\nray_cpus = 1\nssh_cidr = "0.0.0.0/0"\n')
-    with start(SIM_KEY, SIM_SECRET, faults=Faults(op_delay_s=0.2), hosts=True, offer_packages=True, seed=5) as local:
+    with local_exoscale(0.2, hosts=True, needs=("rsync",), offer_packages=True, seed=5) as local:
         env = ClusterCLI(local.server, tmp_path / "state", name).env
         try:
             r = make("cluster-up", env, toml, MAX_WORKERS=1)
@@ -47,4 +39,5 @@ def test_make_cluster_up_max_workers_then_down(tmp_path):
         assert "autoscaler stopped" in r.stderr and "revoked" in r.stderr
         with local.model.lock:
             assert not local.model.instances and not local.model.security_groups and not local.model.ssh_keys
+            assert not local.model.instance_pools
         assert local.model.iam.list_api_keys() == [] and local.model.iam.list_roles() == []

@@ -14,22 +14,8 @@ from libcloud.compute.types import NodeState
 
 import cloud
 from cloud.exoscale_driver import ExoscaleAPIError, ExoscaleOperationError, ExoscaleV2NodeDriver, RetryPolicy
-from cloud.sim.api import SpecValidator
 from tests.conftest import SIM_KEY, SIM_SECRET, free_port
-
-PUBKEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEx4T9rWfyvyDnXcx2ZpUGJ6ck9xeSBzw1xP9tBMwdl1 test@host"
-UBUNTU = "Linux Ubuntu 24.04 LTS 64-bit"
-
-
-def assert_all_spec_valid(sim):
-    """No request broke the spec (400) or the signature (403); every success matches the spec's schema.
-    (Other refusals, such as 409 for a group still in use, are the model's rules, tested where made.)"""
-    v = SpecValidator.shared()
-    assert sim.app.exchanges
-    for e in sim.app.exchanges:
-        assert e.status not in (400, 403), f"{e.method} {e.path} -> {e.status} {e.response[:300]!r}"
-        if e.status == 200:
-            v.validate_response(e.method, e.path, e.query, e.body, e.status, e.response)
+from tests.support import PUBKEY, UBUNTU, assert_all_spec_valid
 
 
 def make_cluster_bits(driver):

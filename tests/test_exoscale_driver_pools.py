@@ -11,7 +11,7 @@ from libcloud.common.types import InvalidCredsError
 from libcloud.compute.types import NodeState
 
 from cloud.exoscale_driver import ExoscaleInstancePool, ExoscaleV2NodeDriver, RetryPolicy
-from tests.test_exoscale_driver import PUBKEY, UBUNTU, assert_all_spec_valid
+from tests.support import PUBKEY, UBUNTU, assert_all_spec_valid
 
 
 def running_members(driver, pool: ExoscaleInstancePool, timeout: float = 10.0) -> list:

@@ -19,59 +19,12 @@ import requests
 from exoscale_auth import ExoscaleV2Auth
 from libcloud.compute.types import NodeState
 
-from cloud import config, provision, ssh_ready
+from cloud import provision, ssh_ready
 from cloud.exoscale_driver import ExoscaleV2NodeDriver, RetryPolicy
+from cloud.retry import Wait
 from cloud.state import NodeRecord, StateStore, toolkit_dirs
 from tests.conftest import ROOT, SIM_KEY, SIM_SECRET, ClusterCLI
-
-PUBKEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEx4T9rWfyvyDnXcx2ZpUGJ6ck9xeSBzw1xP9tBMwdl1 test@host"
-UBUNTU = "Linux Ubuntu 24.04 LTS 64-bit"
-
-
-class Events:
-    """A progress callback that keeps what it was told."""
-
-    def __init__(self):
-        self.lines: list[str] = []
-        self.lock = threading.Lock()
-
-    def __call__(self, name, what):
-        with self.lock:
-            self.lines.append(f"{name}: {what}")
-
-    def text(self):
-        return "\n".join(self.lines)
-
-
-def cfg_for(name, tmp_path, **kw):
-    env = {"EXOSCALE_API_KEY": SIM_KEY, "EXOSCALE_API_SECRET": SIM_SECRET}
-    c = config.load(env=env, name=name, instance_type="standard.micro", **kw)
-    return c.with_state_root(tmp_path / "state")
-
-
-def make_cluster(driver, name, n):
-    """A cluster as raysweep makes it (labels, marked group, key), made directly through the driver."""
-    group = driver.ex_create_security_group(provision.resource_name(name), provision.group_description(name))
-    driver.import_key_pair_from_string(provision.resource_name(name), PUBKEY)
-    return [
-        driver.create_node(
-            nm,
-            "standard.micro",
-            UBUNTU,
-            ex_security_groups=[group],
-            ex_labels={**provision.cluster_labels(name), "role": role},
-        )
-        for nm, role in provision.node_names(name, n)
-    ]
-
-
-def left_of(driver, name):
-    return (
-        sorted(nd.name for nd in driver.list_nodes() if nd.extra["labels"].get("cluster") == name),
-        [g.name for g in driver.ex_list_security_groups() if g.name == provision.resource_name(name)],
-        [k.name for k in driver.list_key_pairs() if k.name == provision.resource_name(name)],
-    )
-
+from tests.support import UBUNTU, Events, cfg_for, left_of, make_cluster
 
 # ------------------------------------------------------------------------------------------- down
 
@@ -80,7 +33,7 @@ def test_down_retries_a_failed_delete_and_finishes(driver, sim, tmp_path):
     make_cluster(driver, "c1", 3)
     sim.app.model.faults.fail_next_ops, sim.app.model.faults.fail_ops_matching = 2, "delete-instance"
     events = Events()
-    res = provision.down(driver, cfg_for("c1", tmp_path).spec, progress=events, wait=provision.Wait(60))
+    res = provision.down(driver, cfg_for("c1", tmp_path).spec, progress=events, wait=Wait(60))
     assert res.failed == {}, events.text()
     assert left_of(driver, "c1") == ([], [], [])
     assert "delete failed" in events.text() and "deleting again" in events.text()
@@ -93,12 +46,12 @@ def test_down_stops_at_its_timeout_with_what_is_left_then_a_second_down_finishes
     events = Events()
     # 5 s: room for a few failed deletes (~0.3 s each quiet) when the machine is busy; with less, the first
     # attempt could still be in flight at the deadline, and its instance reported without the fault
-    res = provision.down(driver, cfg_for("c2", tmp_path).spec, progress=events, wait=provision.Wait(5.0, every=0.5))
+    res = provision.down(driver, cfg_for("c2", tmp_path).spec, progress=events, wait=Wait(5.0, every=0.5))
     assert set(res.failed) == {"instance c2-head", "instance c2-worker-1", "security group raysweep-c2"}
     assert all("fault" in why for k, why in res.failed.items() if k.startswith("instance"))
     assert "waiting for c2-head, c2-worker-1 to be deleted" in events.text()
     faults.fail_next_ops = 0
-    res = provision.down(driver, cfg_for("c2", tmp_path).spec, wait=provision.Wait(60))
+    res = provision.down(driver, cfg_for("c2", tmp_path).spec, wait=Wait(60))
     assert res.failed == {} and left_of(driver, "c2") == ([], [], [])
 
 
@@ -191,7 +144,7 @@ def test_down_deletes_exactly_the_cluster_whatever_the_server_makes_of_the_filte
             secure=False,
             retry=RetryPolicy(base_s=0.01),
         )
-        res = provision.down(through, cfg_for("a", tmp_path).spec, wait=provision.Wait(60))
+        res = provision.down(through, cfg_for("a", tmp_path).spec, wait=Wait(60))
     finally:
         if proxy:
             proxy.close()
@@ -263,7 +216,7 @@ def test_wait_instances_reports_a_node_that_never_runs(driver, sim):
     sim.app.model.instances[broken.id].state = "error"
     events = Events()
     nodes = [driver.ex_get_node(n.id) for n in (ok, stuck, broken, stopped)]
-    running, failed = provision.wait_instances(driver, nodes, events, provision.Wait(2.0, every=0.5, poll=0.2))
+    running, failed = provision.wait_instances(driver, nodes, events, Wait(2.0, every=0.5, poll=0.2))
     assert [n.name for n in running] == ["ok", "stopped"] and running[1].state == NodeState.RUNNING
     assert failed == {"stuck": "still starting after 2 s", "broken": "instance is in state error"}
     assert "waiting for stuck to run" in events.text() and "stopped: stopped; starting it" in events.text()

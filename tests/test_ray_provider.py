@@ -1,6 +1,7 @@
 """Conformance of cloud.ray_provider.ExoscaleNodeProvider to Ray's NodeProvider contract, against the local
 Exoscale API (real HTTP, signatures, spec checks): as the v1 autoscaler and the cluster launcher call it
-(directly), and as autoscaler v2 does (through Ray's NodeProviderAdapter). No hosts needed."""
+(directly), and as autoscaler v2 does (through Ray's NodeProviderAdapter). Workers are members of the node
+type's instance pool. No hosts needed."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from cloud import ray_config
 from cloud.ray_provider import ExoscaleNodeProvider
 from cloud.sim.local import client_env
 from tests.conftest import SIM_KEY, SIM_SECRET
+from tests.support import wait_for
 
 FAST_RETRY = {"attempts": 6, "base_s": 0.01, "cap_s": 0.05}
 
@@ -46,10 +48,21 @@ class Cluster:
         raw["provider"]["retry"] = FAST_RETRY
         self.config = ExoscaleNodeProvider.bootstrap_config(raw)
         self.node_config = self.config["available_node_types"][ray_config.WORKER_TYPE]["node_config"]
+        self.head_node_config = self.config["available_node_types"][ray_config.HEAD_TYPE]["node_config"]
 
     def provider(self) -> ExoscaleNodeProvider:
         """A fresh provider, loaded the way Ray loads it (type external, module path)."""
         return _get_node_provider(self.config["provider"], self.name, use_cache=False)
+
+    def head_tags(self) -> dict[str, str]:
+        """The head's tags as `ray up` gives them."""
+        return {
+            TAG_RAY_NODE_KIND: "head",
+            TAG_RAY_NODE_NAME: f"ray-{self.name}-head",
+            TAG_RAY_NODE_STATUS: "uninitialized",
+            TAG_RAY_USER_NODE_TYPE: ray_config.HEAD_TYPE,
+            TAG_RAY_LAUNCH_CONFIG: "hash0",
+        }
 
     def tags(self, **extra) -> dict[str, str]:
         return {
@@ -108,7 +121,7 @@ def test_tags_round_trip_through_a_fresh_provider(cluster):
     p.set_node_tags(nid, {TAG_RAY_NODE_STATUS: "up-to-date"})
     want = cluster.tags(**{TAG_RAY_NODE_STATUS: "up-to-date", TAG_RAY_CLUSTER_NAME: cluster.name})
     assert p.node_tags(nid) == want
-    fresh = cluster.provider()  # a new process, or a new laptop: only the API knows
+    fresh = cluster.provider()  # a new process: the API and the cluster's tag file know
     assert fresh.non_terminated_nodes({TAG_RAY_NODE_STATUS: "up-to-date"}) == [nid]
     assert fresh.node_tags(nid) == want
     assert fresh.is_running(nid) and not fresh.is_terminated(nid)
@@ -156,24 +169,27 @@ def test_terminate_twice_is_harmless(sim, cluster):
     assert not [i for i in instances(sim) if i.labels.get("cluster") == cluster.name]
 
 
-def test_parallel_create_of_three(sim, cluster):
+def test_three_workers_are_one_scale_of_the_pool(sim, cluster):
     sim.app.model.faults.op_delay_s = 0.5
     p = cluster.provider()
+    p.ensure_pools(cluster.config)
     created = p.create_node(cluster.node_config, cluster.tags(), 3)
     assert len(created) == 3 and len({n.name for n in created.values()}) == 3
     assert sorted(p.non_terminated_nodes({TAG_RAY_NODE_KIND: "worker"})) == sorted(created)
     ex = [(e.method, e.path) for e in sim.app.exchanges]
-    posts = [i for i, (m, path) in enumerate(ex) if m == "POST" and path == "/v2/instance"]
-    first_read = min(
-        i for i, (m, path) in enumerate(ex) if m == "GET" and path.removeprefix("/v2/instance/") in created
-    )
-    assert len(posts) == 3 and max(posts) < first_read, "the creates ran one after another, not in parallel"
+    assert not [x for x in ex if x == ("POST", "/v2/instance")], "a worker was made with create-instance"
+    scales = [path for m, path in ex if m == "PUT" and path.endswith(":scale")]
+    assert len(scales) == 2, scales  # the new pool's scale to 0, then one scale-out by 3
+    with sim.app.model.lock:
+        [pool] = [q for q in sim.app.model.instance_pools.values() if q.labels.get("cluster") == cluster.name]
+        assert sorted(pool.instance_ids) == sorted(created) and pool.size == 3
 
 
 def test_faults_are_retried_and_leave_no_broken_instance(sim, cluster):
     p = cluster.provider()
-    sim.app.faults.fail_next += [(503, "POST", "/instance"), (429, "GET", "/instance")]
-    sim.app.model.faults.fail_next_ops, sim.app.model.faults.fail_ops_matching = 1, "create-instance"
+    p.ensure_pools(cluster.config)
+    sim.app.faults.fail_next += [(503, "PUT", "/instance-pool"), (429, "GET", "/instance")]
+    sim.app.model.faults.fail_next_ops, sim.app.model.faults.fail_ops_matching = 1, "scale-instance-pool"
     created = p.create_node(cluster.node_config, cluster.tags(), 2)
     assert len(created) == 2
     deadline = time.monotonic() + 30
@@ -186,7 +202,8 @@ def test_faults_are_retried_and_leave_no_broken_instance(sim, cluster):
 
 def test_a_refused_create_is_reported_and_leaves_nothing(sim, cluster):
     p = cluster.provider()
-    sim.app.model.faults.fail_next_ops, sim.app.model.faults.fail_ops_matching = 10, "create-instance"
+    p.ensure_pools(cluster.config)
+    sim.app.model.faults.fail_next_ops, sim.app.model.faults.fail_ops_matching = 10, "scale-instance-pool"
     with pytest.raises(NodeLaunchException) as e:
         p.create_node(cluster.node_config, cluster.tags(), 1)
     assert e.value.category == "operation-failed"
@@ -209,17 +226,6 @@ def adapter(cluster, tmp_path):
     return NodeProviderAdapter(cluster.provider(), FileConfigReader(str(path)))
 
 
-def wait_for(what, fn, timeout=60, every=0.2):
-    """fn()'s first true value, asked every `every` seconds; fails naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def test_v2_adapter_launches_and_terminates(adapter, cluster):
     adapter.launch({ray_config.WORKER_TYPE: 2}, "req-1")
     nodes = wait_for(
@@ -235,10 +241,30 @@ def test_v2_adapter_launches_and_terminates(adapter, cluster):
     assert adapter.poll_errors() == []
 
 
-def test_v2_adapter_reports_a_failed_launch(sim, adapter):
-    sim.app.model.faults.fail_next_ops, sim.app.model.faults.fail_ops_matching = 10, "create-instance"
+def test_v2_adapter_reports_a_failed_launch(sim, adapter, cluster):
+    cluster.provider().ensure_pools(cluster.config)
+    sim.app.model.faults.fail_next_ops, sim.app.model.faults.fail_ops_matching = 10, "scale-instance-pool"
     adapter.launch({ray_config.WORKER_TYPE: 1}, "req-3")
     [err] = wait_for("a launch error", adapter.poll_errors)
     assert err.node_type == ray_config.WORKER_TYPE and err.request_id == "req-3"
     assert isinstance(err.__cause__, NodeLaunchException)
     wait_for("the failed instances removed", lambda: not instances(sim))
+
+
+def test_a_lost_tag_file_leaves_each_member_its_pools_tags(cluster):
+    """Pool members' tags are in the cluster's tag file; without it a member keeps what its pool's labels
+    say (kind, node type, cluster) and is still listed under those tags."""
+    from cloud.ray_provider import TAGS_FILE_NAME
+
+    p = cluster.provider()
+    [nid] = p.create_node(cluster.node_config, cluster.tags(), 1)
+    p.set_node_tags(nid, {TAG_RAY_NODE_STATUS: "up-to-date"})
+    (p._store.dir / TAGS_FILE_NAME).unlink()
+    fresh = cluster.provider()
+    assert fresh.node_tags(nid) == {
+        TAG_RAY_NODE_KIND: "worker",
+        TAG_RAY_USER_NODE_TYPE: ray_config.WORKER_TYPE,
+        TAG_RAY_CLUSTER_NAME: cluster.name,
+    }
+    assert fresh.non_terminated_nodes({TAG_RAY_USER_NODE_TYPE: ray_config.WORKER_TYPE}) == [nid]
+    assert fresh.non_terminated_nodes({TAG_RAY_NODE_STATUS: "up-to-date"}) == []

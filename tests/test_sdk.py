@@ -10,13 +10,10 @@ import uuid
 
 import pytest
 
-from cloud.sim.local import start
-from cloud.sim.model import Faults
 from cloud.sim.spec import SpecValidator
-from tests.conftest import SIM_KEY, SIM_SECRET
+from tests.conftest import SIM_KEY, SIM_SECRET, local_exoscale
 from tests.exoscale_sdk import client, exceptions, sdk
-
-UBUNTU = "Linux Ubuntu 24.04 LTS 64-bit"
+from tests.support import UBUNTU, done
 
 
 @pytest.fixture
@@ -24,20 +21,13 @@ def local(monkeypatch):
     # Operations stay pending a little, so that wait() really polls; its poll interval (3 s at least, meant
     # for real clouds) is shortened, its logic is the SDK's own.
     monkeypatch.setattr(sdk(), "_poll_interval", lambda run_time: 0.05)
-    with start(SIM_KEY, SIM_SECRET, faults=Faults(op_delay_s=0.1), record=True, seed=5) as sim:
+    with local_exoscale(0.1, seed=5) as sim:
         yield sim
 
 
 @pytest.fixture
 def c(local):
     return client(SIM_KEY, SIM_SECRET, local.endpoint)
-
-
-def done(c, operation) -> str:
-    """Wait with the SDK's own wait(); the id of the resource the operation refers to."""
-    result = c.wait(operation["id"], max_wait_time=30)
-    assert result["state"] == "success", result
-    return result.get("reference", {}).get("id", "")
 
 
 def public_key(tmp_path) -> str:

@@ -10,21 +10,19 @@ from datetime import datetime, timezone
 
 import pytest
 
-from cloud.sim.api import App, HTTPFaults, SimServer, SpecValidator
+from cloud.sim.api import SpecValidator
 from cloud.sim.iam import Policy, RequestContext, operation_services, request_parameters
 from cloud.sim.model import Faults, Model, ModelError
-from tests.conftest import SIM_KEY, SIM_SECRET
+from tests.conftest import SIM_KEY, SIM_SECRET, local_exoscale
 from tests.exoscale_sdk import client, exceptions
-
-UBUNTU = "Linux Ubuntu 24.04 LTS 64-bit"
+from tests.support import UBUNTU
 
 
 @pytest.fixture
 def sim_fast():
     """A local Exoscale whose operations finish at once, so the SDK's own wait() polls once."""
-    model = Model(faults=Faults(op_delay_s=0.0), seed=3)
-    with SimServer(App(model, SIM_KEY, SIM_SECRET, HTTPFaults(seed=3), record=True)) as server:
-        yield server
+    with local_exoscale(0.0, seed=3) as local:
+        yield local.server
 
 
 @pytest.fixture

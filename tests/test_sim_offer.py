@@ -13,10 +13,9 @@ import pytest
 
 from cloud.sim.hosts import missing_requirements
 from cloud.sim.offer import PackageIndex, project_name
-from tests.conftest import SIM_KEY, SIM_SECRET
+from tests.conftest import SIM_KEY, SIM_SECRET, local_exoscale
 from tests.exoscale_sdk import client
-
-UBUNTU = "Linux Ubuntu 24.04 LTS 64-bit"
+from tests.support import UBUNTU
 
 
 def test_project_names_are_pep503_normalized():
@@ -55,13 +54,10 @@ def test_package_index_serves_pep503_pages_and_files(tmp_path):
 @pytest.mark.root
 @pytest.mark.skipif(bool(missing_requirements()), reason=f"needs {', '.join(missing_requirements())}")
 def test_a_host_reaches_the_api_and_installs_from_the_offered_index(tmp_path):
-    from cloud.sim.local import start
-    from cloud.sim.model import Faults
-
     had_uv = Path("/usr/local/bin/uv").exists()
     key = tmp_path / "id"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    with start(SIM_KEY, SIM_SECRET, faults=Faults(op_delay_s=0.0), hosts=True, offer_packages=True) as sim:
+    with local_exoscale(0.0, hosts=True, record=False, seed=None, offer_packages=True) as sim:
         assert sim.hooks is not None and sim.endpoint.startswith(f"http://{sim.hooks.gateway}:")
         c = client(SIM_KEY, SIM_SECRET, sim.endpoint)  # from this machine, at the gateway URL
         c.wait(c.register_ssh_key(name="k", public_key=(key.with_suffix(".pub")).read_text().strip())["id"])

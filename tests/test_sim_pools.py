@@ -11,21 +11,17 @@ import time
 import pytest
 
 from cloud.sim.hosts import missing_requirements
-from cloud.sim.local import start
-from cloud.sim.model import Faults
 from cloud.sim.spec import SpecValidator
-from tests.conftest import SIM_KEY, SIM_SECRET
+from tests.conftest import SIM_KEY, SIM_SECRET, local_exoscale
 from tests.exoscale_sdk import client, exceptions, sdk
-from tests.test_sdk import done
-
-UBUNTU = "Linux Ubuntu 24.04 LTS 64-bit"
+from tests.support import UBUNTU, done
 
 
 @pytest.fixture
 def local(monkeypatch):
     # Operations stay pending a little, so that wait() really polls (its interval shortened, its logic kept).
     monkeypatch.setattr(sdk(), "_poll_interval", lambda run_time: 0.02)
-    with start(SIM_KEY, SIM_SECRET, faults=Faults(op_delay_s=0.05), record=True, seed=11) as sim:
+    with local_exoscale(0.05, seed=11) as sim:
         yield sim
 
 
@@ -205,7 +201,7 @@ def test_a_key_confined_to_one_pool(c, local):
 def test_a_pool_member_boots_as_a_host_and_goes_with_the_pool(tmp_path):
     key = tmp_path / "id"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    with start(SIM_KEY, SIM_SECRET, faults=Faults(op_delay_s=0.0), hosts=True) as sim:
+    with local_exoscale(0.0, hosts=True, record=False, seed=None) as sim:
         assert sim.hooks is not None
         c = client(SIM_KEY, SIM_SECRET, sim.endpoint)
         done(c, c.register_ssh_key(name="k", public_key=key.with_suffix(".pub").read_text().strip()))

@@ -28,10 +28,9 @@ from cloud.sim.instance_types import ALL_ZONES, FAMILY_ZONES, INSTANCE_TYPES
 from cloud.sim.local import start
 from cloud.sim.model import Faults, Model, ModelError
 from cloud.sim.spec import SpecValidator, spec_path
-from tests.conftest import ROOT, SIM_KEY, SIM_SECRET, run_cli
+from tests.conftest import ROOT, SIM_KEY, SIM_SECRET, local_exoscale, run_cli
 from tests.exoscale_sdk import client, exceptions
-
-UBUNTU = "Linux Ubuntu 24.04 LTS 64-bit"
+from tests.support import UBUNTU
 
 
 def assert_spec_valid(app):
@@ -211,7 +210,7 @@ def test_sim_cli_refuses_bad_capacity_and_quota_in_one_line():
 
 
 def test_quotas_through_exoscales_sdk():
-    with start(SIM_KEY, SIM_SECRET, faults=Faults(op_delay_s=0.01), record=True, quotas={"instance": 1}) as local:
+    with local_exoscale(0.01, seed=None, quotas={"instance": 1}) as local:
         c = client(SIM_KEY, SIM_SECRET, local.endpoint)
         quotas = {q["resource"]: q for q in c.list_quotas()["quotas"]}
         assert quotas["instance"] == {"resource": "instance", "usage": 0, "limit": 1}

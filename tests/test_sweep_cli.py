@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, run_cli
-from tests.test_sweep_runner import small_tmpfs
+from tests.support import small_tmpfs
 
 # a trial fails while FAIL exists and x > 0.8; every run is logged
 PROG = r"""

@@ -1,12 +1,8 @@
 """pipeline.runner on a local Ray with a tiny program: failure isolation, retries, resume, settings
 mismatch, metric reading, trial files, a damaged results.json, a full disk."""
 
-import contextlib
 import json
-import os
-import subprocess
 import sys
-import uuid
 
 import pytest
 
@@ -20,6 +16,7 @@ from pipeline.runner import (
     read_previous,
     run_trials,
 )
+from tests.support import small_tmpfs
 
 # x=3 fails while FAIL exists; every run is logged; y=="once" fails on its first run only
 PROG = r"""
@@ -156,24 +153,6 @@ def test_damaged_results_json_falls_back_to_an_intact_csv(tmp_path):
     with pytest.raises(SettingsMismatch, match="results.json: it is unreadable.*cannot stand in"):
         read_previous(out, ["x", "y"], "score")
     assert read_previous(tmp_path / "none", ["x"], "score") is None
-
-
-@contextlib.contextmanager
-def small_tmpfs(parent, size="16k"):
-    """A tmpfs of `size` of our own under `parent` (needs root; skips otherwise), unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mnt = parent / f"full-{uuid.uuid4().hex[:6]}"
-    mnt.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True, text=True
-    )
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.fixture

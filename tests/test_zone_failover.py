@@ -14,8 +14,7 @@ from cloud.exoscale_driver import (
 )
 from cloud.sim.spec import SpecValidator
 from cloud.zone_failover import NoZoneError, first_zone, zones_offering
-
-UBUNTU = "Linux Ubuntu 24.04 LTS 64-bit"
+from tests.support import UBUNTU
 
 
 def create_in(driver, name, size="standard.small"):

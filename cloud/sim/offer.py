@@ -39,10 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Where versions before the per-run cache kept the hosts' uv cache for good; removed when found.
-OLD_UV_CACHE = Path("/var/tmp/raysweep-uv-cache")
 STAMP = ".offered"  # the set of packages a complete wheelhouse holds, one per line
-OLD_STAMPS = (".complete",)  # written by earlier versions for a part of that set; removed when found
 
 
 def offered_packages() -> list[str]:
@@ -72,8 +69,6 @@ def fill_wheelhouse(packages: list[str] | None = None, wheelhouse: Path | None =
     want = "\n".join(sorted(packages))
     with open(wheelhouse / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        for old in OLD_STAMPS:
-            (wheelhouse / old).unlink(missing_ok=True)
         if stamp.exists() and stamp.read_text() == want:
             return wheelhouse
         log.info("fetching the hosts' packages into %s (once per machine)", wheelhouse)
@@ -265,7 +260,6 @@ class HostOffer:
     @classmethod
     def start(cls, hooks: HostHooks, packages: list[str] | None = None) -> HostOffer:
         wheelhouse = fill_wheelhouse(packages)
-        shutil.rmtree(OLD_UV_CACHE, ignore_errors=True)
         cache = hooks.run_dir / "uv-cache"  # removed with the run's directory, also by a later run if this one dies
         cache.mkdir(exist_ok=True)
         os.chmod(cache, 0o1777)  # shared by the hosts' login users, like a system cache dir
