@@ -132,6 +132,14 @@ def sim():
 
 
 @pytest.fixture
+def sim_env(monkeypatch, tmp_path):
+    """The local Exoscale's key pair, and a state directory of the test's own, in this process's environment."""
+    monkeypatch.setenv("EXOSCALE_API_KEY", SIM_KEY)
+    monkeypatch.setenv("EXOSCALE_API_SECRET", SIM_SECRET)
+    monkeypatch.setenv("RAYSWEEP_STATE_DIR", str(tmp_path / "state"))
+
+
+@pytest.fixture
 def driver(sim):
     from cloud.exoscale_driver import ExoscaleV2NodeDriver, RetryPolicy
 

@@ -11,12 +11,22 @@ import time
 import uuid
 
 import pytest
+from ray.autoscaler._private.providers import _get_node_provider
+from ray.autoscaler.tags import (
+    TAG_RAY_LAUNCH_CONFIG,
+    TAG_RAY_NODE_KIND,
+    TAG_RAY_NODE_NAME,
+    TAG_RAY_NODE_STATUS,
+    TAG_RAY_USER_NODE_TYPE,
+)
 
-from cloud import config, provision
+from cloud import config, provision, ray_config
 from cloud.exoscale_driver import ExoscaleV2NodeDriver
 from cloud.names import cluster_labels, resource_name
+from cloud.ray_provider import ExoscaleNodeProvider
 from cloud.sim.api import SpecValidator
 from cloud.sim.local import client_env
+from cloud.sim.model import InstanceHooks
 from tests.conftest import SIM_KEY, SIM_SECRET
 
 PUBKEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEx4T9rWfyvyDnXcx2ZpUGJ6ck9xeSBzw1xP9tBMwdl1 test@host"
@@ -149,3 +159,58 @@ def wait_for(what, fn, timeout=60, every=0.2):
             return value
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+FAST_RETRY = {"attempts": 6, "base_s": 0.01, "cap_s": 0.05}
+
+
+class Cluster:
+    """A bootstrapped Ray cluster config for one cluster name on the sim, and providers made from it."""
+
+    def __init__(self, sim, name: str):
+        self.sim, self.name = sim, name
+        cfg = config.load(
+            None,
+            env=client_env(sim.endpoint, SIM_KEY, SIM_SECRET),
+            name=name,
+            ray_cpus=1,
+        )
+        raw = ray_config.build(cfg, 0, 3, 0.1)
+        raw["provider"]["retry"] = FAST_RETRY
+        self.config = ExoscaleNodeProvider.bootstrap_config(raw)
+        self.node_config = self.config["available_node_types"][ray_config.WORKER_TYPE]["node_config"]
+        self.head_node_config = self.config["available_node_types"][ray_config.HEAD_TYPE]["node_config"]
+
+    def provider(self) -> ExoscaleNodeProvider:
+        """A fresh provider, loaded the way Ray loads it (type external, module path)."""
+        return _get_node_provider(self.config["provider"], self.name, use_cache=False)
+
+    def head_tags(self) -> dict[str, str]:
+        """The head's tags as `ray up` gives them."""
+        return {
+            TAG_RAY_NODE_KIND: "head",
+            TAG_RAY_NODE_NAME: f"ray-{self.name}-head",
+            TAG_RAY_NODE_STATUS: "uninitialized",
+            TAG_RAY_USER_NODE_TYPE: ray_config.HEAD_TYPE,
+            TAG_RAY_LAUNCH_CONFIG: "hash0",
+        }
+
+    def tags(self, **extra) -> dict[str, str]:
+        return {
+            TAG_RAY_NODE_KIND: "worker",
+            TAG_RAY_NODE_NAME: f"ray-{self.name}-worker",
+            TAG_RAY_NODE_STATUS: "uninitialized",
+            TAG_RAY_USER_NODE_TYPE: ray_config.WORKER_TYPE,
+            TAG_RAY_LAUNCH_CONFIG: "hash1",
+            **extra,
+        }
+
+
+HEAD_IP = "127.0.0.1"  # where a test's requests to the local Exoscale come from
+
+
+class HeadsAtLoopback(InstanceHooks):
+    """Heads get 127.0.0.1 (this process's address towards the local Exoscale); other instances the sim's own."""
+
+    def allocate_ip(self, instance):
+        return HEAD_IP if instance.name.endswith("-head") else None

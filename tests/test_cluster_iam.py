@@ -24,23 +24,14 @@ from ray.autoscaler.tags import NODE_KIND_HEAD, TAG_RAY_NODE_KIND
 
 from cloud import head_credentials, iam
 from cloud.exoscale_driver import ExoscaleV2NodeDriver, RetryPolicy
-from cloud.sim.model import InstanceHooks
 from tests.conftest import SIM_SECRET
-from tests.test_ray_provider import Cluster, env  # noqa: F401  (the env fixture)
+from tests.support import HEAD_IP, Cluster, HeadsAtLoopback, make_cluster
 
-HEAD_IP = "127.0.0.1"  # where this test's requests come from
 ELSEWHERE = "127.0.0.2"
 
 
-class HeadsAtLoopback(InstanceHooks):
-    """Heads get 127.0.0.1 (this process's address towards the local Exoscale); other instances the sim's own."""
-
-    def allocate_ip(self, instance):
-        return HEAD_IP if instance.name.endswith("-head") else None
-
-
 @pytest.fixture
-def prepared(sim, env, tmp_path):  # noqa: F811
+def prepared(sim, sim_env, tmp_path):
     """A cluster whose head config was prepared on 'the user's machine' (after `ray up` made the head), and
     the head's provider built from that config with the key file where `ray up` puts it."""
     sim.app.model.hooks = HeadsAtLoopback()
@@ -163,7 +154,6 @@ def test_a_kept_key_is_reused_and_a_lost_one_replaced(sim, prepared):
 def others(sim, prepared):
     """Two other clusters in the same account, made with the user's key: a static one (`zz`, its head an
     instance) and an autoscaling one (`victim`, one worker in its instance pool); and the head's key."""
-    from tests.test_provision import make_cluster
 
     c, laptop, _, local_file, _ = prepared
     [zz] = make_cluster(laptop.driver, "zz", 1)
@@ -272,7 +262,6 @@ def test_a_static_heads_key_deletes_only_its_own_instances(sim, driver):
     """The key `start` gives a static cluster's head (cloud.iam.static_head_policy, as autostop_control makes
     it): from the head's address it lists instances and deletes the cluster's own, nothing of another cluster,
     no create, no relabel; from another address nothing."""
-    from tests.test_provision import make_cluster
 
     own = make_cluster(driver, "st", 2)
     [other] = make_cluster(driver, "zz", 1)

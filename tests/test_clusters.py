@@ -20,8 +20,7 @@ from cloud import iam, provision
 from cloud.names import resource_name
 from cloud.state import ClusterState, NodeRecord, StateStore
 from tests.conftest import ROOT, SIM_KEY, SIM_SECRET, ClusterCLI
-from tests.support import Events, cfg_for, left_of, make_cluster
-from tests.test_ray_provider import Cluster, env  # noqa: F401  (the env fixture)
+from tests.support import Cluster, Events, cfg_for, left_of, make_cluster
 
 
 def unique(prefix: str) -> str:
@@ -81,7 +80,7 @@ def test_up_tries_a_failed_instance_create_again(sim, driver, tmp_path):
     assert "trying again to make" in events.text(), events.text()
 
 
-def test_the_head_key_of_an_autoscaling_cluster_survives_a_failed_role_operation(sim, env):  # noqa: F811
+def test_the_head_key_of_an_autoscaling_cluster_survives_a_failed_role_operation(sim, sim_env):
     """`ray up` makes the head's restricted key through the provider (prepare_for_head_node): a failed
     create-iam-role is tried again instead of ending `ray up` with a traceback."""
     c = Cluster(sim, unique("r"))

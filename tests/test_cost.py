@@ -19,7 +19,6 @@ from cloud.config import ConfigError
 from cloud.pricing import PRICES, VOLUME_GB_HOUR, PriceTable
 from tests.conftest import SIM_KEY, SIM_SECRET, ClusterCLI, run_cli
 from tests.support import left_of, make_cluster
-from tests.test_ray_provider import env  # noqa: F401  (the env fixture)
 
 
 def unique(prefix: str) -> str:
@@ -318,7 +317,7 @@ def test_a_sweeps_node_prices_come_from_one_listing_of_the_cluster(sim, driver, 
     assert got.nodes == {n.public_ips[0]: ("standard.micro", pytest.approx(0.01 + 0.00014 * 50)) for n in nodes}
 
 
-def test_the_node_provider_creates_in_the_next_zone_and_stays_there(sim, driver, env):  # noqa: F811
+def test_the_node_provider_creates_in_the_next_zone_and_stays_there(sim, driver, sim_env):
     from ray.autoscaler._private.providers import _get_node_provider
     from ray.autoscaler.node_launch_exception import NodeLaunchException
     from ray.autoscaler.tags import TAG_RAY_NODE_KIND, TAG_RAY_USER_NODE_TYPE
@@ -326,7 +325,7 @@ def test_the_node_provider_creates_in_the_next_zone_and_stays_there(sim, driver,
     from cloud import ray_config
     from cloud.ray_provider import ExoscaleNodeProvider
     from cloud.sim.local import client_env
-    from tests.test_ray_provider import FAST_RETRY
+    from tests.support import FAST_RETRY
 
     def bootstrapped(name):
         cfg = config.load(

@@ -15,8 +15,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 from cloud import iam
 from tests.conftest import ROOT, SIM_KEY, SIM_SECRET, run_cli
-from tests.support import cli_env
-from tests.test_ray_provider import Cluster, env  # noqa: F401  (the env fixture)
+from tests.support import Cluster, HeadsAtLoopback, cli_env
 
 SECTIONS = (
     "cluster_name max_workers upscaling_speed idle_timeout_minutes provider auth available_node_types head_node_type "
@@ -70,11 +69,10 @@ def test_up_max_workers_refuses_an_api_the_head_cannot_reach(sim, tmp_path):
 
 
 @pytest.fixture
-def autoscaling(sim, env, tmp_path):  # noqa: F811
+def autoscaling(sim, sim_env, tmp_path):
     """An autoscaling cluster as `ray up` leaves it (head key made, head labelled by Ray's tags), and the
     head's provider on its restricted key."""
     from cloud.ray_provider import ExoscaleNodeProvider
-    from tests.test_cluster_iam import HeadsAtLoopback
 
     sim.app.model.hooks = HeadsAtLoopback()  # the head's key works from the head's address: this process's
     c = Cluster(sim, "asc")

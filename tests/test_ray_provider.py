@@ -11,79 +11,23 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
-from ray.autoscaler._private.providers import _get_node_provider
 from ray.autoscaler.node_launch_exception import NodeLaunchException
 from ray.autoscaler.tags import (
     TAG_RAY_CLUSTER_NAME,
-    TAG_RAY_LAUNCH_CONFIG,
     TAG_RAY_LAUNCH_REQUEST,
     TAG_RAY_NODE_KIND,
-    TAG_RAY_NODE_NAME,
     TAG_RAY_NODE_STATUS,
     TAG_RAY_USER_NODE_TYPE,
 )
 
-from cloud import config as config_mod
 from cloud import ray_config
 from cloud.ray_provider import ExoscaleNodeProvider
-from cloud.sim.local import client_env
-from tests.conftest import SIM_KEY, SIM_SECRET
-from tests.support import wait_for
-
-FAST_RETRY = {"attempts": 6, "base_s": 0.01, "cap_s": 0.05}
-
-
-class Cluster:
-    """A bootstrapped Ray cluster config for one cluster name on the sim, and providers made from it."""
-
-    def __init__(self, sim, name: str):
-        self.sim, self.name = sim, name
-        cfg = config_mod.load(
-            None,
-            env=client_env(sim.endpoint, SIM_KEY, SIM_SECRET),
-            name=name,
-            ray_cpus=1,
-        )
-        raw = ray_config.build(cfg, 0, 3, 0.1)
-        raw["provider"]["retry"] = FAST_RETRY
-        self.config = ExoscaleNodeProvider.bootstrap_config(raw)
-        self.node_config = self.config["available_node_types"][ray_config.WORKER_TYPE]["node_config"]
-        self.head_node_config = self.config["available_node_types"][ray_config.HEAD_TYPE]["node_config"]
-
-    def provider(self) -> ExoscaleNodeProvider:
-        """A fresh provider, loaded the way Ray loads it (type external, module path)."""
-        return _get_node_provider(self.config["provider"], self.name, use_cache=False)
-
-    def head_tags(self) -> dict[str, str]:
-        """The head's tags as `ray up` gives them."""
-        return {
-            TAG_RAY_NODE_KIND: "head",
-            TAG_RAY_NODE_NAME: f"ray-{self.name}-head",
-            TAG_RAY_NODE_STATUS: "uninitialized",
-            TAG_RAY_USER_NODE_TYPE: ray_config.HEAD_TYPE,
-            TAG_RAY_LAUNCH_CONFIG: "hash0",
-        }
-
-    def tags(self, **extra) -> dict[str, str]:
-        return {
-            TAG_RAY_NODE_KIND: "worker",
-            TAG_RAY_NODE_NAME: f"ray-{self.name}-worker",
-            TAG_RAY_NODE_STATUS: "uninitialized",
-            TAG_RAY_USER_NODE_TYPE: ray_config.WORKER_TYPE,
-            TAG_RAY_LAUNCH_CONFIG: "hash1",
-            **extra,
-        }
+from tests.conftest import SIM_SECRET
+from tests.support import Cluster, wait_for
 
 
 @pytest.fixture
-def env(monkeypatch, tmp_path):
-    monkeypatch.setenv("EXOSCALE_API_KEY", SIM_KEY)
-    monkeypatch.setenv("EXOSCALE_API_SECRET", SIM_SECRET)
-    monkeypatch.setenv("RAYSWEEP_STATE_DIR", str(tmp_path / "state"))
-
-
-@pytest.fixture
-def cluster(sim, env):
+def cluster(sim, sim_env):
     return Cluster(sim, f"c{uuid.uuid4().hex[:6]}")
 
 
@@ -101,7 +45,7 @@ def test_loaded_by_ray_and_bootstrap_holds_no_secret(cluster):
     assert cluster.config["provider"]["security_group_id"]
 
 
-def test_scoped_to_the_cluster_name(sim, env):
+def test_scoped_to_the_cluster_name(sim, sim_env):
     a, b = Cluster(sim, "scope-a"), Cluster(sim, "scope-b")
     pa, pb = a.provider(), b.provider()
     [na] = pa.create_node(a.node_config, a.tags(), 1)
