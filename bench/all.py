@@ -7,6 +7,7 @@ from bench import (
     ray_arg_cost,
     shared_input,
     sim_scale,
+    status_cost,
     stdout_rss,
     sweep_efficiency,
     task_overhead,
@@ -19,6 +20,7 @@ def main():
     shared_input.main([])
     parallel_create.main([])
     sim_scale.main([])
+    status_cost.main([])
     sweep_efficiency.main([])
     stdout_rss.main([])
     progress_latency.main([])

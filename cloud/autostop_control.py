@@ -34,7 +34,8 @@ def start_advice(cfg: ClusterConfig) -> str:
 
 CODE_FILES = (
     *("__init__.py", "autostop.py", "autostop_daemon.py", "config.py", "exoscale_driver.py", "fanout.py"),
-    *("head_credentials.py", "iam.py", "names.py", "pools.py", "provision.py", "retry.py", "state.py"),
+    *("head_credentials.py", "iam.py", "names.py", "pools.py", "pricing.py", "provision.py", "rate_cap.py"),
+    *("retry.py", "state.py"),
 )
 
 

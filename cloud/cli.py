@@ -4,7 +4,7 @@ up -n N (create)      SSH key, security group, N instances in parallel; waits fo
 up --max-workers N    an autoscaling cluster: the head (and --min-workers), Ray's autoscaler adds the rest
 ray-config            a Ray cluster YAML for Ray's own CLI (ray up / exec / submit / attach / down)
 down (destroy)        everything of the cluster, found through the API; asks unless --yes
-list-nodes (status)   name, role, public IP, state
+list-nodes (status)   name, role, public IP, state; each node's type, rate, uptime and cost, and the total
 ssh N                 an interactive login on node N (0 = head, or a node name)
 scp SRC DST           a file or directory to every node (or --node N), DST relative to home
 cmd "COMMAND"         on every node (or --node N) in parallel, output prefixed by node name
@@ -19,6 +19,7 @@ fetch PATH [DEST]     bring a file or directory from the head's home to this mac
 dashboard             tunnel to Ray's dashboard and print its local URL
 autostop              the head's idle teardown: --minutes M, --off, --log (no option: its state)
 types [--zone Z]      instance types: CPUs, memory, GPUs, price per hour, the zones offering each
+cost-report           every cluster made from this machine, ended ones included: duration and cost
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ from libcloud.common.types import InvalidCredsError, LibcloudError
 from cloud import access, autostop, clusters, jobs, node_install, ray_config, ray_runtime
 from cloud import config as config_mod
 from cloud.config import ClusterConfig, ConfigError
+from cloud.cost import ClusterCost, duration_text, rate_text
 from cloud.exoscale_driver import ZONES
 from cloud.node_install import InstallError
+from cloud.pricing import money
 from cloud.ray_auth import RayAuthError, use_token_auth
 from cloud.ray_runtime import RayClusterError
 from cloud.remote import interactive_ssh_argv
@@ -145,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--ssh-key", required=True, help="the private key whose public half Terraform registered")
     a = sub.add_parser("types", help="instance types: CPUs, memory, GPUs, price per hour, the zones offering each")
     a.add_argument("--zone", help="only the types this zone offers")
+    sub.add_parser("cost-report", help="every cluster made from this machine, ended ones included: duration, cost")
     a = sub.add_parser("ray-config", help="print a Ray cluster YAML for `ray up` (an autoscaling cluster)")
     _autoscaling_options(a, max_default=2)
     _autostop_option(a)
@@ -177,7 +181,10 @@ def _autoscaling_options(a: argparse.ArgumentParser, max_default: int | None) ->
 
 
 def _load(args, require_credentials: bool = True, **overrides) -> ClusterConfig:
-    return config_mod.load(args.config, require_credentials=require_credentials, name=args.name, **overrides)
+    cfg = config_mod.load(args.config, require_credentials=require_credentials, name=args.name, **overrides)
+    for warning in cfg.cost.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return cfg
 
 
 def _select(st: ClusterState, which: str | None) -> list[NodeRecord]:
@@ -254,12 +261,30 @@ def cmd_down(args) -> int:
     return 0
 
 
-def _print_nodes(st: ClusterState) -> None:
-    rows = [("#", "NAME", "ROLE", "PUBLIC IP", "STATE")]
+def _print_nodes(st: ClusterState, costs: ClusterCost | None = None) -> None:
+    """The nodes as a table; given their costs, each node's type, hourly rate, uptime and cost too."""
+    rows: list[tuple[str, ...]] = [("#", "NAME", "ROLE", "PUBLIC IP", "STATE")]
     rows += [(str(i), n.name, n.role, n.ip or "-", n.state or "-") for i, n in enumerate(st.ordered())]
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    if costs is not None:
+        by_name = {c.name: c for c in costs.nodes}
+        rows[0] += ("TYPE", "RATE", "UPTIME", "COST")
+        for i, n in enumerate(st.ordered(), start=1):
+            c = by_name.get(n.name)
+            rows[i] += (
+                (
+                    c.instance_type,
+                    rate_text(c.rate, costs.currency),
+                    duration_text(c.uptime_s),
+                    money(c.cost, costs.currency),
+                )
+                if c is not None
+                else ("-", "-", "-", "-")
+            )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    if costs is not None:
+        print(costs.summary())
 
 
 def cmd_install(args) -> int:
@@ -363,7 +388,9 @@ def cmd_list(args) -> int:
         else:
             print(f"cluster {cfg.name!r} has no nodes", file=sys.stderr)
         return 0
-    _print_nodes(st.state)
+    _print_nodes(st.state, st.cost)
+    if st.cost is None:
+        print("cost: unknown without the API (set EXOSCALE_API_KEY and EXOSCALE_API_SECRET)")
     if st.ray_nodes is not None:
         _print_ray(st.ray_nodes)
     else:
@@ -497,6 +524,7 @@ def cmd_up_autoscaling(args) -> int:
     if args.max_workers < 0 or not 0 <= args.min_workers <= args.max_workers:
         raise CLIError(f"--min-workers {args.min_workers} / --max-workers {args.max_workers}: need 0 <= min <= max")
     cfg = _load(args, autostop_minutes=args.autostop)
+    args.max_workers = clusters.capped_max_workers(cfg, args.min_workers, args.max_workers, _printer())
     out = clusters.up_autoscaling(
         cfg,
         args.min_workers,
@@ -529,6 +557,12 @@ def cmd_ray_config(args) -> int:
     """The Ray cluster YAML on stdout (only it: messages go to stderr)."""
     cfg = _load(args, require_credentials=False, autostop_minutes=args.autostop)
     worker_types = tuple(ray_config.parse_worker_type(t) for t in args.worker_type)
+    others: dict[str, int] = {}
+    for w in worker_types:
+        others[w.instance_type] = others.get(w.instance_type, 0) + w.max_workers
+    args.max_workers = clusters.capped_max_workers(
+        cfg, args.min_workers, args.max_workers, _printer(), head_type=args.head_type, others=others
+    )
     config = ray_config.build(
         cfg,
         args.min_workers,
@@ -557,7 +591,14 @@ def cmd_types(args) -> int:
     return 0
 
 
+def cmd_cost_report(args) -> int:
+    cfg = _load(args, require_credentials=False)
+    print(clusters.cost_report(cfg.state_dir.parent))
+    return 0
+
+
 COMMANDS = {
+    "cost-report": cmd_cost_report,
     "ray-config": cmd_ray_config,
     "up": cmd_up,
     "create": cmd_up,

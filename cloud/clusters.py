@@ -11,15 +11,35 @@ refuses in one line naming it. Every cloud operation is tried again within the c
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from cloud import access, autostop, autostop_control, elastic, iam, provision, ray_runtime, ssh_ready
+from libcloud.common.exceptions import BaseHTTPError
+from libcloud.common.types import LibcloudError
+
+from cloud import (
+    access,
+    autostop,
+    autostop_control,
+    cost,
+    cost_history,
+    elastic,
+    iam,
+    placement,
+    provision,
+    rate_cap,
+    ray_runtime,
+    ssh_ready,
+)
 from cloud.autostop import Settings
 from cloud.config import ClusterConfig
+from cloud.cost import ClusterCost
 from cloud.names import resource_name
 from cloud.retry import Progress, StepFailed, Wait, retry
 from cloud.state import ClusterBusy, ClusterState, StateStore
+
+log = logging.getLogger(__name__)
 
 PROG = "exoscale.py"
 AGAIN = f"`{PROG} up` again completes the cluster, `{PROG} down` removes it"
@@ -66,11 +86,28 @@ def up(
 ) -> UpOutcome:
     """`up -n`: the key, the group and cfg.nodes instances, running and answering SSH; then, given
     `autostop_minutes`, that setting on the head. Nodes not ready are in the outcome's `failed`."""
+    if cfg.cost.max_hourly_rate is not None:  # before any API call
+        try:
+            rate_cap.check_nodes(
+                cfg.cost.max_hourly_rate, cfg.cost.prices, cfg.spec.instance_type, cfg.spec.disk_size, cfg.spec.nodes
+            )
+        except rate_cap.RateCapError as e:
+            raise ClusterError(str(e)) from None
     refuse_static_up_on_autoscaling(cfg)
     store = StateStore(cfg.state_dir)
     try:
         with store.lock(f"{PROG} up"):
-            res = provision.up(cfg.driver(), cfg.spec, progress=progress, running_timeout=timeout)
+            try:
+                cfg = placement.place(cfg, progress, timeout)  # with zones: where it lives, or its head made
+            except placement.PlacementError as e:
+                raise ClusterError(str(e)) from None
+            except KeyboardInterrupt:
+                raise Interrupted(f"interrupted while choosing the cluster's zone. {AGAIN}.") from None
+            driver = cfg.driver()
+            try:
+                res = provision.up(driver, cfg.spec, progress=progress, running_timeout=timeout)
+            finally:  # what was made is in the cost history, whatever happens next
+                record_history(cfg, driver, "up")
             failed = dict(res.failed)
             try:
                 failed.update(ssh_ready.wait_ssh(res.key_path, store.known_hosts, res.state.nodes, progress, timeout))
@@ -109,6 +146,7 @@ def up_autoscaling(
     instances (which its node provider tries again)."""
     if max_workers < 0 or not 0 <= min_workers <= max_workers:
         raise ClusterError(f"--min-workers {min_workers} / --max-workers {max_workers}: need 0 <= min <= max")
+    max_workers = capped_max_workers(cfg, min_workers, max_workers, progress)
     driver = cfg.driver()
     existing = provision.query_instances(driver, cfg.name)
     if existing and not provision.is_autoscaling(cfg.state_dir, existing):
@@ -138,7 +176,13 @@ def up_autoscaling(
                 raise Interrupted(f"interrupted; `ray up` was stopped. {again}.") from None
             if rc == 0:
                 store.record_autostop(cfg.autostop_minutes)  # what the YAML's head start commands set
-            st = provision.status(driver, cfg.spec)  # ssh, scp, cmd and --cluster use it
+            home = placement.home(cfg) if len(cfg.spec.zones) > 1 else None
+            if home is not None:  # the node provider made the head in the first zone that had room
+                store.record_zone(home)
+                cfg = cfg.in_zone(home)
+                driver = cfg.driver()
+            st, nodes = provision.status_nodes(driver, cfg.spec)  # ssh, scp, cmd and --cluster use it
+            record_history(cfg, driver, "up", nodes)
     except (ValueError, ClusterBusy) as e:  # ValueError: a bad setting, type or template
         raise ClusterError(str(e)) from None
     except StepFailed as e:
@@ -149,6 +193,40 @@ def up_autoscaling(
     if rc == 0 and autostop_minutes is not None:  # the head keeps the setting it has: this one replaces it
         out.autostop = set_autostop(cfg, autostop_minutes)
     return out
+
+
+def capped_max_workers(
+    cfg: ClusterConfig,
+    min_workers: int,
+    max_workers: int,
+    progress: Progress,
+    head_type: str | None = None,
+    others: dict[str, int] | None = None,
+) -> int:
+    """max_workers lowered to what cluster.toml's max_hourly_rate allows beside the head (of `head_type`, default
+    the cluster's type) and `others` (other worker types at their maximum), said in one line when lowered;
+    ClusterError when not even min_workers fit."""
+    cap, prices, spec = cfg.cost.max_hourly_rate, cfg.cost.prices, cfg.spec
+    if cap is None:
+        return max_workers
+    try:
+        fixed = rate_cap.rate_of(cap, prices, {head_type or spec.instance_type: 1}, spec.disk_size)
+        fixed += rate_cap.rate_of(cap, prices, others or {}, spec.disk_size)
+        fits = rate_cap.cap_workers(cap, prices, spec.instance_type, spec.disk_size, max_workers, fixed)
+    except rate_cap.RateCapError as e:
+        raise ClusterError(str(e)) from None
+    if fits < min_workers:
+        raise ClusterError(
+            f"--min-workers {min_workers}: only {fits} worker(s) of {spec.instance_type} fit under max_hourly_rate "
+            f"{cap} {prices.currency} beside the head"
+        )
+    if fits < max_workers:
+        progress(
+            cfg.name,
+            f"max_workers {max_workers} -> {fits}: more {spec.instance_type} workers would pass max_hourly_rate "
+            f"{cap} {prices.currency}",
+        )
+    return fits
 
 
 # -------------------------------------------------------------------------------------------- down
@@ -162,6 +240,7 @@ class Removal:
     autoscaling: bool
     restricted: bool  # the head has a restricted key (autoscaler, autostop daemon) to revoke
     notes: list[str] = field(default_factory=list)  # what is left alone, said before anything is done
+    nodes: list = field(default_factory=list)  # the instances (libcloud Nodes): their end goes in the cost history
 
     @property
     def empty(self) -> bool:
@@ -193,7 +272,7 @@ def plan_down(driver, cfg: ClusterConfig) -> Removal:
         what.append(f"security group {name}")
     if plan.has_key:
         what.append(f"SSH key {name}")
-    return Removal(what, autoscaling, restricted, notes)
+    return Removal(what, autoscaling, restricted, notes, plan.nodes)
 
 
 def down(
@@ -206,6 +285,7 @@ def down(
     nothing is created meanwhile), the instances, the group, the SSH key, then the restricted key's role;
     each delete tried again until `timeout`. `confirm` sees the plan (notes included) before anything is
     removed; False leaves everything. Idempotent: a second `down` finishes what the first left."""
+    cfg = located(cfg)
     driver = cfg.driver()
     store = StateStore(cfg.state_dir)
     try:
@@ -228,6 +308,9 @@ def down(
                 res = provision.down(driver, cfg.spec, progress=progress, wait=wait)  # made late
             removed += res.removed
             failed = dict(res.failed)
+            gone = [n for n in removal.nodes if f"instance {n.name}" not in failed]
+            left = any(k.startswith("instance ") for k in failed)
+            record_history(cfg, driver, "deleted" if left else "down", gone)
             if removal.restricted and not failed:  # the key and its role, once nothing uses them
                 try:
                     removed += retry(
@@ -247,6 +330,28 @@ def down(
     return DownOutcome(removal, removed, failed, wait.elapsed())
 
 
+# ------------------------------------------------------------------------------------- cost history
+
+
+def record_history(cfg: ClusterConfig, driver, event: str, nodes: list | None = None) -> None:
+    """Append what the API says of the cluster's instances (listed now unless given) to the cost history
+    under the state root; a listing that fails is a warning in the log, never a failed command."""
+    try:
+        if nodes is None:
+            nodes = provision.query_instances(driver, cfg.name)
+        types = cost.type_names(nodes, driver.ex_list_instance_types, cfg.state_dir.parent / cost.TYPES_CACHE)
+    except (LibcloudError, BaseHTTPError) as e:
+        log.warning("cost history: the instances of %s not listed: %s", cfg.name, e)
+        return
+    if nodes or event in ("down", "deleted"):
+        cost_history.record(cfg.state_dir.parent, cfg.name, cfg.zone, event, nodes, types, cfg.cost.prices)
+
+
+def cost_report(state_root) -> str:
+    """`cost-report`: every cluster the history under `state_root` holds, ended ones included."""
+    return cost_history.render(cost_history.read(state_root))
+
+
 # ------------------------------------------------------------------------------------------ status
 
 
@@ -261,17 +366,33 @@ class Status:
     ray_error: str | None = None
     autoscaler: str | None = None
     autostop: str | None = None
+    cost: ClusterCost | None = None  # None: no credentials, so no API to read the instances' types and ages from
+
+
+def located(cfg: ClusterConfig) -> ClusterConfig:
+    """With `zones` and no zone recorded here (the local state lost), the zone that holds the instances."""
+    if len(cfg.spec.zones) < 2 or StateStore(cfg.state_dir).zone_record() or cfg.credentials.api_secret is None:
+        return cfg
+    zone = placement.home(cfg)
+    return cfg.in_zone(zone) if zone else cfg
 
 
 def status(cfg: ClusterConfig) -> Status:
+    cluster_cost = None
+    cfg = located(cfg)
     if cfg.credentials.api_secret is not None:  # the API is the truth; the cache serves when there are no credentials
-        st = provision.status(cfg.driver(), cfg.spec)
+        driver = cfg.driver()
+        st, nodes = provision.status_nodes(driver, cfg.spec)
+        if nodes:  # from the same listing: each instance's type and created-at (a type given by id: one listing)
+            types = cost.type_names(nodes, driver.ex_list_instance_types, cfg.state_dir.parent / cost.TYPES_CACHE)
+            cluster_cost = cost.node_costs(nodes, types, cfg.cost.prices)
+            cost_history.record(cfg.state_dir.parent, cfg.name, cfg.zone, "status", nodes, types, cfg.cost.prices)
     else:
         st = access.cluster_state(cfg)
     if not st.nodes:
         rest = provision.leftovers(cfg.driver(), cfg.name) if cfg.credentials.api_secret is not None else None
         return Status(st, gone=access.gone_message(cfg, rest)[0] if rest else None)
-    out = Status(st)
+    out = Status(st, cost=cluster_cost)
     try:
         out.ray_nodes = ray_runtime.ray_nodes(cfg)
     except ray_runtime.RayClusterError as e:

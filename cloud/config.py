@@ -9,17 +9,22 @@ templates are checked against the API before anything is created.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from cloud import rate_cap
 from cloud.autostop import DEFAULT_MINUTES, check_minutes
 from cloud.exoscale_driver import ZONES, ExoscaleV2NodeDriver, RetryPolicy, Secret
+from cloud.pricing import PriceError, PriceTable
+from cloud.state import StateStore
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -46,6 +51,13 @@ DEFAULTS: dict[str, Any] = {
     "head_cpus": 0,  # CPUs an autoscaling cluster's head offers to Ray (0: no trials beside the head's key)
     "ray_env": {},  # environment for `ray start`, e.g. { RAY_health_check_period_ms = "1000" }
     "autostop_minutes": DEFAULT_MINUTES,  # idle minutes after which the head tears the cluster down (0 = off)
+    # cost (cloud.pricing): hourly rates replacing the price list's, by type ([prices] "standard.medium" = 0.05),
+    # and what the cluster's instances may cost per hour together (disks included; None: no cap)
+    "prices": {},
+    "max_hourly_rate": None,
+    # zones tried in order when a create is refused for capacity or quota (cloud.zone_failover); the cluster
+    # stays in the zone of its first node. [] : only `zone`
+    "zones": [],
 }
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -92,6 +104,7 @@ class ClusterSpec:
     ssh_key: Path | None = None  # the user's private key; None: the cluster's own pair in state_dir
     ssh_cidr: str = DEFAULTS["ssh_cidr"]
     labels: Mapping[str, str] = field(default_factory=dict)
+    zones: tuple[str, ...] = ()  # tried in order for the first node; () : `zone` only
 
 
 @dataclass(frozen=True)
@@ -124,6 +137,15 @@ class RaySettings:
 
 
 @dataclass(frozen=True)
+class CostSettings:
+    """What the cluster's instances cost (cloud.pricing): the price table, cluster.toml's `[prices]` applied."""
+
+    prices: PriceTable = field(default_factory=PriceTable)
+    max_hourly_rate: Decimal | None = None  # in prices.currency, for all the cluster's instances together
+    warnings: tuple[str, ...] = ()  # e.g. a [prices] entry for a type the price list does not have
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     """cluster.toml and the environment, validated, in the parts that belong together: the credentials, the
     cluster's shape (the provisioning core's ClusterSpec), how nodes are installed, how Ray starts, and the
@@ -135,6 +157,7 @@ class ClusterConfig:
     ray: RaySettings = field(default_factory=RaySettings)
     autostop_minutes: float = DEFAULT_MINUTES
     ssh_cidr_given: bool = False  # ssh_cidr was set, not the open default
+    cost: CostSettings = field(default_factory=CostSettings)
 
     @property
     def name(self) -> str:
@@ -157,11 +180,22 @@ class ClusterConfig:
             raise ConfigError(
                 "set EXOSCALE_API_KEY and EXOSCALE_API_SECRET (an Exoscale API key pair, as for the exo CLI)"
             )
+        if c.endpoint and self.spec.zones and self.zone != self.spec.zones[0]:
+            # EXOSCALE_API_ENDPOINT serves the first zone; another zone's endpoint is the one list-zones gives
+            return driver_for(c.api_key, c.api_secret, self.spec.zones[0], c.endpoint).ex_zone_driver(self.zone)
         return driver_for(c.api_key, c.api_secret, self.zone, c.endpoint)
 
     def with_state_root(self, root: Path) -> ClusterConfig:
         """The same cluster with its local state under `root` (state_dir = root / name)."""
-        return replace(self, spec=replace(self.spec, state_dir=root / self.name))
+        return replace(self, spec=replace(self.spec, state_dir=root / self.name)).placed()
+
+    def in_zone(self, zone: str) -> ClusterConfig:
+        return replace(self, spec=replace(self.spec, zone=zone))
+
+    def placed(self) -> ClusterConfig:
+        """With `zones`, the cluster in the zone its state records it was made in (zone failover); else as is."""
+        recorded = StateStore(self.state_dir).zone_record() if self.spec.zones else None
+        return self.in_zone(recorded) if recorded in self.spec.zones and recorded != self.zone else self
 
 
 CREDENTIAL_VARS = ("EXOSCALE_API_KEY", "EXOSCALE_API_SECRET")
@@ -191,7 +225,7 @@ def load(
     Commands that only use SSH (scp, cmd, ssh) pass require_credentials=False."""
     environ: Mapping[str, str] = os.environ if env is None else env
     values: dict[str, Any] = dict(DEFAULTS)
-    cidr_given = False
+    cidr_given = zone_given = False
     if path is not None:
         p = Path(path)
         try:
@@ -206,10 +240,12 @@ def load(
             raise ConfigError(f"{p}: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(DEFAULTS)}")
         values.update(data)
         cidr_given = "ssh_cidr" in data
+        zone_given = "zone" in data
     for k, v in overrides.items():
         if v is not None:
             values[k] = v
             cidr_given = cidr_given or k == "ssh_cidr"
+            zone_given = zone_given or k == "zone"
     key, secret = environ.get("EXOSCALE_API_KEY"), environ.get("EXOSCALE_API_SECRET")
     if (not key or not secret) and require_credentials:
         raise ConfigError("set EXOSCALE_API_KEY and EXOSCALE_API_SECRET (an Exoscale API key pair, as for the exo CLI)")
@@ -220,7 +256,7 @@ def load(
             raise ConfigError(
                 f"EXOSCALE_API_ENDPOINT {endpoint!r}: give a URL like https://HOST/v2 or http://127.0.0.1:8080/v2"
             )
-    return _validate(values, key or "", Secret(secret) if secret else None, endpoint, cidr_given)
+    return _validate(values, key or "", Secret(secret) if secret else None, endpoint, cidr_given, zone_given)
 
 
 def _is_int(x: object) -> bool:
@@ -228,12 +264,34 @@ def _is_int(x: object) -> bool:
 
 
 def _validate(
-    v: dict[str, Any], key: str, secret: Secret | None, endpoint: str | None, cidr_given: bool
+    v: dict[str, Any],
+    key: str,
+    secret: Secret | None,
+    endpoint: str | None,
+    cidr_given: bool,
+    zone_given: bool = False,
 ) -> ClusterConfig:
     name = v["name"]
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ConfigError(
             f"name {name!r}: use 1-40 lower-case letters, digits and '-', starting and ending with a letter or digit"
+        )
+    zones = v["zones"]
+    if not isinstance(zones, list) or not all(isinstance(z, str) for z in zones):
+        raise ConfigError(
+            f'zones must be a list of zones tried in order, e.g. ["de-fra-1", "at-vie-2"]; valid: {", ".join(ZONES)}'
+        )
+    for z in zones:
+        if z not in ZONES:
+            raise ConfigError(f"zones: {z!r} is not an Exoscale zone; valid: {', '.join(ZONES)}")
+    if len(set(zones)) != len(zones):
+        raise ConfigError(f"zones: {', '.join(sorted({z for z in zones if zones.count(z) > 1}))} named more than once")
+    if zones and not zone_given:
+        v["zone"] = zones[0]
+    elif zones and v["zone"] != zones[0]:
+        raise ConfigError(
+            f"zone {v['zone']!r} with zones = [{', '.join(zones)}]: zones are tried in their order, from the first; "
+            f"leave zone out"
         )
     if v["zone"] not in ZONES:
         raise ConfigError(f"zone {v['zone']!r} is not an Exoscale zone; valid: {', '.join(ZONES)}")
@@ -280,7 +338,8 @@ def _validate(
         autostop_minutes = check_minutes(v["autostop_minutes"], "autostop_minutes")
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return ClusterConfig(
+    cost = _cost_settings(v, v["instance_type"], v["disk_size"])
+    cfg = ClusterConfig(
         credentials=Credentials(key, secret, endpoint),
         spec=ClusterSpec(
             name=name,
@@ -293,6 +352,7 @@ def _validate(
             ssh_key=ssh_key,
             ssh_cidr=str(net),
             labels={str(k): str(x) for k, x in labels.items()},
+            zones=tuple(zones),
         ),
         install=InstallSettings(
             setup_commands=tuple(cmds),
@@ -304,4 +364,37 @@ def _validate(
         ray=RaySettings(cpus=v["ray_cpus"], env=dict(v["ray_env"]), head_cpus=v["head_cpus"]),
         autostop_minutes=autostop_minutes,
         ssh_cidr_given=cidr_given,
+        cost=cost,
     )
+    return cfg.placed()
+
+
+def _cost_settings(v: dict[str, Any], instance_type: str, disk_size: int) -> CostSettings:
+    """[prices] applied to the price list (a type it lacks: a warning) and max_hourly_rate checked: a number > 0
+    that one node of instance_type (with its disk) fits under."""
+    if not isinstance(v["prices"], dict):
+        raise ConfigError('prices must be a table of "TYPE" = hourly rate, e.g. [prices] "standard.medium" = 0.05')
+    # `standard.medium = 0.05` unquoted is a table `standard` in TOML: read it as the type it spells
+    flat = {
+        f"{k}.{sub}" if isinstance(x, dict) else k: y
+        for k, x in v["prices"].items()
+        for sub, y in (x.items() if isinstance(x, dict) else [(None, x)])
+    }
+    try:
+        prices, warnings = PriceTable().with_overrides(flat)
+    except PriceError as e:
+        raise ConfigError(str(e)) from None
+    cap = v["max_hourly_rate"]
+    if cap is None:
+        return CostSettings(prices, None, tuple(warnings))
+    if isinstance(cap, bool) or not isinstance(cap, int | float) or not math.isfinite(cap) or cap <= 0:
+        raise ConfigError(
+            f"max_hourly_rate {cap!r}: a number > 0, what the cluster's instances may cost per hour together "
+            f"(in {prices.currency}), e.g. 2.5"
+        )
+    limit = Decimal(str(cap))
+    try:
+        rate_cap.check_one_node(limit, prices, instance_type, disk_size)
+    except rate_cap.RateCapError as e:
+        raise ConfigError(str(e)) from None
+    return CostSettings(prices, limit, tuple(warnings))

@@ -7,6 +7,7 @@
         ...
         why = conn.lost_reason()               # None, or why the head stopped answering
         conn.note()                            # autoscaling clusters: launches under way, a failed launch
+        conn.node_prices()                     # each node's instance type and hourly rate, by IP (the API)
 
 Call it before `import ray` where possible: Ray reads RAY_AUTH_MODE once, at import.
 """
@@ -16,11 +17,16 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
 
 from cloud import config as config_mod
+from cloud.config import ClusterConfig
+from cloud.cost import TYPES_CACHE, type_names
 from cloud.elastic import autoscaler_note
-from cloud.provision import is_autoscaling
+from cloud.pricing import PRICES_TAKEN
+from cloud.provision import is_autoscaling, query_instances
+from cloud.rate_cap import node_rate
 from cloud.ray_auth import use_token_auth
 from cloud.ray_runtime import CLIENT_PORT, node_command
 from cloud.tunnel import Tunnel, open_tunnel
@@ -34,9 +40,16 @@ NOTE_INTERVAL_S = 15.0
 class ClusterConnection:
     """A `ray://` address that reaches a cluster's head through an SSH tunnel, open until `close()`."""
 
-    def __init__(self, tunnel: Tunnel | None, address: str, ask_status: Callable[[], str | None] | None = None):
+    def __init__(
+        self,
+        tunnel: Tunnel | None,
+        address: str,
+        ask_status: Callable[[], str | None] | None = None,
+        prices: Callable[[], NodePrices] | None = None,
+    ):
         self._tunnel = tunnel
         self.address = address
+        self._prices = prices
         self._note: str | None = None
         self._stop = threading.Event()
         if ask_status is not None:
@@ -53,6 +66,11 @@ class ClusterConnection:
         """On an autoscaling cluster, what its autoscaler is doing that a waiting user should see (nodes
         launching, the newest failed launch), refreshed every NOTE_INTERVAL_S; else None."""
         return self._note
+
+    def node_prices(self) -> NodePrices:
+        """What each of the cluster's nodes costs, as the API lists them now: plain data for pipeline.cost.
+        NodePrices with no currency when there is no API to ask (no credentials in the environment)."""
+        return self._prices() if self._prices is not None else NodePrices(None, "no API credentials", {})
 
     def lost_reason(self) -> str | None:
         """Why the connection broke, if the tunnel's watchdog saw the head stop answering; else None."""
@@ -98,4 +116,30 @@ def connect_cluster(name: str, config_path: str | None = None) -> ClusterConnect
         def ask() -> str | None:
             return tunnel.run(status, timeout=30)
 
-    return ClusterConnection(tunnel, f"ray://127.0.0.1:{port}", ask_status=ask)
+    prices = (lambda: node_prices(cfg)) if cfg.credentials.api_secret is not None else None
+    return ClusterConnection(tunnel, f"ray://127.0.0.1:{port}", ask_status=ask, prices=prices)
+
+
+@dataclass(frozen=True)
+class NodePrices:
+    """The cluster's nodes by IP: (instance type, hourly rate with its disk, None when the price is unknown), in
+    `currency` (None: no prices at all); `source` says where the rates come from."""
+
+    currency: str | None
+    source: str
+    nodes: dict[str, tuple[str, float | None]]
+
+
+def node_prices(cfg: ClusterConfig) -> NodePrices:
+    """One listing of the cluster's instances (and of the types, when an instance names its type by id alone)."""
+    driver = cfg.driver()
+    nodes = query_instances(driver, cfg.name)
+    types = type_names(nodes, driver.ex_list_instance_types, cfg.state_dir.parent / TYPES_CACHE)
+    prices = cfg.cost.prices
+    out: dict[str, tuple[str, float | None]] = {}
+    for n in nodes:
+        rate = node_rate(prices, types[str(n.id)], int(n.extra.get("disk_size") or 0))
+        for ip in n.public_ips:
+            out[ip] = (types[str(n.id)], None if rate is None else float(rate))
+    source = f"Exoscale's prices of {PRICES_TAKEN}" + (" with cluster.toml's [prices]" if prices.overridden else "")
+    return NodePrices(prices.currency, source, out)

@@ -864,6 +864,7 @@ class ExoscaleV2NodeDriver(NodeDriver):
                 "state": i.get("state"),
                 "labels": dict(i.get("labels") or {}),
                 "instance_type_id": (i.get("instance-type") or {}).get("id"),
+                "instance_type": _type_name(i.get("instance-type") or {}),
                 "template_id": (i.get("template") or {}).get("id"),
                 "security_group_ids": [g.get("id") for g in i.get("security-groups") or []],
                 "ssh_keys": [k.get("name") for k in i.get("ssh-keys") or []],
@@ -978,3 +979,10 @@ def _looks_like_uuid(text: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+def _type_name(t: dict) -> str | None:
+    """An instance type's name (family.size) when the reference carries them; Exoscale's list-instances may give
+    the id alone, which ExoscaleV2NodeDriver.ex_list_instance_types resolves."""
+    family, size = t.get("family"), t.get("size")
+    return f"{family}.{size}" if family and size else None

@@ -116,6 +116,11 @@ def _record(node: Node, user: str) -> NodeRecord:
 
 def status(driver, spec: ClusterSpec) -> ClusterState:
     """The cluster as the API sees it (and the local cache refreshed from it)."""
+    return status_nodes(driver, spec)[0]
+
+
+def status_nodes(driver, spec: ClusterSpec) -> tuple[ClusterState, list[Node]]:
+    """status(), and the instances it was read from (their types and creation times: what they cost)."""
     store = StateStore(spec.state_dir)
     old = store.load()
     users = {n.name: n.user for n in old.nodes} if old else {}
@@ -128,7 +133,7 @@ def status(driver, spec: ClusterSpec) -> ClusterState:
     )
     if nodes:
         store.save(state)
-    return state
+    return state, nodes
 
 
 # ------------------------------------------------------------------------------- key and group

@@ -143,6 +143,8 @@ def build(
         provider["endpoint"] = cfg.credentials.endpoint
     if cfg.spec.labels:
         provider["labels"] = dict(cfg.spec.labels)
+    if cfg.spec.zones:  # tried in order by the node provider while the cluster has no node (cloud.zone_failover)
+        provider["zones"] = list(cfg.spec.zones)
     try:
         unit_s = autostop.unit_from_env()
     except ValueError as e:

@@ -44,7 +44,7 @@ from ray.autoscaler.node_launch_exception import NodeLaunchException
 from ray.autoscaler.node_provider import NodeProvider
 from ray.autoscaler.tags import NODE_KIND_HEAD, TAG_RAY_CLUSTER_NAME, TAG_RAY_NODE_KIND, TAG_RAY_USER_NODE_TYPE
 
-from cloud import head_credentials, iam, pools, provision
+from cloud import head_credentials, iam, pools, provision, zone_failover
 from cloud.config import RESERVED_LABELS, ClusterSpec, driver_for
 from cloud.exoscale_driver import (
     ExoscaleAPIError,
@@ -135,8 +135,9 @@ class ExoscaleNodeProvider(NodeProvider):
     def __init__(self, provider_config: dict[str, Any], cluster_name: str) -> None:
         super().__init__(provider_config, cluster_name)
         self._creds = _credentials(provider_config)  # set on the head only
-        self.driver = make_driver(provider_config, self._creds)
         self._scope = cluster_labels(cluster_name)
+        self._zones = tuple(provider_config.get("zones") or ())  # tried in order while the cluster has no node
+        self.driver = zone_failover.home_driver(make_driver(provider_config, self._creds), self._zones, self._scope)
         self._user_labels = dict(provider_config.get("labels") or {})
         self._own_labels = set(RESERVED_LABELS) | set(self._user_labels)
         self._lock = threading.Lock()  # guards the dicts below
@@ -330,16 +331,24 @@ class ExoscaleNodeProvider(NodeProvider):
     def _create_one(self, name: str, size: NodeSize, image: NodeImage, node_config: dict, labels: dict) -> Node:
         for attempt in range(1, CREATE_ATTEMPTS + 1):
             try:
-                node = provision.create_instance(
+                self.driver, node = zone_failover.create_in_zones(  # with zones: where the cluster lives
                     self.driver,
-                    name,
-                    size,
-                    image,
-                    key_name=self.provider_config["ssh_key_name"],
-                    group=self.provider_config["security_group_id"],
-                    disk_size=int(node_config.get("disk_size", 50)),
-                    labels=labels,
+                    self._zones,
+                    self._scope,
+                    lambda driver: provision.create_instance(
+                        driver,
+                        name,
+                        size,
+                        image,
+                        key_name=self.provider_config["ssh_key_name"],
+                        group=self.provider_config["security_group_id"],
+                        disk_size=int(node_config.get("disk_size", 50)),
+                        labels=labels,
+                    ),
+                    f"create {name}",
                 )
+            except zone_failover.NoZoneError as e:
+                raise NodeLaunchException("no-zone", f"creating {name}: {e}", sys.exc_info()) from None
             except ExoscaleOperationError as e:
                 if e.reference_id:  # what the failed operation left (an instance in error) goes first
                     self._destroy(e.reference_id)
@@ -574,7 +583,7 @@ class ExoscaleNodeProvider(NodeProvider):
         head_ip = self._wait_address(head_id)
         sizes = self.ensure_pools(cluster_config)
         pool_ids = {t: self._pools[t] for t in sizes}
-        zone, endpoint = self.provider_config["zone"], self.provider_config.get("endpoint")
+        zone, endpoint = self.driver.zone, self.provider_config.get("endpoint")  # the zone the head lives in
         policy = iam.pool_head_policy({pool_ids[t]: n for t, n in sizes.items()}, head_id, head_ip, zone)
         path = iam.key_copy_path(self._store.dir)
         creds = retry(

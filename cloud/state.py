@@ -10,6 +10,7 @@ Layout of a cluster's state directory (mode 700):
     lock            held by the command changing the cluster (`up`, `down`), naming its process
     autostop.json   the autostop setting last given to the head from here ({"minutes": M}; 0 = off): what
                     tells an autostop from instances deleted by someone else once the head is gone
+    zone            the zone of cluster.toml's `zones` the cluster's first node was made in (where it lives)
 The default root ~/.raysweep/clusters and ~/.raysweep are the toolkit's own and kept at mode 700 too.
     ray_token       the cluster's Ray token (600), made by `start`, sent to the nodes and to Ray's clients
 """
@@ -153,6 +154,21 @@ class StateStore:
             return None
         return float(minutes) if isinstance(minutes, (int, float)) and not isinstance(minutes, bool) else None
 
+    @property
+    def zone_path(self) -> Path:
+        return self.dir / "zone"
+
+    def record_zone(self, zone: str) -> None:
+        """Remember the zone the cluster's first node was made in (of cluster.toml's `zones`)."""
+        self.ensure_dir()
+        self.zone_path.write_text(zone + "\n")
+
+    def zone_record(self) -> str | None:
+        try:
+            return self.zone_path.read_text().strip() or None
+        except OSError:
+            return None
+
     def record_imported_key(self, path: Path) -> None:
         self.ensure_dir()
         (self.dir / "ssh_key_path").write_text(str(path.resolve()) + "\n")
@@ -238,7 +254,7 @@ class StateStore:
         if not self.dir.exists():
             return
         if keep_key:
-            for p in (self.path, self.known_hosts, self.autostop_path):
+            for p in (self.path, self.known_hosts, self.autostop_path, self.zone_path):
                 p.unlink(missing_ok=True)
         else:
             shutil.rmtree(self.dir)

@@ -110,3 +110,36 @@ def zones_offering(
         raise ValueError(f"unknown instance type {type_name!r}; valid: {', '.join(sorted(by_name))}")
     offered = [z for z in zones if z in wanted.zones]
     return offered, [z for z in zones if z not in wanted.zones]
+
+
+# ------------------------------------------------------------------------ the node provider's hook
+
+
+def _has_instances(driver, labels: dict[str, str]) -> bool:
+    return any(all(n.extra["labels"].get(k) == v for k, v in labels.items()) for n in driver.list_nodes())
+
+
+def home_driver(driver, zones: Sequence[str], labels: dict[str, str]):
+    """The driver of the zone of `zones` whose instances carry `labels` (the cluster's: where it lives), or
+    `driver` when it has none yet or `zones` names fewer than two."""
+    if len(zones) < 2:
+        return driver
+    for zone in [driver.zone, *(z for z in zones if z != driver.zone)]:
+        zd = driver.ex_zone_driver(zone)
+        if _has_instances(zd, labels):
+            return zd
+    return driver
+
+
+def create_in_zones(driver, zones: Sequence[str], labels: dict[str, str], create: Callable[[object], T], what: str):
+    """(the driver of the zone used, what `create(that driver)` returned): the zone where the cluster (`labels`)
+    has instances, or, while it has none, the first of `zones` whose create is not refused for capacity or quota
+    (NoZoneError naming each zone's answer when all refuse). A cluster lives in one zone: it moves only while
+    it has no node."""
+    if len(zones) < 2:
+        return driver, create(driver)
+    home = home_driver(driver, zones, labels)
+    if _has_instances(home, labels):
+        return home, create(home)
+    zone, made = first_zone(zones, lambda z: create(driver.ex_zone_driver(z)), what)
+    return driver.ex_zone_driver(zone), made

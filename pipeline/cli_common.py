@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import report
+from pipeline.cost import NO_PRICE, BudgetError, CostMeter, NodeRate, SweepPrices, check_budget, money
 from pipeline.ray_address import RayAddressError, check_ray_address
 from pipeline.runner import (
     OutputError,
@@ -56,6 +57,12 @@ def add_ray_options(p: argparse.ArgumentParser) -> None:
         help="CPUs of the local Ray started when neither --address nor --cluster is given (default: all)",
     )
     p.add_argument("--fresh", action="store_true", help="ignore earlier results in --out and run everything")
+    p.add_argument(
+        "--budget",
+        default=None,
+        metavar="AMOUNT",
+        help="on a cluster: start no new trial once the estimated cost would pass AMOUNT (the prices' currency)",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -66,6 +73,10 @@ def check_ray_options(args: argparse.Namespace) -> None:
         raise UsageError("--cluster-config applies only with --cluster NAME (the cluster it describes)")
     if args.local_cpus is not None and (args.local_cpus < 1 or args.address or args.cluster):
         raise UsageError("--local-cpus takes a number >= 1 and applies only to a local Ray")
+    try:
+        args.budget = check_budget(getattr(args, "budget", None))
+    except BudgetError as e:
+        raise UsageError(str(e)) from None
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {args.out!r} is a file; give a directory")
@@ -233,11 +244,16 @@ def run_and_report(
     rules: StopRules = StopRules(),
     hub: ProgressHub | None = None,
     total: int | None = None,
+    budget: float | None = None,
 ) -> int:
     """Run the trials with a progress line, then `finish` with the picture `draw` makes of their results; the
     exit code (after one line saying why, when the sweep stopped early). `search`, `rules`, `hub`: see
-    runner.run_trials; `total`: the trials the progress line counts to (default: len(trials))."""
+    runner.run_trials; `total`: the trials the progress line counts to (default: len(trials)); `budget`: the
+    sweep file's (--budget replaces it)."""
     import ray
+
+    given = getattr(session.args, "budget", None)
+    meter = cost_meter(session, cpus, given if given is not None else budget)
 
     def count_slots() -> int | None:
         return int(ray.cluster_resources().get("CPU", 0) // cpus) or None
@@ -254,6 +270,7 @@ def run_and_report(
                 pass
         return last_slots
 
+    meter.wave = slots
     note = session.conn.note if session.conn is not None else None
     progress = Progress(len(trials) if total is None else total, slots=slots, note=note, show_pruned=hub is not None)
     start = time.monotonic()
@@ -272,6 +289,7 @@ def run_and_report(
             rules=rules,
             hub=hub,
             goal=goal,
+            meter=meter,
         )
     except KeyboardInterrupt:
         session.say(f"\ninterrupted; finished trials are in {store.csv_path}")
@@ -293,7 +311,42 @@ def run_and_report(
         return 1
     store.meta["wall_seconds"] = round(time.monotonic() - session.started, 2)
     store.meta["grid_seconds"] = round(time.monotonic() - start, 2)  # first submission to last result
-    return finish(session, store, results, lambda: draw(results), best_line, goal)
+    unrun = (len(trials) if total is None else total) - len(store.results)
+    return finish(session, store, results, lambda: draw(results), best_line, goal, meter, unrun)
+
+
+def cost_meter(session: Session, cpus: float, budget: float | None) -> CostMeter:
+    """The sweep's meter: on a cluster whose API can be asked, its nodes' rates (asked again for a node not
+    seen yet); else no price, and a budget is said not to apply."""
+    import ray
+
+    def ray_cpus() -> dict[str, float]:
+        return {n["NodeManagerAddress"]: float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]}
+
+    if session.conn is None:
+        if budget is not None:
+            session.say(f"budget {budget:g}: not applied, {NO_PRICE} (a budget applies to a sweep on a --cluster)")
+        return CostMeter(SweepPrices(), cpus)
+    conn = session.conn
+
+    def look_up() -> dict[str, NodeRate]:
+        listed, node_cpus = conn.node_prices(), ray_cpus()
+        return {ip: NodeRate(t, rate, node_cpus.get(ip, 0.0)) for ip, (t, rate) in listed.nodes.items()}
+
+    try:
+        first = conn.node_prices()
+    except Exception as e:  # the API unreachable: the sweep runs, unpriced
+        first = None
+        session.say(f"cost: the cluster's prices could not be read ({str(e).splitlines()[0][:200]})")
+    if first is None or first.currency is None:
+        if first is not None:
+            session.say(f"cost: unknown, {first.source}")
+        if budget is not None:
+            session.say(f"budget {budget:g}: not applied without the cluster's prices")
+        return CostMeter(SweepPrices(), cpus)
+    node_cpus = ray_cpus()
+    nodes = {ip: NodeRate(t, rate, node_cpus.get(ip, 0.0)) for ip, (t, rate) in first.nodes.items()}
+    return CostMeter(SweepPrices(first.currency, nodes, look_up, first.source), cpus, budget)
 
 
 def finish(
@@ -303,8 +356,11 @@ def finish(
     draw: Callable[[], Path],
     best_line: Callable[[TrialResult], str],
     goal: str = "max",
+    meter: CostMeter | None = None,
+    unrun: int = 0,
 ) -> int:
-    """Write the final results and the picture, print the table and the best; exit 1 if a trial failed."""
+    """Write the final results and the picture, print the table and the best, and the cost; exit 1 if a trial
+    failed."""
     try:
         store.write()
         picture = draw()
@@ -317,7 +373,14 @@ def finish(
         print(best_line(b))
     wall = time.monotonic() - session.started
     print(f"wrote {store.csv_path}, {store.json_path}, {picture} in {wall:.1f} s")
+    if meter is not None:
+        print(meter.line(store.results.values()))
     stopped_by = store.meta.get("stopped_by")
+    if stopped_by == "cost" and meter is not None:
+        session.say(
+            f"the budget of {money(meter.budget, meter.prices.currency)} would have been passed: {max(unrun, 0)} "
+            f"trial(s) left unrun; run the same command with a higher --budget to go on"
+        )
     if stopped_by == "target":
         session.say("the target was reached: the sweep stopped, the trials still running were cancelled")
     elif stopped_by == "budget":

@@ -33,6 +33,7 @@ from pipeline.spec import Trial, grid_id, parse_last_float
 
 if TYPE_CHECKING:
     from pipeline import tasks
+    from pipeline.cost import CostMeter
     from pipeline.progress import ProgressHub
 
 __all__ = [
@@ -65,6 +66,9 @@ class TrialResult:
     step: float | None = None  # the last progress step reported (a sweep with `progress`)
     progress: list[tuple[float, float]] = field(default_factory=list)  # (step, value) as reported
     ignored: int = 0  # progress values ignored: not finite numbers, or a step not after the last
+    instance_type: str = ""  # of the node it ran on ("local": a Ray without prices); see pipeline.cost
+    node_seconds: float | None = None  # its share of that node, for as long as it ran
+    cost: float | None = None  # estimated, in the prices' currency; None: no price
 
     @property
     def key(self) -> str:
@@ -132,6 +136,9 @@ def _from_json(t: Mapping[str, Any]) -> TrialResult:
         step=t.get("step"),
         progress=[(float(s), float(v)) for s, v in t.get("progress", [])],
         ignored=t.get("ignored", 0),
+        instance_type=t.get("instance_type", ""),
+        node_seconds=t.get("node_seconds"),
+        cost=t.get("cost"),
     )
 
 
@@ -449,13 +456,15 @@ def run_trials(
     rules: StopRules = StopRules(),
     hub: ProgressHub | None = None,
     goal: str = "max",
+    meter: CostMeter | None = None,
 ) -> list[TrialResult]:
     """Run every trial not already in the store; record each result as it ends.
 
     `search` decides which trial starts next and whether a running one is pruned (default: `trials` in order,
     none pruned); `rules` stop the sweep early (a target reached cancels the running trials) and bound how
     many run at once. With a `hub` (pipeline.progress), `submit(trial, report_to)` gets where the trial's
-    progress reports go, which reach the search as they come.
+    progress reports go, which reach the search as they come. A `meter` (pipeline.cost) prices each result, and
+    with a budget starts no trial once the estimate would pass it (the running ones finish: stopped_by "cost").
 
     Returns the results of all trials (reused and new). KeyboardInterrupt cancels what is still
     running and re-raises, after everything finished so far was written; so does OutputError (the
@@ -483,9 +492,16 @@ def run_trials(
         by_key[key] = r
 
     def fill() -> None:
-        nonlocal started
+        nonlocal started, stopping
         while not stopping and (rules.concurrency is None or len(running) < rules.concurrency):
             if rules.max_trials is not None and started >= rules.max_trials:
+                return
+            decision = meter.decide(store.results.values(), elapsed()) if meter is not None else "start"
+            if decision == "wait":
+                return
+            if decision == "stop":
+                stopping = "cost"
+                log.info("the budget would be passed with the next trial: no new trial starts")
                 return
             trial = source.next()
             if trial is None:
@@ -502,6 +518,14 @@ def run_trials(
                 hub.stop(r.key)  # SIGTERM to its process group on the node, SIGKILL after the grace period
             else:
                 ray.cancel(r.task.info_ref, force=True)
+
+    def elapsed() -> list[float]:
+        now = time.monotonic()
+        return [now - r.submitted for r in running.values()]
+
+    if meter is not None and progress is not None:
+        cost_note, other = (lambda: meter.so_far(store.results.values())), progress.note
+        progress.note = lambda: " | ".join(t for t in ((other() if other else None), cost_note()) if t) or None
 
     def update() -> None:
         if progress:
@@ -525,6 +549,8 @@ def run_trials(
                     log.warning("trial %s failed, running it again: %s", r.trial.id, result.error.splitlines()[0])
                     start(r.trial, r.retries + 1)
                     continue
+                if meter is not None:
+                    meter.price(result)
                 store.results[result.key] = result
                 finished.append(result)
                 source.tell(result.id, result.status, result.value)
@@ -546,6 +572,8 @@ def run_trials(
                 )
                 stop_all("cancelled")
             if finished:
+                if meter is not None:
+                    store.meta["cost"] = meter.summary(store.results.values())
                 store.write()
             fill()
             update()
@@ -566,6 +594,8 @@ def run_trials(
             progress.close()
         source.close()
     store.meta["stopped_by"] = stopping or None
+    if meter is not None:
+        store.meta["cost"] = meter.summary(store.results.values())
     if not trials:  # proposed one by one (tpe): all the sweep's trials
         return store.sorted_results()
     keys = {t.id for t in trials}

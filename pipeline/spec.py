@@ -210,6 +210,7 @@ class Resources:
     gpus: float = 0.0
     timeout: float | None = None
     retries: int = 0
+    budget: float | None = None  # on a cluster: no new trial once the estimated cost would pass it (pipeline.cost)
 
 
 @dataclass(frozen=True)
@@ -749,7 +750,7 @@ def _args(doc: Mapping[str, Any], params: Sequence[Param], data: Sequence[DataIt
 def _resources(table: Any) -> Resources:
     if not isinstance(table, dict):
         raise SpecError("resources: give a table, e.g. { cpus = 1, timeout = 600 }")
-    _no_unknown(table, ("cpus", "gpus", "timeout", "retries"), "resources")
+    _no_unknown(table, ("cpus", "gpus", "timeout", "retries", "budget"), "resources")
     cpus = table.get("cpus", 1)
     if not _number(cpus) or cpus <= 0 or not _ray_amount(cpus):
         raise SpecError(
@@ -766,7 +767,18 @@ def _resources(table: Any) -> Resources:
     retries = table.get("retries", 0)
     if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
         raise SpecError(f"resources.retries: {retries!r} is not valid; give a whole number from 0 to 10")
-    return Resources(float(cpus), float(gpus), float(timeout) if timeout is not None else None, retries)
+    budget = table.get("budget")
+    if budget is not None and (not _number(budget) or budget <= 0):
+        raise SpecError(
+            f"resources.budget: {budget!r} is not valid; give a number > 0, in the currency of the cluster's prices"
+        )
+    return Resources(
+        float(cpus), float(gpus), float(timeout) if timeout is not None else None, retries, _float_or_none(budget)
+    )
+
+
+def _float_or_none(x: Any) -> float | None:
+    return None if x is None else float(x)
 
 
 def _ray_amount(x: float) -> bool:

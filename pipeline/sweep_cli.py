@@ -238,6 +238,7 @@ def _run(session: Session, checked: Checked) -> int:
             rules=rules,
             hub=hub,
             total=total,
+            budget=res.budget,
         )
     finally:
         if hub is not None:
