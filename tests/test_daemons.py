@@ -140,7 +140,8 @@ def test_a_process_that_is_no_worker_adopts_no_orphans_once_its_programs_ended(t
 
     with Sandbox(tmp_root=tmp_path) as box:
         box.run(ProgramRun(["true"]))
-    orphan = subprocess.run(["sh", "-c", "sleep 30 >/dev/null & echo $!"], capture_output=True, text=True)
+    # the sleep keeps neither of the pipes: run() returns at once, while the orphan lives
+    orphan = subprocess.run(["sh", "-c", "sleep 30 >/dev/null 2>&1 & echo $!"], capture_output=True, text=True)
     pid = int(orphan.stdout)
     try:
         with open(f"/proc/{pid}/stat") as f:
