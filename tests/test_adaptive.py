@@ -3,6 +3,7 @@ known learning curves: which trials are pruned and when, the stop rules, Optuna'
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -157,6 +158,72 @@ def test_a_pruned_program_that_ignores_sigterm_is_killed_after_the_grace_period_
     later = [json.loads(line) for line in (tmp_path / "log-0.8").read_text().splitlines()]
     assert {"earlier": "pgid-0.3", "alive": False} in later, later  # the group, its sleeping child too, was gone
     assert "done 1, pruned 2, failed 0" in r.stderr
+
+
+# a learning curve whose values tell its runs apart (run n adds n / 1000), its pid noted for the test
+RERUN = r"""
+import json, os, sys, time
+q, epochs, pause = float(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+state = os.environ["STATE"]
+with open(os.path.join(state, f"runs-{q}"), "a") as f:
+    f.write(f"{os.getpid()}\n")
+run = len(open(os.path.join(state, f"runs-{q}")).read().split())
+for e in range(1, epochs + 1):
+    time.sleep(pause)
+    print(json.dumps({"epoch": e, "acc": q * e / epochs + run / 1000}), flush=True)
+print(json.dumps({"acc": q + run / 1000}))
+"""
+
+
+def parent_pid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def test_a_crashed_worker_mid_trial_runs_it_again_and_its_progress_starts_over(tmp_path):
+    """The Ray worker running trial 0.9 is killed (SIGKILL) after its program printed 3 of 12 epochs: Ray runs
+    the task again, and what the sweep keeps of that trial (progress.csv, results.json, its step and value) is
+    the second run's alone, from its step 1; the study holds one trial for it, complete."""
+    text = PROGRESS + 'args = "{q} 12 0.4"\n[params]\nq = [0.9, 0.5]\n[search]\nscheduler = "asha"\nmin_step = 1\n'
+    (tmp_path / "curve.py").write_text(RERUN)
+    (tmp_path / "sweep.toml").write_text(HEAD.replace("STATE_DIR", str(tmp_path)) + text)
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "pipeline.sweep", str(tmp_path / "sweep.toml"), "--out", str(out)]
+    p = subprocess.Popen([*argv, "--local-cpus", "2"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        runs = tmp_path / "runs-0.9"
+        deadline = time.monotonic() + 120
+        while not runs.exists():
+            assert p.poll() is None and time.monotonic() < deadline, "the sweep never started trial q=0.9"
+            time.sleep(0.05)
+        program = int(runs.read_text().split()[0])
+        worker = parent_pid(program)  # the program runs as a child of the Ray worker running its task
+        with open(f"/proc/{worker}/cmdline", "rb") as f:
+            assert f.read().startswith(b"ray::_execute_remote"), (
+                "the program's parent is not the Ray worker of its task"
+            )
+        time.sleep(0.4 * 3 + 0.2)  # 3 epochs printed (and reported)
+        os.kill(worker, signal.SIGKILL)
+        _, err = p.communicate(timeout=240)
+    finally:
+        p.kill()
+        p.wait()
+    assert p.returncode == 0, err.decode()[-3000:]
+    assert len(runs.read_text().split()) == 2  # Ray ran the task again
+    got = rows(out)
+    assert got["q=0.9"]["status"] == "ok" and got["q=0.9"]["attempts"] == "2", got
+    assert float(got["q=0.9"]["acc"]) == pytest.approx(0.9 + 0.002)  # the second run's result
+    expected = [(e, 0.9 * e / 12 + 0.002) for e in range(1, 13)]
+    lines = (out / "trials" / "q=0.9" / "progress.csv").read_text().splitlines()
+    assert lines[0] == "step,value" and [(int(s), float(v)) for s, v in (x.split(",") for x in lines[1:])] == [
+        (e, pytest.approx(v)) for e, v in expected
+    ], lines  # the second run's reports alone, from step 1
+    doc = {t["id"]: t for t in json.loads((out / "results.json").read_text())["trials"]}
+    assert [tuple(x) for x in doc["q=0.9"]["progress"]] == [(e, pytest.approx(v)) for e, v in expected]
+    assert got["q=0.9"]["step"] == "12" and got["q=0.5"]["status"] in ("ok", "pruned")
+    trials = [t for t in study(out).trials if t.user_attrs["id"] == "q=0.9"]
+    assert len(trials) == 1 and trials[0].state.name == "COMPLETE" and trials[0].value == pytest.approx(0.902)
+    assert trials[0].intermediate_values[12] == pytest.approx(0.902)  # judged on the second run past the first's
 
 
 def test_a_reached_target_cancels_the_running_trials_and_ends_with_exit_0(tmp_path):
