@@ -99,6 +99,23 @@ def test_asha_prunes_the_trial_behind_at_the_first_rung_and_the_study_opens_with
     assert r3.returncode == 2 and "different sweep" in r3.stderr and "--fresh" in r3.stderr, r3.stderr[-2000:]
 
 
+def test_a_trial_that_reached_max_step_is_not_pruned(tmp_path):
+    """max_step is where the scheduler's resource ends: with a rung there (min_step = max_step = 3), 0.5 is
+    behind 0.9 at it but has had all the steps the search gives, so it is not stopped: it prints its step 4 a
+    second later and ends ok with the value it prints last (it was pruned there, a finished trial called pruned)."""
+    text = PROGRESS + 'args = "{q} 4 1.0"\n[params]\nq = [0.9, 0.5]\n'
+    text += '[search]\nscheduler = "asha"\nmin_step = 3\nmax_step = 3\nconcurrency = 1\n'
+    r = sweep(tmp_path, text)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = rows(tmp_path / "out")
+    assert {k: v["status"] for k, v in got.items()} == {"q=0.9": "ok", "q=0.5": "ok"}, got
+    assert float(got["q=0.5"]["acc"]) == 0.5 and not (tmp_path / "term-0.5").exists()  # it ran to its end
+    assert {t.user_attrs["id"]: t.state.name for t in study(tmp_path / "out").trials} == {
+        "q=0.9": "COMPLETE",
+        "q=0.5": "COMPLETE",
+    }
+
+
 # a program that ignores SIGTERM (q < 0.5), with a child in its process group that ignores it too; each run
 # first notes whether the process group of an earlier one is still there, and logs every epoch it printed
 STUBBORN = r"""
