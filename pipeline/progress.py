@@ -59,15 +59,17 @@ class _Hub:
 class ProgressHub:
     """The sweep's end: reports in, stop decisions out."""
 
-    def __init__(self, name: str, actor: Any):
+    def __init__(self, name: str, actor: Any, grace_s: float = 5.0):
         self.name = name
+        self.grace_s = grace_s  # SIGTERM to SIGKILL for the programs it stops
         self._actor = actor
         self._unread: Any = None  # a drain call that timed out
 
     @classmethod
-    def start(cls, timeout: float = 120.0) -> ProgressHub:
+    def start(cls, timeout: float = 120.0, grace_s: float = 5.0) -> ProgressHub:
         """Start the hub and wait until it answers (a new actor is a new worker process: seconds on a busy
-        node), so the first trials' reports do not wait for it."""
+        node), so the first trials' reports do not wait for it. `grace_s`: what a program it stops has between
+        SIGTERM and SIGKILL."""
         name = f"progress-{uuid.uuid4().hex[:12]}"
         actor = _Hub.options(name=name, namespace=NAMESPACE).remote()  # type: ignore[attr-defined]
         try:
@@ -75,10 +77,10 @@ class ProgressHub:
         except ray.exceptions.GetTimeoutError:
             ray.kill(actor)
             raise TimeoutError(f"the sweep's progress hub (a Ray actor) did not start within {timeout:g} s") from None
-        return cls(name, actor)
+        return cls(name, actor, grace_s)
 
-    def address(self, key: str, grace_s: float = 5.0) -> ReportTo:
-        return ReportTo(self.name, key, grace_s)
+    def address(self, key: str) -> ReportTo:
+        return ReportTo(self.name, key, self.grace_s)
 
     def drain(self, timeout: float = 30.0) -> list[tuple[str, int, list[tuple[float, float]]]]:
         """The reports that arrived since the last call; none when the hub does not answer within `timeout`

@@ -608,7 +608,9 @@ def _take_reports(hub: ProgressHub, by_key: Mapping[str, _Running], source: Sear
         r = by_key.get(key)
         if r is None or r.stop_reason:
             continue
-        if attempt != r.attempt:  # Ray ran it again (a lost node): its progress starts again
+        if attempt < r.attempt:  # a late report of a run Ray has replaced
+            continue
+        if attempt > r.attempt:  # Ray ran it again (a lost node or worker): its progress starts again
             r.attempt, r.reports = attempt, []
         for step, value in items:
             r.reports.append((step, value))

@@ -219,6 +219,8 @@ class OptunaSearch:
         with warnings.catch_warnings():  # a step reported again (a retried run starts over): Optuna keeps the first
             warnings.simplefilter("ignore")
             ot.report(value, round(step))
+        if self.spec.max_step is not None and step >= self.spec.max_step:
+            return False  # all the steps the search gives: a stop saves nothing and would call it pruned
         return bool(ot.should_prune())
 
     def tell(self, trial_id: str, status: str, value: float | None) -> None:

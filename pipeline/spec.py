@@ -66,9 +66,12 @@ SEARCH_KEYS = (
     "max_trials",
     "concurrency",
     "budget_node_hours",
+    "grace",
 )
 #: search fields that say when to stop, not what the trials are: they may change between runs of one sweep
-STOP_KEYS = ("trials", "target", "max_trials", "concurrency", "budget_node_hours")
+STOP_KEYS = ("trials", "target", "max_trials", "concurrency", "budget_node_hours", "grace")
+#: seconds a stopped trial's program has between SIGTERM and SIGKILL, by default
+GRACE_S = 5.0
 SCHEDULERS = ("none", "asha", "hyperband", "median")
 
 
@@ -228,6 +231,7 @@ class SearchSpec:
     max_trials: int | None = None
     concurrency: int | None = None
     budget_node_hours: float | None = None
+    grace: float = GRACE_S  # seconds from SIGTERM to SIGKILL for a pruned or cancelled trial
 
     @property
     def adaptive(self) -> bool:
@@ -383,6 +387,11 @@ def parse(doc: Mapping[str, Any], base: Path, path: Path | None = None) -> Sweep
         raise SpecError(
             f"search.scheduler = {search.scheduler!r} needs a progress field to decide on, e.g. "
             'progress = { json-line = "val_acc", step = "epoch" }'
+        )
+    if "grace" in doc.get("search", {}) and progress is None:
+        raise SpecError(
+            "search.grace: only a trial stopped through its progress reports gets a grace period (without a "
+            "progress field a stop is a SIGKILL); give a progress field or remove grace"
         )
     params = _params(doc.get("params"), "random" if kind == "tpe" else kind, metric.name)
     args = _args(doc, params, data)
@@ -575,6 +584,9 @@ def _search(table: Any) -> SearchSpec:
     budget = table.get("budget_node_hours")
     if budget is not None and (not _number(budget) or budget <= 0):
         raise SpecError(f"search.budget_node_hours: {budget!r} is not valid; give a number of node-hours > 0")
+    grace = table.get("grace", GRACE_S)
+    if not _number(grace) or not 0 <= grace <= 3600:
+        raise SpecError(f"search.grace: {grace!r} is not valid; give the seconds from SIGTERM to SIGKILL, 0 to 3600")
     return SearchSpec(
         kind=kind,
         trials=trials or 0,
@@ -587,6 +599,7 @@ def _search(table: Any) -> SearchSpec:
         max_trials=_whole(table, "max_trials", 1),
         concurrency=_whole(table, "concurrency", 1),
         budget_node_hours=float(budget) if budget is not None else None,
+        grace=float(grace),
     )
 
 

@@ -220,7 +220,7 @@ def _run(session: Session, checked: Checked) -> int:
     if spec.progress is not None:
         from pipeline.progress import ProgressHub
 
-        hub = ProgressHub.start()
+        hub = ProgressHub.start(grace_s=s.grace)
     try:
         return run_and_report(
             session,

@@ -3,6 +3,7 @@ known learning curves: which trials are pruned and when, the stop rules, Optuna'
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -98,6 +99,150 @@ def test_asha_prunes_the_trial_behind_at_the_first_rung_and_the_study_opens_with
     assert r3.returncode == 2 and "different sweep" in r3.stderr and "--fresh" in r3.stderr, r3.stderr[-2000:]
 
 
+def test_a_trial_that_reached_max_step_is_not_pruned(tmp_path):
+    """max_step is where the scheduler's resource ends: with a rung there (min_step = max_step = 3), 0.5 is
+    behind 0.9 at it but has had all the steps the search gives, so it is not stopped: it prints its step 4 a
+    second later and ends ok with the value it prints last (it was pruned there, a finished trial called pruned)."""
+    text = PROGRESS + 'args = "{q} 4 1.0"\n[params]\nq = [0.9, 0.5]\n'
+    text += '[search]\nscheduler = "asha"\nmin_step = 3\nmax_step = 3\nconcurrency = 1\n'
+    r = sweep(tmp_path, text)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = rows(tmp_path / "out")
+    assert {k: v["status"] for k, v in got.items()} == {"q=0.9": "ok", "q=0.5": "ok"}, got
+    assert float(got["q=0.5"]["acc"]) == 0.5 and not (tmp_path / "term-0.5").exists()  # it ran to its end
+    assert {t.user_attrs["id"]: t.state.name for t in study(tmp_path / "out").trials} == {
+        "q=0.9": "COMPLETE",
+        "q=0.5": "COMPLETE",
+    }
+
+
+# a program that ignores SIGTERM (q < 0.5), with a child in its process group that ignores it too; each run
+# first notes whether the process group of an earlier one is still there, and logs every epoch it printed
+STUBBORN = r"""
+import json, os, signal, subprocess, sys, time
+q, epochs, pause = float(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+state = os.environ["STATE"]
+def log(**kw):
+    with open(os.path.join(state, f"log-{q}"), "a") as f:
+        f.write(json.dumps(kw) + "\n")
+for name in sorted(os.listdir(state)):
+    if name.startswith("pgid-"):
+        try:
+            os.killpg(int(open(os.path.join(state, name)).read()), 0)
+            log(earlier=name, alive=True)
+        except ProcessLookupError:
+            log(earlier=name, alive=False)
+if q < 0.5:
+    signal.signal(signal.SIGTERM, lambda *_: log(term=time.time()))
+    subprocess.Popen(["sleep", "600"], preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN))
+    with open(os.path.join(state, f"pgid-{q}"), "w") as f:
+        f.write(str(os.getpgid(0)))
+for e in range(1, epochs + 1):
+    time.sleep(pause / 4 if q > 0.85 else pause)
+    print(json.dumps({"epoch": e, "acc": q * e / epochs}), flush=True)
+    log(epoch=e, t=time.time())
+print(json.dumps({"acc": q}))
+"""
+
+
+def test_a_pruned_program_that_ignores_sigterm_is_killed_after_the_grace_period_with_its_process_group(tmp_path):
+    """In order, one at a time: 0.9 leads every rung; 0.3 is behind at step 1 and pruned, ignores the SIGTERM
+    and prints on until the SIGKILL `grace` (1 s, not the default 5) later ends it and the child of its process
+    group; 0.8, behind 0.9 at step 1, finds no process of 0.3's group left when it starts."""
+    text = PROGRESS + 'args = "{q} 100 0.1"\n[params]\nq = [0.9, 0.3, 0.8]\n'
+    text += '[search]\nscheduler = "asha"\nmin_step = 1\nconcurrency = 1\ngrace = 1\n'
+    (tmp_path / "curve.py").write_text(STUBBORN)
+    (tmp_path / "sweep.toml").write_text(HEAD.replace("STATE_DIR", str(tmp_path)) + text)
+    r = run_cli(
+        "-m", "pipeline.sweep", str(tmp_path / "sweep.toml"), "--out", str(tmp_path / "out"), "--local-cpus", "2",
+        timeout=240,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = rows(tmp_path / "out")
+    assert {k: v["status"] for k, v in got.items()} == {"q=0.9": "ok", "q=0.3": "pruned", "q=0.8": "pruned"}, got
+    log = [json.loads(line) for line in (tmp_path / "log-0.3").read_text().splitlines()]
+    terms = [e["term"] for e in log if "term" in e]
+    printed = [e for e in log if "epoch" in e]
+    assert len(terms) == 1, log  # one SIGTERM, which it ignored
+    last = printed[-1]
+    assert last["epoch"] < 100, "the pruned program ran to its end: no SIGKILL came"
+    lived = last["t"] - terms[0]
+    assert 0.5 <= lived < 4, f"the program printed for {lived:.2f} s after SIGTERM; grace = 1 (the default is 5)"
+    assert got["q=0.3"]["step"] == str(last["epoch"])  # its last step and value are the last it printed
+    assert float(got["q=0.3"]["acc"]) == pytest.approx(0.3 * last["epoch"] / 100)
+    lines = (tmp_path / "out" / "trials" / "q=0.3" / "progress.csv").read_text().splitlines()
+    assert len(lines) == 1 + last["epoch"]
+    later = [json.loads(line) for line in (tmp_path / "log-0.8").read_text().splitlines()]
+    assert {"earlier": "pgid-0.3", "alive": False} in later, later  # the group, its sleeping child too, was gone
+    assert "done 1, pruned 2, failed 0" in r.stderr
+
+
+# a learning curve whose values tell its runs apart (run n adds n / 1000), its pid noted for the test
+RERUN = r"""
+import json, os, sys, time
+q, epochs, pause = float(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+state = os.environ["STATE"]
+with open(os.path.join(state, f"runs-{q}"), "a") as f:
+    f.write(f"{os.getpid()}\n")
+run = len(open(os.path.join(state, f"runs-{q}")).read().split())
+for e in range(1, epochs + 1):
+    time.sleep(pause)
+    print(json.dumps({"epoch": e, "acc": q * e / epochs + run / 1000}), flush=True)
+print(json.dumps({"acc": q + run / 1000}))
+"""
+
+
+def parent_pid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def test_a_crashed_worker_mid_trial_runs_it_again_and_its_progress_starts_over(tmp_path):
+    """The Ray worker running trial 0.9 is killed (SIGKILL) after its program printed 3 of 12 epochs: Ray runs
+    the task again, and what the sweep keeps of that trial (progress.csv, results.json, its step and value) is
+    the second run's alone, from its step 1; the study holds one trial for it, complete."""
+    text = PROGRESS + 'args = "{q} 12 0.4"\n[params]\nq = [0.9, 0.5]\n[search]\nscheduler = "asha"\nmin_step = 1\n'
+    (tmp_path / "curve.py").write_text(RERUN)
+    (tmp_path / "sweep.toml").write_text(HEAD.replace("STATE_DIR", str(tmp_path)) + text)
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "pipeline.sweep", str(tmp_path / "sweep.toml"), "--out", str(out)]
+    p = subprocess.Popen([*argv, "--local-cpus", "2"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        runs = tmp_path / "runs-0.9"
+        deadline = time.monotonic() + 120
+        while not runs.exists():
+            assert p.poll() is None and time.monotonic() < deadline, "the sweep never started trial q=0.9"
+            time.sleep(0.05)
+        program = int(runs.read_text().split()[0])
+        worker = parent_pid(program)  # the program runs as a child of the Ray worker running its task
+        with open(f"/proc/{worker}/cmdline", "rb") as f:
+            assert f.read().startswith(b"ray::_execute_remote"), (
+                "the program's parent is not the Ray worker of its task"
+            )
+        time.sleep(0.4 * 3 + 0.2)  # 3 epochs printed (and reported)
+        os.kill(worker, signal.SIGKILL)
+        _, err = p.communicate(timeout=240)
+    finally:
+        p.kill()
+        p.wait()
+    assert p.returncode == 0, err.decode()[-3000:]
+    assert len(runs.read_text().split()) == 2  # Ray ran the task again
+    got = rows(out)
+    assert got["q=0.9"]["status"] == "ok" and got["q=0.9"]["attempts"] == "2", got
+    assert float(got["q=0.9"]["acc"]) == pytest.approx(0.9 + 0.002)  # the second run's result
+    expected = [(e, 0.9 * e / 12 + 0.002) for e in range(1, 13)]
+    lines = (out / "trials" / "q=0.9" / "progress.csv").read_text().splitlines()
+    assert lines[0] == "step,value" and [(int(s), float(v)) for s, v in (x.split(",") for x in lines[1:])] == [
+        (e, pytest.approx(v)) for e, v in expected
+    ], lines  # the second run's reports alone, from step 1
+    doc = {t["id"]: t for t in json.loads((out / "results.json").read_text())["trials"]}
+    assert [tuple(x) for x in doc["q=0.9"]["progress"]] == [(e, pytest.approx(v)) for e, v in expected]
+    assert got["q=0.9"]["step"] == "12" and got["q=0.5"]["status"] in ("ok", "pruned")
+    trials = [t for t in study(out).trials if t.user_attrs["id"] == "q=0.9"]
+    assert len(trials) == 1 and trials[0].state.name == "COMPLETE" and trials[0].value == pytest.approx(0.902)
+    assert trials[0].intermediate_values[12] == pytest.approx(0.902)  # judged on the second run past the first's
+
+
 def test_a_reached_target_cancels_the_running_trials_and_ends_with_exit_0(tmp_path):
     """0.95 runs twice as fast as the others and reaches the target while 0.2 still runs (0.3 waits for a slot)."""
     text = PROGRESS + 'args = "{q} 9 1.0"\n[params]\nq = [0.95, 0.2, 0.3]\n[search]\ntarget = 0.9\n'
@@ -166,6 +311,9 @@ def test_kill_9_of_the_driver_then_a_resume_loses_no_trial_and_runs_none_twice(t
         ("[search]\nconcurrency = 0\n", "search.concurrency: 0 is not valid"),
         ("[search]\nbudget_node_hours = -1\n", "search.budget_node_hours: -1"),
         ('[search]\ntarget = "high"\n', "search.target: 'high' is not valid"),
+        (PROGRESS + "[search]\ngrace = -1\n", "search.grace: -1 is not valid"),
+        (PROGRESS + '[search]\ngrace = "5s"\n', "search.grace: '5s' is not valid"),
+        ("[search]\ngrace = 2\n", "search.grace: only a trial stopped through its progress reports"),
     ],
 )
 def test_bad_adaptive_settings_are_refused_in_one_line(tmp_path, text, expect):
