@@ -215,7 +215,9 @@ class StateStore:
             return None
         nodes = [NodeRecord(**n) for n in data.pop("nodes", [])]
         known = {f.name for f in fields(ClusterState)}
-        return ClusterState(nodes=nodes, **{k: v for k, v in data.items() if k in known})  # keys it does not know are left out
+        return ClusterState(
+            nodes=nodes, **{k: v for k, v in data.items() if k in known}
+        )  # keys it does not know are left out
 
     def save(self, state: ClusterState) -> None:
         self.ensure_dir()

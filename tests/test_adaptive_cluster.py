@@ -10,7 +10,7 @@ import pytest
 
 from cloud.state import StateStore
 from tests.conftest import ClusterCLI, run_cli, sim_cluster_toml
-from tests.test_cluster_e2e import api
+from tests.support import api
 
 pytestmark = pytest.mark.root
 
