@@ -26,6 +26,8 @@ from typing import Any, BinaryIO
 MAX_LINE = 64 * 1024
 #: the end of stdout kept by default (OUT/trials/<id>/stdout.txt)
 TAIL_BYTES = 64 * 1024
+# seconds from SIGTERM to SIGKILL for a stopped program (a sweep file's `[search] grace`), unless given
+GRACE_S = 5.0
 READ_BYTES = 1 << 20
 
 
@@ -200,7 +202,7 @@ class StdoutMonitor:
     """A program's stdout read by a thread as it runs (a LineReader), and a stop on request: SIGTERM to the
     program's process group, SIGKILL after `grace_s`. pipeline.sandbox gives it the pipe and the process."""
 
-    def __init__(self, watch: Watch, on_report: Callable[[float, float], None] | None = None, grace_s: float = 5.0):
+    def __init__(self, watch: Watch, on_report: Callable[[float, float], None] | None = None, grace_s: float = GRACE_S):
         self.reader = LineReader(watch, on_report)
         self.grace_s = grace_s
         self.stopped = False  # stop() was called while the program ran

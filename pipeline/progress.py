@@ -19,7 +19,7 @@ from typing import Any
 
 import ray
 
-from pipeline.lines import StdoutMonitor
+from pipeline.lines import GRACE_S, StdoutMonitor
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class ReportTo:
 
     hub: str
     key: str
-    grace_s: float = 5.0
+    grace_s: float = GRACE_S
 
 
 @ray.remote(num_cpus=0)
@@ -59,14 +59,14 @@ class _Hub:
 class ProgressHub:
     """The sweep's end: reports in, stop decisions out."""
 
-    def __init__(self, name: str, actor: Any, grace_s: float = 5.0):
+    def __init__(self, name: str, actor: Any, grace_s: float = GRACE_S):
         self.name = name
         self.grace_s = grace_s  # SIGTERM to SIGKILL for the programs it stops
         self._actor = actor
         self._unread: Any = None  # a drain call that timed out
 
     @classmethod
-    def start(cls, timeout: float = 120.0, grace_s: float = 5.0) -> ProgressHub:
+    def start(cls, timeout: float = 120.0, grace_s: float = GRACE_S) -> ProgressHub:
         """Start the hub and wait until it answers (a new actor is a new worker process: seconds on a busy
         node), so the first trials' reports do not wait for it. `grace_s`: what a program it stops has between
         SIGTERM and SIGKILL."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.lines import ProgressSpec
+from pipeline.lines import GRACE_S, ProgressSpec
 from pipeline.sandbox import check_relpath
 
 if sys.version_info >= (3, 11):
@@ -71,7 +71,6 @@ SEARCH_KEYS = (
 #: search fields that say when to stop, not what the trials are: they may change between runs of one sweep
 STOP_KEYS = ("trials", "target", "max_trials", "concurrency", "budget_node_hours", "grace")
 #: seconds a stopped trial's program has between SIGTERM and SIGKILL, by default
-GRACE_S = 5.0
 SCHEDULERS = ("none", "asha", "hyperband", "median")
 
 
