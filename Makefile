@@ -48,9 +48,10 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-# the suite's modules on TEST_WORKERS processes, a module's tests on one (they share its clusters), the longest
-# modules first (tests/conftest.py); TEST_WORKERS=0 runs everything in this process
-TEST_WORKERS ?= 2
+# the suite's modules on TEST_WORKERS processes (3 on a 2-core machine: most of a test's time is waiting on
+# hosts and Ray), a module's tests on one (they share its clusters), the longest modules first
+# (tests/conftest.py); TEST_WORKERS=0 runs everything in this process
+TEST_WORKERS ?= 3
 WORKERS := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 test: $(STAMP) lint system-deps
 	$(PY) -m pytest -q -ra --durations=25 $(WORKERS) $(PYTEST_ARGS)
