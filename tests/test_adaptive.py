@@ -66,6 +66,7 @@ def study(out):
     return optuna.load_study(study_name="raysweep", storage=f"sqlite:///{out / 'study.db'}")
 
 
+@pytest.mark.slow  # over 15 s: in make test, not in the edit loop
 def test_asha_prunes_the_trial_behind_at_the_first_rung_and_the_study_opens_with_optuna(tmp_path):
     """One at a time, in the order 0.5, 0.9, 0.3: 0.9 beats 0.5 at every rung and runs on; 0.3 is behind both
     at the first rung (step 1, ASHA with 3 trials and reduction 3 promotes only the best) and is stopped there."""
@@ -99,6 +100,7 @@ def test_asha_prunes_the_trial_behind_at_the_first_rung_and_the_study_opens_with
     assert r3.returncode == 2 and "different sweep" in r3.stderr and "--fresh" in r3.stderr, r3.stderr[-2000:]
 
 
+@pytest.mark.slow  # over 15 s: in make test, not in the edit loop
 def test_a_trial_that_reached_max_step_is_not_pruned(tmp_path):
     """max_step is where the scheduler's resource ends: with a rung there (min_step = max_step = 3), 0.5 is
     behind 0.9 at it but has had all the steps the search gives, so it is not stopped: it prints its step 4 a
@@ -197,6 +199,7 @@ def parent_pid(pid: int) -> int:
         return int(f.read().rsplit(")", 1)[1].split()[1])
 
 
+@pytest.mark.slow  # over 15 s: in make test, not in the edit loop
 def test_a_crashed_worker_mid_trial_runs_it_again_and_its_progress_starts_over(tmp_path):
     """The Ray worker running trial 0.9 is killed (SIGKILL) after its program printed 3 of 12 epochs: Ray runs
     the task again, and what the sweep keeps of that trial (progress.csv, results.json, its step and value) is
@@ -243,6 +246,7 @@ def test_a_crashed_worker_mid_trial_runs_it_again_and_its_progress_starts_over(t
     assert trials[0].intermediate_values[12] == pytest.approx(0.902)  # judged on the second run past the first's
 
 
+@pytest.mark.slow  # over 15 s: in make test, not in the edit loop
 def test_a_reached_target_cancels_the_running_trials_and_ends_with_exit_0(tmp_path):
     """0.95 runs twice as fast as the others and reaches the target while 0.2 still runs (0.3 waits for a slot)."""
     text = PROGRESS + 'args = "{q} 9 1.0"\n[params]\nq = [0.95, 0.2, 0.3]\n[search]\ntarget = 0.9\n'
@@ -255,6 +259,7 @@ def test_a_reached_target_cancels_the_running_trials_and_ends_with_exit_0(tmp_pa
     assert "the target was reached" in r.stderr
 
 
+@pytest.mark.slow  # over 15 s: in make test, not in the edit loop
 def test_tpe_proposes_trials_one_by_one_and_a_resume_continues_its_study(tmp_path):
     text = 'args = "{q} 1 0"\n[params]\nq = { uniform = [0.0, 0.9] }\n[search]\nkind = "tpe"\ntrials = 4\nseed = 3\n'
     r = sweep(tmp_path, text)
@@ -271,6 +276,7 @@ def test_tpe_proposes_trials_one_by_one_and_a_resume_continues_its_study(tmp_pat
     assert len((tmp_path / "calls.log").read_text().split()) == 6  # none ran twice
 
 
+@pytest.mark.slow  # over 15 s: in make test, not in the edit loop
 def test_kill_9_of_the_driver_then_a_resume_loses_no_trial_and_runs_none_twice(tmp_path):
     text = 'args = "{q} 3 0.5"\n[params]\nq = { uniform = [0.0, 0.9] }\n[search]\nkind = "tpe"\ntrials = 4\n'
     text += "concurrency = 1\n"

@@ -188,6 +188,7 @@ def test_the_autoscalers_max_workers_is_capped_in_the_yaml(sim, tmp_path):
 # ------------------------------------------------------------------------------- cost-report (history)
 
 
+@pytest.mark.slow  # over 15 s: in make test, not in the edit loop
 def test_cost_report_lists_ended_and_running_clusters_and_survives_down(sim, driver, tmp_path):
     state = tmp_path / "state"
     ended, running = unique("e"), unique("r")
@@ -252,6 +253,7 @@ def _in_zone(driver, zone, name):
     return sorted(n.name for n in provision.query_instances(driver.ex_zone_driver(zone), name))
 
 
+@pytest.mark.slow  # over 15 s: in make test, not in the edit loop
 def test_up_moves_to_the_next_zone_when_the_first_has_no_capacity(sim, driver, tmp_path):
     name = unique("z")
     sim.app.model.faults.capacity = {"standard.micro@ch-gva-2": 0}

@@ -125,6 +125,7 @@ print(round(0.9 - float(dropout) / 10 + int(size) / 10000, 4))
 """
 
 
+@pytest.mark.slow  # over 15 s: in make test, not in the edit loop
 def test_failure_isolated_then_resume_runs_only_the_failed(tmp_path):
     log, flag = tmp_path / "calls.log", tmp_path / "fail-64"
     flag.touch()

@@ -123,6 +123,7 @@ def test_the_plain_python_example_runs(tmp_path):
     assert "[12/12] done 12, failed 0" in r.stderr
 
 
+@pytest.mark.slow  # over 15 s: in make test, not in the edit loop
 def test_random_search_of_40_failures_resume_and_refusals(project):
     tmp, state = project
     (state / "FAIL").touch()
