@@ -27,7 +27,7 @@ from cloud.ray_provider import ExoscaleNodeProvider
 from cloud.sim.api import SpecValidator
 from cloud.sim.local import client_env
 from cloud.sim.model import InstanceHooks
-from tests.conftest import SIM_KEY, SIM_SECRET
+from tests.conftest import SIM_KEY, SIM_SECRET, local_exoscale
 
 PUBKEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEx4T9rWfyvyDnXcx2ZpUGJ6ck9xeSBzw1xP9tBMwdl1 test@host"
 
@@ -214,3 +214,15 @@ class HeadsAtLoopback(InstanceHooks):
 
     def allocate_ip(self, instance):
         return HEAD_IP if instance.name.endswith("-head") else None
+
+
+@contextlib.contextmanager
+def sdk_exoscale(monkeypatch, op_delay_s: float, poll_s: float, seed: int):
+    """A local Exoscale for Exoscale's own SDK: operations stay pending `op_delay_s`, so that the SDK's wait()
+    really polls; its poll interval (3 s at least, meant for real clouds) is shortened to `poll_s`, its logic
+    is the SDK's own."""
+    from tests.exoscale_sdk import sdk  # Exoscale's SDK, loaded only by the modules that use it
+
+    monkeypatch.setattr(sdk(), "_poll_interval", lambda run_time: poll_s)
+    with local_exoscale(op_delay_s, seed=seed) as sim:
+        yield sim

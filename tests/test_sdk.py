@@ -11,17 +11,14 @@ import uuid
 import pytest
 
 from cloud.sim.spec import SpecValidator
-from tests.conftest import SIM_KEY, SIM_SECRET, local_exoscale
-from tests.exoscale_sdk import client, exceptions, sdk
-from tests.support import UBUNTU, done
+from tests.conftest import SIM_KEY, SIM_SECRET
+from tests.exoscale_sdk import client, exceptions
+from tests.support import UBUNTU, done, sdk_exoscale
 
 
 @pytest.fixture
 def local(monkeypatch):
-    # Operations stay pending a little, so that wait() really polls; its poll interval (3 s at least, meant
-    # for real clouds) is shortened, its logic is the SDK's own.
-    monkeypatch.setattr(sdk(), "_poll_interval", lambda run_time: 0.05)
-    with local_exoscale(0.1, seed=5) as sim:
+    with sdk_exoscale(monkeypatch, op_delay_s=0.1, poll_s=0.05, seed=5) as sim:
         yield sim
 
 

@@ -13,15 +13,13 @@ import pytest
 from cloud.sim.hosts import missing_requirements
 from cloud.sim.spec import SpecValidator
 from tests.conftest import SIM_KEY, SIM_SECRET, local_exoscale
-from tests.exoscale_sdk import client, exceptions, sdk
-from tests.support import UBUNTU, done
+from tests.exoscale_sdk import client, exceptions
+from tests.support import UBUNTU, done, sdk_exoscale
 
 
 @pytest.fixture
 def local(monkeypatch):
-    # Operations stay pending a little, so that wait() really polls (its interval shortened, its logic kept).
-    monkeypatch.setattr(sdk(), "_poll_interval", lambda run_time: 0.02)
-    with local_exoscale(0.05, seed=11) as sim:
+    with sdk_exoscale(monkeypatch, op_delay_s=0.05, poll_s=0.02, seed=11) as sim:
         yield sim
 
 
