@@ -24,30 +24,33 @@ from ray.autoscaler.tags import NODE_KIND_HEAD, TAG_RAY_NODE_KIND
 
 from cloud import head_credentials, iam
 from cloud.exoscale_driver import ExoscaleV2NodeDriver, RetryPolicy
-from tests.conftest import SIM_SECRET
+from tests.conftest import SIM_KEY, SIM_SECRET, local_exoscale
 from tests.support import HEAD_IP, Cluster, HeadsAtLoopback, make_cluster
 
 ELSEWHERE = "127.0.0.2"
 
 
-@pytest.fixture
-def prepared(sim, sim_env, tmp_path):
+def _prepare(sim, home: Path):
     """A cluster whose head config was prepared on 'the user's machine' (after `ray up` made the head), and
-    the head's provider built from that config with the key file where `ray up` puts it."""
+    the head's provider config built from it with the key file where `ray up` puts it (under `home`)."""
     sim.app.model.hooks = HeadsAtLoopback()
     c = Cluster(sim, "iamtest")
     laptop = c.provider()
     laptop.create_node(c.head_node_config, c.head_tags(), 1)
     remote = laptop.prepare_for_head_node(copy.deepcopy(c.config))
     local_file = iam.key_copy_path(laptop._store.dir)
-    head_home = tmp_path / "head-home"
-    (head_home / ".raysweep").mkdir(parents=True)
-    head_file = head_home / head_credentials.HEAD_PATH
+    (home / ".raysweep").mkdir(parents=True)
+    head_file = home / head_credentials.HEAD_PATH
     head_file.write_bytes(local_file.read_bytes())
     head_cfg = copy.deepcopy(remote["provider"])
     head_cfg["credentials_file"] = str(head_file)
-    head_cfg["state_dir"] = str(head_home / ".raysweep")
+    head_cfg["state_dir"] = str(home / ".raysweep")
     return c, laptop, remote, local_file, head_cfg
+
+
+@pytest.fixture
+def prepared(sim, sim_env, tmp_path):
+    return _prepare(sim, tmp_path / "head-home")
 
 
 class _From(requests.adapters.HTTPAdapter):
@@ -150,8 +153,7 @@ def test_a_kept_key_is_reused_and_a_lost_one_replaced(sim, prepared):
 # ------------------------------------------------- the head's key against another cluster of the account
 
 
-@pytest.fixture
-def others(sim, prepared):
+def _others(sim, prepared):
     """Two other clusters in the same account, made with the user's key: a static one (`zz`, its head an
     instance) and an autoscaling one (`victim`, one worker in its instance pool); and the head's key."""
 
@@ -180,6 +182,20 @@ def others(sim, prepared):
         "creds": creds,
         "max": c.config["available_node_types"]["ray.worker.default"]["max_workers"],
     }
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """One account for the tests that only try what the head's key must not do (each asserts that nothing of
+    the account changed): the local Exoscale, the prepared cluster and the two others, made once."""
+    with local_exoscale(0.05, seed=1) as local:
+        sim = local.server
+        with pytest.MonkeyPatch.context() as mp:  # the user's key for the setup only, as sim_env gives it
+            mp.setenv("EXOSCALE_API_KEY", SIM_KEY)
+            mp.setenv("EXOSCALE_API_SECRET", SIM_SECRET)
+            mp.setenv("RAYSWEEP_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+            made = _others(sim, _prepare(sim, tmp_path_factory.mktemp("head-home")))
+        yield sim, made
 
 
 def account(sim):
@@ -216,8 +232,9 @@ ATTACKS = {
 
 
 @pytest.mark.parametrize("attack", list(ATTACKS))
-def test_the_heads_key_cannot_touch_another_cluster(sim, others, attack):
+def test_the_heads_key_cannot_touch_another_cluster(world, attack):
     """From the head's address, with the head's key: each attack is refused and nothing of the account changes."""
+    sim, others = world
     drv = restricted_driver(sim, others["creds"])
     before = account(sim)
     with pytest.raises(InvalidCredsError, match="403"):
@@ -225,7 +242,8 @@ def test_the_heads_key_cannot_touch_another_cluster(sim, others, attack):
     assert account(sim) == before, f"{attack}: refused, yet the account changed"
 
 
-def test_the_heads_key_is_refused_from_another_address(sim, others):
+def test_the_heads_key_is_refused_from_another_address(world):
+    sim, others = world
     creds, pool = others["creds"], others["own_pool"]
     assert restricted_driver(sim, creds).ex_get_instance_pool(pool).id == pool  # from the head's address
     elsewhere = restricted_driver(sim, creds, source=ELSEWHERE)
