@@ -50,15 +50,17 @@ lint: $(STAMP)
 
 # the suite's modules on TEST_WORKERS processes (3 on a 2-core machine: most of a test's time is waiting on
 # hosts and Ray), a module's tests on one (they share its clusters), the longest modules first
-# (tests/conftest.py); TEST_WORKERS=0 runs everything in this process
+# (tests/conftest.py); TEST_WORKERS=0 runs everything in this process. test-fast: FAST_WORKERS (4: its tests,
+# without hosts, wait on Ray and the local Exoscale's operations more than they compute, and need no host's memory)
 TEST_WORKERS ?= 3
-WORKERS := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+FAST_WORKERS ?= 4
+workers = $(if $(filter 0,$(1)),,-n $(1) --dist loadfile)
 test: $(STAMP) lint system-deps
-	$(PY) -m pytest -q -ra --durations=25 $(WORKERS) $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra --durations=25 $(call workers,$(TEST_WORKERS)) $(PYTEST_ARGS)
 
 FAST := not root and not tensorflow and not slow
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -ra -m "$(FAST)" --durations=10 $(WORKERS) $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra -m "$(FAST)" --durations=10 $(call workers,$(FAST_WORKERS)) $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m bench.all $(ARGS)
