@@ -6,8 +6,10 @@
   then adds the 3 workers, each installed over SSH from the head); ready when `status` shows 4 Ray nodes
   alive.
 
-Each cluster is removed (`down`) after its round; the rounds alternate (static first), so both see the same
-machine. The hosts share this machine's cores: a run beside other work is slower for both.
+Each cluster is removed (`down`) after its round; within a round one way then the other, the first
+alternating from round to round (static first in the first), so both see the same machine and each goes first
+as often (the first cluster on fresh hosts fills the hosts' shared uv cache). The hosts share this machine's
+cores: a run beside other work is slower for both.
 
     python -m bench.ready_time [--rounds 1]
 """
@@ -43,16 +45,25 @@ def ray_nodes_alive(env: dict[str, str], config: str) -> int:
     return int(m.group(1)) if m else 0
 
 
+PHASES: dict[str, list[float]] = {"up": [], "install": [], "start": []}  # the static path's steps, each round
+HEAD_UP: list[
+    float
+] = []  # the elastic path's `up` (`ray up`: the head made, installed, Ray and the autoscaler started)
+
+
 def static(env: dict[str, str], config: str) -> float:
     t0 = time.perf_counter()
     for step in (["up", "-n", str(NODES)], ["install"], ["start"]):
+        t = time.perf_counter()
         cli(env, "--config", config, *step)
+        PHASES[step[0]].append(time.perf_counter() - t)
     return time.perf_counter() - t0
 
 
 def elastic(env: dict[str, str], config: str) -> float:
     t0 = time.perf_counter()
     cli(env, "--config", config, "up", "--min-workers", str(NODES - 1), "--max-workers", str(NODES - 1))
+    HEAD_UP.append(time.perf_counter() - t0)
     while ray_nodes_alive(env, config) < NODES:
         if time.perf_counter() - t0 > READY_TIMEOUT_S:
             raise SystemExit(f"the elastic cluster had not {NODES} Ray nodes alive after {READY_TIMEOUT_S:g} s")
@@ -69,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     with sim_with_hosts() as sim:
         env = {**os.environ, **sim.client_env(work / "state"), "RAY_USAGE_STATS_ENABLED": "0", "TMPDIR": str(work)}
         for i in range(args.rounds):
-            for kind, run in (("static", static), ("elastic", elastic)):
+            pair = [("static", static), ("elastic", elastic)]
+            order = pair if i % 2 == 0 else pair[::-1]  # who goes first alternates (the first pays cold caches)
+            for kind, run in order:
                 config = str(cluster_toml(work / f"{kind}{i}.toml", f"ready-{kind}-{i}"))
                 try:
                     times[kind].append(run(env, config))
@@ -81,10 +94,20 @@ def main(argv: list[str] | None = None) -> int:
                         capture_output=True,
                         timeout=900,
                     )
-                print(f"round {i + 1}: {kind} ready in {times[kind][-1]:.1f} s", file=sys.stderr, flush=True)
+                if kind == "static":
+                    steps = ", ".join(f"{k} {v[-1]:.1f} s" for k, v in PHASES.items() if v)
+                else:
+                    steps = f"head up {HEAD_UP[-1]:.1f} s, workers {times[kind][-1] - HEAD_UP[-1]:.1f} s more"
+                print(
+                    f"round {i + 1}: {kind} ready in {times[kind][-1]:.1f} s ({steps})",
+                    file=sys.stderr,
+                    flush=True,
+                )
     result = {
         k: {"runs_s": [round(x, 1) for x in v], "median_s": round(statistics.median(v), 1)} for k, v in times.items()
     }
+    result["static"]["steps_median_s"] = {k: round(statistics.median(v), 1) for k, v in PHASES.items() if v}
+    result["elastic"]["head_up_median_s"] = round(statistics.median(HEAD_UP), 1)
     result["elastic_over_static"] = round(result["elastic"]["median_s"] / result["static"]["median_s"], 2)
     print(json.dumps(result, indent=2))
     return 0
