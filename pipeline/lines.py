@@ -205,7 +205,8 @@ class StdoutMonitor:
     def __init__(self, watch: Watch, on_report: Callable[[float, float], None] | None = None, grace_s: float = GRACE_S):
         self.reader = LineReader(watch, on_report)
         self.grace_s = grace_s
-        self.stopped = False  # stop() was called while the program ran
+        self.stopped = False  # stop() was called while the program ran, or before it started
+        self._started = False
         self._pid: int | None = None
         self._thread: threading.Thread | None = None
         self._read_fd = -1
@@ -214,8 +215,13 @@ class StdoutMonitor:
         self._closing = threading.Event()
 
     def start(self, read_fd: int, pid: int, copy_to: BinaryIO | None = None) -> None:
-        """Read `read_fd` (the program's stdout; closed when done) in a thread; `copy_to` gets every byte too."""
-        self._pid, self._read_fd = pid, read_fd
+        """Read `read_fd` (the program's stdout; closed when done) in a thread; `copy_to` gets every byte too. A
+        stop asked for before (`stopped` was set then, and the program should not have been started) is done now."""
+        with self._lock:
+            self._pid, self._read_fd, self._started = pid, read_fd, True
+            if self.stopped:
+                self.stopped = False
+                self._stop_locked()
         self._thread = threading.Thread(target=self._pump, args=(copy_to,), name="stdout-reader", daemon=True)
         self._thread.start()
 
@@ -234,15 +240,22 @@ class StdoutMonitor:
         self.reader.close()
 
     def stop(self) -> None:
-        """Stop the program: SIGTERM to its process group now, SIGKILL after the grace period."""
+        """Stop the program: SIGTERM to its process group now, SIGKILL after the grace period. Before the program
+        started: `stopped` is set, and pipeline.sandbox does not start it."""
         with self._lock:
-            if self.stopped or self._pid is None:
+            if not self._started:
+                self.stopped = True
                 return
-            self.stopped = True
-            _signal_group(self._pid, signal.SIGTERM)
-            self._kill_timer = threading.Timer(self.grace_s, _signal_group, (self._pid, signal.SIGKILL))
-            self._kill_timer.daemon = True
-            self._kill_timer.start()
+            self._stop_locked()
+
+    def _stop_locked(self) -> None:
+        if self.stopped or self._pid is None:
+            return
+        self.stopped = True
+        _signal_group(self._pid, signal.SIGTERM)
+        self._kill_timer = threading.Timer(self.grace_s, _signal_group, (self._pid, signal.SIGKILL))
+        self._kill_timer.daemon = True
+        self._kill_timer.start()
 
     def finish(self, timeout: float = 5.0) -> Watched:
         """After the program ended: the rest of its stdout read (for at most `timeout` s when something it
@@ -250,7 +263,7 @@ class StdoutMonitor:
         with self._lock:
             if self._kill_timer is not None:
                 self._kill_timer.cancel()
-            self._pid = None
+            self._pid, self._started = None, True  # a stop from now on has nothing to stop
         if self._thread is not None:
             self._thread.join(timeout)
             self._closing.set()  # something the program started still holds the pipe: stop reading

@@ -111,6 +111,8 @@ def watched_run(watch: Any, to: ReportTo | None, attempt: int) -> tuple[StdoutMo
         return StdoutMonitor(watch), None
     reporter = Reporter(to, attempt)
     monitor = StdoutMonitor(watch, reporter.on_report, grace_s=to.grace_s)
+    if reporter.asked_to_stop():  # a trial that waited for a slot while the sweep stopped it: not started
+        monitor.stop()
     reporter.watch(monitor)
     return monitor, reporter
 
@@ -144,6 +146,15 @@ class Reporter:
     def watch(self, monitor: StdoutMonitor) -> None:
         self.monitor = monitor
         self._thread.start()
+
+    def asked_to_stop(self) -> bool:
+        """Whether the sweep has already stopped this trial (asked once, before its program starts)."""
+        try:
+            self._hub = self._hub or _hub_handle(self.to.hub)
+            return bool(ray.get(self._hub.report.remote(self.to.key, self.attempt, []), timeout=30))
+        except Exception as e:  # unreachable: the program runs, as when the hub goes later
+            log.warning("cannot reach the sweep's progress hub %s: %s", self.to.hub, e)
+            return False
 
     def on_report(self, step: float, value: float) -> None:
         with self._lock:

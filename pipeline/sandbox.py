@@ -496,6 +496,8 @@ class Sandbox:
             stdin_arg = self._unnamed_file()
             stdin_arg.write(stdin)
             stdin_arg.seek(0)
+        if monitor is not None and monitor.stopped:  # stopped before it started (a sweep that ended meanwhile)
+            return RunResult(watched=monitor.finish(), stopped=True)
         pipe = _stdout_pipe(monitor)
         start = time.monotonic()
         executable = _resolved(program.argv, env)

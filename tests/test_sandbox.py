@@ -373,3 +373,31 @@ def test_task_dirs_recover_when_a_program_removed_their_parent(tmp_path):
             box.run(ProgramRun(["cat", "x"]))
     dirs.close()
     assert not list(tmp_path.glob("pipeline-tasks-*"))
+
+
+def test_a_program_stopped_before_it_started_is_not_started(tmp_path):
+    from pipeline.lines import StdoutMonitor, Watch
+
+    monitor = StdoutMonitor(Watch())
+    monitor.stop()  # the sweep stopped the trial while it waited for a slot
+    with Sandbox(tmp_root=tmp_path) as box:
+        res = box.run(ProgramRun(["sh", "-c", f"touch {tmp_path / 'ran'}"]), monitor=monitor)
+    assert res.stopped and not (tmp_path / "ran").exists()
+
+
+def test_a_stop_that_comes_between_the_check_and_the_start_stops_the_program(tmp_path):
+    """stop() before the monitor is given the process (the sandbox had already checked): done at start()."""
+    import subprocess
+
+    from pipeline.lines import StdoutMonitor, Watch
+
+    monitor = StdoutMonitor(Watch(), grace_s=5)
+    monitor.stop()
+    r, w = os.pipe()
+    proc = subprocess.Popen(["sleep", "30"], stdout=w, start_new_session=True)
+    os.close(w)
+    t0 = time.monotonic()
+    monitor.start(r, proc.pid)
+    assert proc.wait(timeout=10) == -15 and time.monotonic() - t0 < 10  # SIGTERM, at once
+    monitor.finish()
+    assert monitor.stopped
