@@ -148,13 +148,22 @@ class Reporter:
         self._thread.start()
 
     def asked_to_stop(self) -> bool:
-        """Whether the sweep has already stopped this trial (asked once, before its program starts)."""
-        try:
-            self._hub = self._hub or _hub_handle(self.to.hub)
-            return bool(ray.get(self._hub.report.remote(self.to.key, self.attempt, []), timeout=30))
-        except Exception as e:  # unreachable: the program runs, as when the hub goes later
-            log.warning("cannot reach the sweep's progress hub %s: %s", self.to.hub, e)
-            return False
+        """Whether the sweep has already stopped this trial (asked once, before its program starts). Asked from
+        a thread of its own: a task blocked in ray.get lends its CPUs to the next task while it waits, which
+        would then run beside it."""
+        answer: list[bool] = []
+
+        def ask() -> None:
+            try:
+                self._hub = self._hub or _hub_handle(self.to.hub)
+                answer.append(bool(ray.get(self._hub.report.remote(self.to.key, self.attempt, []), timeout=30)))
+            except Exception as e:  # unreachable: the program runs, as when the hub goes later
+                log.warning("cannot reach the sweep's progress hub %s: %s", self.to.hub, e)
+
+        asking = threading.Thread(target=ask, name="progress-check", daemon=True)
+        asking.start()
+        asking.join(35)
+        return bool(answer and answer[0])
 
     def on_report(self, step: float, value: float) -> None:
         with self._lock:

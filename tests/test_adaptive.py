@@ -336,6 +336,36 @@ def test_bad_adaptive_settings_are_refused_in_one_line(tmp_path, text, expect):
     assert expect in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
+# prints a progress line every 0.3 s for 1.5 s; notes when it started and ended
+SPAN = r"""
+import json, os, sys, time
+t0 = time.time()
+for e in range(1, 6):
+    time.sleep(0.3)
+    print(json.dumps({"epoch": e, "acc": e / 10}), flush=True)
+with open(os.path.join(os.environ["STATE"], "spans.log"), "a") as f:
+    f.write(f"{t0} {time.time()}\n")
+print(json.dumps({"acc": 0.5}))
+"""
+
+
+def test_trials_with_progress_run_no_more_at_once_than_the_cpus(tmp_path):
+    """Six trials of 1 CPU on a Ray of 2, all submitted at once: never three programs at a time (a trial's task
+    that waited in ray.get before its start would lend its CPU to the next one)."""
+    (tmp_path / "span.py").write_text(SPAN)
+    text = HEAD.replace("curve.py", "span.py").replace("STATE_DIR", str(tmp_path)) + PROGRESS
+    text += 'args = "{i}"\n[params]\ni = [1, 2, 3, 4, 5, 6]\n[search]\nscheduler = "none"\n'
+    (tmp_path / "sweep.toml").write_text(text)
+    r = run_cli(
+        "-m", "pipeline.sweep", str(tmp_path / "sweep.toml"), "--out", str(tmp_path / "out"), "--local-cpus", "2"
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    spans = [tuple(map(float, line.split())) for line in (tmp_path / "spans.log").read_text().splitlines()]
+    assert len(spans) == 6
+    most = max(sum(1 for a, b in spans if a <= t < b) for t, _ in spans)
+    assert most <= 2, sorted(spans)
+
+
 def test_a_plain_sweep_is_not_adaptive_and_keeps_its_ids():
     """`grid` and `random` without a scheduler keep their trials and ids (no Optuna, no study.db)."""
     doc = S.tomllib.loads('program = "/bin/true"\n[params]\nq = [1, 2]\n')
