@@ -1,10 +1,11 @@
 """An autoscaling Ray cluster on the local Exoscale with hosts: `exoscale.py ray-config > cluster.yaml` and
-unmodified `ray up`, `ray exec`, `ray submit`, `ray down` on it; `exoscale.py status` on the same cluster.
-One `ray up` (head only, 0-2 CPU workers and 0-1 GPU worker declared by resources, each worker type an
-instance pool) serves every case."""
+unmodified `ray up`, `ray exec`, `ray submit`, `ray down` on it; `exoscale.py status` and an adaptive
+`pipeline.sweep --cluster` on the same cluster. One `ray up` (head only, 0-2 CPU workers and 0-1 GPU worker
+declared by resources, each worker type an instance pool) serves every case."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -20,7 +21,7 @@ import pytest
 import yaml
 from libcloud.common.types import InvalidCredsError
 
-from tests.conftest import SIM_SECRET, local_exoscale, run_cli
+from tests.conftest import ROOT, SIM_SECRET, local_exoscale, run_cli
 from tests.support import wait_for
 
 pytestmark = [pytest.mark.root]
@@ -86,7 +87,8 @@ def _cluster(local, tmp_path_factory):
     recorder = KeyRecorder(app)
     state = tmp_path_factory.mktemp("elastic")
     name = f"el{uuid.uuid4().hex[:6]}"
-    toml = cluster_toml(state / "cluster.toml", name, packages="[]")  # only Ray: the workloads are plain Python
+    # Ray, and numpy for the sweep's tasks (pipeline.tasks' data objects): the workloads are plain Python
+    toml = cluster_toml(state / "cluster.toml", name, packages='["numpy"]')
     env = {
         **local.client_env(state / "clusters"),
         "RAY_USAGE_STATS_ENABLED": "0",
@@ -110,7 +112,7 @@ def _cluster(local, tmp_path_factory):
     path = state / "cluster.yaml"
     path.write_text(r.stdout)
     ctx = type("Elastic", (), {})()
-    ctx.app, ctx.model, ctx.recorder, ctx.path, ctx.env, ctx.config, ctx.name = (
+    ctx.app, ctx.model, ctx.recorder, ctx.path, ctx.env, ctx.config, ctx.name, ctx.toml = (
         app,
         model,
         recorder,
@@ -118,6 +120,7 @@ def _cluster(local, tmp_path_factory):
         env,
         config,
         name,
+        toml,
     )
     ctx.ray = lambda *a, timeout=900: subprocess.run(
         [RAY, *a], capture_output=True, text=True, timeout=timeout, env={**os.environ, **env}, stdin=subprocess.DEVNULL
@@ -285,6 +288,86 @@ def test_a_workload_needing_3_cpus_and_a_gpu_grows_then_shrinks_the_cluster(elas
     # idle for idle_timeout_minutes (0.5): the autoscaler removes every worker, never the head
     wait_for("the idle workers to be removed", lambda: not instances(elastic, role="worker"), 300, every=2)
     assert len(instances(elastic, role="head")) == 1
+
+
+# a learning curve reaching q after `epochs` epochs: one JSON line a second with the host's clock (this machine's),
+# the first (1 - q) * 20 s after the start (2 s for q 0.9, 14 s for q 0.3: the weaker curve is slower to begin)
+ASHA_CURVE = r"""
+import json, sys, time
+q, epochs = float(sys.argv[1]), int(sys.argv[2])
+time.sleep((1 - q) * 20)
+for e in range(1, epochs + 1):
+    print(json.dumps({"epoch": e, "acc": q * e / epochs, "at": time.time()}), flush=True)
+    time.sleep(1)
+print(json.dumps({"acc": q}))
+"""
+
+
+def test_a_pruned_trial_frees_its_worker_and_the_autoscaler_removes_it_while_the_other_runs(elastic, tmp_path):
+    """An ASHA sweep of two trials at once through `pipeline.sweep --cluster`, nothing else queued: the cluster
+    (no CPU on its head) grows to two workers, one trial on each. q=0.9 is submitted first (Ray starts a
+    queue's tasks in order) and prints its first epoch 2 s after it starts, q=0.3 14 s after: q=0.9 reaches the
+    first rung (step 1) alone and goes on; q=0.3 reaches it behind (Optuna's successive halving, reduction 3:
+    of fewer than 3 at a rung only the best goes on) and is stopped there. Its worker, idle, is removed by the
+    autoscaler (idle_timeout 0.5 min) while q=0.9 runs on, 90 s in all; then the other goes too. A pruned
+    trial whose program kept its CPU would hold both workers until the sweep's end."""
+    (tmp_path / "curve.py").write_text(ASHA_CURVE)
+    text = 'program = "curve.py"\nmetric = { json-line = "acc" }\nprogress = { json-line = "acc", step = "epoch" }\n'
+    text += 'args = "{q} 90"\n[params]\nq = [0.9, 0.3]\n'
+    text += '[search]\nscheduler = "asha"\nmin_step = 1\nconcurrency = 2\ngrace = 2\n'
+    (tmp_path / "sweep.toml").write_text(text)
+    out, log = tmp_path / "out", tmp_path / "sweep.log"
+    wait_for("no worker before the sweep", lambda: not instances(elastic, role="worker"), 180, every=1)
+    where = ["--cluster", elastic.name, "--cluster-config", str(elastic.toml)]
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.sweep", str(tmp_path / "sweep.toml"), "--out", str(out), *where],
+            cwd=ROOT,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **elastic.env},
+            start_new_session=True,
+        )
+
+    def workers():
+        return {i.id: i.public_ip for i in instances(elastic, role="worker")}
+
+    def two_workers():
+        assert proc.poll() is None, f"the sweep ended ({proc.returncode}) before two workers: {log.read_text()[-3000:]}"
+        now = workers()
+        return len(now) == 2 and all(now.values()) and now
+
+    def one_gone():
+        now = workers()
+        return (proc.poll() is not None or len(now) < 2) and (time.time(), now, proc.poll())
+
+    try:
+        both = wait_for("two workers added for the two trials", two_workers, 300, every=1)
+        gone_at, left, ended = wait_for("a worker removed, or the sweep's end", one_gone, 300, every=1)
+        assert ended is None, f"the sweep ended (exit {ended}) with both workers still there: {log.read_text()[-3000:]}"
+        with open(out / "results.csv") as f:
+            then = {row["trial"]: row for row in csv.DictReader(f)}
+        assert list(then) == ["q=0.3"] and then["q=0.3"]["status"] == "pruned", then  # q=0.9 still running
+        [gone] = set(both) - set(left)
+        assert then["q=0.3"]["node"] == both[gone], (then, both, left)  # the pruned trial's worker went
+        assert proc.wait(300) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait(30)
+    with open(out / "results.csv") as f:
+        got = {row["trial"]: row for row in csv.DictReader(f)}
+    assert {k: v["status"] for k, v in got.items()} == {"q=0.9": "ok", "q=0.3": "pruned"}, got
+    assert got["q=0.3"]["step"] == "1" and got["q=0.9"]["step"] == "90" and float(got["q=0.9"]["acc"]) == 0.9, got
+    assert list(left.values()) == [got["q=0.9"]["node"]] and got["q=0.3"]["node"] != got["q=0.9"]["node"], got
+    lines = [json.loads(x) for x in (out / "trials" / "q=0.9" / "stdout.txt").read_text().splitlines()]
+    after = [x["epoch"] for x in lines if "at" in x and x["at"] > gone_at]
+    assert after, (
+        f"q=0.9 printed its last epoch at {lines[-2]['at']:.1f}, before its peer's worker went ({gone_at:.1f})"
+    )
+    assert "done 1, pruned 1, failed 0" in log.read_text(), log.read_text()[-3000:]
+    wait_for("the last worker removed after the sweep", lambda: not instances(elastic, role="worker"), 180, every=2)
 
 
 PENDING = r"""
