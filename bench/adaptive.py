@@ -1,17 +1,21 @@
 """Adaptive search vs running everything, and vs Ray Tune: the best validation accuracy reached, the node-seconds
 spent, the node-seconds to a target, and the scheduling overhead per trial.
 
-    python -m bench.adaptive [--seeds 3] [--trials 16] [--no-tune] [--quick]
+    python -m bench.adaptive [--seeds 3] [--budget 0.3] [--trials N] [--no-tune] [--quick]
 
 On examples/mnist-asha.toml's space with mnist-5k: an exhaustive grid at full epochs (lr on three values of
-its log-uniform range) is the reference; then, over `--seeds` seeds, with `--trials` trials each (a trial
-budget, as users give ASHA; the grid's size with `--trials 0`):
+its log-uniform range) is the reference; then, over `--seeds` seeds, each adaptive search with a budget of
+`--budget` times the grid's node-seconds (as the goal is put: our sweep's own `budget_node_hours`, which
+cancels the running trials when spent; `--trials` caps the trials, 3x the grid's by default) or, with
+`--budget 0`, a budget of `--trials` trials (16 by default; the grid's size with `--trials 0`):
 - ours: random + ASHA and TPE + ASHA, each run as a user runs it (`python -m pipeline.sweep`, a local Ray of
   this machine's CPUs, one CPU a trial);
 - Ray Tune: the same space with its ASHAScheduler (grace 1 epoch, reduction 3, max_t the epochs) and its
   OptunaSearch (Optuna's TPE, seeded), at most as many trials at once as ours; its trainable (a
   tune.Trainable: the program started in setup, one epoch's JSON line a step, the program stopped in cleanup)
-  runs the same program through subprocess (ray.tune is imported only for this).
+  runs the same program through subprocess (ray.tune is imported only for this); a budget of node-seconds is
+  given to it as `time_budget_s` over the slots (Tune has no budget of node-seconds; its time between
+  programs counts against it).
 Every trial of every search runs the program under one small wrapper (WRAPPER) that notes when the program
 started and ended, its last epoch and validation accuracy, in a log per search, so that all searches are
 measured alike:
@@ -22,7 +26,7 @@ measured alike:
   and the last one's end, per trial ((makespan x slots - node-seconds) / trials).
 Goals (issue 19): each adaptive search within 0.5 points of the reference with at most 0.35x its
 node-seconds (median over the seeds); ours no worse than Tune in node-seconds to target; the overhead reported.
-`--quick`: 2 sizes x 2 dropouts x 3 rates, 3 epochs, one seed, 6 trials a search (a smoke run).
+`--quick`: 2 sizes x 2 dropouts x 3 rates, 3 epochs, one seed (a smoke run; 6 trials a search with --budget 0).
 """
 
 from __future__ import annotations
@@ -77,7 +81,16 @@ os._exit(rc if rc >= 0 else 128 - rc)  # (no flush of a stdout whose reader may 
 
 
 def sweep_file(
-    d: Path, data: Path, log: Path, kind: str, trials: int, seed: int, sizes: list, drops: list, epochs: int
+    d: Path,
+    data: Path,
+    log: Path,
+    kind: str,
+    trials: int,
+    seed: int,
+    sizes: list,
+    drops: list,
+    epochs: int,
+    budget_s: float | None = None,
 ) -> str:
     text = (ROOT / "examples" / "mnist-asha.toml").read_text()
     text = text.replace('"../pipeline/programs/mnist.py"', json.dumps(str(d / "wrap.py")))
@@ -93,6 +106,8 @@ def sweep_file(
         return head + '[search]\nkind = "grid"\n[resources]\ncpus = 1\n'
     search = f'[search]\nkind = "{kind}"\ntrials = {trials}\nseed = {seed}\nscheduler = "asha"\nmin_step = 1\n'
     search += f"max_step = {epochs}\nreduction = 3\n"
+    if budget_s is not None:  # the sweep's own stop rule: the trials' run time summed
+        search += f"budget_node_hours = {budget_s / 3600!r}\n"
     return head + search + "[resources]\ncpus = 1\n"
 
 
@@ -118,8 +133,21 @@ def run_ours(d: Path, name: str, text: str) -> dict:
     }
 
 
-def run_tune(d: Path, name: str, data: Path, log: Path, trials: int, seed: int, sizes, drops, epochs: int) -> dict:
-    """Tune's ASHAScheduler + OptunaSearch (TPE) on the same space, the same program and wrapper."""
+def run_tune(
+    d: Path,
+    name: str,
+    data: Path,
+    log: Path,
+    trials: int,
+    seed: int,
+    sizes,
+    drops,
+    epochs: int,
+    budget_s: float | None = None,
+) -> dict:
+    """Tune's ASHAScheduler + OptunaSearch (TPE) on the same space, the same program and wrapper. `budget_s`:
+    node-seconds, given to Tune as its wall-clock budget over the slots (`time_budget_s`: Tune has no budget of
+    node-seconds)."""
     import optuna
     import ray
     from ray import tune
@@ -186,6 +214,7 @@ def run_tune(d: Path, name: str, data: Path, log: Path, trials: int, seed: int, 
                 scheduler=ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=1, reduction_factor=3),
                 num_samples=trials,
                 max_concurrent_trials=SLOTS,
+                time_budget_s=None if budget_s is None else budget_s / SLOTS,
             ),
             run_config=tune.RunConfig(storage_path=str(d / name), verbose=0),
         )
@@ -228,18 +257,39 @@ def _seconds(x: float) -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--trials", type=int, default=16, help="trials of each adaptive search (0: the grid's size)")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=0.3,
+        help="each adaptive search's budget, a fraction of the grid's node-seconds (the sweep's budget_node_hours; "
+        "0: a budget of --trials trials instead)",
+    )
+    p.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        help="trials of each adaptive search: with --budget a cap (default 3x the grid's), without it the budget "
+        "(default 16; 0: the grid's size)",
+    )
     p.add_argument("--epochs", type=int, default=None, help="epochs of a full trial (default 9; --quick 3)")
     p.add_argument("--no-tune", action="store_true", help="leave Ray Tune out")
     p.add_argument("--quick", action="store_true")
     a = p.parse_args(argv)
+    if a.budget < 0 or a.budget >= 1:
+        p.error(f"--budget {a.budget:g}: give a fraction of the grid's node-seconds, 0 < x < 1 (or 0: --trials)")
     sizes, drops, epochs = ([32, 128], [0.0, 0.4], 3) if a.quick else ([32, 64, 128, 256], [0.0, 0.2, 0.4, 0.6], 9)
     epochs = a.epochs or epochs
     seeds = 1 if a.quick else a.seeds
     n = len(sizes) * len(drops) * len(LRS)
-    trials = (6 if a.quick else n) if a.quick or a.trials == 0 else a.trials
+    if a.budget:
+        trials = a.trials or 3 * n
+    elif a.trials is None:
+        trials = 6 if a.quick else 16
+    else:
+        trials = a.trials or n
     kinds = ["random", "tpe"] + ([] if a.no_tune else ["tune"])
     out: dict[str, Any] = {"bench": "adaptive", "epochs": epochs, "grid_trials": n, "trials": trials, "seeds": seeds}
+    out["budget_ratio"] = a.budget or None
     with tempfile.TemporaryDirectory(prefix="bench-adaptive-") as tmp:
         d = Path(tmp)
         (d / "wrap.py").write_text(WRAPPER)
@@ -253,14 +303,17 @@ def main(argv: list[str] | None = None) -> dict:
         ref_to = measure(ref_log, epochs, target)["node_seconds_to_target"]
         out["exhaustive"] = {**ref, "node_seconds_to_target": ref_to}
         out["target"] = target
+        budget_s = a.budget * ref["node_seconds"] if a.budget else None
+        out["budget_node_seconds"] = budget_s
         for kind in kinds:
             runs = []
             for s in range(seeds):
                 name, log = f"{kind}-{s}", d / f"{kind}-{s}.log"
                 if kind == "tune":
-                    info = run_tune(d, name, data, log, trials, s, sizes, drops, epochs)
+                    info = run_tune(d, name, data, log, trials, s, sizes, drops, epochs, budget_s)
                 else:
-                    info = run_ours(d, name, sweep_file(d, data, log, kind, trials, s, sizes, drops, epochs))
+                    text = sweep_file(d, data, log, kind, trials, s, sizes, drops, epochs, budget_s)
+                    info = run_ours(d, name, text)
                 runs.append({**measure(log, epochs, target), **info})
                 print(f"adaptive: {name}: {json.dumps(runs[-1])}", file=sys.stderr, flush=True)
             to_target = [r["node_seconds_to_target"] for r in runs]
@@ -284,8 +337,10 @@ def main(argv: list[str] | None = None) -> dict:
     for kind in kinds:
         k = out[kind]
         label = "Ray Tune ASHA + OptunaSearch (TPE)" if kind == "tune" else f"ours {kind} + ASHA"
+        spend = f"a budget of {a.budget:g}x the grid's node-seconds" if a.budget else f"{trials} trials"
+        ran = "/".join(str(r["trials"]) for r in k["runs"])
         print(
-            f"adaptive: {label}, {trials} trials: best {k['best_median']:.4f} "
+            f"adaptive: {label}, {spend} ({ran} trials run): best {k['best_median']:.4f} "
             f"({100 * (k['best_median'] - ref['best']):+.2f} points vs the grid), node-seconds "
             f"{k['node_seconds_ratio_median']:.2f}x; to the target {_seconds(k['node_seconds_to_target_median'])} "
             f"({k['reached_target']} of {seeds} reached it); overhead {k['overhead_s_per_trial_median']:.2f} s/trial "
