@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -88,12 +89,17 @@ def ray_up(path: Path, progress: Progress, timeout: float = 3600) -> int:
         proc.stdout.close()
 
 
+#: a pending node in `ray status` (Ray 2.x's v2 formatter): its instance id, node type, and details (often none)
+PENDING_NODE = re.compile(r"(?P<id>[^\s:]+): (?P<type>[^,]+),(?P<details>.*)")
+
+
 def autoscaler_note(status_text: str) -> str | None:
     """The part of `ray status` a waiting user needs on one line: nodes being launched and the newest launch
     failure (a refused key, a quota, an instance type not authorized); None when neither is there. Idle
     terminations (`NodeTerminated`) are normal and not shown."""
     section = ""
     pending: list[str] = []
+    starting: dict[tuple[str, str], int] = {}  # (node type, details): instances made, not yet in Ray
     failures: list[str] = []
     for raw in status_text.splitlines():
         line = raw.strip()
@@ -103,9 +109,15 @@ def autoscaler_note(status_text: str) -> str | None:
         if not line or line.startswith("("):
             continue
         if section == "Pending:":
-            pending.append(line)
+            node = PENDING_NODE.fullmatch(line)
+            if node:  # `<instance id>: <type>, <details>`: counted by type, the instance ids left out
+                key = (node["type"], node["details"].strip())
+                starting[key] = starting.get(key, 0) + 1
+            else:  # `<type>, <n> launching`
+                pending.append(line)
         elif section == "Recent failures:" and ": LaunchFailed" in line:
             failures.append(line)
+    pending += [f"{kind}, {n} starting" + (f" ({why})" if why else "") for (kind, why), n in starting.items()]
     parts = []
     if pending:
         parts.append("; ".join(pending))

@@ -36,6 +36,21 @@ def test_launches_under_way_are_named():
     assert note is not None and "ray.worker.default, 2 launching" in note
 
 
+def test_nodes_that_are_starting_are_counted_by_type_not_listed_by_instance_id():
+    """Instances made but not yet in Ray (Ray lists each as `<instance id>: <type>, <details>`, the details often
+    empty): one count a type, with what the autoscaler says of them."""
+    pending = [
+        NodeInfo("standard.medium", "ray.worker.default", "7fac465e-0b1c-4b6e-9d8a-3f1e2d4c5b6a", "", details=""),
+        NodeInfo("standard.medium", "ray.worker.default", "8f6aa49e-1c2d-4e5f-8a9b-0c1d2e3f4a5b", "", details=""),
+        NodeInfo("standard.small", "gpu", "9a7bb5af-2d3e-4f50-9b0c-1d2e3f4a5b6c", "", details="waiting-for-ssh"),
+    ]
+    launch = [_launch(LaunchRequest.Status.PENDING)]
+    note = autoscaler_note(_status(pending_nodes=pending, pending_launches=launch))
+    assert note == (
+        "autoscaler: ray.worker.default, 1 launching; ray.worker.default, 2 starting; gpu, 1 starting (waiting-for-ssh)"
+    ), note
+
+
 def test_the_newest_failed_launch_is_shown():
     failed = [
         _launch(LaunchRequest.Status.FAILED, "ray.worker.old", ago=300),
