@@ -39,20 +39,16 @@ env = { STATE = "STATE_DIR" }
 PROGRESS = 'progress = { json-line = "acc", step = "epoch" }\n'
 
 
-def sweep(tmp, text, *extra, timeout=240):
-    (tmp / "curve.py").write_text(CURVE)
+def sweep_args(tmp, text, program=CURVE):
+    """`program` as curve.py and HEAD + `text` as sweep.toml in `tmp`; the arguments after `python` of the sweep
+    of them into tmp/out on a local Ray of 2 CPUs."""
+    (tmp / "curve.py").write_text(program)
     (tmp / "sweep.toml").write_text(HEAD.replace("STATE_DIR", str(tmp)) + text)
-    return run_cli(
-        "-m",
-        "pipeline.sweep",
-        str(tmp / "sweep.toml"),
-        "--out",
-        str(tmp / "out"),
-        "--local-cpus",
-        "2",
-        *extra,
-        timeout=timeout,
-    )
+    return ["-m", "pipeline.sweep", str(tmp / "sweep.toml"), "--out", str(tmp / "out"), "--local-cpus", "2"]
+
+
+def sweep(tmp, text, *extra, program=CURVE, timeout=240):
+    return run_cli(*sweep_args(tmp, text, program), *extra, timeout=timeout)
 
 
 def rows(out):
@@ -153,12 +149,7 @@ def test_a_pruned_program_that_ignores_sigterm_is_killed_after_the_grace_period_
     group; 0.8, behind 0.9 at step 1, finds no process of 0.3's group left when it starts."""
     text = PROGRESS + 'args = "{q} 100 0.1"\n[params]\nq = [0.9, 0.3, 0.8]\n'
     text += '[search]\nscheduler = "asha"\nmin_step = 1\nconcurrency = 1\ngrace = 1\n'
-    (tmp_path / "curve.py").write_text(STUBBORN)
-    (tmp_path / "sweep.toml").write_text(HEAD.replace("STATE_DIR", str(tmp_path)) + text)
-    r = run_cli(
-        "-m", "pipeline.sweep", str(tmp_path / "sweep.toml"), "--out", str(tmp_path / "out"), "--local-cpus", "2",
-        timeout=240,
-    )  # fmt: skip
+    r = sweep(tmp_path, text, program=STUBBORN)
     assert r.returncode == 0, r.stderr[-3000:]
     got = rows(tmp_path / "out")
     assert {k: v["status"] for k, v in got.items()} == {"q=0.9": "ok", "q=0.3": "pruned", "q=0.8": "pruned"}, got
@@ -205,11 +196,9 @@ def test_a_crashed_worker_mid_trial_runs_it_again_and_its_progress_starts_over(t
     the task again, and what the sweep keeps of that trial (progress.csv, results.json, its step and value) is
     the second run's alone, from its step 1; the study holds one trial for it, complete."""
     text = PROGRESS + 'args = "{q} 12 0.4"\n[params]\nq = [0.9, 0.5]\n[search]\nscheduler = "asha"\nmin_step = 1\n'
-    (tmp_path / "curve.py").write_text(RERUN)
-    (tmp_path / "sweep.toml").write_text(HEAD.replace("STATE_DIR", str(tmp_path)) + text)
     out = tmp_path / "out"
-    argv = [sys.executable, "-m", "pipeline.sweep", str(tmp_path / "sweep.toml"), "--out", str(out)]
-    p = subprocess.Popen([*argv, "--local-cpus", "2"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    argv = [sys.executable, *sweep_args(tmp_path, text, RERUN)]
+    p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         runs = tmp_path / "runs-0.9"
         deadline = time.monotonic() + 120
@@ -286,11 +275,9 @@ def test_tpe_proposes_trials_one_by_one_and_a_resume_continues_its_study(tmp_pat
 def test_kill_9_of_the_driver_then_a_resume_loses_no_trial_and_runs_none_twice(tmp_path):
     text = 'args = "{q} 3 0.5"\n[params]\nq = { uniform = [0.0, 0.9] }\n[search]\nkind = "tpe"\ntrials = 4\n'
     text += "concurrency = 1\n"
-    (tmp_path / "curve.py").write_text(CURVE)
-    (tmp_path / "sweep.toml").write_text(HEAD.replace("STATE_DIR", str(tmp_path)) + text)
     out = tmp_path / "out"
-    argv = [sys.executable, "-m", "pipeline.sweep", str(tmp_path / "sweep.toml"), "--out", str(out)]
-    p = subprocess.Popen([*argv, "--local-cpus", "2"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    argv = [sys.executable, *sweep_args(tmp_path, text)]
+    p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 180
         while not ((out / "results.csv").exists() and len(rows(out)) >= 2):
@@ -302,7 +289,7 @@ def test_kill_9_of_the_driver_then_a_resume_loses_no_trial_and_runs_none_twice(t
         p.kill()
         p.wait()
     time.sleep(2)  # the orphaned local Ray and its running trial end with their driver
-    r = run_cli(*argv[1:], "--local-cpus", "2", timeout=240)
+    r = run_cli(*argv[1:], timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(rows(out)) == ["0000", "0001", "0002", "0003"]
     done = [t for t in study(out).trials if t.state.name == "COMPLETE"]
@@ -352,13 +339,8 @@ print(json.dumps({"acc": 0.5}))
 def test_trials_with_progress_run_no_more_at_once_than_the_cpus(tmp_path):
     """Six trials of 1 CPU on a Ray of 2, all submitted at once: never three programs at a time (a trial's task
     that waited in ray.get before its start would lend its CPU to the next one)."""
-    (tmp_path / "span.py").write_text(SPAN)
-    text = HEAD.replace("curve.py", "span.py").replace("STATE_DIR", str(tmp_path)) + PROGRESS
-    text += 'args = "{i}"\n[params]\ni = [1, 2, 3, 4, 5, 6]\n[search]\nscheduler = "none"\n'
-    (tmp_path / "sweep.toml").write_text(text)
-    r = run_cli(
-        "-m", "pipeline.sweep", str(tmp_path / "sweep.toml"), "--out", str(tmp_path / "out"), "--local-cpus", "2"
-    )
+    text = PROGRESS + 'args = "{i}"\n[params]\ni = [1, 2, 3, 4, 5, 6]\n[search]\nscheduler = "none"\n'
+    r = sweep(tmp_path, text, program=SPAN, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     spans = [tuple(map(float, line.split())) for line in (tmp_path / "spans.log").read_text().splitlines()]
     assert len(spans) == 6
